@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Liftoff's demo and tests run: the PostgreSQL 15 server (a Supabase-shaped
+# source and a target), its client tools, and pgcopydb (the benchmark's baseline). Idempotent: it only
+# calls apt when something is missing.
+set -euo pipefail
+missing=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
+[ -x /usr/lib/postgresql/15/bin/pg_dump ] || missing+=(postgresql-client-15)
+command -v pgcopydb >/dev/null 2>&1 || missing+=(pgcopydb)
+command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "liftoff: missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "liftoff: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+id postgres >/dev/null 2>&1 || { echo "liftoff: no 'postgres' system user; install postgresql-15" >&2; exit 1; }
