@@ -1,0 +1,45 @@
+"""What every phase flow takes as parameters: a runbook and options, never a secret.
+
+Prefect renders this model as the form an operator fills in when starting a run from the UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from liftoff.logs import bind_run, get_logger
+from runbooks.model import Runbook, load_runbook
+
+RUNBOOKS_DIR = Path(__file__).resolve().parent.parent / "runbooks"
+
+
+class RunOptions(BaseModel):
+    runbook: str = Field(
+        description="Path of the runbook file (YAML). A relative path is looked up in the current directory, "
+        "then in the project's runbooks/ folder.",
+        examples=["runbooks/tour-crm.yaml"],
+    )
+    dry_run: bool = Field(False, description="Plan and report only: write nothing anywhere.")
+
+
+def resolve_runbook_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    for base in (RUNBOOKS_DIR, RUNBOOKS_DIR.parent):
+        if (base / p).exists():
+            return (base / p).resolve()
+    return p.resolve()
+
+
+def open_runbook(options: RunOptions, phase: str) -> Runbook:
+    """Loads the runbook and binds run context (flow run id, phase, runbook) to every later log line."""
+    from prefect.runtime import flow_run
+
+    runbook = load_runbook(resolve_runbook_path(options.runbook))
+    bind_run(run_id=str(flow_run.id or "local"), flow=flow_run.flow_name or phase, phase=phase,
+             runbook=runbook.name, dry_run=options.dry_run)
+    get_logger().info("phase started")
+    return runbook

@@ -1,0 +1,44 @@
+"""Runbook step 3: restore the archive into the self-hosted PostgreSQL with pg_restore."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.options import RunOptions, open_runbook
+from liftoff.reports import markdown_table, publish_markdown
+from tasks.database import (
+    RestorePlan, export_done, grant_app_roles, plan_restore, prepare_target, restore_data, restore_post_data, restore_pre_data,
+)
+
+
+@flow(name="restore")
+def restore_database(options: RunOptions) -> dict:
+    """Succeeds when the target holds the archive's schema, every table's data, indexes, constraints,
+    triggers and policies, with grants for the runbook's app roles (pg_restore --no-owner --no-acl).
+    Resumable: steps and tables the ledger records as done are skipped; a table cut off mid-load is
+    truncated and loaded again."""
+    runbook = open_runbook(options, "restore")
+    if options.dry_run and not export_done(runbook):
+        publish_markdown("restore-plan", "# Restore plan (dry run)\n\nNo archive yet: the export step comes first; "
+                         "the restore plan lists the archive's entries once it exists.")
+        return {"dry_run": True, "tables": []}
+    plan = plan_restore(runbook)
+    publish_restore_plan(plan, options.dry_run)
+    if options.dry_run:
+        return {"dry_run": True, "tables": plan.tables}
+    prepared = prepare_target(runbook, plan)
+    restore_pre_data(runbook, plan)
+    loaded = restore_data(runbook, plan)
+    restore_post_data(runbook, plan)
+    grants = grant_app_roles(runbook)
+    return {"prepared": prepared, "loaded": loaded, "grants": grants}
+
+
+def publish_restore_plan(plan: RestorePlan, dry_run: bool) -> None:
+    md = [f"# Restore plan{' (dry run: nothing written)' if dry_run else ''}",
+          f"{len(plan.keep)} archive entries to restore, {len(plan.tables)} tables.", "",
+          f"## Supabase leftovers: policy `{plan.leftovers_policy}`",
+          "Shims created on the target:" if plan.shims else "No shims: objects using auth are left out.",
+          markdown_table([{"shim": s} for s in plan.shims]) if plan.shims else "",
+          "## Left out of the restore", markdown_table([{"entry": e, "rule": r} for e, r in plan.left_out])]
+    publish_markdown("restore-plan", "\n".join(md))

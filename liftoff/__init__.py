@@ -1,0 +1,1 @@
+"""Liftoff: a migration runbook as Prefect flows that check themselves and can be resumed."""

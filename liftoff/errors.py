@@ -1,0 +1,51 @@
+"""Errors an operator can act on. Each message is one line naming the field, host or path, and what to
+do next; none carries a secret. The CLI maps each family to its exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_BAD_INPUT = 2  # the runbook, the environment or a server refused: fix and re-run
+EXIT_GATE_FAILED = 3  # a verification gate found a difference
+
+
+class LiftoffError(Exception):
+    """Base of the errors whose message is meant for the operator, as is."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.details = details
+
+
+class RunbookInvalid(LiftoffError):
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+class SecretUnavailable(LiftoffError):
+    pass
+
+
+class ConnectionRefused(LiftoffError):
+    """A server could not be reached or refused our login."""
+
+
+class ToolMissing(LiftoffError):
+    """A binary (pg_dump, pg_restore) of the needed version is not installed."""
+
+
+class PreflightFailed(LiftoffError):
+    """The environment is not ready; the message lists each failed check."""
+
+
+class StepFailed(LiftoffError):
+    """A step (pg_dump, pg_restore, a SQL statement) failed; source data was not touched."""
+
+
+class GateFailed(LiftoffError):
+    """A verification gate found the two sides different."""
+
+    exit_code = EXIT_GATE_FAILED

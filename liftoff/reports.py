@@ -1,0 +1,90 @@
+"""What the operator sees: Prefect artifacts (tables, markdown, progress) and the same events for the CLI.
+
+Everything published passes through the redaction module first. Outside a Prefect run the artifacts are
+skipped; local listeners (the CLI's progress display) are told either way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from liftoff.redaction import redact, redact_value
+
+_listeners: list[Callable[[str, float, str], None]] = []
+_last_markdown: dict[str, str] = {}
+
+
+def subscribe(listener: Callable[[str, float, str], None]) -> Callable[[], None]:
+    """``listener(step, percent, message)`` on every progress update; returns an unsubscribe function."""
+    _listeners.append(listener)
+    return lambda: _listeners.remove(listener)
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return bool(FlowRunContext.get() or TaskRunContext.get())
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
+
+
+def publish_table(key: str, rows: list[dict], description: str) -> None:
+    if _in_run():
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(key=_key(key), table=redact_value(rows), description=redact(description))
+
+
+def publish_markdown(key: str, markdown: str, description: str = "") -> None:
+    markdown = redact(markdown)
+    _last_markdown[key] = markdown
+    if _in_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(key=_key(key), markdown=markdown, description=redact(description) or None)
+
+
+def last_markdown(key: str) -> str | None:
+    return _last_markdown.get(key)
+
+
+class Progress:
+    """A Prefect progress artifact plus local listeners, for one long step."""
+
+    def __init__(self, step: str, total: int):
+        self.step, self.total, self.done = step, max(total, 1), 0
+        self._artifact_id = None
+        if _in_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact_id = create_progress_artifact(progress=0.0, description=f"{step}: starting")
+        self._notify(f"{step}: 0/{total}")
+
+    def advance(self, message: str = "") -> None:
+        self.done += 1
+        if self._artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(artifact_id=self._artifact_id, progress=self.percent,
+                                     description=redact(f"{self.step}: {message}"))
+        self._notify(message)
+
+    @property
+    def percent(self) -> float:
+        return round(100.0 * self.done / self.total, 1)
+
+    def _notify(self, message: str) -> None:
+        for listener in list(_listeners):
+            listener(self.step, self.percent, redact(message))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_(none)_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

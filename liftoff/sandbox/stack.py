@@ -1,0 +1,92 @@
+"""A local migration to rehearse on: a Supabase-shaped source, an empty target, and a runbook for them.
+
+Passwords are random per stack and reach the runbook only as environment-variable references.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
+from liftoff.sandbox.supabase_source import generate_crm, prepare_supabase_source
+
+APP_ROLE = "crm_app"
+
+
+@dataclass
+class LocalStack:
+    """Source (PostgreSQL 15, Supabase-shaped) and target (15 or 16) with a runbook in ``workdir``."""
+
+    bookings: int = 500
+    target_major: int = 15
+    contrib: bool = True
+    seed: int = 7
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="liftoff-stack-")))
+    env_prefix: str = "LIFTOFF_LOCAL"
+
+    def __post_init__(self):
+        self.passwords = {
+            "admin": secrets.token_urlsafe(12), "source": secrets.token_urlsafe(12),
+            "target": secrets.token_urlsafe(12), "app": secrets.token_urlsafe(12),
+        }
+        self.source: PostgresServer | None = None
+        self.target: PostgresServer | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {f"{self.env_prefix}_SOURCE_PASSWORD": self.passwords["source"],
+                f"{self.env_prefix}_TARGET_PASSWORD": self.passwords["target"]}
+
+    @property
+    def secrets(self) -> list[str]:
+        return list(self.passwords.values())
+
+    def start(self) -> "LocalStack":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.source = PostgresServer(pg15_bin_dir(), superuser="supabase_admin", password=self.passwords["admin"]).start()
+        target_bin = pg16_bin_dir() if self.target_major == 16 else pg15_bin_dir()
+        self.target = PostgresServer(target_bin, superuser="postgres", password=self.passwords["target"]).start()
+        prepare_supabase_source(self.source, postgres_password=self.passwords["source"], contrib=self.contrib)
+        self.counts = generate_crm(self.source.conninfo(), bookings=self.bookings, seed=self.seed)
+        self.target.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{self.passwords['app']}'")
+        os.environ.update(self.env)
+        self.runbook_path = self.write_runbook()
+        return self
+
+    def runbook_data(self, **database) -> dict:
+        return {
+            "name": "local-demo",
+            "state_dir": "state",
+            "source": {"host": self.source.host, "port": self.source.port, "database": "postgres",
+                       "user": "postgres", "password": {"env": f"{self.env_prefix}_SOURCE_PASSWORD"},
+                       "sslmode": "disable"},
+            "target": {"direct": {"host": self.target.host, "port": self.target.port, "database": "postgres",
+                                  "user": "postgres", "password": {"env": f"{self.env_prefix}_TARGET_PASSWORD"},
+                                  "sslmode": "disable"}},
+            "database": {"schemas": ["public"], "jobs": 2, "supabase_leftovers": "shim",
+                         "app_roles": [{"name": APP_ROLE, "privileges": "read_write"}], "min_free_disk_mb": 64,
+                         **database},
+            "storage": {"buckets": [{"name": "tour-images", "public": True}, {"name": "documents"}]},
+        }
+
+    def write_runbook(self, name: str = "local.yaml", **database) -> Path:
+        path = self.workdir / name
+        path.write_text(yaml.safe_dump(self.runbook_data(**database), sort_keys=False))
+        return path
+
+    def stop(self) -> None:
+        for server in (self.source, self.target):
+            if server:
+                server.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,252 @@
+"""The runbook file an operator edits, and the model that validates it.
+
+A runbook names the systems of one migration (the Supabase source, the self-hosted target, buckets,
+backups) and the options of each phase. It never holds a secret: passwords are references to an
+environment variable (``{env: NAME}``) or a Prefect Secret block (``{prefect_secret: NAME}``), resolved
+only when a connection is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from liftoff.errors import RunbookInvalid, SecretUnavailable
+from liftoff.redaction import register_secret
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Strict):
+    """Where a secret lives: exactly one of ``env`` or ``prefect_secret``."""
+
+    env: str | None = Field(None, description="name of an environment variable holding the secret")
+    prefect_secret: str | None = Field(None, description="name of a Prefect Secret block")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SecretRef":
+        if (self.env is None) == (self.prefect_secret is None):
+            raise ValueError("give exactly one of 'env' or 'prefect_secret'")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"env:{self.env}" if self.env else f"prefect_secret:{self.prefect_secret}"
+
+    def resolve(self, field: str) -> str:
+        """Returns the secret's value and registers it for redaction everywhere."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise SecretUnavailable(
+                    f"{field}: environment variable {self.env} is not set; export it before running"
+                )
+        else:
+            try:
+                from prefect.blocks.system import Secret
+
+                value = Secret.load(self.prefect_secret).get()
+            except Exception as exc:  # the block API raises ValueError or HTTP errors
+                raise SecretUnavailable(
+                    f"{field}: Prefect Secret block '{self.prefect_secret}' could not be loaded "
+                    f"({type(exc).__name__}); create it in the Prefect UI under Blocks"
+                ) from None
+        register_secret(value)
+        return value
+
+
+def _reject_inline_secret(value: object) -> object:
+    if isinstance(value, str):
+        raise ValueError(
+            "a secret given inline; write {env: VARIABLE} or {prefect_secret: BLOCK} instead"
+        )
+    return value
+
+
+Secret = Annotated[SecretRef, Field(description="a reference to a secret, never its value")]
+
+
+class Endpoint(_Strict):
+    """One PostgreSQL server and database, reached as one user."""
+
+    host: str
+    port: int = Field(5432, ge=1, le=65535)
+    database: str = "postgres"
+    user: str
+    password: Secret
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if "://" in v or "@" in v or not _HOSTNAME.match(v):
+            raise ValueError("expected a host name or IP address (no scheme, user or password)")
+        return v
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+    @property
+    def where(self) -> str:
+        """host:port/database as user: how errors name this endpoint (no secret)."""
+        return f"{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+class Target(_Strict):
+    direct: Endpoint = Field(description="the target reached directly: migrations, restore, verify")
+    pooled: Endpoint | None = Field(None, description="the target through PgBouncer: what apps use")
+
+
+class AppRole(_Strict):
+    name: str
+    privileges: Literal["read_write", "read_only"] = "read_write"
+
+    @field_validator("name")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError("expected a lower-case PostgreSQL role name")
+        return v
+
+
+class DatabasePhase(_Strict):
+    schemas: list[str] = Field(default_factory=lambda: ["public"], min_length=1)
+    jobs: int = Field(2, ge=1, le=32, description="parallel pg_dump / pg_restore jobs")
+    strategy: Literal["dump"] = Field(
+        "dump", description="dump: pg_dump -Fd archive on disk, then pg_restore (the archive is kept)"
+    )
+    supabase_leftovers: Literal["shim", "drop"] = Field(
+        "shim",
+        description="policies and foreign keys that use Supabase's auth schema: keep them with shims, "
+        "or drop them",
+    )
+    app_roles: list[AppRole] = Field(default_factory=list)
+    min_free_disk_mb: int = Field(
+        1024, ge=0, description="free space to keep on the state disk beyond the dump's estimated size"
+    )
+    pg_bin_dirs: list[Path] | None = Field(
+        None,
+        description="where to look for pg_dump/pg_restore; default: /usr/lib/postgresql/*/bin and PATH",
+    )
+
+    @field_validator("schemas")
+    @classmethod
+    def _schemas(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _IDENT.match(name):
+                raise ValueError(f"'{name}' is not a schema name")
+        return v
+
+
+class Bucket(_Strict):
+    name: str
+    public: bool = False
+
+
+class Storage(_Strict):
+    buckets: list[Bucket] = Field(default_factory=list)
+
+
+class S3Target(_Strict):
+    endpoint_url: str
+    bucket: str
+    region: str = "us-east-1"
+    access_key_id: Secret
+    secret_access_key: Secret
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/@\s]+(/.*)?$", v):
+            raise ValueError("expected an http(s) URL without credentials, e.g. https://s3.example.com")
+        return v
+
+    @field_validator("access_key_id", "secret_access_key", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+
+class Backups(_Strict):
+    destination: S3Target
+    schedule: str = "0 3 * * *"
+
+
+class Runbook(_Strict):
+    """One migration: where from, where to, and how each phase runs."""
+
+    name: str
+    state_dir: Path = Field(description="dump archive and ledger; relative paths are from the runbook file")
+    source: Endpoint
+    target: Target
+    database: DatabasePhase = Field(default_factory=DatabasePhase)
+    storage: Storage = Field(default_factory=Storage)
+    backups: Backups | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9-]*$", v):
+            raise ValueError("expected lower-case letters, digits and dashes")
+        return v
+
+
+def _key_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("function-after", "function-before") or str(item).startswith("function-"):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _explain(error: dict) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing field"
+    msg = error["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def load_runbook(path: str | Path) -> Runbook:
+    """Reads and validates a runbook file; relative ``state_dir`` is resolved against the file's folder."""
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunbookInvalid(f"{path}: no such runbook file") from None
+    except OSError as exc:
+        raise RunbookInvalid(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RunbookInvalid(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RunbookInvalid(f"{path}: expected a mapping of keys at the top level")
+    try:
+        runbook = Runbook.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{path}: {_key_path(e['loc'])}: {_explain(e)}" for e in exc.errors()]
+        raise RunbookInvalid("\n".join(problems), problems=problems) from None
+    if not runbook.state_dir.is_absolute():
+        runbook = runbook.model_copy(update={"state_dir": (path.parent / runbook.state_dir).resolve()})
+    return runbook

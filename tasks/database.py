@@ -1,0 +1,486 @@
+"""The database phase's Prefect tasks: preflight checks, export, restore steps and the gate.
+
+Each task is idempotent and records what it did in the ledger, so a re-run after a crash continues where
+the last run stopped. Tasks read the runbook; they never hold a secret longer than a connection needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from psycopg import sql
+
+from liftoff.errors import ConnectionRefused, PreflightFailed, StepFailed, ToolMissing
+from liftoff.ledger import Ledger
+from liftoff.logs import get_logger
+from liftoff.redaction import redact
+from liftoff.reports import Progress
+from runbooks.model import Runbook
+from tasks import pg_tools, postgres, supabase
+from tasks.verify import DatabaseReport, compare_databases
+
+DUMP_DIR = "dump"
+AUTH_USERS_FILE = "auth_users.copy"
+log = get_logger(phase="database")
+
+
+def _tools(rb: Runbook, min_major: int) -> pg_tools.PgTools:
+    return pg_tools.find_pg_tools(min_major, rb.database.pg_bin_dirs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preflight
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class PreflightReport:
+    checks: list[Check] = field(default_factory=list)
+    source_major: int | None = None
+    target_major: int | None = None
+    tools: str | None = None
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, ok, redact(detail)))
+
+    @property
+    def failures(self) -> list[str]:
+        return [c.detail for c in self.checks if not c.ok]
+
+
+def _free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _writable(path: Path) -> bool:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
+
+
+@task(name="preflight checks", cache_policy=NO_CACHE)
+def run_preflight(rb: Runbook) -> PreflightReport:
+    """Reads both servers and the local disk; writes nothing. Returns every check, passed or not."""
+    report = PreflightReport()
+    src_info = tgt_info = None
+    try:
+        with postgres.session(rb.source, "source") as src:
+            src_info = postgres.server_info(src, rb.source)
+            src_ext = supabase.app_extensions(postgres.extensions(src))
+        report.source_major = src_info.major
+        report.add("source reachable", True, f"source {rb.source.where}: PostgreSQL {src_info.version}")
+    except ConnectionRefused as exc:
+        report.add("source reachable", False, str(exc))
+    try:
+        with postgres.session(rb.target.direct, "target.direct") as tgt:
+            tgt_info = postgres.server_info(tgt, rb.target.direct)
+            tgt_available = postgres.available_extensions(tgt)
+            foreign = postgres.list_tables(tgt, rb.database.schemas)
+            roles = postgres.existing_roles(tgt, [r.name for r in rb.database.app_roles])
+        report.target_major = tgt_info.major
+        report.add("target reachable", True, f"target {rb.target.direct.where}: PostgreSQL {tgt_info.version}")
+    except ConnectionRefused as exc:
+        report.add("target reachable", False, str(exc))
+
+    if src_info and tgt_info:
+        ok = tgt_info.major >= src_info.major
+        report.add("versions", ok, f"source PostgreSQL {src_info.major} -> target PostgreSQL {tgt_info.major}" + (
+            "" if ok else "; a restore into an older major version is not supported: use a target of "
+                          f"PostgreSQL {src_info.major} or newer (target.direct)"))
+        missing = sorted(set(src_ext) - tgt_available)
+        report.add("extensions", not missing,
+                   "target offers every extension the source uses" if not missing else
+                   f"target {rb.target.direct.host}:{rb.target.direct.port} lacks extensions the source uses: "
+                   f"{', '.join(missing)}; install them on the target (e.g. postgresql-contrib-{tgt_info.major})")
+        ledger_path = rb.state_dir / "ledger.sqlite"
+        owned = ledger_path.exists() and Ledger(rb.state_dir).owns_target(tgt_info.identity)
+        names = [t.qualified for t in foreign]
+        report.add("target is empty or ours", not names or owned,
+                   "target holds no tables in the migrated schemas" if not names else
+                   f"target holds tables written by this runbook ({len(names)}); the run resumes" if owned else
+                   f"target {rb.target.direct.where} already holds data this runbook did not write "
+                   f"({', '.join(names[:5])}{'...' if len(names) > 5 else ''}); restore into an empty database")
+        absent = sorted({r.name for r in rb.database.app_roles} - roles)
+        report.add("app roles", not absent, "every app role exists on the target" if not absent else
+                   f"target lacks roles named in database.app_roles: {', '.join(absent)}; create them first")
+    if src_info:
+        try:
+            tools = _tools(rb, src_info.major)
+            report.tools = f"{tools.bin_dir} (PostgreSQL {tools.major})"
+            report.add("pg_dump/pg_restore", True, f"using {report.tools}")
+        except ToolMissing as exc:
+            report.add("pg_dump/pg_restore", False, str(exc))
+        state = rb.state_dir
+        if not _writable(state):
+            report.add("state directory", False,
+                       f"dump directory {state} is not writable (state_dir); choose a writable path")
+        else:
+            free = _free_bytes(state)
+            need = src_info.database_bytes + rb.database.min_free_disk_mb * 1024 * 1024
+            ok = free >= need
+            report.add("disk space", ok,
+                       f"{state}: {free / 2**20:,.0f} MiB free, need {need / 2**20:,.0f} MiB (source size "
+                       f"{src_info.database_bytes / 2**20:,.0f} MiB + database.min_free_disk_mb "
+                       f"{rb.database.min_free_disk_mb})" + ("" if ok else "; free space or lower the reserve"))
+    return report
+
+
+def require(report: PreflightReport) -> None:
+    if report.failures:
+        raise PreflightFailed("\n".join(report.failures))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class ExportPlan:
+    tables: list[str]
+    source_bytes: int
+    tools: str
+    command: str
+    rules: list[tuple[str, str]]
+    leftovers: list[str]
+    leftovers_policy: str
+
+
+@task(name="plan export", cache_policy=NO_CACHE)
+def plan_export(rb: Runbook) -> ExportPlan:
+    with postgres.session(rb.source, "source") as src:
+        info = postgres.server_info(src, rb.source)
+        tables = postgres.list_tables(src, rb.database.schemas)
+        leftovers = supabase.find_leftovers(src, rb.database.schemas)
+    tools = _tools(rb, info.major)
+    argv = _pg_dump_argv(rb, tools, rb.state_dir / DUMP_DIR, "<snapshot>")
+    return ExportPlan([t.qualified for t in tables], info.database_bytes, f"{tools.bin_dir} ({tools.major})",
+                      " ".join(argv), supabase.RULES, leftovers.objects, rb.database.supabase_leftovers)
+
+
+def _pg_dump_argv(rb: Runbook, tools: pg_tools.PgTools, out: Path, snapshot: str) -> list[str]:
+    argv = [tools.pg_dump, "--format=directory", f"--jobs={rb.database.jobs}", f"--file={out}",
+            f"--snapshot={snapshot}", "--no-publications", "--no-subscriptions", "--quote-all-identifiers"]
+    argv += [f"--schema={s}" for s in rb.database.schemas]
+    return argv
+
+
+@task(name="dump source", cache_policy=NO_CACHE)
+def dump_source(rb: Runbook) -> dict:
+    """pg_dump -Fd -j of the runbook's schemas from one exported snapshot, with per-table row counts taken
+    in that snapshot. Skipped when the ledger records a complete archive."""
+    ledger = Ledger(rb.state_dir)
+    final = rb.state_dir / DUMP_DIR
+    if ledger.is_done("export") and (final / "toc.dat").exists():
+        log.info("export already done; reusing archive", dump=str(final))
+        return {**ledger.step_detail("export"), "skipped": True}
+    partial = rb.state_dir / (DUMP_DIR + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    ledger.forget_steps("export")
+    ledger.start_step("export")
+    started = time.monotonic()
+    with postgres.session(rb.source, "source", autocommit=False) as snap:
+        snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        snap.read_only = True
+        info = postgres.server_info(snap, rb.source)
+        tools = _tools(rb, info.major)
+        snapshot = snap.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        argv = _pg_dump_argv(rb, tools, partial, snapshot)
+        log.info("pg_dump started", tables_schemas=rb.database.schemas, jobs=rb.database.jobs, tools=str(tools.bin_dir))
+        env = {**os.environ, **postgres.libpq_env(rb.source, "source")}
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            tables = postgres.list_tables(snap, rb.database.schemas)
+            progress = Progress("export: counting rows in the snapshot", len(tables))
+            counts = {}
+            for t in tables:
+                counts[t.qualified] = postgres.count_rows(snap, t)
+                progress.advance(f"{t.qualified}: {counts[t.qualified]} rows")
+            leftovers = supabase.find_leftovers(snap, rb.database.schemas)
+            leftovers.auth_users_rows = 0
+            if rb.database.supabase_leftovers == "shim":
+                supabase.export_auth_users(snap, rb.state_dir / AUTH_USERS_FILE)
+            extensions = supabase.app_extensions(postgres.extensions(snap))
+        finally:
+            _, stderr = proc.communicate()
+        snap.rollback()
+    if proc.returncode != 0:
+        ledger.fail_step("export", "pg_dump failed")
+        lines = [l for l in stderr.splitlines() if "error" in l.lower()] or stderr.splitlines() or ["no output"]
+        raise StepFailed(f"pg_dump from source {rb.source.host}:{rb.source.port} failed: {redact(lines[0])}")
+    os.rename(partial, final)
+    for name, rows in counts.items():
+        ledger.set_table("export", name, "exported", rows)
+    size = sum(f.stat().st_size for f in final.iterdir())
+    detail = {
+        "tables": counts, "archive": str(final), "archive_bytes": size, "seconds": round(time.monotonic() - started, 2),
+        "source_major": info.major, "tools": str(tools.bin_dir), "extensions": extensions,
+        "leftovers": {"policies": leftovers.policies, "foreign_keys": leftovers.foreign_keys},
+    }
+    ledger.finish_step("export", detail)
+    log.info("export done", tables=len(counts), archive_bytes=size, seconds=detail["seconds"])
+    return detail
+
+
+# ---------------------------------------------------------------------------------------------------
+# Restore
+
+
+@dataclass
+class RestorePlan:
+    keep: list[pg_tools.TocEntry]
+    left_out: list[tuple[str, str]]  # (entry, rule)
+    tables: list[str]
+    leftovers_policy: str
+    shims: list[str]
+    extensions: dict[str, str]
+
+    def section(self, name: str) -> list[pg_tools.TocEntry]:
+        return [e for e in self.keep if e.section == name]
+
+
+def export_done(rb: Runbook) -> bool:
+    return (rb.state_dir / "ledger.sqlite").exists() and Ledger(rb.state_dir).is_done("export")
+
+
+def export_detail(rb: Runbook) -> dict:
+    ledger_file = rb.state_dir / "ledger.sqlite"
+    if not ledger_file.exists() or not Ledger(rb.state_dir).is_done("export"):
+        raise StepFailed(f"no complete export in {rb.state_dir} (state_dir); run the export flow first")
+    return Ledger(rb.state_dir).step_detail("export")
+
+
+@task(name="plan restore", cache_policy=NO_CACHE)
+def plan_restore(rb: Runbook) -> RestorePlan:
+    detail = export_detail(rb)
+    tools = _tools(rb, detail["source_major"])
+    leftovers = supabase.Leftovers(**detail["leftovers"])
+    keep, left_out = [], []
+    for entry in pg_tools.read_toc(tools, rb.state_dir / DUMP_DIR):
+        ok, why = supabase.keep_entry(entry, rb.database.schemas, leftovers, rb.database.supabase_leftovers)
+        (keep.append(entry) if ok else left_out.append((f"{entry.desc} {entry.schema}.{entry.tag}", why)))
+    tables = [f"{e.schema}.{e.tag}" for e in keep if e.desc == "TABLE DATA"]
+    shims = supabase.SHIM_OBJECTS if rb.database.supabase_leftovers == "shim" else []
+    return RestorePlan(keep, left_out, tables, rb.database.supabase_leftovers, shims, detail["extensions"])
+
+
+def _target_identity(rb: Runbook) -> str:
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        return postgres.server_info(tgt, rb.target.direct).identity
+
+
+@task(name="prepare target", cache_policy=NO_CACHE)
+def prepare_target(rb: Runbook, plan: RestorePlan) -> dict:
+    """Claims the target in the ledger, creates the app's extensions and (policy shim) the auth shim."""
+    ledger = Ledger(rb.state_dir)
+    ledger.claim_target(_target_identity(rb))
+    done = {"extensions": [], "shim_users_added": 0}
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        for name, schema in sorted(plan.extensions.items()):
+            postgres.execute(tgt, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)),
+                             what=f"create schema {schema}")
+            postgres.execute(tgt, sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}").format(
+                sql.Identifier(name), sql.Identifier(schema)), what=f"create extension {name} on target")
+            done["extensions"].append(name)
+        if plan.leftovers_policy == "shim":
+            done["shim_users_added"] = supabase.create_shims(tgt, rb.state_dir / AUTH_USERS_FILE)
+    return done
+
+
+def _restore_env(rb: Runbook) -> dict[str, str]:
+    return postgres.libpq_env(rb.target.direct, "target.direct")
+
+
+def _pg_restore(rb: Runbook, tools: pg_tools.PgTools, entries: list[pg_tools.TocEntry], what: str,
+                *extra: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".list", dir=rb.state_dir, delete=False) as f:
+        f.write("".join(e.line + "\n" for e in entries))
+    try:
+        argv = [tools.pg_restore, "--no-owner", "--no-acl", "--exit-on-error", f"--use-list={f.name}",
+                f"--dbname={rb.target.direct.database}", *extra, str(rb.state_dir / DUMP_DIR)]
+        pg_tools.run_tool(argv, _restore_env(rb), what)
+    finally:
+        os.unlink(f.name)
+
+
+@task(name="restore schema (pre-data)", cache_policy=NO_CACHE)
+def restore_pre_data(rb: Runbook, plan: RestorePlan) -> dict:
+    """Types, tables, functions, views: in one transaction, so a crash leaves nothing half-made."""
+    ledger = Ledger(rb.state_dir)
+    if ledger.is_done("restore.pre-data"):
+        return {"skipped": True}
+    tools = _tools(rb, export_detail(rb)["source_major"])
+    entries = plan.section("pre-data")
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        existing_schemas = {r[0] for r in tgt.execute("SELECT nspname FROM pg_namespace")}
+        present = {t.qualified for t in postgres.list_tables(tgt, rb.database.schemas)}
+    if plan.tables and set(plan.tables) <= present:
+        # The previous run committed pre-data but died before the ledger heard of it.
+        ledger.finish_step("restore.pre-data", {"recovered": True})
+        return {"recovered": True}
+    entries = [e for e in entries if not (e.desc == "SCHEMA" and e.tag in existing_schemas)]
+    ledger.start_step("restore.pre-data")
+    _pg_restore(rb, tools, entries, f"restore pre-data into target {rb.target.direct.host}:{rb.target.direct.port}",
+                "--section=pre-data", "--single-transaction")
+    ledger.finish_step("restore.pre-data", {"entries": len(entries)})
+    return {"entries": len(entries)}
+
+
+@task(name="restore table data", cache_policy=NO_CACHE)
+def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
+    """Loads each table not yet loaded, ``jobs`` at a time: TRUNCATE, then pg_restore of that table's data in a
+    single transaction, then the ledger marks it loaded. A table interrupted mid-load is reloaded whole."""
+    ledger = Ledger(rb.state_dir)
+    tools = _tools(rb, export_detail(rb)["source_major"])
+    exported = {name: rows for name, (_, rows) in ledger.tables("export").items()}
+    state = ledger.tables("restore")
+    data_entries = [e for e in plan.section("data") if e.desc == "TABLE DATA"]
+    todo = [e for e in data_entries if state.get(f"{e.schema}.{e.tag}", ("",))[0] != "loaded"]
+    progress = Progress("restore: loading tables", len(data_entries))
+    for _ in range(len(data_entries) - len(todo)):
+        progress.advance("already loaded")
+    ledger.start_step("restore.data")
+
+    def load(entry: pg_tools.TocEntry) -> None:
+        name = f"{entry.schema}.{entry.tag}"
+        ledger.set_table("restore", name, "loading")
+        with postgres.session(rb.target.direct, "target.direct") as tgt:
+            postgres.execute(tgt, sql.SQL("TRUNCATE {}").format(sql.Identifier(entry.schema, entry.tag)),
+                             what=f"truncate {name} on target")
+        _pg_restore(rb, tools, [entry], f"load {name} into target", "--data-only", "--single-transaction")
+        ledger.set_table("restore", name, "loaded", exported.get(name))
+        log.info("table loaded", table=name, rows=exported.get(name))
+        progress.advance(f"{name}: {exported.get(name)} rows")
+
+    # Largest first, so the long pole starts early.
+    todo.sort(key=lambda e: -(exported.get(f"{e.schema}.{e.tag}") or 0))
+    with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
+        list(pool.map(load, todo))
+    sequences = [e for e in plan.section("data") if e.desc == "SEQUENCE SET"]
+    if sequences:
+        _pg_restore(rb, tools, sequences, "set sequence values on target", "--data-only", "--single-transaction")
+    ledger.finish_step("restore.data", {"tables_loaded": len(todo), "sequences": len(sequences)})
+    return {"loaded": [f"{e.schema}.{e.tag}" for e in todo], "already_loaded": len(data_entries) - len(todo)}
+
+
+_EXISTS = {
+    "INDEX": "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+    "CONSTRAINT": "SELECT 1 FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = %s AND t.relname = %s AND k.conname = %s",
+    "TRIGGER": "SELECT 1 FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = %s AND t.relname = %s AND g.tgname = %s",
+    "POLICY": "SELECT 1 FROM pg_policies WHERE schemaname = %s AND tablename = %s AND policyname = %s",
+}
+_EXISTS["FK CONSTRAINT"] = _EXISTS["CONSTRAINT"]
+
+
+def _already_there(tgt: psycopg.Connection, e: pg_tools.TocEntry) -> bool:
+    q = _EXISTS.get(e.desc)
+    if q is None:
+        return False
+    unquote = lambda s: s.strip('"')  # noqa: E731 (--quote-all-identifiers)
+    if e.desc == "INDEX":
+        params = (unquote(e.schema), unquote(e.tag))
+    else:
+        table, name = e.table_and_name
+        params = (unquote(e.schema), unquote(table), unquote(name))
+    return tgt.execute(q, params).fetchone() is not None
+
+
+@task(name="restore indexes and constraints (post-data)", cache_policy=NO_CACHE)
+def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
+    """Indexes, constraints, triggers, policies with ``jobs`` parallel builds; entries already present on the
+    target (a run died midway) are not built again."""
+    ledger = Ledger(rb.state_dir)
+    if ledger.is_done("restore.post-data"):
+        return {"skipped": True}
+    tools = _tools(rb, export_detail(rb)["source_major"])
+    ledger.start_step("restore.post-data")
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        entries = [e for e in plan.section("post-data") if not _already_there(tgt, e)]
+    if entries:
+        _pg_restore(rb, tools, entries, f"restore post-data into target {rb.target.direct.host}:{rb.target.direct.port}",
+                    "--section=post-data", f"--jobs={rb.database.jobs}")
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        tgt.execute("ANALYZE")
+    ledger.finish_step("restore.post-data", {"entries": len(entries)})
+    return {"entries": len(entries)}
+
+
+@task(name="grant app roles", cache_policy=NO_CACHE)
+def grant_app_roles(rb: Runbook) -> list[str]:
+    """Re-applies, idempotently, the grants --no-acl left out, for the runbook's app roles."""
+    done = []
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        for role in rb.database.app_roles:
+            r = sql.Identifier(role.name)
+            table_privs = "SELECT, INSERT, UPDATE, DELETE" if role.privileges == "read_write" else "SELECT"
+            seq_privs = "USAGE, SELECT, UPDATE" if role.privileges == "read_write" else "USAGE, SELECT"
+            for schema in rb.database.schemas:
+                s = sql.Identifier(schema)
+                for stmt in (
+                    sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
+                    sql.SQL("GRANT " + table_privs + " ON ALL TABLES IN SCHEMA {} TO {}").format(s, r),
+                    sql.SQL("GRANT " + seq_privs + " ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, r),
+                    sql.SQL("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {} TO {}").format(s, r),
+                    sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT " + table_privs + " ON TABLES TO {}").format(s, r),
+                ):
+                    postgres.execute(tgt, stmt, what=f"grant to {role.name}")
+            done.append(f"{role.name}: {role.privileges} on {', '.join(rb.database.schemas)}")
+    Ledger(rb.state_dir).finish_step("restore.grants", {"roles": done})
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verify
+
+
+@task(name="verify database (gate)", cache_policy=NO_CACHE)
+def run_gate(rb: Runbook) -> DatabaseReport:
+    with postgres.session(rb.source, "source") as src:
+        tables = postgres.list_tables(src, rb.database.schemas)
+    left_out: set[str] = set()
+    ledger_file = rb.state_dir / "ledger.sqlite"
+    if rb.database.supabase_leftovers == "drop" and ledger_file.exists():
+        lo = Ledger(rb.state_dir).step_detail("export").get("leftovers", {})
+        left_out |= {"policy " + p.replace(" ", ".") for p in lo.get("policies", [])}
+        left_out |= {"constraint " + f.replace(" ", ".") for f in lo.get("foreign_keys", [])}
+    progress = Progress("verify: comparing tables", len(tables))
+    report = compare_databases(
+        lambda: postgres.connect(rb.source, "source"),
+        lambda: postgres.connect(rb.target.direct, "target.direct"),
+        tables, rb.database.schemas, left_out=left_out, ignored_extensions=supabase.MANAGED_EXTENSIONS,
+        jobs=rb.database.jobs, on_table_done=lambda c: progress.advance(f"{c.table}: {c.status}"),
+    )
+    if ledger_file.exists():
+        Ledger(rb.state_dir).finish_step("verify", {"ok": report.ok, "failures": report.failures()})
+    return report
+
+
+def report_rows(report: DatabaseReport, exported: dict[str, int] | None = None) -> list[dict]:
+    exported = exported or {}
+    return [
+        {"table": t.table, "exported rows": exported.get(t.table, ""), "source rows": t.source_rows,
+         "target rows": t.target_rows, "source checksum": t.source_checksum[:12],
+         "target checksum": t.target_checksum[:12], "status": t.status}
+        for t in report.tables
+    ]
+

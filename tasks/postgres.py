@@ -1,0 +1,377 @@
+"""PostgreSQL: connections that fail with a clear message, and what we read from a catalog.
+
+Everything here talks to one server through psycopg and knows nothing of Prefect flows or of the other
+side of a migration; the gates in ``tasks/verify.py`` compare what these functions return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from liftoff.errors import ConnectionRefused, StepFailed
+from liftoff.redaction import redact
+from runbooks.model import Endpoint
+
+# Settings that shape the text form of values: identical on both sides of every comparison.
+TEXT_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "lc_monetary": "C",
+}
+
+
+def _transient(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, psycopg.OperationalError) and (
+        "connection refused" in text or "timeout" in text or "could not receive" in text or "server closed" in text
+    )
+
+
+def _explain_connect_error(exc: psycopg.OperationalError, ep: Endpoint, field_name: str) -> str:
+    text = redact(str(exc)).strip()
+    low = text.lower()
+    where = f"{field_name} ({ep.host}:{ep.port})"
+    if "password authentication failed" in low or "no password supplied" in low:
+        return (f"{where}: password authentication failed for user '{ep.user}'; check the secret behind "
+                f"{field_name}.password ({ep.password.label})")
+    if "does not exist" in low and "database" in low:
+        return f"{where}: database '{ep.database}' does not exist; check {field_name}.database"
+    if "role" in low and "does not exist" in low:
+        return f"{where}: user '{ep.user}' does not exist; check {field_name}.user"
+    if "could not translate host name" in low or "name or service not known" in low:
+        return f"{where}: host name '{ep.host}' does not resolve; check {field_name}.host"
+    if "connection refused" in low or "timeout" in low or "no route" in low:
+        return (f"{where}: cannot reach the server (connection refused or timed out); check {field_name}.host, "
+                f"{field_name}.port and that PostgreSQL is running")
+    first = text.splitlines()[-1] if text else type(exc).__name__
+    return f"{where}: cannot connect as '{ep.user}': {first}"
+
+
+def conninfo(ep: Endpoint, field_name: str, **extra) -> str:
+    """A libpq conninfo string, password included: hand it only to psycopg or a child's environment."""
+    password = ep.password.resolve(f"{field_name}.password")
+    return psycopg.conninfo.make_conninfo(
+        host=ep.host, port=ep.port, dbname=ep.database, user=ep.user, password=password,
+        sslmode=ep.sslmode, connect_timeout=10, application_name="liftoff", **extra,
+    )
+
+
+def libpq_env(ep: Endpoint, field_name: str) -> dict[str, str]:
+    """Environment for pg_dump/pg_restore: the password travels here, never on a command line."""
+    return {
+        "PGHOST": ep.host, "PGPORT": str(ep.port), "PGDATABASE": ep.database, "PGUSER": ep.user,
+        "PGPASSWORD": ep.password.resolve(f"{field_name}.password"), "PGSSLMODE": ep.sslmode,
+        "PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "liftoff",
+    }
+
+
+def connect(ep: Endpoint, field_name: str, *, autocommit: bool = True, text_settings: bool = True,
+            attempts: int = 3) -> psycopg.Connection:
+    """Opens a connection, retrying dropped or refused ones; raises ConnectionRefused with one line."""
+
+    @retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(attempts),
+           wait=wait_exponential(multiplier=0.3, max=3), reraise=True)
+    def _open():
+        return psycopg.connect(conninfo(ep, field_name), autocommit=autocommit)
+
+    try:
+        conn = _open()
+    except psycopg.OperationalError as exc:
+        raise ConnectionRefused(_explain_connect_error(exc, ep, field_name)) from None
+    if text_settings:
+        for name, value in TEXT_SETTINGS.items():
+            conn.execute(sql.SQL("SELECT set_config({}, {}, false)").format(sql.Literal(name), sql.Literal(value)))
+        if not autocommit:
+            conn.commit()
+    return conn
+
+
+@contextlib.contextmanager
+def session(ep: Endpoint, field_name: str, **kw):
+    conn = connect(ep, field_name, **kw)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a server is
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    major: int
+    version: str
+    identity: str
+    database_bytes: int
+
+
+def server_info(conn: psycopg.Connection, ep: Endpoint) -> ServerInfo:
+    num = int(conn.execute("SHOW server_version_num").fetchone()[0])
+    version = conn.execute("SHOW server_version").fetchone()[0]
+    size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    try:
+        with conn.transaction():
+            sysid = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0]
+    except psycopg.Error:  # not allowed for a non-superuser on some hosts
+        sysid = f"{ep.host}:{ep.port}"
+    return ServerInfo(major=num // 10000, version=version, identity=f"{sysid}/{ep.database}", database_bytes=size)
+
+
+@dataclass(frozen=True)
+class Table:
+    schema: str
+    name: str
+    pk: tuple[str, ...]
+    pk_types: tuple[str, ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def ident(self) -> sql.Composable:
+        return sql.Identifier(self.schema, self.name)
+
+
+def list_tables(conn: psycopg.Connection, schemas: list[str]) -> list[Table]:
+    """Ordinary and partitioned tables of the schemas, with their primary-key columns in key order."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname,
+               coalesce(array_agg(a.attname ORDER BY k.ord) FILTER (WHERE a.attname IS NOT NULL), '{}'),
+               coalesce(array_agg(format_type(a.atttypid, NULL) ORDER BY k.ord) FILTER (WHERE a.attname IS NOT NULL), '{}')
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_constraint p ON p.conrelid = c.oid AND p.contype = 'p'
+        LEFT JOIN LATERAL unnest(p.conkey) WITH ORDINALITY AS k(attnum, ord) ON true
+        LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+        WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(%s)
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+        GROUP BY n.nspname, c.relname
+        ORDER BY n.nspname, c.relname
+        """,
+        (schemas,),
+    ).fetchall()
+    return [Table(s, n, tuple(pk), tuple(types)) for s, n, pk, types in rows]
+
+
+def count_rows(conn: psycopg.Connection, table: Table) -> int:
+    return conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)).fetchone()[0]
+
+
+def extensions(conn: psycopg.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT e.extname, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"))
+
+
+def available_extensions(conn: psycopg.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM pg_available_extensions")}
+
+
+def existing_roles(conn: psycopg.Connection, names: list[str]) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (names,))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Content digests, compared by the gate
+
+
+CHUNK_ROWS = 50_000
+_TEXTLIKE = {"text", "character varying", "character", "name", "citext"}
+
+
+def _key_exprs(table: Table) -> list[sql.Composable]:
+    exprs = []
+    for col, typ in zip(table.pk, table.pk_types):
+        ident = sql.Identifier("t", col)
+        # Text keys sort byte-wise on both sides, whatever each server's default collation is.
+        exprs.append(sql.SQL("{} COLLATE \"C\"").format(ident) if typ.split("(")[0] in _TEXTLIKE else ident)
+    return exprs
+
+
+def _row_of(exprs: list[sql.Composable]) -> sql.Composable:
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join(exprs))
+
+
+def _bound(n: int) -> sql.Composable:
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join([sql.Placeholder()] * n))
+
+
+@dataclass
+class Chunk:
+    """Rows whose key is in (low, high]; None means unbounded."""
+
+    low: tuple | None
+    high: tuple | None
+    rows: int = 0
+    digest: str = ""
+
+
+def chunk_digests_by_source(conn: psycopg.Connection, table: Table, chunk_rows: int = CHUNK_ROWS) -> list[Chunk]:
+    """Walks the table in key order, ``chunk_rows`` at a time, and returns each chunk's count, key range and
+    digest: md5 of the concatenated md5s of each row's text form, in key order. The last chunk is open-ended
+    so the other side's rows beyond the source's last key fall in it."""
+    if not table.pk:
+        return [_whole_table_digest(conn, table)]
+    keys = _key_exprs(table)
+    order = sql.SQL(", ").join(keys)
+    last_key = sql.SQL(", ").join(
+        sql.SQL("(array_agg({} ORDER BY o DESC))[1]").format(sql.Identifier(c)) for c in table.pk)
+    chunks: list[Chunk] = []
+    low: tuple | None = None
+    while True:
+        where, params = _range_conditions(keys, low, None)
+        q = sql.SQL(
+            "SELECT count(*), md5(coalesce(string_agg(h, '' ORDER BY o), '')), {last_key} FROM ("
+            " SELECT row_number() OVER (ORDER BY {order}) AS o, md5(t::text) AS h, {cols}"
+            " FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}) s"
+        ).format(last_key=last_key, order=order, tbl=table.ident, where=where, limit=sql.Literal(chunk_rows),
+                 cols=sql.SQL(", ").join(sql.Identifier("t", c) for c in table.pk))
+        rows, digest, *last = conn.execute(q, params).fetchone()
+        if rows < chunk_rows:
+            chunks.append(Chunk(low, None, rows, digest))
+            return chunks
+        chunks.append(Chunk(low, tuple(last), rows, digest))
+        low = tuple(last)
+
+
+def chunk_digest_in_range(conn: psycopg.Connection, table: Table, low: tuple | None, high: tuple | None) -> Chunk:
+    """The same digest as ``chunk_digests_by_source``, for the rows whose key is in (low, high]."""
+    if not table.pk:
+        return _whole_table_digest(conn, table)
+    keys = _key_exprs(table)
+    conds, params = _range_conditions(keys, low, high)
+    q = sql.SQL(
+        "SELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order}), '')) "
+        "FROM ONLY {tbl} t {where}"
+    ).format(order=sql.SQL(", ").join(keys), tbl=table.ident, where=conds)
+    rows, digest = conn.execute(q, params).fetchone()
+    return Chunk(low, high, rows, digest)
+
+
+def _range_conditions(keys, low, high):
+    parts, params = [], []
+    if low is not None:
+        parts.append(sql.SQL("{} > {}").format(_row_of(keys), _bound(len(keys))))
+        params += list(low)
+    if high is not None:
+        parts.append(sql.SQL("{} <= {}").format(_row_of(keys), _bound(len(keys))))
+        params += list(high)
+    where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
+    return where, params
+
+
+def _whole_table_digest(conn: psycopg.Connection, table: Table) -> Chunk:
+    q = sql.SQL(
+        "SELECT count(*), md5(coalesce(string_agg(h, '' ORDER BY h COLLATE \"C\"), '')) "
+        "FROM (SELECT md5(t::text) AS h FROM ONLY {} t) s"
+    ).format(table.ident)
+    rows, digest = conn.execute(q).fetchone()
+    return Chunk(None, None, rows, digest)
+
+
+def row_hashes_in_range(conn: psycopg.Connection, table: Table, low: tuple | None, high: tuple | None,
+                        limit: int = CHUNK_ROWS + 1) -> dict[str, str]:
+    """{key as text: md5 of the row's text} for rows in (low, high]: what narrows a differing chunk."""
+    if not table.pk:
+        q = sql.SQL("SELECT md5(t::text), count(*)::text FROM ONLY {} t GROUP BY 1 LIMIT {}").format(
+            table.ident, sql.Literal(limit))
+        return {h: n for h, n in conn.execute(q)}
+    keys = _key_exprs(table)
+    where, params = _range_conditions(keys, low, high)
+    key_text = sql.SQL("concat_ws(', ', {})").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in table.pk))
+    q = sql.SQL("SELECT {kt}, md5(t::text) FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}").format(
+        kt=key_text, tbl=table.ident, where=where, order=sql.SQL(", ").join(keys), limit=sql.Literal(limit))
+    return {k: h for k, h in conn.execute(q, params)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequences and schema objects
+
+
+@dataclass(frozen=True)
+class SequenceState:
+    sequence: str
+    table: str
+    column: str
+    next_value: int | None  # what nextval() would return
+    column_max: int | None
+
+
+def sequence_states(conn: psycopg.Connection, schemas: list[str]) -> list[SequenceState]:
+    """Sequences owned by a column (serial and identity), with the next value and the column's max."""
+    owned = conn.execute(
+        """
+        SELECT sn.nspname, s.relname, tn.nspname, t.relname, a.attname
+        FROM pg_depend d
+        JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+        JOIN pg_namespace sn ON sn.oid = s.relnamespace
+        JOIN pg_class t ON t.oid = d.refobjid
+        JOIN pg_namespace tn ON tn.oid = t.relnamespace
+        JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
+        WHERE d.deptype IN ('a', 'i') AND d.classid = 'pg_class'::regclass AND tn.nspname = ANY(%s)
+        ORDER BY 1, 2
+        """,
+        (schemas,),
+    ).fetchall()
+    states = []
+    for seq_schema, seq, tab_schema, tab, col in owned:
+        seq_ident = sql.Identifier(seq_schema, seq)
+        last, called, inc = conn.execute(
+            sql.SQL("SELECT s.last_value, s.is_called, p.seqincrement FROM {} s, pg_sequence p "
+                    "WHERE p.seqrelid = {}::regclass").format(seq_ident, sql.Literal(f'"{seq_schema}"."{seq}"'))
+        ).fetchone()
+        col_max = conn.execute(
+            sql.SQL("SELECT max({})::bigint FROM ONLY {}").format(sql.Identifier(col), sql.Identifier(tab_schema, tab))
+        ).fetchone()[0]
+        states.append(SequenceState(f"{seq_schema}.{seq}", f"{tab_schema}.{tab}", col,
+                                    last + inc if called else last, col_max))
+    return states
+
+
+OBJECT_QUERIES = {
+    "table": """SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r','p') AND n.nspname = ANY(%(s)s)""",
+    "view": """SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE c.relkind IN ('v','m') AND n.nspname = ANY(%(s)s)""",
+    "sequence": """SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.relkind = 'S' AND n.nspname = ANY(%(s)s)""",
+    "index": """SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('i','I') AND n.nspname = ANY(%(s)s)""",
+    "constraint": """SELECT n.nspname || '.' || t.relname || '.' || k.conname FROM pg_constraint k
+                     JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+                     WHERE n.nspname = ANY(%(s)s)""",
+    "function": """SELECT n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')'
+                   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                   WHERE n.nspname = ANY(%(s)s)
+                     AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')""",
+    "trigger": """SELECT n.nspname || '.' || c.relname || '.' || g.tgname FROM pg_trigger g
+                  JOIN pg_class c ON c.oid = g.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE NOT g.tgisinternal AND n.nspname = ANY(%(s)s)""",
+    "policy": """SELECT schemaname || '.' || tablename || '.' || policyname FROM pg_policies
+                 WHERE schemaname = ANY(%(s)s)""",
+    "type": """SELECT n.nspname || '.' || t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+               WHERE t.typtype IN ('e','d') AND n.nspname = ANY(%(s)s)""",
+    "extension": "SELECT extname FROM pg_extension",
+}
+
+
+def schema_objects(conn: psycopg.Connection, schemas: list[str]) -> dict[str, set[str]]:
+    return {kind: {r[0] for r in conn.execute(q, {"s": schemas})} for kind, q in OBJECT_QUERIES.items()}
+
+
+def execute(conn: psycopg.Connection, statement: str | sql.Composable, params=None, what: str = "") -> None:
+    try:
+        conn.execute(statement, params)
+    except psycopg.Error as exc:
+        raise StepFailed(f"{what or 'SQL'} failed: {redact(str(exc)).strip().splitlines()[0]}") from None
