@@ -22,8 +22,8 @@ from liftoff.redaction import redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Liftoff: a migration runbook as Prefect flows that verify themselves and can be resumed.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class FlowName(str, Enum):

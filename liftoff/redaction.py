@@ -18,8 +18,8 @@ _secrets: set[str] = set()
 _PATTERNS = [
     # scheme://user:password@host
     (re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<tail>@)", re.I), None),
-    # conninfo / env style: password=..., PGPASSWORD=...
-    (re.compile(r"(?P<head>\b(?:password|pgpassword|secret|token|secret_access_key)\s*[=:]\s*['\"]?)"
+    # conninfo / env / query-string style: password=..., PGPASSWORD=..., secret_access_key=...
+    (re.compile(r"(?P<head>\b(?:password|pgpassword|secret|token|secret_access_key)\s*=\s*['\"]?)"
                 r"(?P<secret>[^'\"\s,;&]+)(?P<tail>)", re.I), None),
 ]
 

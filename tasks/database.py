@@ -461,8 +461,8 @@ def run_gate(rb: Runbook) -> DatabaseReport:
     ledger_file = rb.state_dir / "ledger.sqlite"
     if rb.database.supabase_leftovers == "drop" and ledger_file.exists():
         lo = Ledger(rb.state_dir).step_detail("export").get("leftovers", {})
-        left_out |= {"policy " + p.replace(" ", ".") for p in lo.get("policies", [])}
-        left_out |= {"constraint " + f.replace(" ", ".") for f in lo.get("foreign_keys", [])}
+        left_out |= {"policy " + p.replace(" ", ".", 1) for p in lo.get("policies", [])}
+        left_out |= {"constraint " + f.replace(" ", ".", 1) for f in lo.get("foreign_keys", [])}
     progress = Progress("verify: comparing tables", len(tables))
     report = compare_databases(
         lambda: postgres.connect(rb.source, "source"),

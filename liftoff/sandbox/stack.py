@@ -59,14 +59,14 @@ class LocalStack:
         self.runbook_path = self.write_runbook()
         return self
 
-    def runbook_data(self, **database) -> dict:
+    def runbook_data(self, state_dir: str = "state", target_database: str = "postgres", **database) -> dict:
         return {
             "name": "local-demo",
-            "state_dir": "state",
+            "state_dir": state_dir,
             "source": {"host": self.source.host, "port": self.source.port, "database": "postgres",
                        "user": "postgres", "password": {"env": f"{self.env_prefix}_SOURCE_PASSWORD"},
                        "sslmode": "disable"},
-            "target": {"direct": {"host": self.target.host, "port": self.target.port, "database": "postgres",
+            "target": {"direct": {"host": self.target.host, "port": self.target.port, "database": target_database,
                                   "user": "postgres", "password": {"env": f"{self.env_prefix}_TARGET_PASSWORD"},
                                   "sslmode": "disable"}},
             "database": {"schemas": ["public"], "jobs": 2, "supabase_leftovers": "shim",
@@ -75,10 +75,17 @@ class LocalStack:
             "storage": {"buckets": [{"name": "tour-images", "public": True}, {"name": "documents"}]},
         }
 
-    def write_runbook(self, name: str = "local.yaml", **database) -> Path:
+    def write_runbook(self, name: str = "local.yaml", **options) -> Path:
+        """Writes a runbook for this stack; ``options``: state_dir, target_database, database-phase keys."""
         path = self.workdir / name
-        path.write_text(yaml.safe_dump(self.runbook_data(**database), sort_keys=False))
+        path.write_text(yaml.safe_dump(self.runbook_data(**options), sort_keys=False))
         return path
+
+    def new_target_database(self, name: str, template: str | None = None) -> str:
+        """An empty database on the target server (or a copy of ``template``), for one more rehearsal."""
+        clause = f" TEMPLATE {template}" if template else ""
+        self.target.execute(f"CREATE DATABASE {name}{clause}")
+        return name
 
     def stop(self) -> None:
         for server in (self.source, self.target):

@@ -1,0 +1,78 @@
+"""Real servers for the suite: one Prefect server, and PostgreSQL clusters started by fixtures.
+
+Every server runs on a free loopback port in a temp directory and is stopped at the end of its scope.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from liftoff.sandbox.postgres import stop_leftovers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+_server = None
+
+
+def pytest_configure(config):
+    """Starts a real `prefect server start` before any test module imports Prefect: Prefect reads its API
+    URL once, at import. Flows run in-process and in CLI subprocesses report to it."""
+    global _server
+    if getattr(config, "workerinput", None) is not None:
+        return
+    from liftoff.sandbox.prefect_server import PrefectServer
+
+    _server = PrefectServer().start()
+    os.environ.update(_server.env())
+    # Stopped at exit, after Prefect's own exit handlers (registered later, so run earlier) have shipped
+    # the queued run logs and events; stopping it sooner makes them retry for a minute.
+    atexit.register(_server.stop)
+    atexit.register(stop_leftovers)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    return _server
+
+
+@pytest.fixture(scope="session")
+def stack(prefect_api):
+    """A Supabase-shaped PostgreSQL 15 source with a small CRM dataset, and an empty PostgreSQL 15 target."""
+    from liftoff.sandbox.stack import LocalStack
+
+    s = LocalStack(bookings=400).start()
+    yield s
+    s.stop()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs the `liftoff` console script as an operator would."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "liftoff"), *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def migrated(stack):
+    """The stack's source migrated once into target database `migrated`; gate tests copy it (TEMPLATE)."""
+    from flows.database import migrate_database
+    from flows.options import RunOptions
+
+    stack.new_target_database("migrated")
+    runbook = stack.write_runbook("migrated.yaml", state_dir="state-migrated", target_database="migrated")
+    result = migrate_database(RunOptions(runbook=str(runbook)))
+    return {"runbook": runbook, "result": result}
+
+
+def fresh_runbook(stack, name: str, template: str | None = None, **database) -> Path:
+    """A new target database (empty, or a copy of ``template``) and a runbook with its own state dir."""
+    stack.new_target_database(name, template)
+    return stack.write_runbook(f"{name}.yaml", state_dir=f"state-{name}", target_database=name, **database)

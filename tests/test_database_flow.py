@@ -1,0 +1,116 @@
+"""migrate-database end to end against real PostgreSQL servers: a Supabase-shaped source into empty targets."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import fresh_runbook
+from flows.database import migrate_database
+from flows.options import RunOptions
+from flows.preflight import preflight
+from flows.verify import verify_database
+from liftoff.errors import PreflightFailed
+from liftoff.ledger import Ledger
+from runbooks.model import load_runbook
+
+
+def _tables(server, dbname):
+    return {r[0] for r in server.execute(
+        "SELECT schemaname || '.' || tablename FROM pg_tables WHERE schemaname = 'public'", dbname=dbname)}
+
+
+def test_migrate_database_copies_every_table_and_the_gate_passes(stack, migrated):
+    result = migrated["result"]
+    exported = result["export"]["tables"]
+    assert set(exported) == _tables(stack.source, "postgres")
+    for table, rows in stack.counts.items():
+        if table.startswith("public."):
+            assert exported[table] == rows, table
+    target_counts = {t: stack.target.execute(f"SELECT count(*) FROM {t}", dbname="migrated")[0][0] for t in exported}
+    assert target_counts == exported
+    assert result["verify"]["rows"] == sum(exported.values())
+
+
+def test_restore_leaves_supabase_platform_objects_behind_and_shims_auth(stack, migrated):
+    names = {r[0] for r in stack.target.execute("SELECT nspname FROM pg_namespace", dbname="migrated")}
+    assert {"storage", "supabase_migrations", "realtime"}.isdisjoint(names)
+    assert stack.target.execute("SELECT count(*) FROM pg_publication", dbname="migrated")[0][0] == 0
+    assert stack.target.execute("SELECT count(*) FROM pg_event_trigger", dbname="migrated")[0][0] == 0
+    # shim policy: auth.uid() works and the policies that call it are kept
+    assert stack.target.execute("SELECT auth.uid() IS NULL", dbname="migrated")[0][0] is True
+    policies = stack.target.execute("SELECT count(*) FROM pg_policies WHERE qual ~ 'auth\\.uid'", dbname="migrated")
+    assert policies[0][0] >= 2
+    # app role grants were re-applied after --no-acl
+    assert stack.target.execute("SELECT has_table_privilege('crm_app', 'public.bookings', 'INSERT')",
+                                dbname="migrated")[0][0] is True
+
+
+def test_rerun_after_success_reuses_the_archive_and_loads_nothing_again(stack, migrated):
+    again = migrate_database(RunOptions(runbook=str(migrated["runbook"])))
+    assert again["export"].get("skipped") is True
+    assert again["restore"]["loaded"]["loaded"] == []
+    assert again["verify"]["rows"] == migrated["result"]["verify"]["rows"]
+
+
+def test_dry_run_writes_nothing(stack):
+    runbook = fresh_runbook(stack, "dryrun")
+    result = migrate_database(RunOptions(runbook=str(runbook), dry_run=True))
+    assert result["export"]["dry_run"] is True
+    assert "public.bookings" in result["export"]["tables"]
+    assert not load_runbook(runbook).state_dir.exists()
+    assert _tables(stack.target, "dryrun") == set()
+
+
+def test_drop_policy_leaves_out_auth_objects_and_reports_them(stack):
+    runbook = fresh_runbook(stack, "dropped", supabase_leftovers="drop")
+    migrate_database(RunOptions(runbook=str(runbook)))
+    assert stack.target.execute("SELECT count(*) FROM pg_policies WHERE qual ~ 'auth\\.'", dbname="dropped")[0][0] == 0
+    fks_to_auth = stack.target.execute(
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid::regclass::text LIKE 'auth.%'",
+        dbname="dropped")
+    assert fks_to_auth[0][0] == 0
+    names = {r[0] for r in stack.target.execute("SELECT nspname FROM pg_namespace", dbname="dropped")}
+    assert "auth" not in names
+    leftovers = Ledger(load_runbook(runbook).state_dir).step_detail("export")["leftovers"]
+    assert "public.bookings customers see own bookings" in leftovers["policies"]
+    assert "public.bookings bookings_created_by_fkey" in leftovers["foreign_keys"]
+
+
+def test_verify_alone_fails_on_a_target_never_restored(stack):
+    from liftoff.errors import GateFailed
+
+    runbook = fresh_runbook(stack, "neverrestored")
+    with pytest.raises(GateFailed) as failed:
+        verify_database(RunOptions(runbook=str(runbook)))
+    assert "table public.bookings" in str(failed.value)
+
+
+@pytest.fixture(scope="module")
+def stack16(prefect_api):
+    """A PostgreSQL 15 source without contrib extensions, and a PostgreSQL 16 target (production's version)."""
+    from liftoff.sandbox.stack import LocalStack
+
+    s = LocalStack(bookings=200, target_major=16, contrib=False, env_prefix="LIFTOFF_PG16").start()
+    yield s
+    s.stop()
+
+
+def test_pg15_source_migrates_into_pg16_target(stack16):
+    assert stack16.target.major == 16 and stack16.source.major == 15
+    result = migrate_database(RunOptions(runbook=str(stack16.runbook_path)))
+    assert result["preflight"]["source_major"] == 15 and result["preflight"]["target_major"] == 16
+    assert result["verify"]["rows"] == sum(n for t, n in stack16.counts.items() if t.startswith("public."))
+
+
+def test_preflight_names_extensions_missing_on_the_pg16_target(stack, stack16):
+    import yaml
+
+    data = stack.runbook_data(state_dir="state-ext16")
+    data["target"]["direct"].update(port=stack16.target.port,
+                                    password={"env": "LIFTOFF_PG16_TARGET_PASSWORD"})
+    path = stack.workdir / "ext16.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(PreflightFailed) as failed:
+        preflight(RunOptions(runbook=str(path)))
+    message = str(failed.value)
+    assert "lacks extensions the source uses: pgcrypto, uuid-ossp" in message
