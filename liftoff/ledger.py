@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from liftoff.errors import StepFailed
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS steps (
     step TEXT PRIMARY KEY,
@@ -39,9 +41,14 @@ CREATE TABLE IF NOT EXISTS targets (
 class Ledger:
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / "ledger.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._db() as db:
+                db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StepFailed(f"state_dir {state_dir} is not writable ({reason}); free space there or choose a "
+                             "writable directory") from None
 
     @contextmanager
     def _db(self):

@@ -199,6 +199,40 @@ def dump_source(rb: Runbook) -> dict:
     ledger.forget_steps("export")
     ledger.start_step("export")
     started = time.monotonic()
+    try:
+        counts, leftovers, extensions, info, tools, proc, stderr = _dump_in_snapshot(rb, partial)
+    except OSError as exc:  # disk full or unwritable while writing the archive or the auth export
+        _safe_fail(ledger, "export", exc.strerror or str(exc))
+        raise StepFailed(f"export into state_dir {rb.state_dir} failed: {exc.strerror or exc}; free space there "
+                         "or choose another state_dir, then re-run (the source was only read)") from None
+    if proc.returncode != 0:
+        _safe_fail(ledger, "export", "pg_dump failed")
+        lines = [l for l in stderr.splitlines() if "error" in l.lower()] or stderr.splitlines() or ["no output"]
+        raise StepFailed(f"pg_dump from source {rb.source.host}:{rb.source.port} failed: {redact(lines[0])}")
+    os.rename(partial, final)
+    for name, rows in counts.items():
+        ledger.set_table("export", name, "exported", rows)
+    size = sum(f.stat().st_size for f in final.iterdir())
+    detail = {
+        "tables": counts, "archive": str(final), "archive_bytes": size, "seconds": round(time.monotonic() - started, 2),
+        "source_major": info.major, "tools": str(tools.bin_dir), "extensions": extensions,
+        "leftovers": {"policies": leftovers.policies, "foreign_keys": leftovers.foreign_keys},
+    }
+    ledger.finish_step("export", detail)
+    log.info("export done", tables=len(counts), archive_bytes=size, seconds=detail["seconds"])
+    return detail
+
+
+def _safe_fail(ledger: Ledger, step: str, reason: str) -> None:
+    try:
+        ledger.fail_step(step, reason)
+    except Exception:  # the ledger's disk may be the full one; the error we raise says what happened
+        pass
+
+
+def _dump_in_snapshot(rb: Runbook, partial: Path):
+    """Runs pg_dump on an exported snapshot while counting rows (and exporting auth users) in that same
+    snapshot; returns what the export step records."""
     with postgres.session(rb.source, "source", autocommit=False) as snap:
         snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap.read_only = True
@@ -217,29 +251,13 @@ def dump_source(rb: Runbook) -> dict:
                 counts[t.qualified] = postgres.count_rows(snap, t)
                 progress.advance(f"{t.qualified}: {counts[t.qualified]} rows")
             leftovers = supabase.find_leftovers(snap, rb.database.schemas)
-            leftovers.auth_users_rows = 0
             if rb.database.supabase_leftovers == "shim":
                 supabase.export_auth_users(snap, rb.state_dir / AUTH_USERS_FILE)
             extensions = supabase.app_extensions(postgres.extensions(snap))
         finally:
             _, stderr = proc.communicate()
         snap.rollback()
-    if proc.returncode != 0:
-        ledger.fail_step("export", "pg_dump failed")
-        lines = [l for l in stderr.splitlines() if "error" in l.lower()] or stderr.splitlines() or ["no output"]
-        raise StepFailed(f"pg_dump from source {rb.source.host}:{rb.source.port} failed: {redact(lines[0])}")
-    os.rename(partial, final)
-    for name, rows in counts.items():
-        ledger.set_table("export", name, "exported", rows)
-    size = sum(f.stat().st_size for f in final.iterdir())
-    detail = {
-        "tables": counts, "archive": str(final), "archive_bytes": size, "seconds": round(time.monotonic() - started, 2),
-        "source_major": info.major, "tools": str(tools.bin_dir), "extensions": extensions,
-        "leftovers": {"policies": leftovers.policies, "foreign_keys": leftovers.foreign_keys},
-    }
-    ledger.finish_step("export", detail)
-    log.info("export done", tables=len(counts), archive_bytes=size, seconds=detail["seconds"])
-    return detail
+    return counts, leftovers, extensions, info, tools, proc, stderr
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ class Leftovers:
 
     policies: list[str] = field(default_factory=list)  # "schema.table policy"
     foreign_keys: list[str] = field(default_factory=list)  # "schema.table constraint"
-    auth_users_rows: int = 0
 
     @property
     def objects(self) -> list[str]:

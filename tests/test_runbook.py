@@ -1,0 +1,96 @@
+"""The runbook model: valid files load; each problem gets one line naming file, key path and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from liftoff.errors import RunbookInvalid
+from runbooks.model import load_runbook
+
+GOOD = {
+    "name": "crm",
+    "state_dir": "state",
+    "source": {"host": "db.example.supabase.co", "user": "postgres", "password": {"env": "SRC_PW"}},
+    "target": {"direct": {"host": "10.0.0.5", "user": "liftoff", "password": {"prefect_secret": "vps-db"}}},
+}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "runbook.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _problems(tmp_path: Path, data: dict) -> list[str]:
+    with pytest.raises(RunbookInvalid) as failed:
+        load_runbook(_write(tmp_path, data))
+    return failed.value.problems
+
+
+@pytest.mark.parametrize("name", ["tour-crm.yaml", "local.yaml"])
+def test_shipped_runbooks_are_valid(name):
+    runbook = load_runbook(ROOT / "runbooks" / name)
+    assert runbook.state_dir.is_absolute()
+
+
+def test_production_runbook_has_the_plans_shape():
+    runbook = load_runbook(ROOT / "runbooks" / "tour-crm.yaml")
+    assert runbook.target.pooled.port == 6432
+    assert [b.name for b in runbook.storage.buckets] == ["tour-images", "documents", "backups"]
+    assert "backblazeb2" in runbook.backups.destination.endpoint_url
+
+
+def test_relative_state_dir_is_resolved_against_the_runbook_file(tmp_path):
+    assert load_runbook(_write(tmp_path, GOOD)).state_dir == tmp_path / "state"
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    data = {**GOOD, "database": {"jobz": 4}}
+    [problem] = _problems(tmp_path, data)
+    assert problem == f"{tmp_path / 'runbook.yaml'}: database.jobz: unknown key"
+
+
+def test_missing_field_is_named(tmp_path):
+    data = {**GOOD, "source": {"host": "h", "password": {"env": "X"}}}
+    assert _problems(tmp_path, data) == [f"{tmp_path / 'runbook.yaml'}: source.user: missing field"]
+
+
+def test_inline_secret_is_refused_without_echoing_it(tmp_path):
+    data = {**GOOD, "source": {**GOOD["source"], "password": "hunter2-value"}}
+    [problem] = _problems(tmp_path, data)
+    assert "source.password: a secret given inline" in problem
+    assert "hunter2-value" not in problem
+
+
+def test_bad_url_and_bad_port_each_get_a_line(tmp_path):
+    data = {**GOOD, "target": {"direct": {**GOOD["target"]["direct"], "port": 70000}},
+            "backups": {"destination": {"endpoint_url": "ftp://b2", "bucket": "b", "access_key_id": {"env": "A"},
+                                        "secret_access_key": {"env": "B"}}}}
+    problems = _problems(tmp_path, data)
+    assert any("target.direct.port" in p for p in problems)
+    assert any("backups.destination.endpoint_url: expected an http(s) URL" in p for p in problems)
+
+
+def test_host_with_credentials_is_refused(tmp_path):
+    data = {**GOOD, "source": {**GOOD["source"], "host": "postgres://u:pw@db"}}
+    [problem] = _problems(tmp_path, data)
+    assert "source.host: expected a host name" in problem
+
+
+def test_cli_validate_exits_2_with_one_line_per_problem(tmp_path):
+    data = {**GOOD, "colour": "blue", "source": {**GOOD["source"], "password": "inline-pw-123"}}
+    done = run_cli("validate", str(_write(tmp_path, data)))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(l.startswith("error: ") for l in lines)
+    assert "Traceback" not in done.stderr and "inline-pw-123" not in done.stderr
+
+
+def test_cli_validate_accepts_a_good_file(tmp_path):
+    done = run_cli("validate", str(_write(tmp_path, GOOD)))
+    assert done.returncode == 0, done.stderr
+    assert "valid runbook 'crm'" in done.stdout
