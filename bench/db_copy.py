@@ -419,8 +419,7 @@ def _tool_outcome(result: Result, t: Timed, log: Path) -> None:
 # Report
 
 
-def print_report(results: list[Result], db_bytes: int, public_bytes: int, source_rows: dict[str, int],
-                 bookings_target: int) -> None:
+def print_report(results: list[Result], db_bytes: int, public_bytes: int, source_rows: dict[str, int]) -> None:
     baseline = next((r for r in results if r.name.startswith("pg_dump -Fc") and r.seconds), None)
     print()
     print(f"source: pg_database_size = {db_bytes / MIB:,.0f} MiB ({db_bytes:,} bytes); public schema "
@@ -542,7 +541,7 @@ def main() -> int:
             print(f"[{key}] {result.seconds} s, bookings {result.rows.get('bookings')}, "
                   f"{'; '.join(result.notes) or 'ok'} (load average {os.getloadavg()[0]:.2f})", flush=True)
             bench.drop_target_db(db)
-        print_report(results, db_bytes, public_bytes, source_rows, source_rows["bookings"])
+        print_report(results, db_bytes, public_bytes, source_rows)
         print(f"\nlogs: {bench.logs}")
         return 0 if results and all(r.ok for r in results) else 1
     except (KeyboardInterrupt, Interrupted):
