@@ -500,8 +500,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (&)
     workdir = Path(tempfile.mkdtemp(prefix="liftoff-bench-"))
-    # The clusters and the Prefect home go in a private temp dir: the test suite's teardown
-    # (stop_leftovers) stops every cluster under the system temp dir, and may run while we measure.
+    # The clusters and the Prefect home go in a private temp dir, removed as a whole at the end.
     private_tmp = workdir / "tmp"
     private_tmp.mkdir()
     for path in (workdir, private_tmp):

@@ -23,6 +23,8 @@ from liftoff.redaction import redact
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Liftoff: a migration runbook as Prefect flows that verify themselves and can be resumed.")
 out = Console(soft_wrap=True)
+if not out.is_terminal:  # logs and CI: wide enough that report tables are not cut
+    out = Console(soft_wrap=True, width=160)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -102,10 +104,10 @@ def run_flow(name: FlowName, runbook: Path, dry_run: bool) -> dict:
         return flow(RunOptions(runbook=str(runbook.resolve()), dry_run=dry_run))
 
 
-def _print_summaries() -> None:
+def _print_summaries(keys=("preflight-summary", "export-plan", "restore-plan", "verify-summary")) -> None:
     from liftoff.reports import last_markdown
 
-    for key in ("preflight-summary", "export-plan", "restore-plan", "verify-summary"):
+    for key in keys:
         md = last_markdown(key)
         if md:
             from rich.markdown import Markdown
@@ -171,11 +173,13 @@ def demo(
         except Exception as exc:
             _print_summaries()
             raise _fail(exc) from None
-        _print_summaries()
+        _print_summaries(("verify-summary",))
         ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
-        out.print(f"[green]demo: the database gate passed.[/green] Runs and artifacts: {ui}/runs "
-                  f"(flow 'migrate-database')" + ("" if keep else "; the local Prefect server stops now, "
-                                                                  "use --keep to browse it"))
+        stops = server is not None and not keep
+        out.print(f"[green]demo: the database gate passed.[/green] Runs, logs and artifacts in the Prefect UI: "
+                  f"{ui}/runs (flow 'migrate-database')" +
+                  ("; this demo's Prefect server stops now: run with --keep to browse it, or start "
+                   "`prefect server start` and export PREFECT_API_URL first" if stops else ""))
         if keep:
             out.print(f"kept: source {stack.source.root}, target {stack.target.root}, Prefect {server.home if server else ui}"
                       "; stop them with: pkill -f liftoff-pg- ; pkill -f 'prefect server'")

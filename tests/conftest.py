@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from liftoff.sandbox.postgres import stop_leftovers
+from liftoff.sandbox.postgres import stop_started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def pytest_configure(config):
     # Stopped at exit, after Prefect's own exit handlers (registered later, so run earlier) have shipped
     # the queued run logs and events; stopping it sooner makes them retry for a minute.
     atexit.register(_server.stop)
-    atexit.register(stop_leftovers)
+    atexit.register(stop_started)
 
 
 @pytest.fixture(scope="session")

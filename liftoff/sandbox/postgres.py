@@ -7,7 +7,6 @@ user (``runuser``). Data and sockets live in a temporary directory; a server is 
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 DEBIAN_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 _RUN_AS = "postgres"
+_started: list["PostgresServer"] = []
 
 
 def free_port() -> int:
@@ -75,7 +75,7 @@ def pg16_bin_dir() -> Path:
     return dest / "pkg" / "pginstall" / "bin"
 
 
-@dataclass
+@dataclass(eq=False)
 class PostgresServer:
     """One cluster. ``superuser``/``password`` are what initdb creates; SCRAM auth on TCP."""
 
@@ -139,9 +139,12 @@ class PostgresServer:
             str(self.bin_dir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.root / "server.log"),
             "-o", opts, "-w", "-t", "60", "start",
         ])
+        _started.append(self)
         return self
 
     def stop(self, remove: bool = True) -> None:
+        if self in _started:
+            _started.remove(self)
         if (self.datadir / "postmaster.pid").exists():
             subprocess.run(
                 _as_server_user([str(self.bin_dir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop"]),
@@ -173,10 +176,7 @@ class PostgresServer:
         self.stop()
 
 
-def stop_leftovers(prefix: str = "liftoff-pg-") -> None:
-    """Stops servers a killed test run left behind (their data dirs are under the temp dir)."""
-    for pid_file in glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*", "data", "postmaster.pid")):
-        datadir = Path(pid_file).parent
-        for bin_dir in (DEBIAN_PG_BIN,):
-            subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"]),
-                           capture_output=True)
+def stop_started() -> None:
+    """Stops the servers this process started and has not stopped (a test that failed in its setup)."""
+    for server in list(_started):
+        server.stop()
