@@ -298,15 +298,15 @@ def check_copy(bench: Bench, result: Result, db: str, source_rows: dict[str, int
 # Contenders
 
 
-def bench_liftoff(bench: Bench, prefect: PrefectServer, db: str) -> Result:
-    result = Result("liftoff export+restore")
-    data = bench.stack.runbook_data(jobs=bench.jobs)
+def bench_liftoff(bench: Bench, prefect: PrefectServer, db: str, strategy: str) -> Result:
+    result = Result(f"liftoff {strategy}: export+restore")
+    data = bench.stack.runbook_data(jobs=bench.jobs, strategy=strategy)
     data["state_dir"] = str(bench.workdir / "liftoff-state")
     data["target"]["direct"]["database"] = db
     runbook = bench.workdir / "liftoff-bench.yaml"
     runbook.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {**bench.stack.env, **prefect.env(), "PYTHONUNBUFFERED": "1"}
-    log = bench.logs / "liftoff.log"
+    log = bench.logs / f"liftoff-{strategy}.log"
     for flow in ("export", "restore", "verify"):
         rss_file = bench.workdir / f"liftoff-{flow}.rss"
         time_file = bench.workdir / f"liftoff-{flow}.time"
@@ -441,12 +441,14 @@ def print_report(results: list[Result], db_bytes: int, public_bytes: int, source
         print(f"{r.name:<34} {secs} {rate} {ratio} {booked if booked is not None else '-':>9}  "
               f"{'ok' if rows_ok else 'LOST':<4}  {'ok' if r.objects_ok else 'DIFFER':<7}  {notes}")
 
-    lift = next((r for r in results if r.name.startswith("liftoff")), None)
     pgc = next((r for r in results if r.name.startswith("pgcopydb")), None)
-    if not lift:
-        return
+    for lift in (r for r in results if r.name.startswith("liftoff")):
+        _print_liftoff(lift, pgc)
+
+
+def _print_liftoff(lift: Result, pgc: Result | None) -> None:
     print()
-    print("Liftoff")
+    print(lift.name.split(":")[0].capitalize())
     export, restore, verify = (lift.parts.get(k) for k in ("export", "restore", "verify"))
     fmt = lambda v: f"{v:.1f} s" if v is not None else "-"  # noqa: E731
     print(f"  export {fmt(export)}, restore {fmt(restore)}, export+restore {fmt(lift.seconds)}, verify {fmt(verify)}")
@@ -485,8 +487,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bookings", type=int, default=620_000, help="scale of the source (620000 is about 1 GB)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs for every parallel contender")
-    parser.add_argument("--only", default="liftoff,single,directory,pgcopydb",
-                        help="comma-separated contenders to run (default: all four)")
+    parser.add_argument("--only", default="liftoff,liftoff-stream,single,directory,pgcopydb",
+                        help="comma-separated contenders to run (default: all five)")
     args = parser.parse_args()
     only = set(args.only.split(","))
 
@@ -524,7 +526,8 @@ def main() -> int:
               f"({db_bytes:,} bytes), public.bookings {source_rows['bookings']:,} rows", flush=True)
 
         contenders = [
-            ("liftoff", "bench_liftoff", lambda db: bench_liftoff(bench, prefect, db)),
+            ("liftoff", "bench_liftoff", lambda db: bench_liftoff(bench, prefect, db, "dump")),
+            ("liftoff-stream", "bench_liftoff_stream", lambda db: bench_liftoff(bench, prefect, db, "stream")),
             ("single", "bench_single", lambda db: bench_single_stream(bench, db)),
             ("directory", "bench_dir", lambda db: bench_directory_jobs(bench, db)),
             ("pgcopydb", "bench_pgcopydb", lambda db: bench_pgcopydb(bench, db)),

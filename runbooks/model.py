@@ -124,9 +124,13 @@ class AppRole(_Strict):
 class DatabasePhase(_Strict):
     schemas: list[str] = Field(default_factory=lambda: ["public"], min_length=1)
     jobs: int = Field(2, ge=1, le=32, description="parallel pg_dump / pg_restore jobs")
-    strategy: Literal["dump"] = Field(
-        "dump", description="dump: pg_dump -Fd archive on disk, then pg_restore (the archive is kept)"
+    strategy: Literal["dump", "stream"] = Field(
+        "dump",
+        description="dump: pg_dump -Fd archive (schema and data) on disk, then pg_restore; the archive is kept as "
+        "evidence and fallback. stream: the archive holds the schema only; table data is copied server to "
+        "server (COPY relayed, all tables from one snapshot) during restore, as pgcopydb does",
     )
+    compression: int = Field(1, ge=0, le=9, description="gzip level of the dump archive (0: none, 9: smallest)")
     supabase_leftovers: Literal["shim", "drop"] = Field(
         "shim",
         description="policies and foreign keys that use Supabase's auth schema: keep them with shims, "

@@ -179,7 +179,10 @@ def plan_export(rb: Runbook) -> ExportPlan:
 
 def _pg_dump_argv(rb: Runbook, tools: pg_tools.PgTools, out: Path, snapshot: str) -> list[str]:
     argv = [tools.pg_dump, "--format=directory", f"--jobs={rb.database.jobs}", f"--file={out}",
-            f"--snapshot={snapshot}", "--no-publications", "--no-subscriptions", "--quote-all-identifiers"]
+            f"--snapshot={snapshot}", f"--compress={rb.database.compression}", "--no-publications",
+            "--no-subscriptions", "--quote-all-identifiers"]
+    if rb.database.strategy == "stream":
+        argv.append("--schema-only")  # the data goes server to server during restore
     argv += [f"--schema={s}" for s in rb.database.schemas]
     return argv
 
@@ -366,39 +369,62 @@ def restore_pre_data(rb: Runbook, plan: RestorePlan) -> dict:
 
 @task(name="restore table data", cache_policy=NO_CACHE)
 def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
-    """Loads each table not yet loaded, ``jobs`` at a time: TRUNCATE, then pg_restore of that table's data in a
-    single transaction, then the ledger marks it loaded. A table interrupted mid-load is reloaded whole."""
+    """Loads each table not yet loaded, ``jobs`` at a time, each in one target transaction that starts with
+    TRUNCATE, then the ledger marks it loaded: a table interrupted mid-load is reloaded whole. Strategy
+    ``dump`` loads from the archive (pg_restore); ``stream`` copies from the source (COPY to COPY, all
+    tables from one snapshot) and then sets the sequences from that snapshot."""
     ledger = Ledger(rb.state_dir)
     tools = _tools(rb, export_detail(rb)["source_major"])
     exported = {name: rows for name, (_, rows) in ledger.tables("export").items()}
     state = ledger.tables("restore")
-    data_entries = [e for e in plan.section("data") if e.desc == "TABLE DATA"]
-    todo = [e for e in data_entries if state.get(f"{e.schema}.{e.tag}", ("",))[0] != "loaded"]
-    progress = Progress("restore: loading tables", len(data_entries))
-    for _ in range(len(data_entries) - len(todo)):
+    kind = "TABLE DATA" if rb.database.strategy == "dump" else "TABLE"
+    entries = {f"{e.schema}.{e.tag}": e for e in plan.keep if e.desc == kind and e.schema in rb.database.schemas}
+    todo = [name for name in entries if state.get(name, ("",))[0] != "loaded"]
+    todo.sort(key=lambda name: -(exported.get(name) or 0))  # largest first: the long pole starts early
+    progress = Progress("restore: loading tables", len(entries))
+    for _ in range(len(entries) - len(todo)):
         progress.advance("already loaded")
     ledger.start_step("restore.data")
 
-    def load(entry: pg_tools.TocEntry) -> None:
-        name = f"{entry.schema}.{entry.tag}"
-        ledger.set_table("restore", name, "loading")
+    def from_archive(name: str) -> int | None:
+        entry = entries[name]
         with postgres.session(rb.target.direct, "target.direct") as tgt:
             postgres.execute(tgt, sql.SQL("TRUNCATE {}").format(sql.Identifier(entry.schema, entry.tag)),
                              what=f"truncate {name} on target")
         _pg_restore(rb, tools, [entry], f"load {name} into target", "--data-only", "--single-transaction")
-        ledger.set_table("restore", name, "loaded", exported.get(name))
-        log.info("table loaded", table=name, rows=exported.get(name))
-        progress.advance(f"{name}: {exported.get(name)} rows")
+        return exported.get(name)
 
-    # Largest first, so the long pole starts early.
-    todo.sort(key=lambda e: -(exported.get(f"{e.schema}.{e.tag}") or 0))
-    with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
-        list(pool.map(load, todo))
-    sequences = [e for e in plan.section("data") if e.desc == "SEQUENCE SET"]
-    if sequences:
-        _pg_restore(rb, tools, sequences, "set sequence values on target", "--data-only", "--single-transaction")
-    ledger.finish_step("restore.data", {"tables_loaded": len(todo), "sequences": len(sequences)})
-    return {"loaded": [f"{e.schema}.{e.tag}" for e in todo], "already_loaded": len(data_entries) - len(todo)}
+    def loader(copy_table):
+        def load(name: str) -> None:
+            ledger.set_table("restore", name, "loading")
+            rows = copy_table(name)
+            ledger.set_table("restore", name, "loaded", rows)
+            log.info("table loaded", table=name, rows=rows)
+            progress.advance(f"{name}: {rows} rows")
+        return load
+
+    if rb.database.strategy == "dump":
+        with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
+            list(pool.map(loader(from_archive), todo))
+        sequences = [e for e in plan.section("data") if e.desc == "SEQUENCE SET"]
+        if sequences:
+            _pg_restore(rb, tools, sequences, "set sequence values on target", "--data-only", "--single-transaction")
+        set_sequences = len(sequences)
+    else:
+        with postgres.exported_snapshot(rb.source, "source") as (snap, snapshot_id):
+            def streamed(name: str) -> int:
+                schema, table = name.split(".", 1)
+                with postgres.session(rb.source, "source", autocommit=False) as src, \
+                        postgres.session(rb.target.direct, "target.direct", autocommit=False) as tgt:
+                    postgres.join_snapshot(src, snapshot_id)
+                    return postgres.stream_table(src, tgt, schema, table)
+
+            with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
+                list(pool.map(loader(streamed), todo))
+            with postgres.session(rb.target.direct, "target.direct") as tgt:
+                set_sequences = postgres.copy_sequence_values(snap, tgt, rb.database.schemas)
+    ledger.finish_step("restore.data", {"tables_loaded": len(todo), "sequences": set_sequences})
+    return {"loaded": todo, "already_loaded": len(entries) - len(todo)}
 
 
 _EXISTS = {

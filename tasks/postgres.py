@@ -370,6 +370,67 @@ def schema_objects(conn: psycopg.Connection, schemas: list[str]) -> dict[str, se
     return {kind: {r[0] for r in conn.execute(q, {"s": schemas})} for kind, q in OBJECT_QUERIES.items()}
 
 
+# ---------------------------------------------------------------------------------------------------
+# Streaming copy (strategy "stream")
+
+
+@contextlib.contextmanager
+def exported_snapshot(ep: Endpoint, field_name: str):
+    """A read-only repeatable-read transaction whose snapshot other sessions can join; held open until exit."""
+    with session(ep, field_name, autocommit=False) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        try:
+            yield conn, snapshot_id
+        finally:
+            conn.rollback()
+
+
+def join_snapshot(conn: psycopg.Connection, snapshot_id: str) -> None:
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+
+
+def copyable_columns(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
+    """Columns COPY can write: not dropped, not generated."""
+    return [r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+        "AND attgenerated = '' ORDER BY attnum",
+        (sql.Identifier(schema, table).as_string(conn),),
+    )]
+
+
+def stream_table(source: psycopg.Connection, target: psycopg.Connection, schema: str, table: str) -> int:
+    """Copies one table's rows server to server (COPY TO STDOUT relayed into COPY FROM STDIN, text format:
+    portable across major versions) in one target transaction that first truncates it; returns rows copied.
+    ``source`` must already be in the snapshot to read from; ``target`` must not be in autocommit."""
+    ident = sql.Identifier(schema, table)
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in copyable_columns(target, schema, table))
+    target.execute(sql.SQL("TRUNCATE {}").format(ident))
+    with source.cursor().copy(sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(cols, ident)) as out, \
+            target.cursor() as cur:
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(ident, cols)) as into:
+            for block in out:
+                into.write(block)
+        rows = cur.rowcount
+    target.commit()
+    source.rollback()
+    return rows
+
+
+def copy_sequence_values(source: psycopg.Connection, target: psycopg.Connection, schemas: list[str]) -> int:
+    """Sets every sequence of the schemas on the target to the source's value (as pg_dump's SEQUENCE SET)."""
+    names = [(s, n) for s, n in source.execute(
+        "SELECT schemaname, sequencename FROM pg_sequences WHERE schemaname = ANY(%s)", (schemas,))]
+    for schema, name in names:
+        ident = sql.Identifier(schema, name)
+        last, called = source.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(ident)).fetchone()
+        target.execute("SELECT setval(%s::regclass, %s, %s)", (ident.as_string(target), last, called))
+    return len(names)
+
+
 def execute(conn: psycopg.Connection, statement: str | sql.Composable, params=None, what: str = "") -> None:
     try:
         conn.execute(statement, params)

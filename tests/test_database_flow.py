@@ -114,3 +114,15 @@ def test_preflight_names_extensions_missing_on_the_pg16_target(stack, stack16):
         preflight(RunOptions(runbook=str(path)))
     message = str(failed.value)
     assert "lacks extensions the source uses: pgcrypto, uuid-ossp" in message
+
+
+def test_stream_strategy_copies_server_to_server_and_keeps_a_schema_archive(stack):
+    from tasks.pg_tools import PgTools, read_toc
+
+    runbook = fresh_runbook(stack, "streamed", strategy="stream")
+    result = migrate_database(RunOptions(runbook=str(runbook)))
+    assert sorted(result["restore"]["loaded"]["loaded"]) == sorted(result["export"]["tables"])
+    assert result["verify"]["rows"] == sum(result["export"]["tables"].values())
+    toc = read_toc(PgTools(stack.source.bin_dir, 15), load_runbook(runbook).state_dir / "dump")
+    assert {e.desc for e in toc} >= {"TABLE", "INDEX", "FK CONSTRAINT"}
+    assert not [e for e in toc if e.desc == "TABLE DATA"]

@@ -37,8 +37,11 @@ def _restore_states(ledger: Path) -> dict[str, str]:
             return {}
 
 
-def test_sigkill_during_restore_then_rerun_gives_exact_counts(big_stack):
-    runbook = big_stack.write_runbook("resume.yaml", state_dir="state-resume")
+@pytest.mark.parametrize("strategy", ["dump", "stream"])
+def test_sigkill_during_restore_then_rerun_gives_exact_counts(big_stack, strategy):
+    big_stack.new_target_database(f"resume_{strategy}")
+    runbook = big_stack.write_runbook(f"resume-{strategy}.yaml", state_dir=f"state-resume-{strategy}",
+                                      target_database=f"resume_{strategy}", strategy=strategy)
     ledger = load_runbook(runbook).state_dir / "ledger.sqlite"
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "liftoff"), "run", "database", "--runbook", str(runbook)],
@@ -67,5 +70,5 @@ def test_sigkill_during_restore_then_rerun_gives_exact_counts(big_stack):
     assert not (loaded_before & reloaded), "tables loaded before the kill were loaded again"
     for table, rows in big_stack.counts.items():
         if table.startswith("public."):
-            assert big_stack.target.execute(f"SELECT count(*) FROM {table}")[0][0] == rows, table
+            assert big_stack.target.execute(f"SELECT count(*) FROM {table}", dbname=f"resume_{strategy}")[0][0] == rows
     assert result["verify"]["rows"] == sum(n for t, n in big_stack.counts.items() if t.startswith("public."))
