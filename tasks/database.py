@@ -203,7 +203,7 @@ def dump_source(rb: Runbook) -> dict:
     ledger.start_step("export")
     started = time.monotonic()
     try:
-        counts, leftovers, extensions, info, tools, proc, stderr = _dump_in_snapshot(rb, partial)
+        counts, leftovers, facts, info, tools, proc, stderr = _dump_in_snapshot(rb, partial)
     except OSError as exc:  # disk full or unwritable while writing the archive or the auth export
         _safe_fail(ledger, "export", exc.strerror or str(exc))
         raise StepFailed(f"export into state_dir {rb.state_dir} failed: {exc.strerror or exc}; free space there "
@@ -218,7 +218,7 @@ def dump_source(rb: Runbook) -> dict:
     size = sum(f.stat().st_size for f in final.iterdir())
     detail = {
         "tables": counts, "archive": str(final), "archive_bytes": size, "seconds": round(time.monotonic() - started, 2),
-        "source_major": info.major, "tools": str(tools.bin_dir), "extensions": extensions,
+        "source_major": info.major, "tools": str(tools.bin_dir), **facts,
         "leftovers": {"policies": leftovers.policies, "foreign_keys": leftovers.foreign_keys},
     }
     ledger.finish_step("export", detail)
@@ -256,11 +256,12 @@ def _dump_in_snapshot(rb: Runbook, partial: Path):
             leftovers = supabase.find_leftovers(snap, rb.database.schemas)
             if rb.database.supabase_leftovers == "shim":
                 supabase.export_auth_users(snap, rb.state_dir / AUTH_USERS_FILE)
-            extensions = supabase.app_extensions(postgres.extensions(snap))
+            facts = {"extensions": supabase.app_extensions(postgres.extensions(snap)),
+                     "index_tables": postgres.index_tables(snap, rb.database.schemas)}
         finally:
             _, stderr = proc.communicate()
         snap.rollback()
-    return counts, leftovers, extensions, info, tools, proc, stderr
+    return counts, leftovers, facts, info, tools, proc, stderr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,6 +386,9 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     for _ in range(len(entries) - len(todo)):
         progress.advance("already loaded")
     ledger.start_step("restore.data")
+    # Indexes and constraints of a table are built as soon as its data is in, while other tables load (as
+    # pgcopydb does); foreign keys, triggers and policies wait for the post-data step.
+    own_post_data = _post_data_by_table(plan, export_detail(rb).get("index_tables", {}))
 
     def from_archive(name: str) -> int | None:
         entry = entries[name]
@@ -394,37 +398,68 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
         _pg_restore(rb, tools, [entry], f"load {name} into target", "--data-only", "--single-transaction")
         return exported.get(name)
 
-    def loader(copy_table):
-        def load(name: str) -> None:
-            ledger.set_table("restore", name, "loading")
-            rows = copy_table(name)
-            ledger.set_table("restore", name, "loaded", rows)
-            log.info("table loaded", table=name, rows=rows)
-            progress.advance(f"{name}: {rows} rows")
-        return load
+    with ThreadPoolExecutor(max_workers=rb.database.jobs) as builds:
+        pending = []
 
-    if rb.database.strategy == "dump":
-        with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
-            list(pool.map(loader(from_archive), todo))
-        sequences = [e for e in plan.section("data") if e.desc == "SEQUENCE SET"]
-        if sequences:
-            _pg_restore(rb, tools, sequences, "set sequence values on target", "--data-only", "--single-transaction")
-        set_sequences = len(sequences)
-    else:
-        with postgres.exported_snapshot(rb.source, "source") as (snap, snapshot_id):
-            def streamed(name: str) -> int:
-                schema, table = name.split(".", 1)
-                with postgres.session(rb.source, "source", autocommit=False) as src, \
-                        postgres.session(rb.target.direct, "target.direct", autocommit=False) as tgt:
-                    postgres.join_snapshot(src, snapshot_id)
-                    return postgres.stream_table(src, tgt, schema, table)
+        def loaded_with(copy_table):
+            def load(name: str) -> None:
+                ledger.set_table("restore", name, "loading")
+                rows = copy_table(name)
+                ledger.set_table("restore", name, "loaded", rows)
+                log.info("table loaded", table=name, rows=rows)
+                progress.advance(f"{name}: {rows} rows")
+                for entry in own_post_data.get(name, []):
+                    pending.append(builds.submit(_pg_restore, rb, tools, [entry],
+                                                 f"build {entry.desc.lower()} {entry.tag}", "--section=post-data"))
+                pending.append(builds.submit(_analyze, rb, name))
+            return load
 
+        if rb.database.strategy == "dump":
             with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
-                list(pool.map(loader(streamed), todo))
-            with postgres.session(rb.target.direct, "target.direct") as tgt:
-                set_sequences = postgres.copy_sequence_values(snap, tgt, rb.database.schemas)
+                list(pool.map(loaded_with(from_archive), todo))
+            sequences = [e for e in plan.section("data") if e.desc == "SEQUENCE SET"]
+            if sequences:
+                _pg_restore(rb, tools, sequences, "set sequence values on target", "--data-only",
+                            "--single-transaction")
+            set_sequences = len(sequences)
+        else:
+            with postgres.exported_snapshot(rb.source, "source") as (snap, snapshot_id):
+                def streamed(name: str) -> int:
+                    schema, table = name.split(".", 1)
+                    with postgres.session(rb.source, "source", autocommit=False) as src, \
+                            postgres.session(rb.target.direct, "target.direct", autocommit=False) as tgt:
+                        postgres.join_snapshot(src, snapshot_id)
+                        return postgres.stream_table(src, tgt, schema, table)
+
+                with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
+                    list(pool.map(loaded_with(streamed), todo))
+                with postgres.session(rb.target.direct, "target.direct") as tgt:
+                    set_sequences = postgres.copy_sequence_values(snap, tgt, rb.database.schemas)
+        for future in pending:
+            future.result()
     ledger.finish_step("restore.data", {"tables_loaded": len(todo), "sequences": set_sequences})
     return {"loaded": todo, "already_loaded": len(entries) - len(todo)}
+
+
+def _post_data_by_table(plan: RestorePlan, index_tables: dict[str, str]) -> dict[str, list[pg_tools.TocEntry]]:
+    """Indexes and (primary key, unique, check, exclusion) constraints of each table, from the archive."""
+    by_table: dict[str, list[pg_tools.TocEntry]] = {}
+    for e in plan.section("post-data"):
+        if e.desc == "INDEX":
+            table = index_tables.get(f"{e.schema}.{e.tag}")
+        elif e.desc == "CONSTRAINT":
+            table = f"{e.schema}.{e.table_and_name[0]}"
+        else:
+            continue
+        if table:
+            by_table.setdefault(table, []).append(e)
+    return by_table
+
+
+def _analyze(rb: Runbook, name: str) -> None:
+    schema, table = name.split(".", 1)
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        postgres.execute(tgt, sql.SQL("ANALYZE {}").format(sql.Identifier(schema, table)), what=f"analyze {name}")
 
 
 _EXISTS = {
@@ -451,8 +486,9 @@ def _already_there(tgt: psycopg.Connection, e: pg_tools.TocEntry) -> bool:
 
 @task(name="restore indexes and constraints (post-data)", cache_policy=NO_CACHE)
 def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
-    """Indexes, constraints, triggers, policies with ``jobs`` parallel builds; entries already present on the
-    target (a run died midway) are not built again."""
+    """Foreign keys, triggers, policies and whatever index or constraint is not there yet, with ``jobs``
+    parallel builds; entries already present on the target (built during the data step, or by a run that
+    died midway) are not built again."""
     ledger = Ledger(rb.state_dir)
     if ledger.is_done("restore.post-data"):
         return {"skipped": True}
@@ -463,8 +499,6 @@ def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
     if entries:
         _pg_restore(rb, tools, entries, f"restore post-data into target {rb.target.direct.host}:{rb.target.direct.port}",
                     "--section=post-data", f"--jobs={rb.database.jobs}")
-    with postgres.session(rb.target.direct, "target.direct") as tgt:
-        tgt.execute("ANALYZE")
     ledger.finish_step("restore.post-data", {"entries": len(entries)})
     return {"entries": len(entries)}
 

@@ -339,6 +339,17 @@ def sequence_states(conn: psycopg.Connection, schemas: list[str]) -> list[Sequen
     return states
 
 
+def index_tables(conn: psycopg.Connection, schemas: list[str]) -> dict[str, str]:
+    """{"schema.index": "schema.table"}: which table each index belongs to (the dump's TOC does not say)."""
+    return dict(conn.execute(
+        """SELECT n.nspname || '.' || i.relname, tn.nspname || '.' || t.relname FROM pg_index x
+           JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_namespace n ON n.oid = i.relnamespace
+           JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+           WHERE n.nspname = ANY(%s)""",
+        (schemas,),
+    ).fetchall())
+
+
 OBJECT_QUERIES = {
     "table": """SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind IN ('r','p') AND n.nspname = ANY(%(s)s)""",
