@@ -216,36 +216,31 @@ class Chunk:
     digest: str = ""
 
 
-def chunk_digests_by_source(conn: psycopg.Connection, table: Table, chunk_rows: int = CHUNK_ROWS) -> list[Chunk]:
-    """Walks the table in key order, ``chunk_rows`` at a time, and returns each chunk's count, key range and
-    digest: md5 of the concatenated md5s of each row's text form, in key order. The last chunk is open-ended
-    so the other side's rows beyond the source's last key fall in it."""
+def chunk_bounds(conn: psycopg.Connection, table: Table, chunk_rows: int = CHUNK_ROWS) -> list[tuple]:
+    """Key ranges (low, high] of about ``chunk_rows`` rows each, walking the primary key's index; the first
+    range starts unbounded and the last ends unbounded, so the other side's rows outside the source's keys
+    fall in a range too. A table without a primary key is one range."""
     if not table.pk:
-        return [_whole_table_digest(conn, table)]
+        return [(None, None)]
     keys = _key_exprs(table)
-    order = sql.SQL(", ").join(keys)
-    last_key = sql.SQL(", ").join(
-        sql.SQL("(array_agg({} ORDER BY o DESC))[1]").format(sql.Identifier(c)) for c in table.pk)
-    chunks: list[Chunk] = []
-    low: tuple | None = None
+    cols = sql.SQL(", ").join(sql.Identifier("t", c) for c in table.pk)
+    bounds, low = [], None
     while True:
         where, params = _range_conditions(keys, low, None)
-        q = sql.SQL(
-            "SELECT count(*), md5(coalesce(string_agg(h, '' ORDER BY o), '')), {last_key} FROM ("
-            " SELECT row_number() OVER (ORDER BY {order}) AS o, md5(t::text) AS h, {cols}"
-            " FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}) s"
-        ).format(last_key=last_key, order=order, tbl=table.ident, where=where, limit=sql.Literal(chunk_rows),
-                 cols=sql.SQL(", ").join(sql.Identifier("t", c) for c in table.pk))
-        rows, digest, *last = conn.execute(q, params).fetchone()
-        if rows < chunk_rows:
-            chunks.append(Chunk(low, None, rows, digest))
-            return chunks
-        chunks.append(Chunk(low, tuple(last), rows, digest))
-        low = tuple(last)
+        q = sql.SQL("SELECT {cols} FROM ONLY {tbl} t {where} ORDER BY {order} OFFSET {skip} LIMIT 1").format(
+            cols=cols, tbl=table.ident, where=where, order=sql.SQL(", ").join(keys),
+            skip=sql.Literal(chunk_rows - 1))
+        high = conn.execute(q, params).fetchone()
+        if high is None:
+            bounds.append((low, None))
+            return bounds
+        bounds.append((low, tuple(high)))
+        low = tuple(high)
 
 
 def chunk_digest_in_range(conn: psycopg.Connection, table: Table, low: tuple | None, high: tuple | None) -> Chunk:
-    """The same digest as ``chunk_digests_by_source``, for the rows whose key is in (low, high]."""
+    """Count and digest of the rows whose key is in (low, high]: md5 of the concatenated md5s of each row's
+    text form, in key order. The same query on both sides."""
     if not table.pk:
         return _whole_table_digest(conn, table)
     keys = _key_exprs(table)

@@ -18,7 +18,7 @@ from typing import Callable
 import psycopg
 
 from tasks.postgres import (
-    Chunk, Table, chunk_digest_in_range, chunk_digests_by_source, row_hashes_in_range, schema_objects,
+    CHUNK_ROWS, Chunk, Table, chunk_bounds, chunk_digest_in_range, row_hashes_in_range, schema_objects,
     sequence_states,
 )
 
@@ -103,14 +103,22 @@ def _checksum(chunks: list[Chunk]) -> str:
 
 
 def compare_table(source: psycopg.Connection, target: psycopg.Connection, table: Table,
-                  chunk_rows: int | None = None) -> TableCheck:
-    kwargs = {"chunk_rows": chunk_rows} if chunk_rows else {}
-    src_chunks = chunk_digests_by_source(source, table, **kwargs)
-    try:
-        tgt_chunks = [chunk_digest_in_range(target, table, c.low, c.high) for c in src_chunks]
-    except psycopg.errors.UndefinedTable:
-        return TableCheck(table.qualified, sum(c.rows for c in src_chunks), 0, _checksum(src_chunks),
-                          "(table missing)")
+                  chunk_rows: int = CHUNK_ROWS) -> TableCheck:
+    """Digests the same key ranges on both sides at the same time (the two servers work in parallel), then
+    narrows each differing range to its keys."""
+    bounds = chunk_bounds(source, table, chunk_rows)
+
+    def digests(conn: psycopg.Connection) -> list[Chunk]:
+        return [chunk_digest_in_range(conn, table, low, high) for low, high in bounds]
+
+    with ThreadPoolExecutor(max_workers=1) as other_side:
+        on_target = other_side.submit(digests, target)
+        src_chunks = digests(source)
+        try:
+            tgt_chunks = on_target.result()
+        except psycopg.errors.UndefinedTable:
+            return TableCheck(table.qualified, sum(c.rows for c in src_chunks), 0, _checksum(src_chunks),
+                              "(table missing)")
     check = TableCheck(
         table=table.qualified,
         source_rows=sum(c.rows for c in src_chunks),
