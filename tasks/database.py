@@ -301,7 +301,8 @@ def plan_restore(rb: Runbook) -> RestorePlan:
     for entry in pg_tools.read_toc(tools, rb.state_dir / DUMP_DIR):
         ok, why = supabase.keep_entry(entry, rb.database.schemas, leftovers, rb.database.supabase_leftovers)
         (keep.append(entry) if ok else left_out.append((f"{entry.desc} {entry.schema}.{entry.tag}", why)))
-    tables = [f"{e.schema}.{e.tag}" for e in keep if e.desc == "TABLE DATA"]
+    kind = "TABLE DATA" if rb.database.strategy == "dump" else "TABLE"
+    tables = [f"{e.schema}.{e.tag}" for e in keep if e.desc == kind and e.schema in rb.database.schemas]
     shims = supabase.SHIM_OBJECTS if rb.database.supabase_leftovers == "shim" else []
     return RestorePlan(keep, left_out, tables, rb.database.supabase_leftovers, shims, detail["extensions"])
 
@@ -379,7 +380,7 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     exported = {name: rows for name, (_, rows) in ledger.tables("export").items()}
     state = ledger.tables("restore")
     kind = "TABLE DATA" if rb.database.strategy == "dump" else "TABLE"
-    entries = {f"{e.schema}.{e.tag}": e for e in plan.keep if e.desc == kind and e.schema in rb.database.schemas}
+    entries = {f"{e.schema}.{e.tag}": e for e in plan.keep if e.desc == kind and f"{e.schema}.{e.tag}" in plan.tables}
     todo = [name for name in entries if state.get(name, ("",))[0] != "loaded"]
     todo.sort(key=lambda name: -(exported.get(name) or 0))  # largest first: the long pole starts early
     progress = Progress("restore: loading tables", len(entries))
