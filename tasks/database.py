@@ -194,8 +194,10 @@ def dump_source(rb: Runbook) -> dict:
     ledger = Ledger(rb.state_dir)
     final = rb.state_dir / DUMP_DIR
     if ledger.is_done("export") and (final / "toc.dat").exists():
+        detail = ledger.step_detail("export")
+        _require_same_export_settings(rb, detail)
         log.info("export already done; reusing archive", dump=str(final))
-        return {**ledger.step_detail("export"), "skipped": True}
+        return {**detail, "skipped": True}
     partial = rb.state_dir / (DUMP_DIR + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
@@ -219,11 +221,23 @@ def dump_source(rb: Runbook) -> dict:
     detail = {
         "tables": counts, "archive": str(final), "archive_bytes": size, "seconds": round(time.monotonic() - started, 2),
         "source_major": info.major, "tools": str(tools.bin_dir), **facts,
+        "schemas": rb.database.schemas, "strategy": rb.database.strategy,
         "leftovers": {"policies": leftovers.policies, "foreign_keys": leftovers.foreign_keys},
     }
     ledger.finish_step("export", detail)
     log.info("export done", tables=len(counts), archive_bytes=size, seconds=detail["seconds"])
     return detail
+
+
+def _require_same_export_settings(rb: Runbook, detail: dict) -> None:
+    """An archive is reused only for the schemas and strategy it was made with."""
+    made = {"schemas": detail.get("schemas", rb.database.schemas), "strategy": detail.get("strategy", "dump")}
+    wanted = {"schemas": rb.database.schemas, "strategy": rb.database.strategy}
+    if made != wanted:
+        raise StepFailed(
+            f"the export in {rb.state_dir} (state_dir) was made with database.schemas {made['schemas']} and "
+            f"database.strategy {made['strategy']}, the runbook now says {wanted['schemas']} and "
+            f"{wanted['strategy']}; restore the runbook's values or use a new state_dir and an empty target")
 
 
 def _safe_fail(ledger: Ledger, step: str, reason: str) -> None:
@@ -295,6 +309,7 @@ def export_detail(rb: Runbook) -> dict:
 @task(name="plan restore", cache_policy=NO_CACHE)
 def plan_restore(rb: Runbook) -> RestorePlan:
     detail = export_detail(rb)
+    _require_same_export_settings(rb, detail)
     tools = _tools(rb, detail["source_major"])
     leftovers = supabase.Leftovers(**detail["leftovers"])
     keep, left_out = [], []

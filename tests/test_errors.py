@@ -136,3 +136,15 @@ def test_gate_failure_exits_3_with_a_summary(stack, migrated):
     stack.target.execute("DELETE FROM public.tour_images WHERE id = 1", dbname=name)
     message = _operator_error(run_cli("run", "verify", "--runbook", str(runbook)), code=3)
     assert "table public.tour_images: row count differs" in message
+
+
+def test_changing_the_strategy_after_export_is_refused(stack, untouched_source):
+    name = _name()
+    runbook = _runbook(stack, name, lambda d: d["database"].update(strategy="stream"))
+    assert run_cli("run", "export", "--runbook", runbook).returncode == 0
+    data = yaml.safe_load(open(runbook))
+    data["database"]["strategy"] = "dump"
+    open(runbook, "w").write(yaml.safe_dump(data))
+    message = _operator_error(run_cli("run", "restore", "--runbook", runbook))
+    assert "was made with database.schemas ['public'] and database.strategy stream" in message
+    assert stack.target.execute("SELECT count(*) FROM pg_tables WHERE schemaname='public'", dbname=name)[0][0] == 0
