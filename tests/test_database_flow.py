@@ -126,3 +126,23 @@ def test_stream_strategy_copies_server_to_server_and_keeps_a_schema_archive(stac
     toc = read_toc(PgTools(stack.source.bin_dir, 15), load_runbook(runbook).state_dir / "dump")
     assert {e.desc for e in toc} >= {"TABLE", "INDEX", "FK CONSTRAINT"}
     assert not [e for e in toc if e.desc == "TABLE DATA"]
+
+
+def test_gate_publishes_its_table_and_a_finished_progress_bar(stack, migrated):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
+
+    verify_database(RunOptions(runbook=str(migrated["runbook"])))
+    with get_client(sync_client=True) as client:
+        [table] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["verify-tables"])), sort="CREATED_DESC",
+            limit=1)
+        run_id = table.flow_run_id
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                                         sort="CREATED_DESC", limit=20)
+    import json
+
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["table"] for r in rows} == set(migrated["result"]["export"]["tables"])
+    assert all(r["status"] == "match" and r["source rows"] == r["target rows"] for r in rows)
+    assert any(p.flow_run_id == run_id and float(p.data) == 100.0 for p in progress)

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import yaml
 
+import runbooks
+
 from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
 from liftoff.sandbox.supabase_source import generate_crm, prepare_supabase_source
 
-APP_ROLE = "crm_app"
+APP_ROLE = "crm_app"  # the app role runbooks/local.yaml grants to
+LOCAL_RUNBOOK = Path(runbooks.__file__).resolve().parent / "local.yaml"
 
 
 @dataclass
@@ -60,20 +63,15 @@ class LocalStack:
         return self
 
     def runbook_data(self, state_dir: str = "state", target_database: str = "postgres", **database) -> dict:
-        return {
-            "name": "local-demo",
-            "state_dir": state_dir,
-            "source": {"host": self.source.host, "port": self.source.port, "database": "postgres",
-                       "user": "postgres", "password": {"env": f"{self.env_prefix}_SOURCE_PASSWORD"},
-                       "sslmode": "disable"},
-            "target": {"direct": {"host": self.target.host, "port": self.target.port, "database": target_database,
-                                  "user": "postgres", "password": {"env": f"{self.env_prefix}_TARGET_PASSWORD"},
-                                  "sslmode": "disable"}},
-            "database": {"schemas": ["public"], "jobs": 2, "supabase_leftovers": "shim",
-                         "app_roles": [{"name": APP_ROLE, "privileges": "read_write"}], "min_free_disk_mb": 64,
-                         **database},
-            "storage": {"buckets": [{"name": "tour-images", "public": True}, {"name": "documents"}]},
-        }
+        """runbooks/local.yaml, pointed at this stack's ports, state dir, target database and secrets."""
+        data = yaml.safe_load(LOCAL_RUNBOOK.read_text())
+        data["state_dir"] = state_dir
+        data["source"].update(host=self.source.host, port=self.source.port,
+                              password={"env": f"{self.env_prefix}_SOURCE_PASSWORD"})
+        data["target"]["direct"].update(host=self.target.host, port=self.target.port, database=target_database,
+                                        password={"env": f"{self.env_prefix}_TARGET_PASSWORD"})
+        data["database"].update(database)
+        return data
 
     def write_runbook(self, name: str = "local.yaml", **options) -> Path:
         """Writes a runbook for this stack; ``options``: state_dir, target_database, database-phase keys."""
