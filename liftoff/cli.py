@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from liftoff import errors
 from liftoff.redaction import redact
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Liftoff: a migration runbook as Prefect flows that verify themselves and can be resumed.")
 out = Console(soft_wrap=True)
 if not out.is_terminal:  # logs and CI: wide enough that report tables are not cut
