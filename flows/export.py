@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.options import RunOptions, open_runbook
+from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from tasks.database import ExportPlan, dump_source, plan_export
 
@@ -19,7 +20,8 @@ def export_database(options: RunOptions) -> dict:
     publish_export_plan(plan, options.dry_run)
     if options.dry_run:
         return {"dry_run": True, "tables": plan.tables}
-    result = dump_source(runbook)
+    with exclusive(runbook.state_dir):
+        result = dump_source(runbook)
     rows = [{"table": t, "rows at export": n} for t, n in result["tables"].items()]
     publish_table("export-tables", rows, "Rows per table in the export snapshot")
     publish_markdown("export-summary", f"# Export {'reused' if result.get('skipped') else 'done'}\n\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.options import RunOptions, open_runbook
+from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown
 from tasks.database import (
     RestorePlan, export_done, grant_app_roles, plan_restore, prepare_target, restore_data, restore_post_data, restore_pre_data,
@@ -26,11 +27,12 @@ def restore_database(options: RunOptions) -> dict:
     publish_restore_plan(plan, options.dry_run)
     if options.dry_run:
         return {"dry_run": True, "tables": plan.tables}
-    prepared = prepare_target(runbook, plan)
-    restore_pre_data(runbook, plan)
-    loaded = restore_data(runbook, plan)
-    restore_post_data(runbook, plan)
-    grants = grant_app_roles(runbook)
+    with exclusive(runbook.state_dir):
+        prepared = prepare_target(runbook, plan)
+        restore_pre_data(runbook, plan)
+        loaded = restore_data(runbook, plan)
+        restore_post_data(runbook, plan)
+        grants = grant_app_roles(runbook)
     return {"prepared": prepared, "loaded": loaded, "grants": grants}
 
 

@@ -8,7 +8,9 @@ Every write is its own committed transaction.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -125,3 +127,21 @@ class Ledger:
     def owns_target(self, identity: str) -> bool:
         with self._db() as db:
             return db.execute("SELECT 1 FROM targets WHERE identity = ?", (identity,)).fetchone() is not None
+
+
+@contextmanager
+def exclusive(state_dir: Path):
+    """Holds the runbook's write lock (a file lock in state_dir) so two runs of one runbook, say one from
+    the UI and one from the CLI, never load the same target at once. Released when the process dies."""
+    path = Path(state_dir) / "liftoff.lock"
+    Ledger(state_dir)  # creates state_dir, or says clearly why it cannot
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StepFailed(f"another run of this runbook is writing now (lock {path} is held); wait for it "
+                             "to finish or stop it, then re-run") from None
+        yield
+    finally:
+        os.close(fd)

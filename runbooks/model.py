@@ -86,6 +86,14 @@ class Endpoint(_Strict):
     password: Secret
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
 
+    @field_validator("database", "user")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # A name, not a connection string: pg_restore would follow "host=..." or "postgresql://...".
+        if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.$-]*$", v):
+            raise ValueError("expected a plain name (letters, digits, _ . $ -)")
+        return v
+
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:

@@ -6,6 +6,7 @@ the last run stopped. Tasks read the runbook; they never hold a secret longer th
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import subprocess
@@ -136,11 +137,14 @@ def run_preflight(rb: Runbook) -> PreflightReport:
                        f"dump directory {state} is not writable (state_dir); choose a writable path")
         else:
             free = _free_bytes(state)
-            need = src_info.database_bytes + rb.database.min_free_disk_mb * 1024 * 1024
+            # The archive holds the data only with strategy dump, and only until the export is done.
+            archive = 0 if rb.database.strategy == "stream" or (
+                (state / "ledger.sqlite").exists() and Ledger(state).is_done("export")) else src_info.database_bytes
+            need = archive + rb.database.min_free_disk_mb * 1024 * 1024
             ok = free >= need
             report.add("disk space", ok,
-                       f"{state}: {free / 2**20:,.0f} MiB free, need {need / 2**20:,.0f} MiB (source size "
-                       f"{src_info.database_bytes / 2**20:,.0f} MiB + database.min_free_disk_mb "
+                       f"{state}: {free / 2**20:,.0f} MiB free, need {need / 2**20:,.0f} MiB (archive estimate "
+                       f"{archive / 2**20:,.0f} MiB + database.min_free_disk_mb "
                        f"{rb.database.min_free_disk_mb})" + ("" if ok else "; free space or lower the reserve"))
     return report
 
@@ -202,6 +206,8 @@ def dump_source(rb: Runbook) -> dict:
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     ledger.forget_steps("export")
+    # A new archive comes from a new snapshot: what was restored from the old one is loaded again.
+    ledger.forget_steps("restore")
     ledger.start_step("export")
     started = time.monotonic()
     try:
@@ -368,7 +374,9 @@ def restore_pre_data(rb: Runbook, plan: RestorePlan) -> dict:
     if ledger.is_done("restore.pre-data"):
         return {"skipped": True}
     tools = _tools(rb, export_detail(rb)["source_major"])
-    entries = plan.section("pre-data")
+    # Every non-data entry: pg_restore's --section picks by the archive's own section of each entry (a
+    # COMMENT belongs to the section of what it comments on).
+    entries = [e for e in plan.keep if e.section != "data"]
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         existing_schemas = {r[0] for r in tgt.execute("SELECT nspname FROM pg_namespace")}
         present = {t.qualified for t in postgres.list_tables(tgt, rb.database.schemas)}
@@ -391,11 +399,18 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     ``dump`` loads from the archive (pg_restore); ``stream`` copies from the source (COPY to COPY, all
     tables from one snapshot) and then sets the sequences from that snapshot."""
     ledger = Ledger(rb.state_dir)
+    if ledger.is_done("restore.data"):
+        # Never again: after cutover, setting the sequences back to the source's values would reuse ids.
+        return {"loaded": [], "already_loaded": len(plan.tables), "skipped": True}
     tools = _tools(rb, export_detail(rb)["source_major"])
     exported = {name: rows for name, (_, rows) in ledger.tables("export").items()}
     state = ledger.tables("restore")
     kind = "TABLE DATA" if rb.database.strategy == "dump" else "TABLE"
     entries = {f"{e.schema}.{e.tag}": e for e in plan.keep if e.desc == kind and f"{e.schema}.{e.tag}" in plan.tables}
+    if rb.database.strategy == "stream":
+        with postgres.session(rb.target.direct, "target.direct") as tgt:
+            holding_rows = postgres.plain_tables(tgt, rb.database.schemas)
+        entries = {name: e for name, e in entries.items() if name in holding_rows}
     todo = [name for name in entries if state.get(name, ("",))[0] != "loaded"]
     todo.sort(key=lambda name: -(exported.get(name) or 0))  # largest first: the long pole starts early
     progress = Progress("restore: loading tables", len(entries))
@@ -409,7 +424,7 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     def from_archive(name: str) -> int | None:
         entry = entries[name]
         with postgres.session(rb.target.direct, "target.direct") as tgt:
-            postgres.execute(tgt, sql.SQL("TRUNCATE {}").format(sql.Identifier(entry.schema, entry.tag)),
+            postgres.execute(tgt, sql.SQL("TRUNCATE ONLY {}").format(sql.Identifier(entry.schema, entry.tag)),
                              what=f"truncate {name} on target")
         _pg_restore(rb, tools, [entry], f"load {name} into target", "--data-only", "--single-transaction")
         return exported.get(name)
@@ -425,14 +440,14 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
                 log.info("table loaded", table=name, rows=rows)
                 progress.advance(f"{name}: {rows} rows")
                 for entry in own_post_data.get(name, []):
-                    pending.append(builds.submit(_pg_restore, rb, tools, [entry],
+                    pending.append(builds.submit(contextvars.copy_context().run, _pg_restore, rb, tools, [entry],
                                                  f"build {entry.desc.lower()} {entry.tag}", "--section=post-data"))
-                pending.append(builds.submit(_analyze, rb, name))
+                pending.append(builds.submit(contextvars.copy_context().run, _analyze, rb, name))
             return load
 
         if rb.database.strategy == "dump":
             with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
-                list(pool.map(loaded_with(from_archive), todo))
+                _run_all(pool, loaded_with(from_archive), todo)
             sequences = [e for e in plan.section("data") if e.desc == "SEQUENCE SET"]
             if sequences:
                 _pg_restore(rb, tools, sequences, "set sequence values on target", "--data-only",
@@ -448,13 +463,20 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
                         return postgres.stream_table(src, tgt, schema, table)
 
                 with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
-                    list(pool.map(loaded_with(streamed), todo))
+                    _run_all(pool, loaded_with(streamed), todo)
                 with postgres.session(rb.target.direct, "target.direct") as tgt:
                     set_sequences = postgres.copy_sequence_values(snap, tgt, rb.database.schemas)
         for future in pending:
             future.result()
     ledger.finish_step("restore.data", {"tables_loaded": len(todo), "sequences": set_sequences})
     return {"loaded": todo, "already_loaded": len(entries) - len(todo)}
+
+
+def _run_all(pool: ThreadPoolExecutor, fn, items: list) -> None:
+    """Runs fn on every item in the pool, each in a copy of the caller's context (run id, Prefect run
+    context), and raises the first error."""
+    for future in [pool.submit(contextvars.copy_context().run, fn, item) for item in items]:
+        future.result()
 
 
 def _post_data_by_table(plan: RestorePlan, index_tables: dict[str, str]) -> dict[str, list[pg_tools.TocEntry]]:
@@ -485,6 +507,9 @@ _EXISTS = {
     "POLICY": "SELECT 1 FROM pg_policies WHERE schemaname = %s AND tablename = %s AND policyname = %s",
 }
 _EXISTS["FK CONSTRAINT"] = _EXISTS["CONSTRAINT"]
+_EXISTS["RULE"] = "SELECT 1 FROM pg_rules WHERE schemaname = %s AND tablename = %s AND rulename = %s"
+_EXISTS["STATISTICS"] = ("SELECT 1 FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace "
+                         "WHERE n.nspname = %s AND s.stxname = %s")
 
 
 def _already_there(tgt: psycopg.Connection, e: pg_tools.TocEntry) -> bool:
@@ -492,7 +517,7 @@ def _already_there(tgt: psycopg.Connection, e: pg_tools.TocEntry) -> bool:
     if q is None:
         return False
     unquote = lambda s: s.strip('"')  # noqa: E731 (--quote-all-identifiers)
-    if e.desc == "INDEX":
+    if e.desc in ("INDEX", "STATISTICS"):
         params = (unquote(e.schema), unquote(e.tag))
     else:
         table, name = e.table_and_name
@@ -511,17 +536,20 @@ def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
     tools = _tools(rb, export_detail(rb)["source_major"])
     ledger.start_step("restore.post-data")
     with postgres.session(rb.target.direct, "target.direct") as tgt:
-        entries = [e for e in plan.section("post-data") if not _already_there(tgt, e)]
-    if entries:
+        entries = [e for e in plan.keep if e.section != "data" and not _already_there(tgt, e)]
+    if any(e.section == "post-data" for e in entries):
         _pg_restore(rb, tools, entries, f"restore post-data into target {rb.target.direct.host}:{rb.target.direct.port}",
                     "--section=post-data", f"--jobs={rb.database.jobs}")
-    ledger.finish_step("restore.post-data", {"entries": len(entries)})
-    return {"entries": len(entries)}
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        refreshed = postgres.refresh_unpopulated_matviews(tgt, rb.database.schemas)
+    ledger.finish_step("restore.post-data", {"entries": len(entries), "refreshed": refreshed})
+    return {"entries": len(entries), "refreshed": refreshed}
 
 
 @task(name="grant app roles", cache_policy=NO_CACHE)
 def grant_app_roles(rb: Runbook) -> list[str]:
     """Re-applies, idempotently, the grants --no-acl left out, for the runbook's app roles."""
+    Ledger(rb.state_dir).start_step("restore.grants")
     done = []
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         for role in rb.database.app_roles:

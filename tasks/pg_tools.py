@@ -102,9 +102,11 @@ _DESCS = sorted(
     reverse=True,
 )
 _ENTRY = re.compile(r"^(?P<id>\d+);\s+(?P<cat>\d+)\s+(?P<oid>\d+)\s+(?P<rest>.*)$")
-DATA_DESCS = {"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB", "LARGE OBJECT", "MATERIALIZED VIEW DATA"}
+DATA_DESCS = {"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB", "LARGE OBJECT"}
+# pg_dump files materialized view data under post-data: it is a REFRESH that needs the indexes first.
 POST_DATA_DESCS = {"INDEX", "INDEX ATTACH", "CONSTRAINT", "FK CONSTRAINT", "TRIGGER", "EVENT TRIGGER", "POLICY",
-                   "ROW SECURITY", "RULE", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA", "STATISTICS"}
+                   "ROW SECURITY", "RULE", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA", "STATISTICS",
+                   "MATERIALIZED VIEW DATA"}
 
 
 @dataclass(frozen=True)

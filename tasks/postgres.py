@@ -17,7 +17,7 @@ from liftoff.errors import ConnectionRefused, StepFailed
 from liftoff.redaction import redact
 from runbooks.model import Endpoint
 
-# Settings that shape the text form of values: identical on both sides of every comparison.
+# Settings that shape the text form of values (identical on both sides of every comparison), and RLS off.
 TEXT_SETTINGS = {
     "TimeZone": "UTC",
     "DateStyle": "ISO, YMD",
@@ -25,6 +25,8 @@ TEXT_SETTINGS = {
     "extra_float_digits": "1",
     "bytea_output": "hex",
     "lc_monetary": "C",
+    # Never let RLS silently filter what we copy or compare: error out instead, as pg_dump does.
+    "row_security": "off",
 }
 
 
@@ -165,6 +167,13 @@ def list_tables(conn: psycopg.Connection, schemas: list[str]) -> list[Table]:
     return [Table(s, n, tuple(pk), tuple(types)) for s, n, pk, types in rows]
 
 
+def plain_tables(conn: psycopg.Connection, schemas: list[str]) -> set[str]:
+    """Tables that hold rows themselves (not partitioned parents)."""
+    return {r[0] for r in conn.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'r' AND n.nspname = ANY(%s)", (schemas,))}
+
+
 def count_rows(conn: psycopg.Connection, table: Table) -> int:
     return conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident)).fetchone()[0]
 
@@ -246,7 +255,7 @@ def chunk_digest_in_range(conn: psycopg.Connection, table: Table, low: tuple | N
     keys = _key_exprs(table)
     conds, params = _range_conditions(keys, low, high)
     q = sql.SQL(
-        "SELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order}), '')) "
+        "SELECT count(*), md5(coalesce(string_agg(md5(ROW(t.*)::text), '' ORDER BY {order}), '')) "
         "FROM ONLY {tbl} t {where}"
     ).format(order=sql.SQL(", ").join(keys), tbl=table.ident, where=conds)
     rows, digest = conn.execute(q, params).fetchone()
@@ -268,7 +277,7 @@ def _range_conditions(keys, low, high):
 def _whole_table_digest(conn: psycopg.Connection, table: Table) -> Chunk:
     q = sql.SQL(
         "SELECT count(*), md5(coalesce(string_agg(h, '' ORDER BY h COLLATE \"C\"), '')) "
-        "FROM (SELECT md5(t::text) AS h FROM ONLY {} t) s"
+        "FROM (SELECT md5(ROW(t.*)::text) AS h FROM ONLY {} t) s"
     ).format(table.ident)
     rows, digest = conn.execute(q).fetchone()
     return Chunk(None, None, rows, digest)
@@ -278,14 +287,14 @@ def row_hashes_in_range(conn: psycopg.Connection, table: Table, low: tuple | Non
                         limit: int = CHUNK_ROWS + 1) -> dict[str, str]:
     """{key as text: md5 of the row's text} for rows in (low, high]: what narrows a differing chunk."""
     if not table.pk:
-        q = sql.SQL("SELECT md5(t::text), count(*)::text FROM ONLY {} t GROUP BY 1 LIMIT {}").format(
+        q = sql.SQL("SELECT md5(ROW(t.*)::text), count(*)::text FROM ONLY {} t GROUP BY 1 ORDER BY 1 LIMIT {}").format(
             table.ident, sql.Literal(limit))
         return {h: n for h, n in conn.execute(q)}
     keys = _key_exprs(table)
     where, params = _range_conditions(keys, low, high)
     key_text = sql.SQL("concat_ws(', ', {})").format(
         sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in table.pk))
-    q = sql.SQL("SELECT {kt}, md5(t::text) FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}").format(
+    q = sql.SQL("SELECT {kt}, md5(ROW(t.*)::text) FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}").format(
         kt=key_text, tbl=table.ident, where=where, order=sql.SQL(", ").join(keys), limit=sql.Literal(limit))
     return {k: h for k, h in conn.execute(q, params)}
 
@@ -369,7 +378,20 @@ OBJECT_QUERIES = {
     "type": """SELECT n.nspname || '.' || t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
                WHERE t.typtype IN ('e','d') AND n.nspname = ANY(%(s)s)""",
     "extension": "SELECT extname FROM pg_extension",
+    "populated materialized view": """SELECT n.nspname || '.' || c.relname FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'm' AND c.relispopulated
+        AND n.nspname = ANY(%(s)s)""",
 }
+
+
+def refresh_unpopulated_matviews(conn: psycopg.Connection, schemas: list[str]) -> list[str]:
+    """Fills materialized views the restore left empty (a schema-only archive has no data for them)."""
+    names = [r[0] for r in conn.execute(
+        """SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE c.relkind = 'm' AND NOT c.relispopulated AND n.nspname = ANY(%s)""", (schemas,))]
+    for name in names:
+        conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(sql.SQL(name)))
+    return names
 
 
 def schema_objects(conn: psycopg.Connection, schemas: list[str]) -> dict[str, set[str]]:
@@ -414,7 +436,7 @@ def stream_table(source: psycopg.Connection, target: psycopg.Connection, schema:
     ``source`` must already be in the snapshot to read from; ``target`` must not be in autocommit."""
     ident = sql.Identifier(schema, table)
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in copyable_columns(target, schema, table))
-    target.execute(sql.SQL("TRUNCATE {}").format(ident))
+    target.execute(sql.SQL("TRUNCATE ONLY {}").format(ident))  # ONLY: never empty an inheriting child
     with source.cursor().copy(sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(cols, ident)) as out, \
             target.cursor() as cur:
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(ident, cols)) as into:

@@ -48,7 +48,7 @@ def test_restore_leaves_supabase_platform_objects_behind_and_shims_auth(stack, m
 def test_rerun_after_success_reuses_the_archive_and_loads_nothing_again(stack, migrated):
     again = migrate_database(RunOptions(runbook=str(migrated["runbook"])))
     assert again["export"].get("skipped") is True
-    assert again["restore"]["loaded"]["loaded"] == []
+    assert again["restore"]["loaded"]["loaded"] == [] and again["restore"]["loaded"]["skipped"]
     assert again["verify"]["rows"] == migrated["result"]["verify"]["rows"]
 
 

@@ -148,3 +148,13 @@ def test_changing_the_strategy_after_export_is_refused(stack, untouched_source):
     message = _operator_error(run_cli("run", "restore", "--runbook", runbook))
     assert "was made with database.schemas ['public'] and database.strategy stream" in message
     assert stack.target.execute("SELECT count(*) FROM pg_tables WHERE schemaname='public'", dbname=name)[0][0] == 0
+
+
+def test_a_second_run_of_the_same_runbook_is_refused_while_one_is_writing(stack, untouched_source):
+    from liftoff.ledger import exclusive
+    from runbooks.model import load_runbook
+
+    runbook = _runbook(stack, _name(), lambda d: None)
+    with exclusive(load_runbook(runbook).state_dir):
+        message = _operator_error(run_cli("run", "export", "--runbook", runbook))
+    assert "another run of this runbook is writing now" in message
