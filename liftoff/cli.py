@@ -190,9 +190,5 @@ def demo(
                 server.stop()
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
 if __name__ == "__main__":
     sys.exit(app())

@@ -292,10 +292,14 @@ def _dump_in_snapshot(rb: Runbook, partial: Path):
 class RestorePlan:
     keep: list[pg_tools.TocEntry]
     left_out: list[tuple[str, str]]  # (entry, rule)
-    tables: list[str]
+    table_entries: dict[str, pg_tools.TocEntry]  # "schema.table" -> what loads it (TABLE DATA, or TABLE to stream)
     leftovers_policy: str
     shims: list[str]
     extensions: dict[str, str]
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self.table_entries)
 
     def section(self, name: str) -> list[pg_tools.TocEntry]:
         return [e for e in self.keep if e.section == name]
@@ -323,7 +327,7 @@ def plan_restore(rb: Runbook) -> RestorePlan:
         ok, why = supabase.keep_entry(entry, rb.database.schemas, leftovers, rb.database.supabase_leftovers)
         (keep.append(entry) if ok else left_out.append((f"{entry.desc} {entry.schema}.{entry.tag}", why)))
     kind = "TABLE DATA" if rb.database.strategy == "dump" else "TABLE"
-    tables = [f"{e.schema}.{e.tag}" for e in keep if e.desc == kind and e.schema in rb.database.schemas]
+    tables = {f"{e.schema}.{e.tag}": e for e in keep if e.desc == kind and e.schema in rb.database.schemas}
     shims = supabase.SHIM_OBJECTS if rb.database.supabase_leftovers == "shim" else []
     return RestorePlan(keep, left_out, tables, rb.database.supabase_leftovers, shims, detail["extensions"])
 
@@ -405,8 +409,7 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     tools = _tools(rb, export_detail(rb)["source_major"])
     exported = {name: rows for name, (_, rows) in ledger.tables("export").items()}
     state = ledger.tables("restore")
-    kind = "TABLE DATA" if rb.database.strategy == "dump" else "TABLE"
-    entries = {f"{e.schema}.{e.tag}": e for e in plan.keep if e.desc == kind and f"{e.schema}.{e.tag}" in plan.tables}
+    entries = plan.table_entries
     if rb.database.strategy == "stream":
         with postgres.session(rb.target.direct, "target.direct") as tgt:
             holding_rows = postgres.plain_tables(tgt, rb.database.schemas)
@@ -516,12 +519,12 @@ def _already_there(tgt: psycopg.Connection, e: pg_tools.TocEntry) -> bool:
     q = _EXISTS.get(e.desc)
     if q is None:
         return False
-    unquote = lambda s: s.strip('"')  # noqa: E731 (--quote-all-identifiers)
+    # TOC tags are raw names (--quote-all-identifiers quotes only the SQL), so they compare as they are.
     if e.desc in ("INDEX", "STATISTICS"):
-        params = (unquote(e.schema), unquote(e.tag))
+        params = (e.schema, e.tag)
     else:
         table, name = e.table_and_name
-        params = (unquote(e.schema), unquote(table), unquote(name))
+        params = (e.schema, table, name)
     return tgt.execute(q, params).fetchone() is not None
 
 

@@ -151,7 +151,3 @@ def read_toc(tools: PgTools, dump_dir: Path) -> list[TocEntry]:
         raise StepFailed(f"pg_restore -l {dump_dir} failed: {out.stderr.strip().splitlines()[:1]}")
     return parse_toc(out.stdout)
 
-
-def write_list(path: Path, entries: list[TocEntry]) -> Path:
-    path.write_text("".join(e.line + "\n" for e in entries))
-    return path
