@@ -48,6 +48,8 @@ grant usage on schema extensions to postgres, anon, authenticated, service_role;
 create schema if not exists auth authorization supabase_auth_admin;
 set role supabase_auth_admin;
 
+-- Every column Supabase Auth's migrations give auth.users (the user's own data a migration must carry),
+-- including the generated confirmed_at, which a COPY into the table must leave out.
 create table if not exists auth.users (
   instance_id uuid,
   id uuid primary key,
@@ -56,11 +58,32 @@ create table if not exists auth.users (
   email text unique,
   encrypted_password text,
   email_confirmed_at timestamptz,
+  invited_at timestamptz,
+  confirmation_token varchar(255),
+  confirmation_sent_at timestamptz,
+  recovery_token varchar(255),
+  recovery_sent_at timestamptz,
+  email_change_token_new varchar(255),
+  email_change varchar(255),
+  email_change_sent_at timestamptz,
   last_sign_in_at timestamptz,
   raw_app_meta_data jsonb,
   raw_user_meta_data jsonb,
   is_super_admin boolean,
   phone text unique default null,
+  phone_confirmed_at timestamptz,
+  phone_change text default '',
+  phone_change_token varchar(255) default '',
+  phone_change_sent_at timestamptz,
+  confirmed_at timestamptz generated always as (least(email_confirmed_at, phone_confirmed_at)) stored,
+  email_change_token_current varchar(255) default '',
+  email_change_confirm_status smallint default 0
+    check (email_change_confirm_status >= 0 and email_change_confirm_status <= 2),
+  banned_until timestamptz,
+  reauthentication_token varchar(255) default '',
+  reauthentication_sent_at timestamptz,
+  is_sso_user boolean not null default false,
+  deleted_at timestamptz,
   created_at timestamptz default now(),
   updated_at timestamptz,
   is_anonymous boolean not null default false
@@ -93,9 +116,18 @@ as $$
   )::jsonb
 $$;
 
+create or replace function auth.email() returns text
+language sql stable
+as $$
+  select coalesce(
+    nullif(current_setting('request.jwt.claim.email', true), ''),
+    (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'email')
+  )::text
+$$;
+
 reset role;
 grant usage on schema auth to anon, authenticated, service_role;
-grant execute on function auth.uid(), auth.role(), auth.jwt() to anon, authenticated, service_role;
+grant execute on function auth.uid(), auth.role(), auth.jwt(), auth.email() to anon, authenticated, service_role;
 grant all on schema auth to postgres;
 grant all on all tables in schema auth to postgres;
 
@@ -144,6 +176,8 @@ reset role;
 grant usage on schema storage to anon, authenticated, service_role;
 grant all on schema storage to postgres;
 grant all on all tables in schema storage to postgres;
+-- As Storage's own migrations do: the API roles may touch every row RLS lets them see.
+grant all on storage.buckets, storage.objects to anon, authenticated, service_role;
 alter table storage.objects enable row level security;
 
 -- supabase CLI migration history ---------------------------------------------------------------------

@@ -44,16 +44,21 @@ NOTES = ["Vegetarian 🥗", "Wheelchair user — needs step-free route", "Celebr
          "Arrives by ferry, may be 10 min late", "アレルギー: ナッツ"]
 
 
-def prepare_supabase_source(server: PostgresServer, *, postgres_password: str, contrib: bool = True) -> None:
+def prepare_supabase_source(server: PostgresServer, *, postgres_password: str, contrib: bool = True,
+                            apps: bool = False) -> None:
     """Makes ``server``'s ``postgres`` database look like a Supabase project with the CRM app deployed.
 
     On success: the platform roles, schemas (auth, storage, extensions, supabase_migrations, realtime,
     graphql_public, pgbouncer), the ``supabase_realtime`` publication and the graphql event trigger exist;
     ``postgres`` is a LOGIN, non-superuser role with ``postgres_password`` and owns every object in
     ``public``; ``public.bookings`` and ``public.tour_schedules`` are in ``supabase_realtime``. With
-    ``contrib`` the uuid-ossp and pgcrypto extensions are in ``extensions``. ``server.superuser`` must be
-    a superuser (Supabase's is ``supabase_admin``). Any SQL error is raised; the CRM part expects a
-    database that does not have it yet.
+    ``contrib`` the uuid-ossp and pgcrypto extensions are in ``extensions``. With ``apps`` the patterns
+    real Supabase apps add are there too (``supabase_apps.sql``): RBAC with a custom access token hook,
+    profiles made by a trigger on ``auth.users``, a column default calling ``auth.uid()``, a view and a
+    function reading auth and storage, ``storage.objects`` policies, revoked and column-level grants,
+    ``public.notes`` in ``supabase_realtime``; with ``contrib`` as well, ``public.api_keys`` whose default
+    calls pgcrypto. ``server.superuser`` must be a superuser (Supabase's is ``supabase_admin``). Any SQL
+    error is raised; the CRM part expects a database that does not have it yet.
     """
     with psycopg.connect(server.conninfo(), autocommit=True) as admin:
         admin.execute((SQL_DIR / "supabase_platform.sql").read_text())
@@ -73,6 +78,10 @@ def prepare_supabase_source(server: PostgresServer, *, postgres_password: str, c
                 schema, name = table.split(".")
                 admin.execute(sql.SQL("alter publication supabase_realtime add table {}").format(
                     sql.Identifier(schema, name)))
+        if apps:
+            admin.execute((SQL_DIR / "supabase_apps.sql").read_text())
+            if contrib:
+                admin.execute((SQL_DIR / "supabase_apps_contrib.sql").read_text())
 
 
 def storage_object_bytes(bucket_id: str, name: str) -> bytes:
@@ -93,8 +102,10 @@ def generate_crm(conninfo: str, *, bookings: int, seed: int = 7) -> dict[str, in
     written directly). Guarantees: same ``seed`` and ``bookings`` give identical contents, uuids and
     timestamps included (uuids are hashes of (seed, kind, index), timestamps offsets from ``EPOCH``);
     every foreign key resolves; identity/serial sequences are set to the max id; tables are analyzed.
-    Rows are generated lazily and streamed with COPY, so memory stays flat except for one small tuple
-    per tour departure. Expects empty tables.
+    On a source prepared with ``apps`` it also fills role_permissions, user_roles (every guide has a
+    role), profiles (one per auth user, as the sign-up trigger would have made it), notes and, when the
+    table exists, api_keys. Rows are generated lazily and streamed with COPY, so memory stays flat except
+    for one small tuple per tour departure. Expects empty tables.
     """
     gen = _CrmGenerator(bookings=bookings, seed=seed)
     with psycopg.connect(conninfo) as conn:
@@ -166,6 +177,8 @@ class _CrmGenerator:
                                                "alt_text", "width", "height"],
                    (row for row, _ in self._tour_images()))
         self._copy(cur, "storage.objects", OBJECT_COLUMNS, (obj for _, obj in self._tour_images()))
+        if _table_exists(conn, "public.profiles"):
+            self.load_app_data(conn)
 
     def _copy(self, cur: psycopg.Cursor, table: str, columns: list[str], rows: Iterator[tuple]) -> None:
         with cur.copy(_copy_statement(table, columns)) as copy:
@@ -173,13 +186,15 @@ class _CrmGenerator:
                 copy.write_row(row)
                 self._count(table)
 
+    def _users(self) -> Iterator[tuple[str, int, uuid.UUID]]:
+        """(kind, index, auth user id) of every auth user: the guides, then the customers who signed up."""
+        people = (("guide", g, self.uuid("guide-user", g)) for g in range(self.n_guides))
+        customers = (("customer", c, self.customer_user_id(c)) for c in range(self.n_customers))
+        return ((kind, i, user_id) for kind, i, user_id in itertools.chain(people, customers) if user_id is not None)
+
     def _auth_users(self) -> Iterator[tuple]:
         rng = self.rng("auth.users")
-        people = [("guide", g, self.uuid("guide-user", g)) for g in range(self.n_guides)]
-        customers = (("customer", c, self.customer_user_id(c)) for c in range(self.n_customers))
-        for kind, i, user_id in itertools.chain(people, customers):
-            if user_id is None:
-                continue
+        for kind, i, user_id in self._users():
             name, email = self.person(kind, i)
             created = EPOCH - timedelta(days=rng.randint(30, 700), seconds=rng.randrange(86400))
             password = "$2a$10$" + hashlib.sha256(f"{self.seed}:pw:{user_id}".encode()).hexdigest()[:53]
@@ -269,6 +284,45 @@ class _CrmGenerator:
         return (self.uuid(f"object-{bucket}", i), bucket, name, owner, created, created, created,
                 json.dumps(metadata, sort_keys=True), str(self.uuid(f"object-version-{bucket}", i)))
 
+    # what supabase_apps.sql adds ------------------------------------------------------------------------
+    def load_app_data(self, conn: psycopg.Connection) -> None:
+        cur = conn.cursor()
+        self._copy(cur, "public.role_permissions", ["id", "role", "permission"],
+                   ((i, role, permission) for i, (role, permission) in enumerate(ROLE_PERMISSIONS, start=1)))
+        self._copy(cur, "public.user_roles", ["id", "user_id", "role"],
+                   ((g + 1, self.uuid("guide-user", g), "admin" if g == 0 else "guide") for g in range(self.n_guides)))
+        self._copy(cur, "public.profiles", ["id", "full_name", "avatar_url", "updated_at"], self._profiles())
+        self._copy(cur, "public.notes", ["id", "owner_id", "body", "created_at"], self._notes())
+        if _table_exists(conn, "public.api_keys"):
+            self._copy(cur, "public.api_keys", ["id", "guide_id", "label", "key_hash", "created_at"],
+                       self._api_keys())
+
+    def _profiles(self) -> Iterator[tuple]:
+        """As handle_new_user() makes them at sign-up, some since edited (an avatar, an update time)."""
+        rng = self.rng("profiles")
+        for kind, i, user_id in self._users():
+            name, _ = self.person(kind, i)
+            edited = rng.random() < 0.4
+            yield (user_id, name, f"https://avatars.example.com/{user_id}.png" if edited else None,
+                   EPOCH - timedelta(days=rng.randint(0, 300), seconds=rng.randrange(86400)) if edited else None)
+
+    def _notes(self) -> Iterator[tuple]:
+        rng = self.rng("notes")
+        for n in range(1, self.n_bookings // 10 + 2):
+            owner = self.customer_user_id(rng.randrange(self.n_customers)) \
+                or self.uuid("guide-user", rng.randrange(self.n_guides))
+            yield (n, owner, f"{rng.choice(NOTES)} (note {n})",
+                   EPOCH + timedelta(days=rng.randrange(365), seconds=rng.randrange(86400)))
+
+    def _api_keys(self) -> Iterator[tuple]:
+        rng = self.rng("api_keys")
+        for g in range(self.n_guides):
+            for k in range(2):
+                key_id = 2 * g + k + 1
+                yield (key_id, g + 1, f"partner key {k + 1} 🔑",
+                       hashlib.sha256(f"{self.seed}:api-key:{key_id}".encode()).hexdigest(),
+                       EPOCH - timedelta(days=rng.randint(1, 400)))
+
     # bookings and what hangs off them ------------------------------------------------------------------
     def load_bookings(self, conninfo: str) -> None:
         """One pass over the bookings feeding five COPY streams (one connection each), so payments,
@@ -354,6 +408,12 @@ class _CrmGenerator:
 
 OBJECT_COLUMNS = ["id", "bucket_id", "name", "owner", "created_at", "updated_at", "last_accessed_at", "metadata",
                   "version"]
+ROLE_PERMISSIONS = [("admin", "bookings.read"), ("admin", "bookings.delete"), ("admin", "tour_images.upload"),
+                    ("guide", "bookings.read"), ("guide", "tour_images.upload")]
+
+
+def _table_exists(conn: psycopg.Connection, table: str) -> bool:
+    return conn.execute("select to_regclass(%s) is not null", [table]).fetchone()[0]
 
 
 def _copy_statement(table: str, columns: list[str]) -> sql.Composed:
