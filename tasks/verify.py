@@ -4,8 +4,11 @@ returns a report (what matched, what differed, with numbers); the flow decides w
 Checks, per migrated table: exact row count and a content checksum computed inside each database (md5 of
 each row's text form, aggregated in primary-key order, in chunks of key ranges taken from the source);
 when a chunk differs, the rows of that key range are compared to name the first differing keys. Then:
-owned sequences at or above their column's max, and every schema object of the source present on the
-target. Both sides run with the same text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
+owned sequences at or above their column's max, every schema object of the source present on the
+target, and for objects on both sides the same definition (``tasks.definitions``: function bodies and
+attributes, triggers and their enabled state, constraints, indexes, views, columns, policies, row-level
+security flags, sequence parameters); with a role map, the same effective privileges per mapped role. Both
+sides run with the same text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Callable
 
 import psycopg
 
+from tasks.definitions import (
+    Definitions, Identity, columns_with_acl, qualified_names, read_definitions, read_privileges,
+)
 from tasks.postgres import (
     CHUNK_ROWS, Chunk, Table, chunk_bounds, chunk_digest_in_range, row_hashes_in_range, schema_objects,
     sequence_states,
@@ -78,12 +84,42 @@ class SequenceCheck:
                 f"{self.column_max} or below the source's next value {self.source_next}")
 
 
+VALUE_CHARS = 60  # how much of a differing value a report line shows
+_VALUES_NOT_SHOWN = {"body"}  # function bodies are code: a line only says that they differ
+
+
+@dataclass
+class DefinitionDiff:
+    """One way an object present on both sides differs, or an object that exists on the target only
+    (``what`` "exists"); for kind "privilege", ``what`` is "access widened" or "access narrowed" and the values
+    are the privileges one side grants and the other does not."""
+
+    kind: str
+    object: str
+    what: str
+    source: str | None
+    target: str | None
+
+    def summary(self) -> str:
+        if self.kind == "privilege":
+            if self.what == "access widened":
+                return (f"privilege {self.object}: target grants {self.target}, the source does not "
+                        f"(access widened)")
+            return f"privilege {self.object}: the source grants {self.source}, the target does not (access narrowed)"
+        if self.what == "exists":
+            return f"{self.kind} {self.object}: on the target only, not on the source"
+        if self.what in _VALUES_NOT_SHOWN:
+            return f"{self.kind} {self.object}: {self.what} differs"
+        return f"{self.kind} {self.object}: {self.what} differs (source {self.source}, target {self.target})"
+
+
 @dataclass
 class DatabaseReport:
     tables: list[TableCheck] = field(default_factory=list)
     sequences: list[SequenceCheck] = field(default_factory=list)
     missing_objects: dict[str, list[str]] = field(default_factory=dict)
     left_out_by_policy: list[str] = field(default_factory=list)
+    definitions: list[DefinitionDiff] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +131,7 @@ class DatabaseReport:
         for kind, names in sorted(self.missing_objects.items()):
             if names:
                 lines.append(f"{kind} missing on target: {', '.join(names)}")
+        lines += [d.summary() for d in self.definitions]
         return lines
 
 
@@ -170,6 +207,105 @@ def compare_objects(source: psycopg.Connection, target: psycopg.Connection, sche
     return missing
 
 
+def _display(identity: Identity) -> str:
+    """public.tours."active tours are public": a name part that is not a plain lower-case word is quoted."""
+    return ".".join(p if _plain_name(p) else '"' + p.replace('"', '""') + '"' for p in identity)
+
+
+def _plain_name(part: str) -> bool:
+    head = part.split("(", 1)[0] if part.endswith(")") else part  # function: name(args)
+    return bool(head) and (head[0].islower() or head[0] == "_") and all(
+        c.islower() or c.isdigit() or c in "_$" for c in head)
+
+
+def _shown(value, other) -> str:
+    """A value shortened for a report line: long ones from a little before where they start to differ."""
+    def text_of(v) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, list):
+            return ", ".join(map(str, v)) or "(none)"
+        return " ".join(str(v).split()) if v is not None else "(none)"
+
+    text, other_text = text_of(value), text_of(other)
+    if len(text) <= VALUE_CHARS:
+        return text
+    same = next((i for i, (a, b) in enumerate(zip(text, other_text)) if a != b), min(len(text), len(other_text)))
+    start = max(0, min(same - 15, len(text) - VALUE_CHARS))
+    cut = text[start:start + VALUE_CHARS]
+    return ("…" if start else "") + cut + ("…" if start + VALUE_CHARS < len(text) else "")
+
+
+def map_policy_roles(roles: list[str], role_map: dict[str, str | None]) -> list[str]:
+    """The TO-list a source policy should have on the target: each role through the map (unmapped roles keep
+    their name, roles mapped to None are dropped)."""
+    return sorted(role_map.get(r, r) for r in roles if role_map.get(r, r) is not None)
+
+
+def policies_without_roles(source: Definitions, role_map: dict[str, str | None]) -> set[str]:
+    """"policy schema.table.name" of the source's policies whose every role the map drops: expected absent."""
+    return {"policy " + ".".join(ident) for ident, fields in source.get("policy", {}).items()
+            if fields["roles"] and not map_policy_roles(fields["roles"], role_map)}
+
+
+# Kinds where an object the source does not have, on a table the source has, changes what the app sees or
+# may do (a permissive policy widens access, a trigger or constraint changes writes, a column changes rows);
+# extra functions, views, indexes or sequences on the target are left alone.
+_EXTRA_ON_TARGET_MATTERS = ("policy", "trigger", "constraint", "column")
+
+
+def compare_definitions(source: Definitions, target: Definitions, *, left_out: set[str] = frozenset(),
+                        roles: dict[str, str | None] = {}) -> list[DefinitionDiff]:
+    """For each object on both sides (and not ``left_out``), each field that differs; policies' roles are
+    compared through ``roles`` (see ``map_policy_roles``). Objects on the target only, of the kinds in
+    ``_EXTRA_ON_TARGET_MATTERS``, are differences too. Missing objects are ``compare_objects``' business."""
+    diffs = []
+    for kind, src_objects in source.items():
+        tgt_objects = target.get(kind, {})
+        for ident in sorted(src_objects.keys() & tgt_objects.keys()):
+            if f"{kind} {'.'.join(ident)}" in left_out:
+                continue
+            src, tgt = dict(src_objects[ident]), tgt_objects[ident]
+            if kind == "policy":
+                src["roles"] = map_policy_roles(src["roles"], roles)
+            for what, value in src.items():
+                if value != tgt.get(what):
+                    diffs.append(DefinitionDiff(kind, _display(ident), what, _shown(value, tgt.get(what)),
+                                                _shown(tgt.get(what), value)))
+        if kind in _EXTRA_ON_TARGET_MATTERS:
+            tables_of_source = source.get("table", {})
+            for ident in sorted(tgt_objects.keys() - src_objects.keys()):
+                if ident[:2] not in tables_of_source:  # on a table the source does not have
+                    continue
+                diffs.append(DefinitionDiff(kind, _display(ident), "exists", None, "present"))
+    return sorted(diffs, key=lambda d: (d.kind, d.object, d.what))
+
+
+def compare_privileges(source: psycopg.Connection, target: psycopg.Connection, schemas: list[str],
+                       roles: dict[str, str | None]) -> list[DefinitionDiff]:
+    """Effective privileges of each source role of ``roles`` on the source against those of the role it maps to
+    on the target, for the objects on both sides: more on the target is "access widened", less is "access
+    narrowed". Roles mapped to None are not compared."""
+    mapped = {s: t for s, t in roles.items() if t is not None}
+    if not mapped:
+        return []
+    columns = columns_with_acl(source, schemas) | columns_with_acl(target, schemas)
+    src = read_privileges(source, schemas, sorted(mapped), columns)
+    tgt = read_privileges(target, schemas, sorted(set(mapped.values())), columns)
+    diffs = []
+    for obj in sorted(src.keys() & tgt.keys()):
+        for s_role, t_role in sorted(mapped.items()):
+            who = s_role if s_role == t_role else f"{s_role} (target {t_role})"
+            granted, allowed = tgt[obj][t_role], src[obj][s_role]
+            if granted - allowed:
+                diffs.append(DefinitionDiff("privilege", f"{who} on {obj}", "access widened", None,
+                                            ", ".join(sorted(granted - allowed))))
+            if allowed - granted:
+                diffs.append(DefinitionDiff("privilege", f"{who} on {obj}", "access narrowed",
+                                            ", ".join(sorted(allowed - granted)), None))
+    return diffs
+
+
 def compare_databases(
     open_source: Callable[[], psycopg.Connection],
     open_target: Callable[[], psycopg.Connection],
@@ -178,10 +314,18 @@ def compare_databases(
     *,
     left_out: set[str] = frozenset(),
     ignored_extensions: frozenset[str] = frozenset(),
+    roles: dict[str, str | None] = {},
     jobs: int = 2,
     on_table_done: Callable[[TableCheck], None] | None = None,
+    outside_triggers: list[tuple[str, str, str]] = (),
 ) -> DatabaseReport:
-    """Compares the two sides; tables in parallel (``jobs`` pairs of connections). Reads only."""
+    """Compares the two sides; tables in parallel (``jobs`` pairs of connections). Reads only.
+
+    ``left_out``: "kind schema.table.name" entries the runbook chose not to migrate (neither their presence
+    nor their definition is compared). ``roles``: source role -> target role, or None for a role whose
+    references the runbook drops; the effective privileges of the mapped roles are compared, and policies'
+    TO-lists are compared through it (a policy whose every role is dropped is expected absent). Empty:
+    privileges are not compared and policy roles are compared by name."""
 
     def one(table: Table) -> TableCheck:
         with open_source() as s, open_target() as t:
@@ -190,10 +334,43 @@ def compare_databases(
             on_table_done(check)
         return check
 
-    report = DatabaseReport(left_out_by_policy=sorted(left_out))
+    report = DatabaseReport()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         report.tables = list(pool.map(one, tables))
     with open_source() as s, open_target() as t:
         report.sequences = compare_sequences(s, t, schemas)
-        report.missing_objects = compare_objects(s, t, schemas, set(left_out), ignored_extensions)
+        src_defs, tgt_defs = read_definitions(s, schemas), read_definitions(t, schemas)
+        left = set(left_out) | policies_without_roles(src_defs, roles)
+        report.left_out_by_policy = sorted(left)
+        report.missing_objects = compare_objects(s, t, schemas, left, ignored_extensions)
+        report.definitions = compare_definitions(src_defs, tgt_defs, left_out=left, roles=roles)
+        report.definitions += compare_privileges(s, t, schemas, roles)
+        report.definitions += compare_outside_triggers(s, t, list(outside_triggers))
     return report
+
+
+_TRIGGER = """SELECT pg_get_triggerdef(g.oid), g.tgenabled FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = %s AND c.relname = %s AND g.tgname = %s"""
+
+
+def compare_outside_triggers(source: psycopg.Connection, target: psycopg.Connection,
+                             triggers: list[tuple[str, str, str]]) -> list[DefinitionDiff]:
+    """Triggers the restore recreates on a table outside the migrated schemas ((schema, table, name), e.g.
+    the app's sign-up trigger on the shim's auth.users): definition and enabled state as on the source."""
+    diffs = []
+    with qualified_names(source), qualified_names(target):
+        for schema, table, name in triggers:
+            src = source.execute(_TRIGGER, (schema, table, name)).fetchone()
+            tgt = target.execute(_TRIGGER, (schema, table, name)).fetchone()
+            label = f"{schema}.{table}.{name}"
+            if src is None:
+                continue
+            if tgt is None:
+                diffs.append(DefinitionDiff("trigger", label, "presence", "present", "missing"))
+                continue
+            if src[0] != tgt[0]:
+                diffs.append(DefinitionDiff("trigger", label, "definition", src[0], tgt[0]))
+            if src[1] != tgt[1]:
+                diffs.append(DefinitionDiff("trigger", label, "enabled", src[1], tgt[1]))
+    return diffs
