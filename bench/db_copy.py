@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from liftoff.sandbox.postgres import pg15_bin_dir  # noqa: E402
 from liftoff.sandbox.prefect_server import PrefectServer  # noqa: E402
 from liftoff.sandbox.stack import LocalStack  # noqa: E402
-from tasks.supabase import AUTH_USERS_EXPORT, PUBLISHED_ROLES, SHIM_SQL  # noqa: E402
+from tasks import supabase  # noqa: E402
 
 PG_BIN = pg15_bin_dir()
 PG_DUMP, PG_RESTORE = str(PG_BIN / "pg_dump"), str(PG_BIN / "pg_restore")
@@ -216,21 +216,17 @@ class Bench:
     def auth_shim(self, db: str) -> float:
         """What Liftoff's restore builds for itself (leftovers policy ``shim``), built for the other
         contenders too, so every copy ends with the same objects: roles anon/authenticated/service_role, an
-        ``auth`` schema with ``auth.uid()`` and ``auth.users (id, email)`` holding the source's users. Without
+        ``auth`` schema with the auth functions and ``auth.users`` (every column) holding the source's users. Without
         it the foreign keys to auth.users and the RLS policies fail to restore (pgcopydb then stops).
         Returns the seconds it took; they count in the contender's time."""
         started = time.monotonic()
         with psycopg.connect(self.tgt.conninfo(db), autocommit=True) as tgt, \
                 psycopg.connect(self.src.conninfo(SOURCE_DB)) as src:
-            for role in PUBLISHED_ROLES:
-                tgt.execute(sql.SQL("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {}) "
-                                    "THEN CREATE ROLE {} NOLOGIN; END IF; END $$").format(
-                    sql.Literal(role), sql.Identifier(role)))
-            tgt.execute(SHIM_SQL)
-            with src.cursor().copy(AUTH_USERS_EXPORT) as out, \
-                    tgt.cursor().copy("COPY auth.users (id, email) FROM STDIN") as into:
-                for block in out:
-                    into.write(block)
+            shim = supabase.read_auth_shim(src)
+            supabase.create_roles(tgt, {r: supabase.RolePlan("create", r, [], bypassrls=(r == "service_role"))
+                                        for r in supabase.PUBLISHED_ROLES})
+            supabase.create_auth_shim(tgt, shim)
+            supabase.stream_auth_users(src, tgt, shim)
         return round(time.monotonic() - started, 2)
 
     def add_missing_foreign_keys(self, db: str) -> tuple[float, int]:

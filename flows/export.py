@@ -31,10 +31,16 @@ def export_database(options: RunOptions) -> dict:
 
 
 def publish_export_plan(plan: ExportPlan, dry_run: bool) -> None:
+    needed = ", ".join(f"{n} (schema {s})" for n, s in plan.extensions_needed.items()) or "none"
     md = [f"# Export plan{' (dry run: nothing written)' if dry_run else ''}",
           f"Source size: {plan.source_bytes:,} bytes; tools: {plan.tools}", "", f"`{plan.command}`", "",
           "## Left out (Supabase rules)", markdown_table([{"what": w, "rule": r} for w, r in plan.rules]),
-          f"## Supabase leftovers (policy: {plan.leftovers_policy})",
-          markdown_table([{"object": o} for o in plan.leftovers]),
+          "## Roles (database.roles)", markdown_table(plan.roles) if plan.roles else "No role is named.",
+          f"Objects owned by {', '.join(plan.owners) or 'nobody'} on the source are owned by the target's "
+          "restoring user (target.direct.user) after the restore (pg_restore --no-owner).",
+          f"## Objects that use Supabase (supabase_leftovers: {plan.leftovers_policy})",
+          markdown_table(plan.decisions) if plan.decisions else "None.",
+          "## Extensions", f"Needed by migrated objects: {needed}. "
+          f"Installed but not needed: {', '.join(plan.extensions_unused) or 'none'}.",
           "## Tables", markdown_table([{"table": t} for t in plan.tables])]
     publish_markdown("export-plan", "\n".join(md))

@@ -13,16 +13,21 @@ from tasks.database import PreflightReport, require, run_preflight
 def preflight(options: RunOptions) -> dict:
     """Succeeds when both servers answer, the versions and pg_dump/pg_restore fit, the target offers every
     extension the source uses, the target is empty (or was written by this runbook) and the state disk has
-    room for the dump. Reads only, so a dry run does the same."""
+    room for the dump. Warns (or fails, per database.collation_mismatch) when the target database's encoding or
+    locale differs from the source's, and warns about weak passwords. Reads only, so a dry run does the same."""
     runbook = open_runbook(options, "preflight")
     report = run_preflight(runbook)
     publish_preflight(report)
     require(report)
-    return {"source_major": report.source_major, "target_major": report.target_major, "tools": report.tools}
+    return {"source_major": report.source_major, "target_major": report.target_major, "tools": report.tools,
+            "warnings": report.warnings}
 
 
 def publish_preflight(report: PreflightReport) -> None:
-    rows = [{"check": c.name, "status": "ok" if c.ok else "FAILED", "detail": c.detail} for c in report.checks]
-    publish_table("preflight-checks", rows, "Preflight: every check, passed or not")
+    shown = {"ok": "ok", "warn": "WARN", "failed": "FAILED"}
+    rows = [{"check": c.name, "status": shown[c.status], "detail": c.detail} for c in report.checks]
+    publish_table("preflight-checks", rows, "Preflight: every check, passed, warned or failed")
     verdict = "passed" if not report.failures else f"FAILED ({len(report.failures)} checks)"
+    if report.warnings:
+        verdict += f" with {len(report.warnings)} warning{'s' if len(report.warnings) > 1 else ''}"
     publish_markdown("preflight-summary", f"# Preflight {verdict}\n\n" + markdown_table(rows))

@@ -8,14 +8,16 @@ from flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown
 from tasks.database import (
-    RestorePlan, export_done, grant_app_roles, plan_restore, prepare_target, restore_data, restore_post_data, restore_pre_data,
+    RestorePlan, export_done, plan_restore, prepare_target, restore_data, restore_grants, restore_post_data,
+    restore_pre_data,
 )
 
 
 @flow(name="restore")
 def restore_database(options: RunOptions) -> dict:
     """Succeeds when the target holds the archive's schema, every table's data, indexes, constraints,
-    triggers and policies, with grants for the runbook's app roles (pg_restore --no-owner --no-acl).
+    triggers and policies (pg_restore --no-owner --no-acl), the source's grants for every role database.roles
+    maps (GRANT and REVOKE as on the source), the auth shim when kept, and the app roles' reported extras.
     Resumable: steps and tables the ledger records as done are skipped; a table cut off mid-load is
     truncated and loaded again."""
     runbook = open_runbook(options, "restore")
@@ -32,7 +34,7 @@ def restore_database(options: RunOptions) -> dict:
         restore_pre_data(runbook, plan)
         loaded = restore_data(runbook, plan)
         restore_post_data(runbook, plan)
-        grants = grant_app_roles(runbook)
+        grants = restore_grants(runbook)
     return {"prepared": prepared, "loaded": loaded, "grants": grants}
 
 
@@ -42,5 +44,7 @@ def publish_restore_plan(plan: RestorePlan, dry_run: bool) -> None:
           f"## Supabase leftovers: policy `{plan.leftovers_policy}`",
           "Shims created on the target:" if plan.shims else "No shims: objects using auth are left out.",
           markdown_table([{"shim": s} for s in plan.shims]) if plan.shims else "",
+          "## Roles (database.roles)", markdown_table(plan.roles) if plan.roles else "No role is named.",
+          "## Objects the Supabase choices touched", markdown_table(plan.decisions) if plan.decisions else "None.",
           "## Left out of the restore", markdown_table([{"entry": e, "rule": r} for e, r in plan.left_out])]
     publish_markdown("restore-plan", "\n".join(md))

@@ -43,5 +43,5 @@ def publish_gate(report: DatabaseReport, exported: dict[str, int]) -> None:
         md += ["## What differs", *[f"- {line}" for line in report.failures()], ""]
     md += ["## Tables", markdown_table(rows), "## Sequences", markdown_table(seq_rows)]
     if report.left_out_by_policy:
-        md += ["## Left out by the leftovers policy", *[f"- {o}" for o in report.left_out_by_policy]]
+        md += ["## Left out by the runbook's decisions (see the restore plan)", *[f"- {o}" for o in report.left_out_by_policy]]
     publish_markdown("verify-summary", "\n".join(md))

@@ -37,6 +37,14 @@ CREATE TABLE IF NOT EXISTS targets (
     identity TEXT PRIMARY KEY,
     claimed_at REAL
 );
+CREATE TABLE IF NOT EXISTS archive_entries (
+    dump_id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    schema TEXT,
+    table_name TEXT,
+    name TEXT NOT NULL,
+    arguments TEXT
+);
 """
 
 
@@ -127,6 +135,22 @@ class Ledger:
     def owns_target(self, identity: str) -> bool:
         with self._db() as db:
             return db.execute("SELECT 1 FROM targets WHERE identity = ?", (identity,)).fetchone() is not None
+
+    # archive entries ---------------------------------------------------------------------------------
+    def record_archive_entries(self, entries: dict[int, tuple]) -> None:
+        """Replaces, in one transaction, what each entry of the current archive creates: {dump id: (kind,
+        schema, table_name, name, arguments)}, named from the source catalog at export."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM archive_entries")
+            db.executemany("INSERT INTO archive_entries VALUES (?, ?, ?, ?, ?, ?)",
+                           [(dump_id, *entry) for dump_id, entry in entries.items()])
+            db.execute("COMMIT")
+
+    def archive_entries(self) -> dict[int, tuple]:
+        with self._db() as db:
+            rows = db.execute("SELECT dump_id, kind, schema, table_name, name, arguments FROM archive_entries")
+            return {dump_id: tuple(rest) for dump_id, *rest in rows}
 
 
 @contextmanager

@@ -3,6 +3,12 @@
 Every secret that Liftoff resolves is registered here; ``redact`` replaces registered values and any
 password embedded in a DSN or conninfo string. ``install`` hooks the stdlib log-record factory so that
 Prefect's own loggers (and thus the run logs shipped to the Prefect API) are redacted too.
+
+A weak secret (shorter than ``MIN_STRONG_LENGTH`` or one of ``COMMON_WORDS``) is masked only where it
+stands as a credential: ``password=...``, ``PGPASSWORD=...``, a URL's ``user:PW@``, ``"password": "..."``,
+``--password PW``. Replacing it everywhere would mangle the output it hides in: with the password
+``postgres`` every path, user name and hint would read ``***``. Preflight warns about such passwords
+(``is_weak_secret``).
 """
 
 from __future__ import annotations
@@ -12,43 +18,89 @@ import re
 import threading
 
 MASK = "***"
+MIN_STRONG_LENGTH = 8
+# Words that are also everyday output (user names, paths, product names) or top entries of leaked-password
+# lists. Compared case-insensitively; anything shorter than MIN_STRONG_LENGTH is weak anyway.
+COMMON_WORDS = frozenset({
+    "postgres", "postgresql", "supabase", "password", "passw0rd", "password1", "secret", "admin",
+    "administrator", "root", "test", "changeme", "letmein", "welcome", "qwerty", "qwertyuiop", "iloveyou",
+    "12345678", "123456789", "1234567890",
+})
+
 _lock = threading.Lock()
-_secrets: set[str] = set()
+_strong: set[str] = set()
+_weak: set[str] = set()
+
+# A key that names a credential: password, PGPASSWORD, LIFTOFF_SOURCE_PASSWORD, secret_access_key, token ...
+_KEY = r"[\w.-]*(?:password|passwd|secret|token|secret_access_key)"
+_CREDENTIAL_KEY = re.compile(rf"^{_KEY}$", re.I)
 
 _PATTERNS = [
     # scheme://user:password@host
-    (re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<tail>@)", re.I), None),
+    re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<tail>@)", re.I),
     # conninfo / env / query-string style: password=..., PGPASSWORD=..., secret_access_key=...
-    (re.compile(r"(?P<head>\b(?:password|pgpassword|secret|token|secret_access_key)\s*=\s*['\"]?)"
-                r"(?P<secret>[^'\"\s,;&]+)(?P<tail>)", re.I), None),
+    re.compile(rf"(?P<head>\b{_KEY}\s*=\s*['\"]?)(?P<secret>[^'\"\s,;&]+)(?P<tail>)", re.I),
+    # JSON / Python dict style: "password": "...", 'secret_access_key': '...'
+    re.compile(rf"(?P<head>(?P<q>['\"]){_KEY}(?P=q)\s*:\s*(?P<v>['\"]))(?P<secret>[^'\"]+)(?P<tail>(?P=v))", re.I),
 ]
 
 
+def is_weak_secret(value: str) -> bool:
+    """True for a secret short or common enough to occur in ordinary output (and to be guessed)."""
+    return len(value) < MIN_STRONG_LENGTH or value.lower() in COMMON_WORDS
+
+
 def register_secret(value: str | None) -> None:
-    if value and len(value) >= 4:
-        with _lock:
-            _secrets.add(value)
+    if not value:
+        return
+    with _lock:
+        (_weak if is_weak_secret(value) else _strong).add(value)
+
+
+def _weak_in_context(values: list[str]) -> re.Pattern | None:
+    """The weak secrets where they stand as a credential, in the forms the generic patterns do not cover
+    (a YAML-ish ``password: PW``, ``--password PW``, ``user:PW@host`` without a scheme)."""
+    if not values:
+        return None
+    alternatives = "|".join(re.escape(v) for v in values)
+    end = r"(?=$|[\s'\",;&}\])])"
+    return re.compile(
+        rf"(?P<head>(?:\b{_KEY}['\"]?\s*[:=]|--{_KEY}\s)\s*['\"]?)(?P<secret>{alternatives}){end}(?P<tail>)"
+        rf"|(?P<uhead>[^\s:/@'\"]+:)(?P<usecret>{alternatives})(?P<utail>@)",
+        re.I,
+    )
+
+
+def _mask(m: re.Match) -> str:
+    if m.groupdict().get("uhead") is not None:
+        return f"{m.group('uhead')}{MASK}{m.group('utail')}"
+    return f"{m.group('head')}{MASK}{m.group('tail')}"
 
 
 def redact(text: str) -> str:
     if not isinstance(text, str) or not text:
         return text
     with _lock:
-        known = sorted(_secrets, key=len, reverse=True)
-    for value in known:
+        strong = sorted(_strong, key=len, reverse=True)
+        weak = sorted(_weak, key=len, reverse=True)
+    for value in strong:
         if value in text:
             text = text.replace(value, MASK)
-    for pattern, _ in _PATTERNS:
-        text = pattern.sub(lambda m: f"{m.group('head')}{MASK}{m.group('tail')}", text)
+    weak_pattern = _weak_in_context([v for v in weak if v in text])
+    if weak_pattern is not None:
+        text = weak_pattern.sub(_mask, text)
+    for pattern in _PATTERNS:
+        text = pattern.sub(_mask, text)
     return text
 
 
-def redact_value(value):
-    """Redacts strings inside nested dicts, lists and tuples."""
+def redact_value(value, key: str | None = None):
+    """Redacts strings inside nested dicts, lists and tuples; a string under a credential key (``password``,
+    ``secret_access_key``, ...) is masked whole."""
     if isinstance(value, str):
-        return redact(value)
+        return MASK if key is not None and value and _CREDENTIAL_KEY.match(key) else redact(value)
     if isinstance(value, dict):
-        return {k: redact_value(v) for k, v in value.items()}
+        return {k: redact_value(v, k if isinstance(k, str) else None) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(redact_value(v) for v in value)
     return value

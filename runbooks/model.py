@@ -118,8 +118,15 @@ class Target(_Strict):
 
 
 class AppRole(_Strict):
+    """A role of the target the runbook grants to, beyond what the source granted (reported as an extra)."""
+
     name: str
     privileges: Literal["read_write", "read_only"] = "read_write"
+    widen: bool = Field(
+        False,
+        description="a role that also exists on the source keeps exactly the source's grants unless this is "
+        "true; then the blanket grant is added on top (access widens, and the report says so)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -127,6 +134,25 @@ class AppRole(_Strict):
         if not _IDENT.match(v):
             raise ValueError("expected a lower-case PostgreSQL role name")
         return v
+
+
+class MapRole(_Strict):
+    map_to: str = Field(description="the target role that takes this source role's grants and policies")
+
+    @field_validator("map_to")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_$]*$", v):
+            raise ValueError("expected a PostgreSQL role name")
+        return v
+
+
+RoleDecision = Annotated[
+    Literal["create", "drop_references"] | MapRole,
+    Field(description="create: a NOLOGIN role of the same name with the source's BYPASSRLS and INHERIT; "
+                      "drop_references: its grants are not restored and it is removed from policies' TO lists "
+                      "(a policy for it alone is left out); {map_to: ROLE}: an existing target role takes them"),
+]
 
 
 class DatabasePhase(_Strict):
@@ -145,12 +171,29 @@ class DatabasePhase(_Strict):
         "or drop them",
     )
     app_roles: list[AppRole] = Field(default_factory=list)
+    roles: dict[str, RoleDecision] = Field(
+        default_factory=dict,
+        description="what each source role named by the migrated objects (policy TO, grants) becomes on the "
+        "target; Supabase's own roles have defaults (tasks/supabase.py DEFAULT_ROLES), any other role must be "
+        "listed here or preflight stops",
+    )
+    auth_triggers: Literal["recreate", "drop"] = Field(
+        "recreate",
+        description="triggers on auth.users that call the app's functions (e.g. a profile created on sign-up): "
+        "recreate them on the shim's auth.users (supabase_leftovers: shim), or leave them out (listed)",
+    )
     min_free_disk_mb: int = Field(
         1024, ge=0, description="free space to keep on the state disk beyond the dump's estimated size"
     )
     pg_bin_dirs: list[Path] | None = Field(
         None,
         description="where to look for pg_dump/pg_restore; default: /usr/lib/postgresql/*/bin and PATH",
+    )
+    collation_mismatch: Literal["warn", "fail"] = Field(
+        "warn",
+        description="when the target database's encoding, collation, ctype or locale provider differs from the "
+        "source's (ORDER BY on text, comparisons and text indexes follow the target's rules): warn in preflight, "
+        "or fail it",
     )
 
     @field_validator("schemas")

@@ -13,6 +13,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import psycopg
 
 from liftoff.errors import StepFailed, ToolMissing
 from liftoff.redaction import redact
@@ -94,8 +97,10 @@ _DESCS = sorted(
         "PUBLICATION TABLES IN SCHEMA", "PUBLICATION", "SUBSCRIPTION", "MATERIALIZED VIEW DATA",
         "MATERIALIZED VIEW", "DEFAULT ACL", "DEFAULT", "ACL", "COMMENT", "SCHEMA", "EXTENSION", "TYPE", "DOMAIN",
         "FUNCTION", "PROCEDURE", "AGGREGATE", "SEQUENCE", "TABLE ATTACH", "TABLE", "VIEW", "STATISTICS",
-        "BLOBS", "BLOB", "LARGE OBJECT", "ENCODING", "STDSTRINGS", "SEARCHPATH", "DATABASE", "CAST",
-        "COLLATION", "CONVERSION", "OPERATOR", "TEXT SEARCH CONFIGURATION", "TEXT SEARCH DICTIONARY",
+        "BLOBS", "BLOB", "LARGE OBJECT", "CHECK CONSTRAINT", "SHELL TYPE", "PROCEDURAL LANGUAGE",
+        "OPERATOR CLASS", "OPERATOR FAMILY", "ACCESS METHOD", "TRANSFORM", "ENCODING", "STDSTRINGS", "SEARCHPATH",
+        "DATABASE", "CAST", "COLLATION", "CONVERSION", "OPERATOR", "TEXT SEARCH CONFIGURATION",
+        "TEXT SEARCH DICTIONARY",
         "SERVER", "USER MAPPING", "FOREIGN TABLE", "FOREIGN DATA WRAPPER",
     ],
     key=len,
@@ -104,9 +109,21 @@ _DESCS = sorted(
 _ENTRY = re.compile(r"^(?P<id>\d+);\s+(?P<cat>\d+)\s+(?P<oid>\d+)\s+(?P<rest>.*)$")
 DATA_DESCS = {"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB", "LARGE OBJECT"}
 # pg_dump files materialized view data under post-data: it is a REFRESH that needs the indexes first.
-POST_DATA_DESCS = {"INDEX", "INDEX ATTACH", "CONSTRAINT", "FK CONSTRAINT", "TRIGGER", "EVENT TRIGGER", "POLICY",
-                   "ROW SECURITY", "RULE", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA", "STATISTICS",
-                   "MATERIALIZED VIEW DATA"}
+POST_DATA_DESCS = {"INDEX", "INDEX ATTACH", "CONSTRAINT", "CHECK CONSTRAINT", "FK CONSTRAINT", "TRIGGER",
+                   "EVENT TRIGGER", "POLICY", "ROW SECURITY", "RULE", "PUBLICATION TABLE",
+                   "PUBLICATION TABLES IN SCHEMA", "STATISTICS", "MATERIALIZED VIEW DATA"}
+
+
+class Identity(NamedTuple):
+    """What an archive entry creates, named from the source catalog at export: exact, whatever the names
+    hold (spaces, quotes, unicode, upper case). A TOC tag cannot say this: pg_dump's tag for a constraint,
+    trigger or policy is "table name", both raw, so a space in either makes it ambiguous."""
+
+    kind: str  # table, view, index, constraint, trigger, policy, function, type, ..., or the data entry's kind
+    schema: str | None
+    table: str | None  # the table (or view, domain) a per-table object belongs to; None for the others
+    name: str
+    arguments: str | None = None  # a function's identity arguments, as pg_get_function_identity_arguments
 
 
 @dataclass(frozen=True)
@@ -114,7 +131,11 @@ class TocEntry:
     line: str
     desc: str
     schema: str
-    tag: str  # name, or "table name" for per-table objects (constraints, triggers, policies)
+    tag: str  # name, or "table name" for per-table objects (constraints, triggers, policies): ambiguous
+    dump_id: int = 0
+    catalog_id: int = 0  # the oid of the system catalog holding the object (its tableoid); 0 for some kinds
+    oid: int = 0
+    identity: Identity | None = None  # from the source catalog (or, for an older archive, from the tag)
 
     @property
     def section(self) -> str:
@@ -125,12 +146,26 @@ class TocEntry:
         return "pre-data"
 
     @property
+    def table(self) -> str | None:
+        return self.identity.table if self.identity else None
+
+    @property
+    def name(self) -> str | None:
+        return self.identity.name if self.identity else None
+
+    @property
     def table_and_name(self) -> tuple[str, str]:
+        if self.identity and self.identity.table is not None:
+            return self.identity.table, self.identity.name
         table, _, name = self.tag.partition(" ")
         return table, name
 
 
-def parse_toc(listing: str) -> list[TocEntry]:
+def parse_toc(listing: str, identities: dict[int, Identity] | None = None) -> list[TocEntry]:
+    """The entries of a ``pg_restore -l`` listing. Each line is ``dumpId; tableoid oid DESC schema tag
+    owner``: the numbers are unambiguous, the words are not (a tag or an owner may hold spaces).
+    ``identities`` (by dump id) name each object exactly; without them (an archive exported before they were
+    recorded) names are taken from the tag as before."""
     entries = []
     for line in listing.splitlines():
         m = _ENTRY.match(line.strip())
@@ -141,13 +176,128 @@ def parse_toc(listing: str) -> list[TocEntry]:
         words = rest[len(desc):].strip().split(" ")
         schema = words[0] if words else "-"
         tag = " ".join(words[1:-1]) if len(words) > 2 else (words[1] if len(words) == 2 else "")
-        entries.append(TocEntry(line.strip(), desc, schema, tag))
+        dump_id = int(m.group("id"))
+        identity = identities.get(dump_id) if identities else _identity_from_tag(desc, schema, tag)
+        entries.append(TocEntry(line.strip(), desc, schema, tag, dump_id, int(m.group("cat")), int(m.group("oid")),
+                                identity))
     return entries
 
 
-def read_toc(tools: PgTools, dump_dir: Path) -> list[TocEntry]:
+# What the tag alone says, for an archive without recorded identities (the parsing used before them).
+_TAG_KINDS = {"TABLE": "table", "VIEW": "view", "MATERIALIZED VIEW": "materialized view", "SEQUENCE": "sequence",
+              "TYPE": "type", "DOMAIN": "domain", "INDEX": "index", "STATISTICS": "statistics",
+              "TABLE DATA": "table data"}
+_TAG_PER_TABLE_KINDS = {"CONSTRAINT": "constraint", "FK CONSTRAINT": "constraint", "TRIGGER": "trigger",
+                        "POLICY": "policy", "RULE": "rule"}
+
+
+def _identity_from_tag(desc: str, schema: str, tag: str) -> Identity | None:
+    if desc in _TAG_PER_TABLE_KINDS:
+        table, _, name = tag.partition(" ")
+        return Identity(_TAG_PER_TABLE_KINDS[desc], schema, table, name)
+    if desc in _TAG_KINDS:
+        return Identity(_TAG_KINDS[desc], schema, tag if desc == "TABLE DATA" else None, tag)
+    return None
+
+
+def list_archive(tools: PgTools, dump_dir: Path) -> str:
     out = subprocess.run([tools.pg_restore, "-l", str(dump_dir)], capture_output=True, text=True)
     if out.returncode != 0:
-        raise StepFailed(f"pg_restore -l {dump_dir} failed: {out.stderr.strip().splitlines()[:1]}")
-    return parse_toc(out.stdout)
+        first = (out.stderr.strip().splitlines() or ["no output"])[0]
+        raise StepFailed(f"pg_restore -l {dump_dir} failed: {redact(first)}")
+    return out.stdout
 
+
+def read_toc(tools: PgTools, dump_dir: Path, identities: dict[int, Identity] | None = None) -> list[TocEntry]:
+    """The archive's entries, each named by its identity recorded at export (the ledger's
+    ``archive_entries``); without identities, names come from the tags."""
+    return parse_toc(list_archive(tools, dump_dir), identities)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identities from the source catalog, read in the export's snapshot
+
+# Per system catalog: (oid, kind, schema, table, name, arguments) of the objects whose oid is in %(oids)s.
+_IDENTITY_QUERIES = {
+    "pg_class": """
+        SELECT c.oid, CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table' WHEN 'v' THEN 'view'
+                   WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence' WHEN 'f' THEN 'foreign table'
+                   WHEN 'i' THEN 'index' WHEN 'I' THEN 'index' WHEN 'c' THEN 'type' ELSE 'relation' END,
+               n.nspname, t.relname, c.relname, NULL
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_index x ON x.indexrelid = c.oid LEFT JOIN pg_class t ON t.oid = x.indrelid
+        WHERE c.oid = ANY(%(oids)s)""",
+    "pg_constraint": """
+        SELECT k.oid, CASE WHEN k.conrelid <> 0 THEN 'constraint' ELSE 'domain constraint' END,
+               n.nspname, coalesce(t.relname, d.typname), k.conname, NULL
+        FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
+        LEFT JOIN pg_class t ON t.oid = k.conrelid AND k.conrelid <> 0
+        LEFT JOIN pg_type d ON d.oid = k.contypid AND k.contypid <> 0
+        WHERE k.oid = ANY(%(oids)s)""",
+    "pg_trigger": """
+        SELECT g.oid, 'trigger', n.nspname, t.relname, g.tgname, NULL
+        FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+        WHERE g.oid = ANY(%(oids)s)""",
+    "pg_policy": """
+        SELECT p.oid, 'policy', n.nspname, t.relname, p.polname, NULL
+        FROM pg_policy p JOIN pg_class t ON t.oid = p.polrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+        WHERE p.oid = ANY(%(oids)s)""",
+    "pg_rewrite": """
+        SELECT r.oid, 'rule', n.nspname, t.relname, r.rulename, NULL
+        FROM pg_rewrite r JOIN pg_class t ON t.oid = r.ev_class JOIN pg_namespace n ON n.oid = t.relnamespace
+        WHERE r.oid = ANY(%(oids)s)""",
+    "pg_statistic_ext": """
+        SELECT s.oid, 'statistics', n.nspname, t.relname, s.stxname, NULL
+        FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace JOIN pg_class t ON t.oid = s.stxrelid
+        WHERE s.oid = ANY(%(oids)s)""",
+    "pg_proc": """
+        SELECT p.oid, CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate' ELSE 'function' END,
+               n.nspname, NULL, p.proname, pg_get_function_identity_arguments(p.oid)
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.oid = ANY(%(oids)s)""",
+    "pg_type": """
+        SELECT y.oid, CASE y.typtype WHEN 'd' THEN 'domain' ELSE 'type' END, n.nspname, NULL, y.typname, NULL
+        FROM pg_type y JOIN pg_namespace n ON n.oid = y.typnamespace
+        WHERE y.oid = ANY(%(oids)s)""",
+    "pg_namespace": "SELECT oid, 'schema', NULL, NULL, nspname, NULL FROM pg_namespace WHERE oid = ANY(%(oids)s)",
+    "pg_extension": "SELECT oid, 'extension', NULL, NULL, extname, NULL FROM pg_extension WHERE oid = ANY(%(oids)s)",
+    "pg_attrdef": """
+        SELECT d.oid, 'default', n.nspname, t.relname, a.attname, NULL
+        FROM pg_attrdef d JOIN pg_class t ON t.oid = d.adrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+        JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+        WHERE d.oid = ANY(%(oids)s)""",
+}
+# Entries about a table's data or flags carry no catalog id, and the table's own oid.
+_OF_A_TABLE = {"TABLE DATA": "table data", "ROW SECURITY": "row security",
+               "MATERIALIZED VIEW DATA": "materialized view data"}
+
+
+def resolve_identities(conn: psycopg.Connection, entries: list[TocEntry]) -> dict[int, Identity]:
+    """{dump id: Identity} for every entry whose object the catalog on ``conn`` still describes; run it in
+    the snapshot the archive was dumped from, so an oid means what it meant to pg_dump. Entries that name
+    no catalog object (SEQUENCE SET, COMMENT, ACL, ...) have none."""
+    catalogs = dict(conn.execute(
+        "SELECT c.oid::bigint, c.relname::text FROM pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace "
+        "AND c.relname = ANY(%s)", (list(_IDENTITY_QUERIES),)).fetchall())
+    wanted: dict[str, dict[int, list[int]]] = {}  # catalog -> oid -> dump ids
+    for e in entries:
+        catalog = catalogs.get(e.catalog_id) or ("pg_class" if e.desc in _OF_A_TABLE and e.oid else None)
+        if catalog:
+            wanted.setdefault(catalog, {}).setdefault(e.oid, []).append(e.dump_id)
+    descs = {e.dump_id: e.desc for e in entries}
+    identities: dict[int, Identity] = {}
+    for catalog, by_oid in wanted.items():
+        for oid, kind, schema, table, name, arguments in conn.execute(
+                _IDENTITY_QUERIES[catalog], {"oids": list(by_oid)}).fetchall():
+            for dump_id in by_oid[oid]:
+                if descs[dump_id] in _OF_A_TABLE:
+                    identities[dump_id] = Identity(_OF_A_TABLE[descs[dump_id]], schema, name, name)
+                else:
+                    identities[dump_id] = Identity(kind, schema, table, name, arguments)
+    return identities
+
+
+def archive_identities(conn: psycopg.Connection, tools: PgTools, dump_dir: Path) -> dict[int, Identity]:
+    """Lists the archive pg_dump just wrote and names each entry from the catalog ``conn`` reads (the
+    export's snapshot session)."""
+    return resolve_identities(conn, parse_toc(list_archive(tools, dump_dir), {}))

@@ -146,17 +146,20 @@ class Table:
 
 
 def list_tables(conn: psycopg.Connection, schemas: list[str]) -> list[Table]:
-    """Ordinary and partitioned tables of the schemas, with their primary-key columns in key order."""
+    """Ordinary and partitioned tables of the schemas, with their primary-key columns in key order and each
+    key column's type category (``pg_type.typcategory``: "S" for every string type, domains over one and
+    citext included, wherever their schema)."""
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname,
                coalesce(array_agg(a.attname ORDER BY k.ord) FILTER (WHERE a.attname IS NOT NULL), '{}'),
-               coalesce(array_agg(format_type(a.atttypid, NULL) ORDER BY k.ord) FILTER (WHERE a.attname IS NOT NULL), '{}')
+               coalesce(array_agg(y.typcategory::text ORDER BY k.ord) FILTER (WHERE a.attname IS NOT NULL), '{}')
         FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_constraint p ON p.conrelid = c.oid AND p.contype = 'p'
         LEFT JOIN LATERAL unnest(p.conkey) WITH ORDINALITY AS k(attnum, ord) ON true
         LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+        LEFT JOIN pg_type y ON y.oid = a.atttypid
         WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(%s)
           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
         GROUP BY n.nspname, c.relname
@@ -190,20 +193,62 @@ def existing_roles(conn: psycopg.Connection, names: list[str]) -> set[str]:
     return {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (names,))}
 
 
+@dataclass(frozen=True)
+class DatabaseLocale:
+    """How the current database stores and orders text: what a restore takes from the target, not the dump."""
+
+    encoding: str
+    collate: str
+    ctype: str
+    provider: str  # libc, icu or builtin
+    locale: str | None  # the ICU (15, 16: daticulocale) or builtin (17+: datlocale) locale; None for libc
+
+    @property
+    def comparable(self) -> tuple:
+        return (self.encoding, _locale_key(self.collate), _locale_key(self.ctype), self.provider,
+                _locale_key(self.locale) if self.provider != "libc" else None)
+
+    def __str__(self) -> str:
+        text = f"encoding {self.encoding}, collation {self.collate}, ctype {self.ctype}, provider {self.provider}"
+        return text + (f" (locale {self.locale})" if self.provider != "libc" else "")
+
+
+_PROVIDERS = {"c": "libc", "i": "icu", "b": "builtin"}
+
+
+def _locale_key(name: str | None) -> str | None:
+    # C.UTF-8 and C.utf8 (or en_US.UTF-8 and en_US.utf8) name the same glibc locale.
+    return name.lower().replace("utf-8", "utf8") if name else name
+
+
+def database_locale(conn: psycopg.Connection) -> DatabaseLocale:
+    """Encoding, LC_COLLATE, LC_CTYPE and locale provider of the current database (PostgreSQL 12 to 18)."""
+    columns = {r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'pg_catalog.pg_database'::regclass "
+        "AND attname IN ('datlocprovider', 'daticulocale', 'datlocale')")}
+    provider = "datlocprovider::text" if "datlocprovider" in columns else "'c'"
+    # The provider's own locale: daticulocale on 15 and 16, renamed datlocale on 17.
+    locale = next((c for c in ("datlocale", "daticulocale") if c in columns), "NULL")
+    row = conn.execute(
+        f"SELECT pg_encoding_to_char(encoding), datcollate, datctype, {provider}, {locale} "
+        "FROM pg_database WHERE datname = current_database()").fetchone()
+    return DatabaseLocale(row[0], row[1] or "", row[2] or "", _PROVIDERS.get(row[3], row[3]), row[4])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Content digests, compared by the gate
 
 
 CHUNK_ROWS = 50_000
-_TEXTLIKE = {"text", "character varying", "character", "name", "citext"}
+_STRING_CATEGORY = "S"  # pg_type.typcategory of text, varchar, char, name, citext; a domain has its base's
 
 
 def _key_exprs(table: Table) -> list[sql.Composable]:
     exprs = []
-    for col, typ in zip(table.pk, table.pk_types):
+    for col, category in zip(table.pk, table.pk_types):
         ident = sql.Identifier("t", col)
-        # Text keys sort byte-wise on both sides, whatever each server's default collation is.
-        exprs.append(sql.SQL("{} COLLATE \"C\"").format(ident) if typ.split("(")[0] in _TEXTLIKE else ident)
+        # String keys sort byte-wise on both sides, whatever each server's default collation is.
+        exprs.append(sql.SQL("{} COLLATE \"C\"").format(ident) if category == _STRING_CATEGORY else ident)
     return exprs
 
 
@@ -464,3 +509,17 @@ def execute(conn: psycopg.Connection, statement: str | sql.Composable, params=No
         conn.execute(statement, params)
     except psycopg.Error as exc:
         raise StepFailed(f"{what or 'SQL'} failed: {redact(str(exc)).strip().splitlines()[0]}") from None
+
+
+def rls_hidden_tables(conn: psycopg.Connection, schemas: list[str]) -> dict[str, list[str]]:
+    """{table: [policy names]} of the tables whose rows row-level security hides from the current user (RLS
+    enabled, and the user neither owns the table, nor has BYPASSRLS, nor is a superuser): with
+    ``row_security = off`` reading them fails, as pg_dump's does."""
+    return {table: list(policies) for table, policies in conn.execute(
+        """SELECT format('%%I.%%I', n.nspname, c.relname),
+                  array(SELECT polname::text FROM pg_policy WHERE polrelid = c.oid ORDER BY 1)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND c.relrowsecurity
+              AND NOT pg_has_role(c.relowner, 'USAGE')
+              AND NOT (SELECT rolbypassrls OR rolsuper FROM pg_roles WHERE rolname = current_user)
+            ORDER BY 1""", (schemas,))}

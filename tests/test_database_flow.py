@@ -28,7 +28,8 @@ def test_migrate_database_copies_every_table_and_the_gate_passes(stack, migrated
             assert exported[table] == rows, table
     target_counts = {t: stack.target.execute(f"SELECT count(*) FROM {t}", dbname="migrated")[0][0] for t in exported}
     assert target_counts == exported
-    assert result["verify"]["rows"] == sum(exported.values())
+    # the gate also compares the shim's copy of auth.users with the source's
+    assert result["verify"]["rows"] == sum(exported.values()) + stack.counts["auth.users"]
 
 
 def test_restore_leaves_supabase_platform_objects_behind_and_shims_auth(stack, migrated):
@@ -61,19 +62,13 @@ def test_dry_run_writes_nothing(stack):
     assert _tables(stack.target, "dryrun") == set()
 
 
-def test_drop_policy_leaves_out_auth_objects_and_reports_them(stack):
-    runbook = fresh_runbook(stack, "dropped", supabase_leftovers="drop")
-    migrate_database(RunOptions(runbook=str(runbook)))
-    assert stack.target.execute("SELECT count(*) FROM pg_policies WHERE qual ~ 'auth\\.'", dbname="dropped")[0][0] == 0
-    fks_to_auth = stack.target.execute(
-        "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND confrelid::regclass::text LIKE 'auth.%'",
-        dbname="dropped")
-    assert fks_to_auth[0][0] == 0
-    names = {r[0] for r in stack.target.execute("SELECT nspname FROM pg_namespace", dbname="dropped")}
-    assert "auth" not in names
-    leftovers = Ledger(load_runbook(runbook).state_dir).step_detail("export")["leftovers"]
-    assert "public.bookings customers see own bookings" in leftovers["policies"]
-    assert "public.bookings bookings_created_by_fkey" in leftovers["foreign_keys"]
+def test_drop_policy_stops_in_preflight_on_a_default_that_calls_auth(stack):
+    """public.notes.owner_id defaults to auth.uid(): without the shim the table cannot be created as it is."""
+    runbook = fresh_runbook(stack, "dropstops", supabase_leftovers="drop")
+    with pytest.raises(PreflightFailed) as failed:
+        preflight(RunOptions(runbook=str(runbook)))
+    assert "default public.notes.owner_id: uses auth.uid() (not on the target: supabase_leftovers is drop); " \
+           "use supabase_leftovers: shim" in str(failed.value)
 
 
 def test_verify_alone_fails_on_a_target_never_restored(stack):
@@ -99,21 +94,30 @@ def test_pg15_source_migrates_into_pg16_target(stack16):
     assert stack16.target.major == 16 and stack16.source.major == 15
     result = migrate_database(RunOptions(runbook=str(stack16.runbook_path)))
     assert result["preflight"]["source_major"] == 15 and result["preflight"]["target_major"] == 16
-    assert result["verify"]["rows"] == sum(n for t, n in stack16.counts.items() if t.startswith("public."))
+    assert result["verify"]["rows"] == sum(n for t, n in stack16.counts.items() if t.startswith("public.")) \
+        + stack16.counts["auth.users"]
 
 
-def test_preflight_names_extensions_missing_on_the_pg16_target(stack, stack16):
+def _runbook_onto_pg16(stack, stack16, name: str):
     import yaml
 
-    data = stack.runbook_data(state_dir="state-ext16")
+    stack16.new_target_database(name)
+    data = stack.runbook_data(state_dir=f"state-{name}", target_database=name)
     data["target"]["direct"].update(port=stack16.target.port,
                                     password={"env": "LIFTOFF_PG16_TARGET_PASSWORD"})
-    path = stack.workdir / "ext16.yaml"
+    path = stack.workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_preflight_needs_only_the_extensions_migrated_objects_use(stack, stack16):
+    """The source has uuid-ossp and pgcrypto installed; only pgcrypto is used (a column default calls
+    extensions.digest), so a PostgreSQL 16 target without contrib is refused for pgcrypto alone."""
     with pytest.raises(PreflightFailed) as failed:
-        preflight(RunOptions(runbook=str(path)))
+        preflight(RunOptions(runbook=str(_runbook_onto_pg16(stack, stack16, "ext16"))))
     message = str(failed.value)
-    assert "lacks extensions the source uses: pgcrypto, uuid-ossp" in message
+    assert "lacks extensions the migrated objects use: pgcrypto;" in message
+    assert "uuid-ossp" not in message
 
 
 def test_stream_strategy_copies_server_to_server_and_keeps_a_schema_archive(stack):
@@ -122,7 +126,7 @@ def test_stream_strategy_copies_server_to_server_and_keeps_a_schema_archive(stac
     runbook = fresh_runbook(stack, "streamed", strategy="stream")
     result = migrate_database(RunOptions(runbook=str(runbook)))
     assert sorted(result["restore"]["loaded"]["loaded"]) == sorted(result["export"]["tables"])
-    assert result["verify"]["rows"] == sum(result["export"]["tables"].values())
+    assert result["verify"]["rows"] == sum(result["export"]["tables"].values()) + stack.counts["auth.users"]
     toc = read_toc(PgTools(stack.source.bin_dir, 15), load_runbook(runbook).state_dir / "dump")
     assert {e.desc for e in toc} >= {"TABLE", "INDEX", "FK CONSTRAINT"}
     assert not [e for e in toc if e.desc == "TABLE DATA"]
@@ -143,6 +147,6 @@ def test_gate_publishes_its_table_and_a_finished_progress_bar(stack, migrated):
     import json
 
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {r["table"] for r in rows} == set(migrated["result"]["export"]["tables"])
+    assert {r["table"] for r in rows} == set(migrated["result"]["export"]["tables"]) | {"auth.users"}
     assert all(r["status"] == "match" and r["source rows"] == r["target rows"] for r in rows)
     assert any(p.flow_run_id == run_id and float(p.data) == 100.0 for p in progress)

@@ -75,3 +75,37 @@ def test_an_unpopulated_materialized_view_is_reported(two_databases):
     target.execute("CREATE MATERIALIZED VIEW public.mv AS SELECT count(*) FROM public.t1 WITH NO DATA")
     missing = compare_objects(source, target, ["public"], set(), frozenset())
     assert missing == {"populated materialized view": ["public.mv"]}
+
+
+def test_domain_and_citext_keys_are_ranged_byte_wise_across_servers_that_sort_differently(stack):
+    """A source sorting byte-wise and a target sorting as en-US (ICU): keys of a domain over text and of
+    extensions.citext are ranged with COLLATE "C" on both sides, so only the real differences are named."""
+    source_db, target_db = f"edge{next(_n)}c", f"edge{next(_n)}icu"
+    stack.target.execute(f"CREATE DATABASE {source_db} TEMPLATE template0 LOCALE 'C.UTF-8'")
+    stack.target.execute(f"CREATE DATABASE {target_db} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+    conns = [psycopg.connect(stack.target.conninfo(name), autocommit=True) for name in (source_db, target_db)]
+    try:
+        for conn in conns:
+            for k, v in TEXT_SETTINGS.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (k, v))
+        # Keys whose byte order differs from en-US order: '~', '_' and 'é' sort among or before letters there.
+        _both(conns, "CREATE SCHEMA extensions; CREATE EXTENSION citext WITH SCHEMA extensions;"
+                     "CREATE DOMAIN public.code AS text;"
+                     "CREATE TABLE public.by_code (k public.code PRIMARY KEY, v int);"
+                     "CREATE TABLE public.by_email (k extensions.citext PRIMARY KEY, v int);"
+                     "INSERT INTO public.by_code SELECT (ARRAY['a','B','~','_','é','Z','ö'])[g % 7 + 1] || g, g "
+                     "FROM generate_series(1, 300) g;"
+                     "INSERT INTO public.by_email SELECT (ARRAY['a','b','~','_','é','z','ö'])[g % 7 + 1] || g, g "
+                     "FROM generate_series(1, 300) g")
+        source, target = conns
+        for table in ("by_code", "by_email"):
+            target.execute(f"DELETE FROM public.{table} WHERE v = 150")
+            target.execute(f"INSERT INTO public.{table} VALUES ('~~extra', 1), ('Ñ-extra', 2)")
+            check = compare_table(source, target, _table(source, table), chunk_rows=32)
+            missing = source.execute(f"SELECT k::text FROM public.{table} WHERE v = 150").fetchone()[0]
+            assert check.missing_keys == [missing], (table, check.summary())
+            assert sorted(check.extra_keys) == sorted(["~~extra", "Ñ-extra"]), (table, check.summary())
+            assert check.changed_keys == [], (table, check.summary())
+    finally:
+        for conn in conns:
+            conn.close()

@@ -29,6 +29,7 @@ class LocalStack:
     bookings: int = 500
     target_major: int = 15
     contrib: bool = True
+    apps: bool = True  # the Supabase example-app patterns (supabase_apps.sql): auth hooks, triggers on auth.users
     seed: int = 7
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="liftoff-stack-")))
     env_prefix: str = "LIFTOFF_LOCAL"
@@ -55,7 +56,8 @@ class LocalStack:
         self.source = PostgresServer(pg15_bin_dir(), superuser="supabase_admin", password=self.passwords["admin"]).start()
         target_bin = pg16_bin_dir() if self.target_major == 16 else pg15_bin_dir()
         self.target = PostgresServer(target_bin, superuser="postgres", password=self.passwords["target"]).start()
-        prepare_supabase_source(self.source, postgres_password=self.passwords["source"], contrib=self.contrib)
+        prepare_supabase_source(self.source, postgres_password=self.passwords["source"], contrib=self.contrib,
+                                apps=self.apps)
         self.counts = generate_crm(self.source.conninfo(), bookings=self.bookings, seed=self.seed)
         self.target.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{self.passwords['app']}'")
         os.environ.update(self.env)
