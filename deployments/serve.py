@@ -12,29 +12,24 @@ import argparse
 
 from prefect import serve
 
-from flows.database import migrate_database
-from flows.export import export_database
-from flows.preflight import preflight
-from flows.restore import restore_database
-from flows.verify import verify_database
 from liftoff.logs import configure
+from liftoff.phases import PHASES
 
-FLOWS = {
-    "preflight": preflight,
-    "export": export_database,
-    "restore": restore_database,
-    "verify": verify_database,
-    "migrate-database": migrate_database,
-}
+# Deployment name -> (flow, phase): every flow of every phase in the registry; the composed database flow
+# keeps the name its deployment has always had.
+FLOWS = {("migrate-database" if f.name == "database" else f.name): (f, phase.name)
+         for phase in PHASES for f in phase.flows}
 
 
 def deployments(only: list[str] | None = None):
-    return [
-        flow.to_deployment(name=name, description=(flow.__doc__ or "").strip().splitlines()[0],
-                           tags=["liftoff", "database"])
-        for name, flow in FLOWS.items()
-        if not only or name in only
-    ]
+    result = []
+    for name, (entry, phase) in FLOWS.items():
+        if only and name not in only:
+            continue
+        flow = entry.load()
+        result.append(flow.to_deployment(name=name, description=(flow.__doc__ or "").strip().splitlines()[0],
+                                         tags=["liftoff", phase]))
+    return result
 
 
 def main() -> None:

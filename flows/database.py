@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import flow
 
 from flows.export import export_database
-from flows.options import RunOptions
+from flows.options import RunOptions, open_runbook
 from flows.preflight import preflight
 from flows.restore import restore_database
 from flows.verify import verify_database
+from liftoff.ledger import exclusive
 
 
 @flow(name="migrate-database")
 def migrate_database(options: RunOptions) -> dict:
     """Succeeds when the target is a verified copy of the source's migrated schemas. Each step is a flow of
-    its own, runnable alone; the ledger lets a re-run continue where a killed run stopped."""
-    checked = preflight(options)
-    exported = export_database(options)
-    restored = restore_database(options)
-    verified = verify_database(options)
+    its own, runnable alone; the ledger lets a re-run continue where a killed run stopped. The runbook's lock
+    is held from the export to the gate."""
+    runbook = open_runbook(options, "database")
+    checked = preflight(options)  # reads only; it says clearly when state_dir cannot take the lock
+    # One lock from the first write to the last (each step's own lock re-enters it): no other run of this
+    # runbook can slip in between two steps. A dry run writes nothing, not even the lock file.
+    with contextlib.nullcontext() if options.dry_run else exclusive(runbook.state_dir):
+        exported = export_database(options)
+        restored = restore_database(options)
+        verified = verify_database(options)
     return {"preflight": checked, "export": exported, "restore": restored, "verify": verified}

@@ -38,7 +38,12 @@ def open_runbook(options: RunOptions, phase: str) -> Runbook:
     """Loads the runbook and binds run context (flow run id, phase, runbook) to every later log line."""
     from prefect.runtime import flow_run
 
+    from liftoff.reports import for_runbook
+    from runbooks.model import forget_resolved_secrets
+
+    forget_resolved_secrets()
     runbook = load_runbook(resolve_runbook_path(options.runbook))
+    for_runbook(runbook.name)
     bind_run(run_id=str(flow_run.id or "local"), flow=flow_run.flow_name or phase, phase=phase,
              runbook=runbook.name, dry_run=options.dry_run)
     get_logger().info("phase started")

@@ -12,7 +12,7 @@ from tasks.database import report_rows, run_gate
 from tasks.verify import DatabaseReport
 
 
-@flow(name="verify")
+@flow(name="verify-database")
 def verify_database(options: RunOptions) -> dict:
     """Succeeds only when every migrated table has the same row count and content checksum on both sides,
     every owned sequence is above its column's max, and every schema object of the source exists on the

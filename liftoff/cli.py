@@ -28,26 +28,14 @@ if not out.is_terminal:  # logs and CI: wide enough that report tables are not c
 err = Console(stderr=True, soft_wrap=True)
 
 
-class FlowName(str, Enum):
-    preflight = "preflight"
-    export = "export"
-    restore = "restore"
-    verify = "verify"
-    database = "database"
+from liftoff.phases import all_flows  # noqa: E402  (the registry imports no flow)
+
+# `liftoff run NAME`: every flow of every phase in the registry.
+FlowName = Enum("FlowName", {name: name for name in all_flows()}, type=str)
 
 
-def _flow(name: FlowName):
-    if name is FlowName.preflight:
-        from flows.preflight import preflight as f
-    elif name is FlowName.export:
-        from flows.export import export_database as f
-    elif name is FlowName.restore:
-        from flows.restore import restore_database as f
-    elif name is FlowName.verify:
-        from flows.verify import verify_database as f
-    else:
-        from flows.database import migrate_database as f
-    return f
+def _flow(name):
+    return all_flows()[FlowName(name).value].load()
 
 
 def _quiet_prefect_console() -> None:
@@ -105,6 +93,7 @@ def run_flow(name: FlowName, runbook: Path, dry_run: bool) -> dict:
 
 
 def _print_summaries(keys=("preflight-summary", "export-plan", "restore-plan", "verify-summary")) -> None:
+    """The markdown reports the last run published (the flow's keys in the registry)."""
     from liftoff.reports import last_markdown
 
     for key in keys:
@@ -117,20 +106,22 @@ def _print_summaries(keys=("preflight-summary", "export-plan", "restore-plan", "
 
 @app.command()
 def run(
-    flow: FlowName = typer.Argument(..., help="preflight, export, restore, verify, or database (all four)"),
+    flow: FlowName = typer.Argument(..., help="a flow of a phase: " + ", ".join(all_flows())),
     runbook: Path = typer.Option(..., "--runbook", "-r", help="the runbook file (YAML)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan and report; write nothing"),
 ):
-    """Run one flow of the database phase under Prefect, against the runbook's servers.
+    """Run one flow of a phase under Prefect, against the runbook's servers (`liftoff status` shows where
+    each phase stands).
 
     Exit 0 on success, 3 when a verification gate finds a difference, 2 for bad input (runbook,
     environment, a server that refused), 1 for anything unexpected."""
+    keys = all_flows()[flow.value].summaries
     try:
         run_flow(flow, runbook, dry_run)
     except Exception as exc:  # every error ends as one line and an exit code
-        _print_summaries()
+        _print_summaries(keys)
         raise _fail(exc) from None
-    _print_summaries()
+    _print_summaries(keys)
     out.print(f"[green]{flow.value}: done{' (dry run: nothing written)' if dry_run else ''}[/green]")
 
 
@@ -145,6 +136,57 @@ def validate(runbook: Path = typer.Argument(..., help="the runbook file (YAML)")
     except errors.LiftoffError as exc:
         raise _fail(exc) from None
     out.print(f"{runbook}: valid runbook '{rb.name}' (source {rb.source.where}, target {rb.target.direct.where})")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+@app.command()
+def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runbook file (YAML)")):
+    """Print, per phase, each step's state from the runbook's ledger (status, when, how long, which flow
+    run) and the latest verification gate with its age. Reads the ledger only; exit 0."""
+    import time
+
+    from rich.table import Table
+
+    from liftoff.ledger import Ledger
+    from liftoff.phases import PHASES
+    from runbooks.model import load_runbook
+
+    try:
+        rb = load_runbook(runbook)
+    except errors.LiftoffError as exc:
+        raise _fail(exc) from None
+    if not (rb.state_dir / "ledger.sqlite").exists():
+        out.print(f"{rb.name}: nothing has run yet (no ledger in {rb.state_dir})")
+        return
+    ledger = Ledger(rb.state_dir)
+    steps = ledger.steps()
+    for phase in PHASES:
+        table = Table(title=f"{phase.name}: {phase.title}", title_justify="left")
+        for column in ("step", "status", "started", "seconds", "flow run", "detail"):
+            table.add_column(column)
+        for name in phase.steps:
+            r = steps.get(name)
+            if r is None:
+                table.add_row(name, "not run", "", "", "", "")
+                continue
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)) if r.started_at else ""
+            detail = r.detail.get("reason") or r.detail.get("summary") or ""
+            table.add_row(name, r.status, started, f"{r.seconds:.1f}" if r.seconds is not None else "",
+                          r.flow_run_id or "", redact(str(detail))[:80])
+        out.print(table)
+        gate = ledger.latest_gate(phase.gate)
+        if gate is None:
+            out.print(f"latest {phase.gate} gate: never run")
+        else:
+            verdict = "[green]passed[/green]" if gate.passed else "[red]FAILED[/red]"
+            out.print(f"latest {phase.gate} gate: {verdict} {_age(gate.age_seconds)} (flow run "
+                      f"{gate.flow_run_id or 'local'}): {redact(gate.summary)}")
 
 
 @app.command()
@@ -169,7 +211,7 @@ def demo(
         stack.start()
         err.print(f"runbook: {stack.runbook_path}")
         try:
-            run_flow(FlowName.database, stack.runbook_path, dry_run=False)
+            run_flow(FlowName("database"), stack.runbook_path, dry_run=False)
         except Exception as exc:
             _print_summaries()
             raise _fail(exc) from None

@@ -1,9 +1,18 @@
-"""The durable record of what a migration has done: the source of truth for resume.
+"""The durable record of what a migration has done: the source of truth for resume, status and rollback.
 
 A SQLite file in the runbook's state directory, beside the dump archive it describes (as pgcopydb keeps
 its catalog beside its work): it survives a killed process, needs no server (the target may be the thing
 that is down), writes nothing into the target database, and does not vanish with Prefect's database.
-Every write is its own committed transaction.
+
+What every phase records here, the same way:
+- ``steps``: each step of each phase (``export``, ``restore.data``, ``storage.copy`` ...): running, done or
+  failed, when, how long, by which flow run, and what it did (``liftoff.steps.recorded`` writes them);
+- ``gates``: every verification gate's result, passed or failed, with its summary and flow run; the cutover
+  reads the latest of each phase;
+- ``items``: per-object progress (a table, a storage object): status, size, checksum, written in batches
+  (one transaction per batch, not one per item: storage has 10^5 of them);
+- ``events``: an append-only log of what changed on a system, before and after, by which run: the rollback
+  replays it backwards.
 """
 
 from __future__ import annotations
@@ -12,8 +21,11 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from liftoff.errors import StepFailed
@@ -25,13 +37,33 @@ CREATE TABLE IF NOT EXISTS steps (
     started_at REAL, finished_at REAL,
     detail TEXT
 );
-CREATE TABLE IF NOT EXISTS tables (
+CREATE TABLE IF NOT EXISTS items (
     phase TEXT NOT NULL,
-    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
     status TEXT NOT NULL,
-    rows INTEGER,
+    size INTEGER,
+    checksum TEXT,
     updated_at REAL,
-    PRIMARY KEY (phase, name)
+    PRIMARY KEY (phase, kind, key)
+);
+CREATE TABLE IF NOT EXISTS gates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    phase TEXT NOT NULL,
+    passed INTEGER NOT NULL,
+    at REAL NOT NULL,
+    summary TEXT NOT NULL,
+    flow_run_id TEXT
+);
+CREATE INDEX IF NOT EXISTS gates_by_phase ON gates (phase, id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    phase TEXT NOT NULL,
+    what TEXT NOT NULL,
+    before TEXT,
+    after TEXT,
+    flow_run_id TEXT
 );
 CREATE TABLE IF NOT EXISTS targets (
     identity TEXT PRIMARY KEY,
@@ -46,6 +78,43 @@ CREATE TABLE IF NOT EXISTS archive_entries (
     arguments TEXT
 );
 """
+# Columns added since the first ledgers; an older ledger gains them when opened.
+_ADDED_COLUMNS = {"steps": {"flow_run_id": "TEXT", "seconds": "REAL"}}
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: str
+    status: str
+    started_at: float | None
+    finished_at: float | None
+    seconds: float | None
+    flow_run_id: str | None
+    detail: dict
+
+
+@dataclass(frozen=True)
+class GateRecord:
+    phase: str
+    passed: bool
+    at: float
+    summary: str
+    flow_run_id: str | None
+
+    @property
+    def age_seconds(self) -> float:
+        return max(0.0, time.time() - self.at)
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    phase: str
+    what: str
+    before: object
+    after: object
+    flow_run_id: str | None
 
 
 class Ledger:
@@ -55,6 +124,16 @@ class Ledger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._db() as db:
                 db.executescript(_SCHEMA)
+                for table, columns in _ADDED_COLUMNS.items():
+                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    for name, kind in columns.items():
+                        if name not in have:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tables'").fetchone():
+                    # per-table progress of the first ledgers: now items of kind 'table'
+                    db.execute("INSERT OR IGNORE INTO items (phase, kind, key, status, size, updated_at) "
+                               "SELECT phase, 'table', name, status, rows, updated_at FROM tables")
+                    db.execute("DROP TABLE tables")
         except (OSError, sqlite3.Error) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise StepFailed(f"state_dir {state_dir} is not writable ({reason}); free space there or choose a "
@@ -67,6 +146,12 @@ class Ledger:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             yield db
+        except (OSError, sqlite3.OperationalError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            if "locked" in reason:  # another writer outlived the timeout: not the disk's fault
+                raise
+            raise StepFailed(f"the ledger {self.path} (state_dir) cannot be written ({reason}); free space there "
+                             "or choose a writable state_dir, then re-run") from None
         finally:
             db.close()
 
@@ -84,48 +169,100 @@ class Ledger:
             row = db.execute("SELECT detail FROM steps WHERE step = ?", (step,)).fetchone()
         return json.loads(row[0]) if row and row[0] else {}
 
-    def start_step(self, step: str) -> None:
+    def start_step(self, step: str, flow_run_id: str | None = None) -> None:
         with self._db() as db:
             db.execute(
-                "INSERT INTO steps (step, status, started_at) VALUES (?, 'running', ?) "
-                "ON CONFLICT (step) DO UPDATE SET status='running', started_at=excluded.started_at, finished_at=NULL",
-                (step, time.time()),
+                "INSERT INTO steps (step, status, started_at, flow_run_id) VALUES (?, 'running', ?, ?) "
+                "ON CONFLICT (step) DO UPDATE SET status='running', started_at=excluded.started_at, "
+                "finished_at=NULL, seconds=NULL, flow_run_id=excluded.flow_run_id",
+                (step, time.time(), flow_run_id),
             )
 
     def finish_step(self, step: str, detail: dict | None = None) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE steps SET status='done', finished_at=?, detail=? WHERE step=?",
-                (time.time(), json.dumps(detail or {}), step),
-            )
+        self._end_step(step, "done", detail or {})
 
     def fail_step(self, step: str, reason: str) -> None:
+        self._end_step(step, "failed", {"reason": reason})
+
+    def _end_step(self, step: str, status: str, detail: dict) -> None:
+        now = time.time()
         with self._db() as db:
             db.execute(
-                "UPDATE steps SET status='failed', finished_at=?, detail=? WHERE step=?",
-                (time.time(), json.dumps({"reason": reason}), step),
+                "INSERT INTO steps (step, status, started_at) VALUES (?, 'running', ?) ON CONFLICT (step) DO NOTHING",
+                (step, now))
+            db.execute(
+                "UPDATE steps SET status=?, finished_at=?, seconds=? - started_at, detail=? WHERE step=?",
+                (status, now, now, json.dumps(detail, default=str), step),
             )
+
+    def steps(self) -> dict[str, StepRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT step, status, started_at, finished_at, seconds, flow_run_id, detail FROM steps")
+            return {r[0]: StepRecord(*r[:6], json.loads(r[6]) if r[6] else {}) for r in rows}
 
     def forget_steps(self, prefix: str) -> None:
-        """Forgets every step and table record of a phase, so it runs again from scratch."""
+        """Forgets every step and item record of a phase, so it runs again from scratch."""
         with self._db() as db:
             db.execute("DELETE FROM steps WHERE step = ? OR step LIKE ?", (prefix, prefix + ".%"))
-            db.execute("DELETE FROM tables WHERE phase = ?", (prefix,))
+            db.execute("DELETE FROM items WHERE phase = ?", (prefix,))
 
-    # per-table records -------------------------------------------------------------------------------
-    def set_table(self, phase: str, name: str, status: str, rows: int | None = None) -> None:
+    def forget_items(self, phase: str) -> None:
         with self._db() as db:
-            db.execute(
-                "INSERT INTO tables (phase, name, status, rows, updated_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (phase, name) DO UPDATE SET status=excluded.status, rows=excluded.rows, "
-                "updated_at=excluded.updated_at",
-                (phase, name, status, rows, time.time()),
-            )
+            db.execute("DELETE FROM items WHERE phase = ?", (phase,))
+
+    # per-item records (a table, a storage object) ----------------------------------------------------
+    def set_items(self, phase: str, kind: str, rows: Iterable[tuple]) -> int:
+        """Writes (key, status, size, checksum) rows in one transaction; returns how many."""
+        now = time.time()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.executemany(
+                "INSERT INTO items (phase, kind, key, status, size, checksum, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (phase, kind, key) DO UPDATE SET status=excluded.status, size=excluded.size, "
+                "checksum=excluded.checksum, updated_at=excluded.updated_at",
+                ((phase, kind, key, status, size, checksum, now) for key, status, size, checksum in rows))
+            db.execute("COMMIT")
+            return cur.rowcount
+
+    def items(self, phase: str, kind: str, status: str | None = None) -> Iterator[tuple]:
+        """(key, status, size, checksum) in key order, streamed (never the whole table in a list)."""
+        with self._db() as db:
+            query = "SELECT key, status, size, checksum FROM items WHERE phase = ? AND kind = ?"
+            args: tuple = (phase, kind)
+            if status is not None:
+                query, args = query + " AND status = ?", args + (status,)
+            yield from db.execute(query + " ORDER BY key", args)
+
+    def set_table(self, phase: str, name: str, status: str, rows: int | None = None) -> None:
+        self.set_items(phase, "table", [(name, status, rows, None)])
 
     def tables(self, phase: str) -> dict[str, tuple[str, int | None]]:
+        return {key: (status, size) for key, status, size, _ in self.items(phase, "table")}
+
+    # gates -------------------------------------------------------------------------------------------
+    def record_gate(self, phase: str, passed: bool, summary: str, flow_run_id: str | None = None) -> None:
         with self._db() as db:
-            rows = db.execute("SELECT name, status, rows FROM tables WHERE phase = ? ORDER BY name", (phase,))
-            return {name: (status, n) for name, status, n in rows}
+            db.execute("INSERT INTO gates (phase, passed, at, summary, flow_run_id) VALUES (?, ?, ?, ?, ?)",
+                       (phase, int(passed), time.time(), summary, flow_run_id))
+
+    def latest_gate(self, phase: str) -> GateRecord | None:
+        with self._db() as db:
+            row = db.execute("SELECT phase, passed, at, summary, flow_run_id FROM gates WHERE phase = ? "
+                             "ORDER BY id DESC LIMIT 1", (phase,)).fetchone()
+        return GateRecord(row[0], bool(row[1]), row[2], row[3], row[4]) if row else None
+
+    # events: what changed, for the rollback ----------------------------------------------------------
+    def record_event(self, phase: str, what: str, before=None, after=None, flow_run_id: str | None = None) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO events (at, phase, what, before, after, flow_run_id) VALUES (?, ?, ?, ?, ?, ?)",
+                       (time.time(), phase, what, json.dumps(before, default=str), json.dumps(after, default=str),
+                        flow_run_id))
+
+    def events(self, phase: str | None = None) -> list[Event]:
+        with self._db() as db:
+            rows = db.execute("SELECT id, at, phase, what, before, after, flow_run_id FROM events "
+                              + ("WHERE phase = ? " if phase else "") + "ORDER BY id", (phase,) if phase else ())
+            return [Event(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), r[6]) for r in rows]
 
     # targets -----------------------------------------------------------------------------------------
     def claim_target(self, identity: str) -> None:
@@ -153,19 +290,71 @@ class Ledger:
             return {dump_id: tuple(rest) for dump_id, *rest in rows}
 
 
+_held: dict[str, int] = {}
+_held_lock = threading.Lock()
+
+
 @contextmanager
-def exclusive(state_dir: Path):
+def exclusive(state_dir: Path, flow_run_id: str | None = None):
     """Holds the runbook's write lock (a file lock in state_dir) so two runs of one runbook, say one from
-    the UI and one from the CLI, never load the same target at once. Released when the process dies."""
+    the UI and one from the CLI, never write at once. Re-entrant within a process, so a composed run (say
+    migrate-database) holds it across its steps; released when the process dies. The lock file names its
+    holder (pid, flow run, since when), and a refused run says who holds it."""
     path = Path(state_dir) / "liftoff.lock"
+    key = str(path.resolve())
+    with _held_lock:
+        if _held.get(key):
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
     Ledger(state_dir)  # creates state_dir, or says clearly why it cannot
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StepFailed(f"another run of this runbook is writing now (lock {path} is held); wait for it "
-                             "to finish or stop it, then re-run") from None
-        yield
+            raise StepFailed(f"another run of this runbook is writing now ({_holder(path)}; lock {path}); wait "
+                             "for it to finish or stop it, then re-run") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "flow_run_id": flow_run_id or _current_run_id(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        except OSError:  # a full disk: the lock holds all the same; the step that writes next says why it fails
+            pass
+        with _held_lock:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held.pop(key, None)
     finally:
         os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not holder:
+        return "holder unknown"
+    run = f", flow run {holder['flow_run_id']}" if holder.get("flow_run_id") else ""
+    return f"held by pid {holder.get('pid')}{run} since {holder.get('since')}"
+
+
+def _current_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # outside Prefect
+        return None

@@ -6,6 +6,7 @@ skipped; local listeners (the CLI's progress display) are told either way.
 
 from __future__ import annotations
 
+import contextvars
 import re
 from typing import Callable
 
@@ -27,8 +28,23 @@ def _in_run() -> bool:
     return bool(FlowRunContext.get() or TaskRunContext.get())
 
 
+_runbook_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("liftoff_runbook", default=None)
+
+
+def for_runbook(name: str) -> None:
+    """Artifact keys of this run start with the runbook's name, so a demo, a rehearsal and production keep
+    separate artifact histories in one Prefect server."""
+    _runbook_name.set(name)
+
+
 def _key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
+    prefix = _runbook_name.get()
+    return re.sub(r"[^a-z0-9-]+", "-", (f"{prefix}-{text}" if prefix else text).lower()).strip("-")[:100]
+
+
+def artifact_key(runbook: str, key: str) -> str:
+    """The Prefect artifact key a run of ``runbook`` publishes ``key`` under."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{runbook}-{key}".lower()).strip("-")[:100]
 
 
 def publish_table(key: str, rows: list[dict], description: str) -> None:

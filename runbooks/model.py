@@ -44,7 +44,11 @@ class SecretRef(_Strict):
         return f"env:{self.env}" if self.env else f"prefect_secret:{self.prefect_secret}"
 
     def resolve(self, field: str) -> str:
-        """Returns the secret's value and registers it for redaction everywhere."""
+        """Returns the secret's value and registers it for redaction everywhere. Resolved once per run
+        (``forget_resolved_secrets`` starts a new one): a connection does not ask the Prefect API again."""
+        cached = _resolved.get(self.label)
+        if cached is not None:
+            return cached
         if self.env is not None:
             value = os.environ.get(self.env)
             if not value:
@@ -62,7 +66,16 @@ class SecretRef(_Strict):
                     f"({type(exc).__name__}); create it in the Prefect UI under Blocks"
                 ) from None
         register_secret(value)
+        _resolved[self.label] = value
         return value
+
+
+_resolved: dict[str, str] = {}
+
+
+def forget_resolved_secrets() -> None:
+    """A new run resolves each secret afresh (a rotated password, a changed environment)."""
+    _resolved.clear()
 
 
 def _reject_inline_secret(value: object) -> object:

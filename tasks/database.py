@@ -27,6 +27,7 @@ from liftoff.ledger import Ledger
 from liftoff.logs import get_logger
 from liftoff.redaction import is_weak_secret, redact
 from liftoff.reports import Progress
+from liftoff.steps import done as _done, recorded
 from runbooks.model import Runbook
 from tasks import pg_tools, postgres, privileges, supabase
 from tasks.verify import DatabaseReport, compare_databases
@@ -77,6 +78,14 @@ class PreflightReport:
     def warnings(self) -> list[str]:
         return [c.detail for c in self.checks if c.status == "warn"]
 
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        return (f"{len(self.checks)} checks, {len(self.failures)} failed, {len(self.warnings)} warnings"
+                + (f": {'; '.join(self.failures[:3])}" if self.failures else ""))
+
 
 def _free_bytes(path: Path) -> int:
     probe = path
@@ -93,6 +102,7 @@ def _writable(path: Path) -> bool:
 
 
 @task(name="preflight checks", cache_policy=NO_CACHE)
+@recorded("preflight", gate="preflight", read_only=True)
 def run_preflight(rb: Runbook) -> PreflightReport:
     """Reads both servers and the local disk; writes nothing. Returns every check, passed or not."""
     report = PreflightReport()
@@ -334,36 +344,36 @@ def _pg_dump_argv(rb: Runbook, tools: pg_tools.PgTools, out: Path, snapshot: str
     return argv
 
 
+def _archive_reusable(rb: Runbook, ledger: Ledger) -> bool:
+    return ledger.is_done("export") and (rb.state_dir / DUMP_DIR / "toc.dat").exists()
+
+
+def _reuse_archive(rb: Runbook, detail: dict) -> dict:
+    _require_same_export_settings(rb, detail)
+    log.info("export already done; reusing archive", dump=str(rb.state_dir / DUMP_DIR))
+    return {**detail, "skipped": True}
+
+
 @task(name="dump source", cache_policy=NO_CACHE)
+@recorded("export", skip_if=_archive_reusable, on_skip=_reuse_archive)
 def dump_source(rb: Runbook) -> dict:
     """pg_dump -Fd -j of the runbook's schemas from one exported snapshot, with per-table row counts taken
     in that snapshot. Skipped when the ledger records a complete archive."""
     ledger = Ledger(rb.state_dir)
     final = rb.state_dir / DUMP_DIR
-    if ledger.is_done("export") and (final / "toc.dat").exists():
-        detail = ledger.step_detail("export")
-        _require_same_export_settings(rb, detail)
-        log.info("export already done; reusing archive", dump=str(final))
-        return {**detail, "skipped": True}
     partial = rb.state_dir / (DUMP_DIR + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
-    ledger.forget_steps("export")
+    ledger.forget_items("export")
     # A new archive comes from a new snapshot: what was restored from the old one is loaded again.
     ledger.forget_steps("restore")
-    ledger.start_step("export")
     started = time.monotonic()
     try:
         counts, assessment, facts, info, tools, proc, stderr = _dump_in_snapshot(rb, partial)
-    except StepFailed as exc:
-        _safe_fail(ledger, "export", str(exc))
-        raise
     except OSError as exc:  # disk full or unwritable while writing the archive or the auth export
-        _safe_fail(ledger, "export", exc.strerror or str(exc))
         raise StepFailed(f"export into state_dir {rb.state_dir} failed: {exc.strerror or exc}; free space there "
                          "or choose another state_dir, then re-run (the source was only read)") from None
     if proc.returncode != 0:
-        _safe_fail(ledger, "export", "pg_dump failed")
         lines = [l for l in stderr.splitlines() if "error" in l.lower()] or stderr.splitlines() or ["no output"]
         raise StepFailed(f"pg_dump from source {rb.source.host}:{rb.source.port} failed: {redact(lines[0])}")
     os.rename(partial, final)
@@ -376,7 +386,6 @@ def dump_source(rb: Runbook) -> dict:
         **_export_settings(rb),
         "decisions": assessment.decisions(),
     }
-    ledger.finish_step("export", detail)
     log.info("export done", tables=len(counts), archive_bytes=size, seconds=detail["seconds"])
     return detail
 
@@ -408,13 +417,6 @@ def _read_shim(rb: Runbook, conn: psycopg.Connection) -> supabase.AuthShim | Non
     if conn.execute("SELECT to_regclass('auth.users')").fetchone()[0] is None:
         return None  # not a Supabase database: nothing to shim
     return supabase.read_auth_shim(conn)
-
-
-def _safe_fail(ledger: Ledger, step: str, reason: str) -> None:
-    try:
-        ledger.fail_step(step, reason)
-    except Exception:  # the ledger's disk may be the full one; the error we raise says what happened
-        pass
 
 
 def _dump_in_snapshot(rb: Runbook, partial: Path):
@@ -544,6 +546,7 @@ def _target_identity(rb: Runbook) -> str:
 
 
 @task(name="prepare target", cache_policy=NO_CACHE)
+@recorded("restore.prepare")
 def prepare_target(rb: Runbook, plan: RestorePlan) -> dict:
     """Claims the target in the ledger; creates the roles database.roles creates, the extensions the
     migrated objects use and (policy shim) the auth shim, with the export's users (strategy dump; stream
@@ -590,11 +593,10 @@ def _pg_restore(rb: Runbook, tools: pg_tools.PgTools, entries: list[pg_tools.Toc
 
 
 @task(name="restore schema (pre-data)", cache_policy=NO_CACHE)
+@recorded("restore.pre-data", skip_if=_done)
 def restore_pre_data(rb: Runbook, plan: RestorePlan) -> dict:
     """Types, tables, functions, views: in one transaction, so a crash leaves nothing half-made."""
     ledger = Ledger(rb.state_dir)
-    if ledger.is_done("restore.pre-data"):
-        return {"skipped": True}
     tools = _tools(rb, export_detail(rb)["source_major"])
     # Every non-data entry: pg_restore's --section picks by the archive's own section of each entry (a
     # COMMENT belongs to the section of what it comments on).
@@ -606,7 +608,6 @@ def restore_pre_data(rb: Runbook, plan: RestorePlan) -> dict:
         existing_schemas = {r[0] for r in tgt.execute("SELECT nspname FROM pg_namespace")}
         there = [e for e in created if _already_there(tgt, e)]
     if there and len(there) == len(created):
-        ledger.finish_step("restore.pre-data", {"recovered": True})
         return {"recovered": True}
     if there:
         missing = next(e for e in created if e not in there)
@@ -616,23 +617,25 @@ def restore_pre_data(rb: Runbook, plan: RestorePlan) -> dict:
             "restored in one transaction, so these were not written by this runbook's restore: restore into an "
             "empty database (target.direct.database)")
     entries = [e for e in entries if not (e.desc == "SCHEMA" and (e.name or e.tag) in existing_schemas)]
-    ledger.start_step("restore.pre-data")
     _pg_restore(rb, tools, entries, f"restore pre-data into target {rb.target.direct.host}:{rb.target.direct.port}",
                 "--section=pre-data", "--single-transaction")
-    ledger.finish_step("restore.pre-data", {"entries": len(entries)})
     return {"entries": len(entries)}
 
 
+def _data_loaded_before(rb: Runbook, detail: dict) -> dict:
+    # Never again: after cutover, setting the sequences back to the source's values would reuse ids.
+    return {"loaded": [], "already_loaded": len(detail.get("loaded", [])) + detail.get("already_loaded", 0),
+            "skipped": True}
+
+
 @task(name="restore table data", cache_policy=NO_CACHE)
+@recorded("restore.data", skip_if=_done, on_skip=_data_loaded_before)
 def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     """Loads each table not yet loaded, ``jobs`` at a time, each in one target transaction that starts with
     TRUNCATE, then the ledger marks it loaded: a table interrupted mid-load is reloaded whole. Strategy
     ``dump`` loads from the archive (pg_restore); ``stream`` copies from the source (COPY to COPY, all
     tables from one snapshot) and then sets the sequences from that snapshot."""
     ledger = Ledger(rb.state_dir)
-    if ledger.is_done("restore.data"):
-        # Never again: after cutover, setting the sequences back to the source's values would reuse ids.
-        return {"loaded": [], "already_loaded": len(plan.tables), "skipped": True}
     tools = _tools(rb, export_detail(rb)["source_major"])
     exported = {name: rows for name, (_, rows) in ledger.tables("export").items()}
     state = ledger.tables("restore")
@@ -646,7 +649,6 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     progress = Progress("restore: loading tables", len(entries))
     for _ in range(len(entries) - len(todo)):
         progress.advance("already loaded")
-    ledger.start_step("restore.data")
     # Indexes and constraints of a table are built as soon as its data is in, while other tables load (as
     # pgcopydb does); foreign keys, triggers and policies wait for the post-data step.
     _drop_before_reload(rb, plan, todo)
@@ -707,8 +709,7 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
                     set_sequences = postgres.copy_sequence_values(snap, tgt, rb.database.schemas)
         for future in pending:
             future.result()
-    ledger.finish_step("restore.data", {"tables_loaded": len(todo), "sequences": set_sequences})
-    return {"loaded": todo, "already_loaded": len(entries) - len(todo)}
+    return {"loaded": todo, "already_loaded": len(entries) - len(todo), "sequences": set_sequences}
 
 
 def _run_all(pool: ThreadPoolExecutor, fn, items: list) -> None:
@@ -838,15 +839,12 @@ def _already_there(tgt: psycopg.Connection, e: pg_tools.TocEntry) -> bool:
 
 
 @task(name="restore indexes and constraints (post-data)", cache_policy=NO_CACHE)
+@recorded("restore.post-data", skip_if=_done)
 def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
     """Foreign keys, triggers, policies and whatever index or constraint is not there yet, with ``jobs``
     parallel builds; entries already present on the target (built during the data step, or by a run that
     died midway) are not built again."""
-    ledger = Ledger(rb.state_dir)
-    if ledger.is_done("restore.post-data"):
-        return {"skipped": True}
     tools = _tools(rb, export_detail(rb)["source_major"])
-    ledger.start_step("restore.post-data")
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         entries = [e for e in plan.keep if e.section != "data" and not _already_there(tgt, e)]
     if any(e.section == "post-data" for e in entries):
@@ -859,17 +857,15 @@ def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
         triggers = supabase.recreate_auth_triggers(tgt, catalog.assessment.auth_triggers) if catalog.shim else []
     done = {"entries": len(entries), "refreshed": refreshed, "policies_with_mapped_roles": policies,
             "auth_triggers": triggers}
-    ledger.finish_step("restore.post-data", done)
     return done
 
 
 @task(name="restore grants", cache_policy=NO_CACHE)
+@recorded("restore.grants")
 def restore_grants(rb: Runbook) -> list[str]:
     """Gives every mapped role exactly the source's privileges on the migrated objects (GRANT and REVOKE,
     default privileges, and on the auth shim), then adds the runbook's app_roles grants as reported extras
     that never widen what a source role was allowed unless the runbook says so. Idempotent."""
-    ledger = Ledger(rb.state_dir)
-    ledger.start_step("restore.grants")
     catalog = _catalog(export_detail(rb))
     role_map, owner, schemas = catalog.assessment.role_map, rb.target.direct.user, rb.database.schemas
     done = []
@@ -906,7 +902,6 @@ def restore_grants(rb: Runbook) -> list[str]:
                     postgres.execute(tgt, stmt, what=f"grant to {role.name}")
             done.append(f"extra: {role.name} gets {role.privileges} on {', '.join(schemas)} (database.app_roles"
                         f"{'; widens a source role' if role.name in source_roles else ''})")
-    ledger.finish_step("restore.grants", {"grants": done})
     return done
 
 
@@ -915,6 +910,7 @@ def restore_grants(rb: Runbook) -> list[str]:
 
 
 @task(name="verify database (gate)", cache_policy=NO_CACHE)
+@recorded("verify", gate="database")
 def run_gate(rb: Runbook) -> DatabaseReport:
     with postgres.session(rb.source, "source") as src:
         tables = postgres.list_tables(src, rb.database.schemas)
@@ -924,7 +920,6 @@ def run_gate(rb: Runbook) -> DatabaseReport:
         if _read_shim(rb, src):  # the shim's copy of the users is compared like a migrated table
             tables += [t for t in postgres.list_tables(src, ["auth"]) if t.name == "users"]
     left_out = assessment.gate_left_out()
-    ledger_file = rb.state_dir / "ledger.sqlite"
     progress = Progress("verify: comparing tables", len(tables))
     report = compare_databases(
         lambda: postgres.connect(rb.source, "source"),
@@ -934,8 +929,6 @@ def run_gate(rb: Runbook) -> DatabaseReport:
         jobs=rb.database.jobs, on_table_done=lambda c: progress.advance(f"{c.table}: {c.status}"),
         outside_triggers=[("auth", "users", t.name) for t in assessment.auth_triggers],
     )
-    if ledger_file.exists():
-        Ledger(rb.state_dir).finish_step("verify", {"ok": report.ok, "failures": report.failures()})
     return report
 
 

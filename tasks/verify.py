@@ -125,6 +125,14 @@ class DatabaseReport:
     def ok(self) -> bool:
         return not self.failures()
 
+    def summary(self) -> str:
+        """One line for the ledger and status: what passed, or the first differences."""
+        if self.ok:
+            return (f"passed: {len(self.tables)} tables ({sum(t.target_rows for t in self.tables):,} rows), "
+                    f"{len(self.sequences)} sequences, definitions and privileges equal")
+        failures = self.failures()
+        return "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+
     def failures(self) -> list[str]:
         lines = [t.summary() for t in self.tables if not t.ok]
         lines += [s.summary() for s in self.sequences if not s.ok]

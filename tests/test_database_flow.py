@@ -136,10 +136,14 @@ def test_gate_publishes_its_table_and_a_finished_progress_bar(stack, migrated):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
 
+    from liftoff.reports import artifact_key
+
+    name = load_runbook(migrated["runbook"]).name  # artifact keys carry the runbook's name
     verify_database(RunOptions(runbook=str(migrated["runbook"])))
     with get_client(sync_client=True) as client:
         [table] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["verify-tables"])), sort="CREATED_DESC",
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "verify-tables")])),
+            sort="CREATED_DESC",
             limit=1)
         run_id = table.flow_run_id
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),

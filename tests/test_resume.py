@@ -32,7 +32,7 @@ def _restore_states(ledger: Path) -> dict[str, str]:
         return {}
     with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as db:
         try:
-            return dict(db.execute("SELECT name, status FROM tables WHERE phase = 'restore'"))
+            return dict(db.execute("SELECT key, status FROM items WHERE phase = 'restore' AND kind = 'table'"))
         except sqlite3.OperationalError:
             return {}
 

@@ -1,0 +1,58 @@
+"""The one registry of the runbook's phases: their flows, their steps and their gate.
+
+The CLI (``liftoff run NAME``, ``liftoff status``), the deployments (``deployments/serve.py``) and the status
+report all read this list, so a new phase is added here once. Flows are named by import path and loaded
+only when run, so the CLI starts without importing every phase.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PhaseFlow:
+    name: str  # what the CLI and the deployment call it: `liftoff run export`, deployment "export"
+    target: str  # "module:function"
+    summaries: tuple[str, ...] = ()  # artifact keys (without the runbook prefix) the CLI prints after a run
+
+    def load(self):
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    title: str
+    steps: tuple[str, ...]  # ledger step names, in the order they run
+    flows: tuple[PhaseFlow, ...]
+    gate: str  # the phase name its gate results are recorded under
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase(
+        name="database",
+        title="Database: preflight, export (pg_dump), restore (pg_restore), verify",
+        steps=("preflight", "export", "restore.prepare", "restore.pre-data", "restore.data", "restore.post-data",
+               "restore.grants", "verify"),
+        flows=(
+            PhaseFlow("preflight", "flows.preflight:preflight", ("preflight-summary",)),
+            PhaseFlow("export", "flows.export:export_database", ("export-plan",)),
+            PhaseFlow("restore", "flows.restore:restore_database", ("restore-plan",)),
+            PhaseFlow("verify", "flows.verify:verify_database", ("verify-summary",)),
+            PhaseFlow("database", "flows.database:migrate_database",
+                      ("preflight-summary", "export-plan", "restore-plan", "verify-summary")),
+        ),
+        gate="database",
+    ),
+)
+
+
+def all_flows() -> dict[str, PhaseFlow]:
+    return {f.name: f for phase in PHASES for f in phase.flows}
+
+
+def phase_of(flow_name: str) -> Phase:
+    return next(p for p in PHASES if any(f.name == flow_name for f in p.flows))

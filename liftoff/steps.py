@@ -1,0 +1,94 @@
+"""One way for every step of every phase to keep its books in the ledger: skip, start, finish, fail.
+
+    @task(name="restore table data", cache_policy=NO_CACHE)
+    @recorded("restore.data", skip_if=done)
+    def restore_data(rb: Runbook, plan: RestorePlan) -> dict: ...
+
+A step done before is skipped (when its ``skip_if`` says so) and returns what it recorded, with ``skipped``;
+otherwise it is marked running with the flow run's id, and marked done with what it returned and how long
+it took, or failed with the one-line reason of the error it raised (which is re-raised). A gate's step
+(``gate=PHASE``) also records the gate's result in the ledger's ``gates`` table, passed or not, and is
+marked failed when the gate did not pass, so a failed gate never reads as done.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from liftoff.ledger import Ledger
+from liftoff.redaction import redact
+
+
+def current_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # outside a Prefect run
+        return None
+
+
+def done(rb, ledger: Ledger, step: str) -> bool:
+    """The usual ``skip_if``: the ledger records the step as done."""
+    return ledger.is_done(step)
+
+
+def recorded(step: str, *, skip_if: Callable | None = None, on_skip: Callable | None = None, gate: str | None = None,
+             read_only: bool = False):
+    """Decorates ``fn(rb, ...)`` (``rb`` has ``state_dir``). ``skip_if(rb, ledger, step)``: whether the work is
+    done and still usable (default: never skip, the step is idempotent and runs each time).
+    ``on_skip(rb, detail)`` may check the recorded work is still usable (raise) and shape what a skipped call
+    returns. ``gate``: the phase whose gate this step is; ``fn`` then returns a report with ``ok`` and
+    ``failures`` (a list or a method returning one) and ``summary()``. ``read_only``: a step that writes
+    nothing anywhere (preflight, also in a dry run) records itself only in a ledger that exists already."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(rb, *args, **kwargs):
+            if read_only and not (rb.state_dir / "ledger.sqlite").exists():
+                return fn(rb, *args, **kwargs)
+            ledger = Ledger(rb.state_dir)
+            if skip_if is not None and _call_skip_if(skip_if, rb, ledger, step):
+                detail = ledger.step_detail(step)
+                return on_skip(rb, detail) if on_skip else {**detail, "skipped": True}
+            run_id = current_run_id()
+            ledger.start_step(step, run_id)
+            try:
+                result = fn(rb, *args, **kwargs)
+            except BaseException as exc:
+                reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                try:
+                    ledger.fail_step(step, reason)
+                except Exception:  # the ledger's disk may be the full one; the raised error says what happened
+                    pass
+                raise
+            if gate is not None:
+                failures = result.failures() if callable(result.failures) else list(result.failures)
+                summary = ("; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
+                           if failures else result.summary())
+                ledger.record_gate(gate, result.ok, redact(summary), run_id)
+                if not result.ok:
+                    ledger.fail_step(step, redact(f"gate failed: {summary}"))
+                    return result
+            ledger.finish_step(step, _as_detail(result))
+            return result
+
+        return run
+
+    return wrap
+
+
+def _call_skip_if(skip_if: Callable, rb, ledger: Ledger, step: str) -> bool:
+    try:
+        return bool(skip_if(rb, ledger, step))
+    except TypeError:  # a skip_if(rb, ledger) that does not need the step's name
+        return bool(skip_if(rb, ledger))
+
+
+def _as_detail(result) -> dict:
+    if isinstance(result, dict):
+        return result
+    if hasattr(result, "summary"):
+        return {"summary": result.summary()}
+    return {"result": result} if isinstance(result, (list, str, int, float)) else {}
