@@ -7,7 +7,7 @@ from prefect import flow
 from flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.database import ExportPlan, dump_source, plan_export
+from tasks.database.export import ExportPlan, dump_source, plan_export
 
 
 @flow(name="export")

@@ -6,7 +6,7 @@ from prefect import flow
 
 from flows.options import RunOptions, open_runbook
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.database import PreflightReport, require, run_preflight
+from tasks.database.preflight import PreflightReport, require, run_preflight
 
 
 @flow(name="preflight")

@@ -7,8 +7,14 @@ from prefect import flow
 from flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown
-from tasks.database import (
-    RestorePlan, export_done, plan_restore, prepare_target, restore_data, restore_grants, restore_post_data,
+from tasks.database.common import export_done
+from tasks.database.restore import (
+    RestorePlan,
+    plan_restore,
+    prepare_target,
+    restore_data,
+    restore_grants,
+    restore_post_data,
     restore_pre_data,
 )
 

@@ -8,7 +8,7 @@ from flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.database import report_rows, run_gate
+from tasks.database.gate import report_rows, run_gate
 from tasks.verify import DatabaseReport
 
 

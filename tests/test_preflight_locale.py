@@ -16,7 +16,7 @@ from liftoff.errors import PreflightFailed
 from liftoff.reports import last_markdown
 from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
 from tasks import postgres
-from tasks.database import _create_database_like
+from tasks.database.preflight import _create_database_like
 
 
 def _target_with_locale_c(stack, encoding: str = "UTF8", **database):

@@ -1,0 +1,7 @@
+"""The database phase's Prefect tasks, one module per runbook step: preflight, export, restore, gate.
+
+Each task is idempotent and recorded in the ledger (``liftoff.steps.recorded``), so a re-run after a crash
+continues where the last run stopped. Tasks read the runbook; they never hold a secret longer than a
+connection needs it. The systems they touch are reached through ``tasks/postgres.py``, ``pg_tools``,
+``supabase``, ``privileges``, ``dependencies`` and the gate's ``tasks/verify.py``.
+"""

@@ -1,0 +1,47 @@
+"""Runbook step 4, its task: the database gate (tasks/verify.py) run against the runbook's servers, with
+the decisions the restore applied, its result recorded in the ledger."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from liftoff.reports import Progress
+from liftoff.steps import recorded
+from runbooks.model import Runbook
+from tasks import postgres, supabase
+from tasks.database.common import assess_source, export_detail, export_done, exported_catalog, read_shim
+from tasks.verify import DatabaseReport, compare_databases
+
+
+@task(name="verify database (gate)", cache_policy=NO_CACHE)
+@recorded("verify", gate="database")
+def run_gate(rb: Runbook) -> DatabaseReport:
+    with postgres.session(rb.source, "source") as src:
+        tables = postgres.list_tables(src, rb.database.schemas)
+        # The decisions the restore applied, as the export recorded them; read afresh when the gate runs
+        # alone against a target this state_dir did not restore.
+        assessment = exported_catalog(export_detail(rb)).assessment if export_done(rb) else assess_source(rb, src)
+        if read_shim(rb, src):  # the shim's copy of the users is compared like a migrated table
+            tables += [t for t in postgres.list_tables(src, ["auth"]) if t.name == "users"]
+    left_out = assessment.gate_left_out()
+    progress = Progress("verify: comparing tables", len(tables))
+    report = compare_databases(
+        lambda: postgres.connect(rb.source, "source"),
+        lambda: postgres.connect(rb.target.direct, "target.direct"),
+        tables, rb.database.schemas, left_out=left_out, roles=assessment.role_map,
+        ignored_extensions=supabase.MANAGED_EXTENSIONS | set(assessment.extensions_unused),
+        jobs=rb.database.jobs, on_table_done=lambda c: progress.advance(f"{c.table}: {c.status}"),
+        outside_triggers=[("auth", "users", t.name) for t in assessment.auth_triggers],
+    )
+    return report
+
+
+def report_rows(report: DatabaseReport, exported: dict[str, int] | None = None) -> list[dict]:
+    exported = exported or {}
+    return [
+        {"table": t.table, "exported rows": exported.get(t.table, ""), "source rows": t.source_rows,
+         "target rows": t.target_rows, "source checksum": t.source_checksum[:12],
+         "target checksum": t.target_checksum[:12], "status": t.status}
+        for t in report.tables
+    ]
