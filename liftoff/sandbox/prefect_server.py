@@ -35,6 +35,8 @@ class PrefectServer:
         prefect = Path(sys.executable).parent / "prefect"
         env = {**os.environ, **self.env()}
         env.pop("PREFECT_API_URL")
+        # Without it the UI served on this port calls the API at 127.0.0.1:4200 ("Can't connect to Server API").
+        env["PREFECT_UI_API_URL"] = self.api_url
         self.log = open(self.home / "server.log", "w")
         self.proc = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
