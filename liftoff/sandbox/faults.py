@@ -25,10 +25,10 @@ import http.server
 import random
 import secrets
 import socket
-import sys
-import threading
 from collections import Counter
 from urllib.parse import urlsplit
+
+from liftoff.sandbox.http_service import LoopbackHTTPService, TrackedHandler
 
 _PIECE = 64 * 1024
 # Per RFC 9110 these describe one connection, not the message: never forwarded.
@@ -45,23 +45,21 @@ _SLOWDOWN_BODY = (
 Fractions = float | dict[str, float]
 
 
-class FaultProxy:
+class FaultProxy(LoopbackHTTPService):
     """Reverse proxy to ``upstream_url`` with seeded 503 SlowDown answers and mid-response drops."""
+
+    thread_name = "fault-proxy"
 
     def __init__(self, upstream_url: str, *, slowdown: Fractions = 0.0, drop: Fractions = 0.0, seed: int = 0,
                  host: str = "127.0.0.1"):
         parts = urlsplit(upstream_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"FaultProxy upstream must be an http://host:port URL, got {upstream_url!r}")
+        super().__init__(host)
         self.upstream = (parts.hostname, parts.port or 80)
-        self.host = host
-        self._lock = threading.Lock()
         self._random = random.Random(seed)
         self.set_faults(slowdown=slowdown, drop=drop)
         self.reset_counters()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
 
     # -- configuration and counters ------------------------------------------------------------------
 
@@ -103,55 +101,6 @@ class FaultProxy:
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("FaultProxy is not started")
-        return self._server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> "FaultProxy":
-        handler = type("FaultProxyHandler", (_ProxyHandler,), {"proxy": self})
-        self._server = _QuietServer((self.host, 0), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"fault-proxy-{self.port}",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        # Kept-alive client connections would otherwise go on being served by their handler threads.
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._thread.join(5)
-        self._server = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            super().handle_error(request, client_address)  # a client hanging up is not news
-
-
 def _fractions(name: str, value: Fractions) -> dict[str, float]:
     table = {"*": float(value)} if isinstance(value, (int, float)) else {k.upper(): float(v) for k, v in value.items()}
     for method, fraction in table.items():
@@ -160,26 +109,17 @@ def _fractions(name: str, value: Fractions) -> dict[str, float]:
     return table
 
 
-class _ProxyHandler(http.server.BaseHTTPRequestHandler):
-    proxy: FaultProxy
-    protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
-    timeout = 60  # a stuck client must not pin a thread forever
+class _ProxyHandler(TrackedHandler):
+    service: FaultProxy
 
     def setup(self):
         super().setup()
-        with self.proxy._lock:
-            self.proxy._connections.add(self.connection)
         self._upstream: http.client.HTTPConnection | None = None
 
     def finish(self):
-        with self.proxy._lock:
-            self.proxy._connections.discard(self.connection)
         if self._upstream is not None:
             self._upstream.close()
         super().finish()
-
-    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
-        pass  # the tests read counters, not access logs
 
     def handle_expect_100(self):
         # Decided per request below: a SlowDown answers before the body is sent, as S3 does.
@@ -187,7 +127,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def do_any(self):
         method = self.command
-        outcome = self.proxy._decide(method)
+        outcome = self.service._decide(method)
         expects_continue = self.headers.get("Expect", "").lower() == "100-continue"
         if outcome == "slowdown":
             self._answer_slowdown(expects_continue)
@@ -198,8 +138,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             response = self._forward_request()
         except OSError as exc:
-            with self.proxy._lock:
-                self.proxy.forwarded[method] -= 1
+            with self.service._lock:
+                self.service.forwarded[method] -= 1
             self._answer_bad_gateway(exc)
             return
         try:
@@ -213,7 +153,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward_request(self) -> http.client.HTTPResponse:
         if self._upstream is None:
-            self._upstream = http.client.HTTPConnection(*self.proxy.upstream, timeout=60)
+            self._upstream = http.client.HTTPConnection(*self.service.upstream, timeout=60)
         conn = self._upstream
         try:
             self._send_request(conn)
@@ -353,7 +293,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             remaining -= len(piece)
 
     def _answer_bad_gateway(self, exc: OSError) -> None:
-        body = f"upstream {self.proxy.upstream[0]}:{self.proxy.upstream[1]} unreachable: {exc}".encode()
+        body = f"upstream {self.service.upstream[0]}:{self.service.upstream[1]} unreachable: {exc}".encode()
         self.close_connection = True
         try:
             self.send_response_only(502, "Bad Gateway")
@@ -364,3 +304,6 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
         except OSError:
             pass
+
+
+FaultProxy.handler = _ProxyHandler

@@ -87,13 +87,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import http.server
 import json
 import re
 import secrets
-import socket
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -107,6 +103,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import psycopg
 from psycopg.rows import dict_row
 
+from liftoff.sandbox.http_service import LoopbackHTTPService, TrackedHandler
 from liftoff.sandbox.supabase_source import storage_object_bytes
 
 STORAGE_PREFIX = "/storage/v1"
@@ -419,8 +416,10 @@ class _Caller:
     authenticated: bool
 
 
-class StorageApiFake:
+class StorageApiFake(LoopbackHTTPService):
     """Supabase Storage's read endpoints on ``url`` + ``/storage/v1``, backed by PostgreSQL and an S3 server."""
+
+    thread_name = "storage-api"
 
     def __init__(self, conninfo: str, s3_client, *, service_role_key: str | None = None,
                  missing_bytes: MissingBytes = "file", host: str = "127.0.0.1"):
@@ -430,56 +429,13 @@ class StorageApiFake:
         self.s3 = s3_client
         self.service_role_key = service_role_key or mint_service_role_key()
         self.missing_bytes = missing_bytes
-        self.host = host
+        super().__init__(host)
         self.requests: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
 
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("StorageApiFake is not started")
-        return self._server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        """The project URL to give ``supabase.create_client``."""
-        return f"http://{self.host}:{self.port}"
 
     @property
     def storage_url(self) -> str:
         return self.url + STORAGE_PREFIX
-
-    def start(self) -> "StorageApiFake":
-        handler = type("StorageApiHandler", (_Handler,), {"fake": self})
-        self._server = _QuietServer((self.host, 0), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"storage-api-{self.port}",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:  # kept-alive connections would otherwise go on being served
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._thread.join(5)
-        self._server = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def _count(self, operation: str) -> None:
         with self._lock:
@@ -489,34 +445,8 @@ class StorageApiFake:
         return psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
 
 
-class _QuietServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            super().handle_error(request, client_address)  # a client hanging up is not news
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    fake: StorageApiFake
-    protocol_version = "HTTP/1.1"
-    timeout = 60
-
-    def setup(self):
-        super().setup()
-        # Headers and body go out in separate writes: without this, Nagle's algorithm meets the client's
-        # delayed ACK and every kept-alive response waits ~40 ms.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.fake._lock:
-            self.fake._connections.add(self.connection)
-
-    def finish(self):
-        with self.fake._lock:
-            self.fake._connections.discard(self.connection)
-        super().finish()
-
-    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
-        pass
+class _Handler(TrackedHandler):
+    service: StorageApiFake
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -617,7 +547,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         token = self._token()
         if mode == "strict" and token is None:
             raise StorageError.validation("headers must have required property 'authorization'")
-        if token is not None and hmac.compare_digest(token.encode(), self.fake.service_role_key.encode()):
+        if token is not None and hmac.compare_digest(token.encode(), self.service.service_role_key.encode()):
             return _Caller(authenticated=True)
         if mode == "strict":
             raise StorageError.access_denied(_jose_refusal(token or ""))
@@ -626,7 +556,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- buckets -----------------------------------------------------------------------------------------
 
     def _list_buckets(self, query: dict[str, list[str]]) -> None:
-        self.fake._count("bucket.list")
+        self.service._count("bucket.list")
         self._caller("strict")
         conditions, values = [], []
         search = query.get("search", [""])[0]
@@ -650,15 +580,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         old_client = _client_before(r"supabase-py/(\d+)\.(\d+)\.(\d+)", client_info, (2, 18, 0)) or \
             _client_before(r"supabase-py/storage3 v(\d+)\.(\d+)\.(\d+)", self.headers.get("User-Agent") or "",
                            (0, 12, 1))
-        with self.fake.connect() as conn:
+        with self.service.connect() as conn:
             conn.row_factory = dict_row
             rows = conn.execute(sql, values).fetchall()
         self._send_json(200, [_bucket_json(row, with_type=not old_client) for row in rows])
 
     def _get_bucket(self, bucket_id: str) -> None:
-        self.fake._count("bucket.get")
+        self.service._count("bucket.get")
         self._caller("strict")
-        with self.fake.connect() as conn:
+        with self.service.connect() as conn:
             conn.row_factory = dict_row
             row = conn.execute("select id, name, owner, public, created_at, updated_at, file_size_limit, "
                                "allowed_mime_types from storage.buckets where id = %s limit 1",
@@ -670,7 +600,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- objects ----------------------------------------------------------------------------------------
 
     def _list_objects(self, bucket: str, raw_body: bytes) -> None:
-        self.fake._count("object.list")
+        self.service._count("object.list")
         try:
             body = json.loads(raw_body or b"null")
         except ValueError:
@@ -679,7 +609,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                "InvalidRequest") from None
         options = _list_options(body)  # fastify validates the body before the headers
         self._caller("strict")
-        with self.fake.connect() as conn:
+        with self.service.connect() as conn:
             items = search_objects(conn, bucket, options["prefix"], limit=options["limit"],
                                    offset=options["offset"], search=options["search"],
                                    sort_column=options["column"], sort_order=options["order"])
@@ -715,9 +645,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._find(conn, bucket, key, _Caller(authenticated=True))
 
     def _info(self, bucket: str, key: str, *, mode: str, head: bool) -> None:
-        self.fake._count("object.head" if head else "object.info")
+        self.service._count("object.head" if head else "object.info")
         caller = self._caller("strict" if mode == "authenticated" else mode)
-        with self.fake.connect() as conn:
+        with self.service.connect() as conn:
             obj = self._find(conn, bucket, key, caller)
         metadata = obj["metadata"] if isinstance(obj["metadata"], dict) else {}
         status = _metadata_number(metadata.get("httpStatusCode")) or 200
@@ -762,8 +692,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _download(self, bucket: str, key: str, *, mode: str, query: dict[str, list[str]]) -> None:
-        self.fake._count("object.get")
-        with self.fake.connect() as conn:
+        self.service._count("object.get")
+        with self.service.connect() as conn:
             if mode == "public":
                 obj = self._find_public(conn, bucket, key)
             else:
@@ -785,7 +715,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except (TypeError, ValueError):
                 pass
         try:
-            response = self.fake.s3.get_object(**request)
+            response = self.service.s3.get_object(**request)
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 304:
@@ -827,7 +757,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             stream.close()
 
     def _missing_bytes(self) -> StorageError:
-        if self.fake.missing_bytes == "file":
+        if self.service.missing_bytes == "file":
             return StorageError.internal()  # fs.stat's ENOENT is not renderable: the handler's generic 500
         err = StorageError(400, "404", "Not found", "The resource was not found", "NoSuchKey")
         err.headers["Cache-Control"] = "no-store"
@@ -921,3 +851,6 @@ def _batches(rows: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+StorageApiFake.handler = _Handler
