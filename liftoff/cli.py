@@ -195,31 +195,34 @@ def demo(
     keep: bool = typer.Option(False, help="leave the servers running afterwards (prints how to stop them)"),
 ):
     """Run a local demo migration end to end: start a Supabase-shaped PostgreSQL 15 source and an empty
-    target on loopback, fill the source with a CRM dataset, run migrate-database under Prefect, print the
-    verification table, and stop what it started. Exit 0 only if the gate passed."""
+    target on loopback, fill the source with a CRM dataset, Supabase Storage's S3 endpoint (a SeaweedFS
+    server holding the CRM's files) and a target S3 server; run migrate-database, then migrate-storage,
+    under Prefect; print both gates' tables, and stop what it started. Exit 0 only if both gates passed."""
     from liftoff.sandbox.prefect_server import PrefectServer
     from liftoff.sandbox.stack import LocalStack
 
     server = None
-    stack = LocalStack(bookings=bookings)
+    stack = LocalStack(bookings=bookings, files=True)
     try:
         if not os.environ.get("PREFECT_API_URL"):
             err.print("starting a local Prefect server ...")
             server = PrefectServer().start()
             os.environ.update(server.env())
-        err.print(f"starting source and target, generating {bookings} bookings ...")
+        err.print(f"starting source and target (PostgreSQL, S3), generating {bookings} bookings and their files ...")
         stack.start()
         err.print(f"runbook: {stack.runbook_path}")
-        try:
-            run_flow(FlowName("database"), stack.runbook_path, dry_run=False)
-        except Exception as exc:
-            _print_summaries()
-            raise _fail(exc) from None
-        _print_summaries(("verify-summary",))
+        for phase in ("database", "storage"):
+            try:
+                run_flow(FlowName(phase), stack.runbook_path, dry_run=False)
+            except Exception as exc:
+                _print_summaries(all_flows()[phase].summaries)
+                raise _fail(exc) from None
+        _print_summaries(("verify-summary", "verify-storage-summary"))
         ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
         stops = server is not None and not keep
-        out.print(f"[green]demo: the database gate passed.[/green] Runs, logs and artifacts in the Prefect UI: "
-                  f"{ui}/runs (flow 'migrate-database')" +
+        out.print(f"[green]demo: the database and storage gates passed.[/green] Runs, logs and artifacts in the "
+                  f"Prefect UI: {ui}/runs (flows 'migrate-database', 'migrate-storage'); `liftoff status --runbook "
+                  f"{stack.runbook_path}` shows every step" +
                   ("; this demo's Prefect server stops now: run with --keep to browse it, or start "
                    "`prefect server start` and export PREFECT_API_URL first" if stops else ""))
         if keep:

@@ -47,6 +47,16 @@ PHASES: tuple[Phase, ...] = (
         ),
         gate="database",
     ),
+    Phase(
+        name="storage",
+        title="Storage: Supabase Storage to the target's S3 server (buckets, objects, verify)",
+        steps=("storage.buckets", "storage.copy", "verify-storage"),
+        flows=(
+            PhaseFlow("storage", "flows.storage:migrate_storage", ("storage-plan", "verify-storage-summary")),
+            PhaseFlow("verify-storage", "flows.storage_verify:verify_storage", ("verify-storage-summary",)),
+        ),
+        gate="storage",
+    ),
 )
 
 

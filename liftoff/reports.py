@@ -79,8 +79,8 @@ class Progress:
             self._artifact_id = create_progress_artifact(progress=0.0, description=f"{step}: starting")
         self._notify(f"{step}: 0/{total}")
 
-    def advance(self, message: str = "") -> None:
-        self.done += 1
+    def advance(self, message: str = "", by: int = 1) -> None:
+        self.done += by
         if self._artifact_id is not None:
             from prefect.artifacts import update_progress_artifact
 

@@ -43,9 +43,10 @@ class SecretRef(_Strict):
     def label(self) -> str:
         return f"env:{self.env}" if self.env else f"prefect_secret:{self.prefect_secret}"
 
-    def resolve(self, field: str) -> str:
+    def resolve(self, field: str, *, sensitive: bool = True) -> str:
         """Returns the secret's value and registers it for redaction everywhere. Resolved once per run
-        (``forget_resolved_secrets`` starts a new one): a connection does not ask the Prefect API again."""
+        (``forget_resolved_secrets`` starts a new one): a connection does not ask the Prefect API again.
+        ``sensitive=False`` for an identifier kept as a reference (an S3 access key id): errors name it."""
         cached = _resolved.get(self.label)
         if cached is not None:
             return cached
@@ -65,7 +66,8 @@ class SecretRef(_Strict):
                     f"{field}: Prefect Secret block '{self.prefect_secret}' could not be loaded "
                     f"({type(exc).__name__}); create it in the Prefect UI under Blocks"
                 ) from None
-        register_secret(value)
+        if sensitive:
+            register_secret(value)
         _resolved[self.label] = value
         return value
 
@@ -223,8 +225,74 @@ class Bucket(_Strict):
     public: bool = False
 
 
+def _http_url(v: str) -> str:
+    if not re.match(r"^https?://[^/@\s]+(/.*)?$", v):
+        raise ValueError("expected an http(s) URL without credentials, e.g. https://s3.example.com")
+    return v.rstrip("/")
+
+
+class S3Access(_Strict):
+    """An S3-compatible endpoint and the key pair to sign with (both references to secrets)."""
+
+    endpoint_url: str
+    region: str = "us-east-1"
+    access_key_id: Secret
+    secret_access_key: Secret
+
+    _url = field_validator("endpoint_url")(classmethod(lambda cls, v: _http_url(v)))
+
+    @field_validator("access_key_id", "secret_access_key", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+
+class StorageSource(_Strict):
+    """Supabase Storage: its S3 endpoint (``https://<ref>.supabase.co/storage/v1/s3``, the fast path) or its
+    REST API; either way ``storage.objects`` in the source database is the inventory."""
+
+    project_url: str = Field(description="the Supabase project's URL, e.g. https://abcd.supabase.co: its "
+                             "storage URLs in the app's columns are rewritten to target.public_url")
+    protocol: Literal["s3"] = Field("s3", description="s3: Supabase Storage's S3-compatible endpoint")
+    s3: S3Access
+
+    _url = field_validator("project_url")(classmethod(lambda cls, v: _http_url(v)))
+
+
+class StorageTarget(S3Access):
+    public_url: str = Field(description="the public base the files are served from, e.g. https://files.example.com "
+                            "(a public bucket's object is <public_url>/<bucket>/<key>)")
+
+    _public = field_validator("public_url")(classmethod(lambda cls, v: _http_url(v)))
+
+
+class UrlColumn(_Strict):
+    """An app column holding Supabase Storage URLs (kind url) or bare object keys of one bucket (kind key)."""
+
+    table: str = Field(description="schema.table")
+    column: str
+    kind: Literal["url", "key"] = "url"
+    bucket: str | None = Field(None, description="for kind key: the bucket its keys are in")
+
+    @model_validator(mode="after")
+    def _bucket_for_keys(self) -> "UrlColumn":
+        if self.kind == "key" and not self.bucket:
+            raise ValueError("a column of kind key needs the bucket its keys are in")
+        if "." not in self.table:
+            raise ValueError("table: expected schema.table")
+        return self
+
+
 class Storage(_Strict):
     buckets: list[Bucket] = Field(default_factory=list)
+    source: StorageSource | None = None
+    target: StorageTarget | None = None
+    bucket_prefix: str = Field("", description="prepended to every target bucket's name (a rehearsal's scratch buckets)")
+    part_size_mb: int = Field(8, ge=5, le=512, description="objects above this go multipart, in parts this big")
+    concurrency: int = Field(8, ge=1, le=64, description="objects in flight at once")
+    batch_size: int = Field(500, ge=1, le=10000, description="objects per Prefect task (one ledger write each)")
+    deep_verify: bool = Field(False, description="the gate re-reads and hashes every target object")
+    rewrite: list[UrlColumn] = Field(default_factory=list, description="app columns whose storage URLs move")
 
 
 class S3Target(_Strict):

@@ -115,3 +115,12 @@ def test_an_old_ledger_gains_the_new_shape_and_keeps_its_table_progress(tmp_path
     ledger = Ledger(tmp_path)
     assert ledger.tables("restore") == {"public.bookings": ("loaded", 42)}
     assert ledger.is_done("export") and ledger.steps()["export"].seconds is None
+
+
+def test_the_sandbox_prefect_ui_calls_its_own_api(prefect_api):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{prefect_api.ui_url}/ui-settings", timeout=10) as answer:
+        settings = json.load(answer)
+    assert settings["api_url"] == prefect_api.api_url

@@ -16,7 +16,7 @@ import yaml
 import runbooks
 
 from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
-from liftoff.sandbox.supabase_source import generate_crm, prepare_supabase_source
+from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL, generate_crm, prepare_supabase_source
 
 APP_ROLE = "crm_app"  # the app role runbooks/local.yaml grants to
 LOCAL_RUNBOOK = Path(runbooks.__file__).resolve().parent / "local.yaml"
@@ -30,6 +30,7 @@ class LocalStack:
     target_major: int = 15
     contrib: bool = True
     apps: bool = True  # the Supabase example-app patterns (supabase_apps.sql): auth hooks, triggers on auth.users
+    files: bool = False  # also Supabase Storage's S3 endpoint (seeded with the objects' bytes) and a target S3 server
     seed: int = 7
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="liftoff-stack-")))
     env_prefix: str = "LIFTOFF_LOCAL"
@@ -41,11 +42,18 @@ class LocalStack:
         }
         self.source: PostgresServer | None = None
         self.target: PostgresServer | None = None
+        self.supabase_s3 = self.target_s3 = None
 
     @property
     def env(self) -> dict[str, str]:
-        return {f"{self.env_prefix}_SOURCE_PASSWORD": self.passwords["source"],
-                f"{self.env_prefix}_TARGET_PASSWORD": self.passwords["target"]}
+        env = {f"{self.env_prefix}_SOURCE_PASSWORD": self.passwords["source"],
+               f"{self.env_prefix}_TARGET_PASSWORD": self.passwords["target"]}
+        if self.supabase_s3:
+            env.update({f"{self.env_prefix}_SUPABASE_S3_KEY": self.supabase_s3.access_key,
+                        f"{self.env_prefix}_SUPABASE_S3_SECRET": self.supabase_s3.secret_key,
+                        f"{self.env_prefix}_TARGET_S3_KEY": self.target_s3.access_key,
+                        f"{self.env_prefix}_TARGET_S3_SECRET": self.target_s3.secret_key})
+        return env
 
     @property
     def secrets(self) -> list[str]:
@@ -60,6 +68,12 @@ class LocalStack:
                                 apps=self.apps)
         self.counts = generate_crm(self.source.conninfo(), bookings=self.bookings, seed=self.seed)
         self.target.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{self.passwords['app']}'")
+        if self.files:
+            from liftoff.sandbox.s3 import S3Server
+            from liftoff.sandbox.storage_api import seed_objects
+
+            self.supabase_s3, self.target_s3 = S3Server().start(), S3Server().start()
+            self.objects = seed_objects(self.supabase_s3.client(), self.source.conninfo())
         os.environ.update(self.env)
         self.runbook_path = self.write_runbook()
         return self
@@ -73,6 +87,15 @@ class LocalStack:
         data["target"]["direct"].update(host=self.target.host, port=self.target.port, database=target_database,
                                         password={"env": f"{self.env_prefix}_TARGET_PASSWORD"})
         data["database"].update(database)
+        if self.supabase_s3:
+            p = self.env_prefix
+            data["storage"].update(
+                source={"project_url": SUPABASE_PROJECT_URL,
+                        "s3": {"endpoint_url": self.supabase_s3.endpoint_url, "access_key_id": {"env": f"{p}_SUPABASE_S3_KEY"},
+                               "secret_access_key": {"env": f"{p}_SUPABASE_S3_SECRET"}}},
+                target={"endpoint_url": self.target_s3.endpoint_url, "access_key_id": {"env": f"{p}_TARGET_S3_KEY"},
+                        "secret_access_key": {"env": f"{p}_TARGET_S3_SECRET"},
+                        "public_url": "http://files.localhost"})
         return data
 
     def write_runbook(self, name: str = "local.yaml", **options) -> Path:
@@ -88,7 +111,7 @@ class LocalStack:
         return name
 
     def stop(self) -> None:
-        for server in (self.source, self.target):
+        for server in (self.source, self.target, self.supabase_s3, self.target_s3):
             if server:
                 server.stop()
 

@@ -1,0 +1,39 @@
+"""Runbook step 5, its gate: prove the target's buckets hold what Supabase Storage holds."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.options import RunOptions, open_runbook
+from liftoff.errors import GateFailed
+from liftoff.reports import markdown_table, publish_markdown, publish_table
+from tasks.storage.gate import StorageReport, run_storage_gate
+
+
+@flow(name="verify-storage")
+def verify_storage(options: RunOptions, deep: bool = False) -> dict:
+    """Succeeds only when, per bucket, object count and total bytes are equal on both sides, every object of
+    the source's inventory (storage.objects) is on the target with the same size, MD5 and Content-Type,
+    nothing extra is on the target, and anonymous access is as the runbook says (public buckets readable,
+    private ones refused, listing refused). ``deep`` re-reads and hashes every target object. Reads only."""
+    runbook = open_runbook(options, "storage")
+    if options.dry_run:
+        publish_markdown("verify-storage-plan", "# Storage gate (dry run)\n\nWould compare counts, bytes, sizes, "
+                         f"MD5s and access of {', '.join(b.name for b in runbook.storage.buckets)}.")
+        return {"dry_run": True}
+    report = run_storage_gate(runbook, deep or None)
+    publish_storage_gate(report)
+    if not report.ok:
+        raise GateFailed("storage gate failed:\n" + "\n".join(report.failures()))
+    return {"buckets": len(report.buckets), "objects": sum(b.target_objects for b in report.buckets),
+            "bytes": sum(b.target_bytes for b in report.buckets)}
+
+
+def publish_storage_gate(report: StorageReport) -> None:
+    rows = report.rows()
+    publish_table("verify-storage-buckets", rows, "Storage gate: objects and bytes per bucket")
+    md = [f"# Storage gate {'PASSED' if report.ok else 'FAILED'}", ""]
+    if not report.ok:
+        md += ["## What differs", *[f"- {line}" for line in report.failures()], ""]
+    md += ["## Buckets", markdown_table(rows)]
+    publish_markdown("verify-storage-summary", "\n".join(md))

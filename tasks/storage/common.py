@@ -1,0 +1,42 @@
+"""What the storage phase's steps share: the runbook's endpoints as clients, and the target bucket names."""
+
+from __future__ import annotations
+
+from liftoff.errors import RunbookInvalid
+from liftoff.logs import get_logger
+from runbooks.model import Runbook, S3Access
+from tasks import s3
+
+log = get_logger(phase="storage")
+PHASE = "storage"
+
+
+def require_storage(rb: Runbook) -> None:
+    missing = [k for k in ("source", "target") if getattr(rb.storage, k) is None]
+    if missing or not rb.storage.buckets:
+        what = ", ".join([f"storage.{k}" for k in missing] + ([] if rb.storage.buckets else ["storage.buckets"]))
+        raise RunbookInvalid(f"runbook {rb.name}: the storage phase needs {what}; see runbooks/tour-crm.yaml")
+
+
+def endpoint(access: S3Access, field: str) -> s3.S3Endpoint:
+    key_id = access.access_key_id.resolve(f"{field}.access_key_id", sensitive=False)  # errors name it
+    return s3.S3Endpoint(access.endpoint_url, access.region, key_id,
+                         access.secret_access_key.resolve(f"{field}.secret_access_key"))
+
+
+def source_client(rb: Runbook):
+    return s3.client(endpoint(rb.storage.source.s3, "storage.source.s3"),
+                     max_pool_connections=rb.storage.concurrency + 2)
+
+
+def target_client(rb: Runbook):
+    return s3.client(endpoint(rb.storage.target, "storage.target"), max_pool_connections=rb.storage.concurrency + 2)
+
+
+def target_bucket(rb: Runbook, bucket: str) -> str:
+    return rb.storage.bucket_prefix + bucket
+
+
+def item_kind(bucket: str) -> str:
+    """Ledger items of one bucket: key = object name, checksum = the MD5 the copy computed."""
+    return f"object:{bucket}"

@@ -1,0 +1,95 @@
+"""Runbook step 5b, its tasks: the target's buckets, then every object copied exactly once.
+
+One Prefect task per batch of ``storage.batch_size`` objects (never one per object), each copying with
+``storage.concurrency`` objects in flight on shared clients (``tasks.s3.copy_batch``) and recording what it
+copied in the ledger every few objects, one transaction at a time. A re-run (or a run after a kill) copies
+only what the ledger does not record as copied, or what changed on the source since.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from liftoff.errors import StepFailed
+from liftoff.ledger import Ledger
+from liftoff.reports import Progress
+from liftoff.steps import recorded
+from runbooks.model import Runbook
+from tasks import postgres, s3
+from tasks.storage.common import PHASE, item_kind, log, source_client, target_bucket, target_client
+from tasks.storage.plan import StoragePlan, pending
+
+LEDGER_EVERY = 50  # objects between two ledger writes: what a kill can make us copy twice
+
+
+@task(name="prepare buckets", cache_policy=NO_CACHE)
+@recorded("storage.buckets")
+def prepare_buckets(rb: Runbook, plan: StoragePlan) -> dict:
+    """Creates the runbook's buckets on the target (idempotent); public ones get an anonymous-download
+    policy, private ones none."""
+    dst = target_client(rb)
+    done = {}
+    for b in plan.buckets:
+        done[b.target] = s3.ensure_bucket(dst, b.target, b.public)
+        log.info("bucket ready", bucket=b.target, public=b.public, did=done[b.target])
+    return done
+
+
+@task(name="copy objects (one batch)", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
+    ledger = Ledger(rb.state_dir)
+    src, dst = source_client(rb), target_client(rb)
+    buffer: list[tuple] = []
+
+    def record(outcome) -> None:
+        if isinstance(outcome, s3.CopiedObject):
+            buffer.append((outcome.key, "copied", outcome.size, outcome.md5))
+        else:
+            buffer.append((outcome.key, "failed", None, None))
+        if len(buffer) >= LEDGER_EVERY:
+            ledger.set_items(PHASE, item_kind(bucket), buffer)
+            buffer.clear()
+
+    try:
+        result = s3.copy_batch(names, src, bucket, dst, target_bucket(rb, bucket),
+                               part_size=rb.storage.part_size_mb * 2**20, concurrency=rb.storage.concurrency,
+                               on_done=record)
+    finally:
+        if buffer:
+            ledger.set_items(PHASE, item_kind(bucket), buffer)
+    return {"copied": len(result.copied), "bytes": result.bytes,
+            "failed": [f"{bucket}/{f.key}: {f.error}" for f in result.failed]}
+
+
+@task(name="copy objects", cache_policy=NO_CACHE)
+@recorded("storage.copy")
+def copy_objects(rb: Runbook, plan: StoragePlan) -> dict:
+    """Copies every object the ledger does not record as copied, bucket by bucket, in batches. Succeeds when
+    none failed; a failed object is named and a re-run copies only the failed and the missing ones."""
+    ledger = Ledger(rb.state_dir)
+    total = sum(b.to_copy for b in plan.buckets)
+    total_bytes = sum(b.to_copy_bytes for b in plan.buckets)
+    progress = Progress("storage: copying objects", total)
+    copied = copied_bytes = 0
+    failed: list[str] = []
+    started = time.monotonic()
+    with postgres.session(rb.source, "source") as conn:
+        for b in plan.buckets:
+            names = (obj.key for obj in pending(rb, conn, ledger, b.name))
+            while batch := list(itertools.islice(names, rb.storage.batch_size)):
+                done = copy_object_batch(rb, b.name, batch)
+                copied += done["copied"]
+                copied_bytes += done["bytes"]
+                failed += done["failed"]
+                rate = copied_bytes / max(time.monotonic() - started, 1e-6)
+                eta = (total_bytes - copied_bytes) / rate if rate else 0
+                progress.advance(f"{b.name}: {copied}/{total} objects, {copied_bytes / 2**20:,.1f}/"
+                                 f"{total_bytes / 2**20:,.1f} MiB, ETA {eta:,.0f} s", by=len(batch))
+    if failed:
+        raise StepFailed(f"{len(failed)} objects failed to copy ({'; '.join(failed[:3])}"
+                         f"{' ...' if len(failed) > 3 else ''}); re-run: only those and the missing ones are copied")
+    return {"copied": copied, "bytes": copied_bytes, "seconds": round(time.monotonic() - started, 2)}

@@ -1,0 +1,173 @@
+"""Runbook step 5c: the storage gate. ``compare_storage`` is a plain function of the two sides returning a
+report; ``run_storage_gate`` runs it against the runbook's servers and records the result in the ledger.
+
+Per bucket: object count and total bytes equal on both sides; per object of the source's inventory
+(``storage.objects``): present on the target, same size, same MD5 (the target's md5chksum metadata, written
+while the bytes streamed, against the source row's eTag when that is an MD5, else the MD5 the copy
+computed from the source's bytes), same Content-Type; objects on the target the source does not have are
+named; with ``deep`` every target object is read back and hashed. Access: an anonymous GET works in a
+public bucket and is refused in a private one, and anonymous listing is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from liftoff.ledger import Ledger
+from liftoff.reports import Progress
+from liftoff.steps import recorded
+from runbooks.model import Runbook
+from tasks import postgres, s3, supabase_storage
+from tasks.storage.common import PHASE, item_kind, require_storage, target_bucket, target_client
+
+MAX_NAMED = 5
+
+
+@dataclass
+class BucketCheck:
+    bucket: str
+    target: str
+    source_objects: int = 0
+    source_bytes: int = 0
+    target_objects: int = 0
+    target_bytes: int = 0
+    problems: list[str] = field(default_factory=list)  # "key: what differs"
+    problem_count: int = 0
+    access: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (not self.problem_count and not self.access and self.source_objects == self.target_objects
+                and self.source_bytes == self.target_bytes)
+
+    def summary(self) -> list[str]:
+        lines = []
+        if (self.source_objects, self.source_bytes) != (self.target_objects, self.target_bytes):
+            lines.append(f"bucket {self.bucket}: target {self.target} holds {self.target_objects} objects "
+                         f"({self.target_bytes:,} bytes), the source {self.source_objects} ({self.source_bytes:,})")
+        if self.problem_count:
+            more = f" and {self.problem_count - len(self.problems)} more" if self.problem_count > len(self.problems) else ""
+            lines.append(f"bucket {self.bucket}: " + "; ".join(self.problems) + more)
+        if self.access:
+            lines.append(f"bucket {self.target}: {self.access}")
+        return lines
+
+
+@dataclass
+class StorageReport:
+    buckets: list[BucketCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(b.ok for b in self.buckets)
+
+    def failures(self) -> list[str]:
+        return [line for b in self.buckets for line in b.summary()]
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"passed: {len(self.buckets)} buckets, {sum(b.target_objects for b in self.buckets)} objects, "
+                    f"{sum(b.target_bytes for b in self.buckets):,} bytes, sizes and MD5s equal")
+        failures = self.failures()
+        return "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+
+    def rows(self) -> list[dict]:
+        return [{"bucket": b.bucket, "target bucket": b.target, "source objects": b.source_objects,
+                 "target objects": b.target_objects, "source bytes": b.source_bytes, "target bytes": b.target_bytes,
+                 "differences": b.problem_count, "access": b.access or "as the runbook says",
+                 "status": "match" if b.ok else "DIFFERS"} for b in self.buckets]
+
+
+def compare_storage(conn, target, buckets: list[tuple[str, str, bool]], expected_md5: Callable[[str, str], str | None],
+                    *, endpoint_url: str, deep: bool = False, concurrency: int = 8,
+                    on_bucket_done: Callable[[BucketCheck], None] | None = None) -> StorageReport:
+    """Compares each (source bucket, target bucket, public) of the inventory in ``conn`` with the target S3
+    server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). Reads only."""
+    report = StorageReport()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for bucket, tbucket, public in buckets:
+            check = BucketCheck(bucket, tbucket)
+
+            def one(obj) -> list[str]:
+                info = s3.head(target, tbucket, obj.key)
+                if info is None:
+                    return [f"{obj.key}: missing on target"]
+                problems = []
+                if obj.size is not None and info.size != obj.size:
+                    problems.append(f"{obj.key}: size differs (source {obj.size}, target {info.size})")
+                want = obj.md5 or expected_md5(bucket, obj.key)
+                got = s3.deep_md5(target, tbucket, obj.key) if deep else info.md5
+                if want and got != want:
+                    problems.append(f"{obj.key}: MD5 differs (source {want}, target {got})")
+                if obj.mimetype and info.content_type != obj.mimetype:
+                    problems.append(f"{obj.key}: Content-Type differs (source {obj.mimetype}, target {info.content_type})")
+                return problems
+
+            names: list[str] = []
+            inventory = supabase_storage.inventory(conn, bucket)
+
+            def counted():
+                for obj in inventory:
+                    check.source_objects += 1
+                    check.source_bytes += obj.size or 0
+                    if len(names) < 1:
+                        names.append(obj.key)
+                    yield obj
+
+            for problems in pool.map(one, counted()):
+                for p in problems:
+                    check.problem_count += 1
+                    if len(check.problems) < MAX_NAMED:
+                        check.problems.append(p)
+            _count_target(target, tbucket, conn, bucket, check)
+            if names:
+                proof = s3.prove_bucket_access(endpoint_url, tbucket, names[0], public)
+                check.access = "; ".join(proof.problems)
+            report.buckets.append(check)
+            if on_bucket_done:
+                on_bucket_done(check)
+    return report
+
+
+def _count_target(target, tbucket: str, conn, bucket: str, check: BucketCheck) -> None:
+    """Counts the target bucket and names objects the source's inventory lacks (both stream in byte order
+    and are merged; the target is listed folder by folder, which gives byte order on any S3 server)."""
+    source_names = (o.key for o in supabase_storage.inventory(conn, bucket))
+    current = next(source_names, None)
+    for listed in supabase_storage.S3Source(target, listing="levels").list(tbucket):
+        check.target_objects += 1
+        check.target_bytes += listed.size
+        while current is not None and current.encode() < listed.key.encode():
+            current = next(source_names, None)
+        if current != listed.key:
+            check.problem_count += 1
+            if len(check.problems) < MAX_NAMED:
+                check.problems.append(f"{listed.key}: on the target only, not in the source's storage.objects")
+
+
+@task(name="verify storage (gate)", cache_policy=NO_CACHE)
+@recorded("verify-storage", gate="storage")
+def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
+    require_storage(rb)
+    ledger = Ledger(rb.state_dir)
+    copied_md5 = {}
+
+    def expected_md5(bucket: str, key: str) -> str | None:
+        # The MD5 the copy computed from the source's bytes: the reference when the source's eTag is no MD5.
+        if bucket not in copied_md5:
+            copied_md5[bucket] = {k: md5 for k, status, _, md5 in ledger.items(PHASE, item_kind(bucket))
+                                  if status == "copied"}
+        return copied_md5[bucket].get(key)
+
+    progress = Progress("storage gate: comparing buckets", len(rb.storage.buckets))
+    with postgres.session(rb.source, "source") as conn:
+        return compare_storage(
+            conn, target_client(rb), [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
+            expected_md5, endpoint_url=rb.storage.target.endpoint_url,
+            deep=rb.storage.deep_verify if deep is None else deep, concurrency=rb.storage.concurrency,
+            on_bucket_done=lambda c: progress.advance(f"{c.bucket}: {'match' if c.ok else 'differs'}"))

@@ -1,0 +1,280 @@
+"""The storage phase against real servers: the Supabase-shaped source's storage.objects as the inventory,
+a SeaweedFS server as Supabase Storage's S3 endpoint (seeded with the generated objects' bytes), another as
+the target (MinIO's stand-in). Each test copies into its own bucket prefix and state_dir."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.options import RunOptions
+from flows.storage import migrate_storage
+from flows.storage_verify import verify_storage
+from liftoff.errors import GateFailed
+from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
+from runbooks.model import load_runbook
+
+_n = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def servers(stack):
+    from liftoff.sandbox.s3 import S3Server
+    from liftoff.sandbox.storage_api import seed_objects
+
+    supabase_s3, target = S3Server().start(), S3Server().start()
+    try:
+        seeded = seed_objects(supabase_s3.client(), stack.source.conninfo())
+        os.environ.update({"LIFTOFF_SUPABASE_S3_KEY": supabase_s3.access_key,
+                           "LIFTOFF_SUPABASE_S3_SECRET": supabase_s3.secret_key,
+                           "LIFTOFF_TARGET_S3_KEY": target.access_key, "LIFTOFF_TARGET_S3_SECRET": target.secret_key})
+        yield supabase_s3, target, seeded
+    finally:
+        supabase_s3.stop()
+        target.stop()
+
+
+def storage_runbook(stack, servers, *, target_url: str | None = None, **storage) -> Path:
+    supabase_s3, target, _ = servers
+    name = f"files{next(_n)}"
+    data = stack.runbook_data(state_dir=f"state-{name}")
+    data["storage"] = {
+        "buckets": [{"name": "tour-images", "public": True}, {"name": "waivers"}],
+        "bucket_prefix": f"{name}-",
+        "source": {"project_url": SUPABASE_PROJECT_URL,
+                   "s3": {"endpoint_url": supabase_s3.endpoint_url, "access_key_id": {"env": "LIFTOFF_SUPABASE_S3_KEY"},
+                          "secret_access_key": {"env": "LIFTOFF_SUPABASE_S3_SECRET"}}},
+        "target": {"endpoint_url": target_url or target.endpoint_url, "access_key_id": {"env": "LIFTOFF_TARGET_S3_KEY"},
+                   "secret_access_key": {"env": "LIFTOFF_TARGET_S3_SECRET"},
+                   "public_url": "https://files.example.com"},
+        **storage,
+    }
+    path = stack.workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _objects(stack) -> dict[str, int]:
+    return dict(stack.source.execute("SELECT bucket_id, count(*) FROM storage.objects GROUP BY 1"))
+
+
+def _anonymous_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.fixture
+def migrated_files(stack, servers):
+    runbook = storage_runbook(stack, servers)
+    result = migrate_storage(RunOptions(runbook=str(runbook)))
+    return runbook, result
+
+
+def test_every_object_is_copied_once_and_the_gate_passes(stack, servers, migrated_files):
+    _, target, seeded = servers
+    runbook, result = migrated_files
+    counts = _objects(stack)
+    assert result["copy"]["copied"] == sum(counts.values()) == sum(seeded.values())
+    assert result["verify"]["objects"] == sum(counts.values())
+    prefix = load_runbook(runbook).storage.bucket_prefix
+    client = target.client()
+    key = stack.source.execute("SELECT name FROM storage.objects WHERE bucket_id = 'tour-images' LIMIT 1")[0][0]
+    head = client.head_object(Bucket=f"{prefix}tour-images", Key=key)
+    assert head["ContentType"] == "image/jpeg" and head["CacheControl"] == "max-age=3600"
+    # public bucket readable without credentials, private one refused
+    assert _anonymous_status(f"{target.endpoint_url}/{prefix}tour-images/{urllib.request.quote(key)}") == 200
+    waiver = stack.source.execute("SELECT name FROM storage.objects WHERE bucket_id = 'waivers' LIMIT 1")[0][0]
+    assert _anonymous_status(f"{target.endpoint_url}/{prefix}waivers/{urllib.request.quote(waiver)}") in (401, 403)
+
+
+def test_a_rerun_copies_nothing(migrated_files):
+    runbook, _ = migrated_files
+    again = migrate_storage(RunOptions(runbook=str(runbook)))
+    assert again["copy"]["copied"] == 0 and again["verify"]["objects"] > 0
+
+
+def test_dry_run_counts_what_it_would_copy_and_writes_nothing(stack, servers):
+    _, target, _ = servers
+    runbook = storage_runbook(stack, servers)
+    result = migrate_storage(RunOptions(runbook=str(runbook), dry_run=True))
+    assert result["objects"] == sum(_objects(stack).values()) and result["bytes"] > 0
+    assert not load_runbook(runbook).state_dir.exists()
+    prefix = load_runbook(runbook).storage.bucket_prefix
+    assert not [b for b in target.client().list_buckets()["Buckets"] if b["Name"].startswith(prefix)]
+
+
+def _gate(runbook, deep: bool = False) -> str:
+    with pytest.raises(GateFailed) as failed:
+        verify_storage(RunOptions(runbook=str(runbook)), deep=deep)
+    return str(failed.value)
+
+
+def _one_key(stack, bucket: str) -> str:
+    return stack.source.execute(f"SELECT name FROM storage.objects WHERE bucket_id = '{bucket}' ORDER BY name LIMIT 1")[0][0]
+
+
+def test_gate_catches_a_missing_object(stack, servers, migrated_files):
+    runbook, _ = migrated_files
+    key = _one_key(stack, "waivers")
+    servers[1].client().delete_object(Bucket=f"{load_runbook(runbook).storage.bucket_prefix}waivers", Key=key)
+    message = _gate(runbook)
+    assert f"bucket waivers: {key}: missing on target" in message
+
+
+def test_gate_catches_a_truncated_object(stack, servers, migrated_files):
+    runbook, _ = migrated_files
+    key, bucket = _one_key(stack, "tour-images"), f"{load_runbook(runbook).storage.bucket_prefix}tour-images"
+    client = servers[1].client()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=body[:-10], ContentType="image/jpeg", CacheControl="max-age=3600")
+    message = _gate(runbook)
+    assert f"{key}: size differs (source {len(body)}, target {len(body) - 10})" in message
+
+
+def test_only_the_deep_gate_catches_a_flipped_byte_behind_unchanged_metadata(stack, servers, migrated_files):
+    runbook, _ = migrated_files
+    key, bucket = _one_key(stack, "waivers"), f"{load_runbook(runbook).storage.bucket_prefix}waivers"
+    client = servers[1].client()
+    original = client.get_object(Bucket=bucket, Key=key)
+    body = bytearray(original["Body"].read())
+    before = hashlib.md5(body).hexdigest()
+    body[len(body) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body), ContentType=original["ContentType"],
+                      CacheControl=original.get("CacheControl", ""), Metadata=original["Metadata"])
+    assert verify_storage(RunOptions(runbook=str(runbook)))["objects"] > 0  # the metadata still claims the MD5
+    message = _gate(runbook, deep=True)
+    assert f"{key}: MD5 differs (source {before}, target {hashlib.md5(bytes(body)).hexdigest()})" in message
+
+
+def test_gate_catches_a_wrong_content_type(stack, servers, migrated_files):
+    runbook, _ = migrated_files
+    key, bucket = _one_key(stack, "tour-images"), f"{load_runbook(runbook).storage.bucket_prefix}tour-images"
+    client = servers[1].client()
+    client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key}, ContentType="text/plain",
+                       MetadataDirective="REPLACE",
+                       Metadata=client.head_object(Bucket=bucket, Key=key)["Metadata"])
+    assert f"{key}: Content-Type differs (source image/jpeg, target text/plain)" in _gate(runbook)
+
+
+def test_gate_catches_a_storage_row_whose_object_is_not_on_the_target(stack, servers, migrated_files):
+    runbook, _ = migrated_files
+    stack.source.execute(
+        "INSERT INTO storage.objects (bucket_id, name, metadata) VALUES ('waivers', 'zz-late/waiver.pdf', "
+        "'{\"size\": 10, \"mimetype\": \"application/pdf\", \"eTag\": \"\\\"0123456789abcdef0123456789abcdef\\\"\"}')")
+    try:
+        message = _gate(runbook)
+        assert "bucket waivers: zz-late/waiver.pdf: missing on target" in message
+    finally:
+        stack.source.execute("DELETE FROM storage.objects WHERE name = 'zz-late/waiver.pdf'")
+
+
+def _copied(ledger: Path) -> int:
+    if not ledger.exists():
+        return 0
+    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as db:
+        try:
+            return db.execute("SELECT count(*) FROM items WHERE phase = 'storage' AND status = 'copied'").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_sigkill_mid_copy_then_rerun_copies_only_the_remainder(stack, servers):
+    from liftoff.sandbox.faults import FaultProxy
+
+    _, target, seeded = servers
+    total = sum(seeded.values())
+    with FaultProxy(target.endpoint_url, slowdown={"PUT": 0.5}, seed=3) as slow:
+        # slowed down (half of the PUTs answered SlowDown, retried with backoff) so the kill lands mid-copy
+        runbook = storage_runbook(stack, servers, target_url=slow.url, batch_size=20, concurrency=2)
+        ledger = load_runbook(runbook).state_dir / "ledger.sqlite"
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "liftoff"), "run", "storage", "--runbook",
+                                 str(runbook)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and _copied(ledger) < 40:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the copy ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        before = _copied(ledger)
+        assert 0 < before < total
+        slow.set_faults(slowdown=0.0)
+        slow.reset_counters()
+        result = migrate_storage(RunOptions(runbook=str(runbook)))
+        remainder = total - before
+        # at most the objects copied after the ledger's last write before the kill are copied again
+        assert remainder <= slow.puts_forwarded <= remainder + 50 + 2
+        assert result["copy"]["copied"] == slow.puts_forwarded
+        assert result["verify"]["objects"] == total
+
+
+def test_the_plan_lists_storage_policies_and_rows_without_bytes(stack, servers):
+    from liftoff.reports import last_markdown
+
+    stack.source.execute(
+        "INSERT INTO storage.objects (bucket_id, name, metadata) VALUES ('waivers', 'zz-nobytes/w.pdf', "
+        "'{\"size\": 10, \"mimetype\": \"application/pdf\"}')")
+    try:
+        runbook = storage_runbook(stack, servers)
+        migrate_storage(RunOptions(runbook=str(runbook), dry_run=True))
+        plan = last_markdown("storage-plan")
+        assert "zz-nobytes/w.pdf" in plan  # reconciled with the source's listing, never skipped
+        policies = [r[0] for r in stack.source.execute(
+            "SELECT policyname FROM pg_policies WHERE schemaname = 'storage' AND tablename = 'objects'")]
+        assert policies and all(p in plan for p in policies)
+        assert "presigned" in plan
+    finally:
+        stack.source.execute("DELETE FROM storage.objects WHERE name = 'zz-nobytes/w.pdf'")
+
+
+def test_a_wrong_target_secret_is_one_line_naming_endpoint_and_key_id(stack, servers):
+    from conftest import run_cli
+
+    runbook = storage_runbook(stack, servers)
+    data = yaml.safe_load(runbook.read_text())
+    data["storage"]["target"]["secret_access_key"] = {"env": "LIFTOFF_WRONG_S3_SECRET"}
+    runbook.write_text(yaml.safe_dump(data))
+    wrong = "not-the-secret-" + servers[1].secret_key[:6]
+    done = run_cli("run", "storage", "--runbook", str(runbook), env={"LIFTOFF_WRONG_S3_SECRET": wrong})
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and servers[1].endpoint_url in errors[0] and servers[1].access_key in errors[0]
+    assert wrong not in done.stderr + done.stdout
+
+
+def test_keys_beside_a_folder_of_the_same_stem_are_merged_in_byte_order(stack, servers):
+    """S3 servers differ in listing order (SeaweedFS lists docs/a.pdf before docs-x.pdf): the plan's
+    reconciliation and the gate's count of the target must not mistake that for a difference."""
+    supabase_s3 = servers[0]
+    keys = ["zz/a.pdf", "zz-b.pdf", "zz/c/d.pdf"]
+    client = supabase_s3.client()
+    for key in keys:
+        body = key.encode() * 10
+        client.put_object(Bucket="waivers", Key=key, Body=body, ContentType="application/pdf")
+        stack.source.execute(
+            "INSERT INTO storage.objects (bucket_id, name, metadata) VALUES ('waivers', %s, %s)"
+            .replace("%s", "'{}'").format(key, '{"size": %d, "mimetype": "application/pdf", "eTag": "\\"%s\\""}'
+                                          % (len(body), hashlib.md5(body).hexdigest())))
+    try:
+        runbook = storage_runbook(stack, servers)
+        result = migrate_storage(RunOptions(runbook=str(runbook)))
+        assert result["verify"]["objects"] == sum(_objects(stack).values())
+    finally:
+        for key in keys:
+            client.delete_object(Bucket="waivers", Key=key)
+            stack.source.execute(f"DELETE FROM storage.objects WHERE bucket_id = 'waivers' AND name = '{key}'")
