@@ -785,7 +785,9 @@ def ensure_bucket(s3, name: str, public: bool, dry_run: bool = False, *,
             with _at(s3, name):
                 s3.create_bucket(**kwargs)
         except ClientError as exc:
-            if _code(exc) != "BucketAlreadyOwnedByYou":
+            # A create whose answer was lost is retried and meets the bucket it made: some servers say
+            # BucketAlreadyOwnedByYou, others (SeaweedFS) a bare 409; if we can reach it, it is ours.
+            if _code(exc) != "BucketAlreadyOwnedByYou" and not (_status(exc) == 409 and exists()):
                 raise
 
     done = []

@@ -278,3 +278,14 @@ def test_keys_beside_a_folder_of_the_same_stem_are_merged_in_byte_order(stack, s
         for key in keys:
             client.delete_object(Bucket="waivers", Key=key)
             stack.source.execute(f"DELETE FROM storage.objects WHERE bucket_id = 'waivers' AND name = '{key}'")
+
+
+def test_copy_through_throttling_and_dropped_connections_completes_and_verifies(stack, servers):
+    from liftoff.sandbox.faults import FaultProxy
+
+    _, target, seeded = servers
+    with FaultProxy(target.endpoint_url, slowdown=0.2, drop=0.1, seed=11) as flaky:
+        runbook = storage_runbook(stack, servers, target_url=flaky.url, concurrency=4)
+        result = migrate_storage(RunOptions(runbook=str(runbook)))
+        assert flaky.slowdowns["PUT"] > 0 and flaky.drops["PUT"] + flaky.drops["HEAD"] > 0  # faults were met
+    assert result["copy"]["copied"] == sum(seeded.values()) and result["verify"]["objects"] == sum(seeded.values())
