@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup system bench clean
+.PHONY: demo test setup system bench bench-objects clean
 
 demo: setup
 	$(BIN)/liftoff demo
@@ -15,6 +15,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/db_copy.py
+
+bench-objects: setup
+	$(BIN)/python bench/objects.py
 
 setup: system $(STAMP)
 
