@@ -325,7 +325,7 @@ def exclusive(state_dir: Path, flow_run_id: str | None = None):
                              "for it to finish or stop it, then re-run") from None
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "flow_run_id": flow_run_id or _current_run_id(),
+            os.write(fd, json.dumps({"pid": os.getpid(), "flow_run_id": flow_run_id or current_run_id(),
                                      "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
         except OSError:  # a full disk: the lock holds all the same; the step that writes next says why it fails
             pass
@@ -351,7 +351,8 @@ def _holder(path: Path) -> str:
     return f"held by pid {holder.get('pid')}{run} since {holder.get('since')}"
 
 
-def _current_run_id() -> str | None:
+def current_run_id() -> str | None:
+    """The Prefect flow run this code runs in, or None outside one."""
     try:
         from prefect.runtime import flow_run
 

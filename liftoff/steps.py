@@ -16,17 +16,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from liftoff.ledger import Ledger
+from liftoff.ledger import Ledger, current_run_id
 from liftoff.redaction import redact
-
-
-def current_run_id() -> str | None:
-    try:
-        from prefect.runtime import flow_run
-
-        return str(flow_run.id) if flow_run.id else None
-    except Exception:  # outside a Prefect run
-        return None
 
 
 def done(rb, ledger: Ledger, step: str) -> bool:

@@ -8,14 +8,14 @@ working; ``drop`` leaves them out. Either way the report names each object the c
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
 
-from tasks import dependencies, privileges
+from tasks import dependencies, postgres, privileges
+from tasks.definitions import qualified_names
 from tasks.pg_tools import TocEntry
 
 # Schemas the Supabase platform owns; never migrated as app data.
@@ -203,16 +203,11 @@ def assess(conn: psycopg.Connection, schemas: list[str], *, leftovers: str, auth
     _assess_roles(conn, schemas, out, roles, source_user, target_user)
     _assess_policies(conn, schemas, out)
     _assess_outside_users(conn, schemas, out, leftovers, auth_triggers)
-    installed = {n: s for n, s in postgres_extensions(conn).items() if n not in MANAGED_EXTENSIONS}
+    installed = {n: s for n, s in postgres.extensions(conn).items() if n not in MANAGED_EXTENSIONS}
     needed = deps.needed_extensions() - MANAGED_EXTENSIONS
     out.extensions_needed = {n: installed.get(n, "public") for n in sorted(needed)}
     out.extensions_unused = sorted(set(installed) - needed)
     return out
-
-
-def postgres_extensions(conn: psycopg.Connection) -> dict[str, str]:
-    return dict(conn.execute(
-        "SELECT e.extname, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"))
 
 
 def _assess_roles(conn, schemas, out: Assessment, roles: dict, source_user: str, target_user: str) -> None:
@@ -242,7 +237,7 @@ def _assess_policies(conn, schemas, out: Assessment) -> None:
     """Policies whose TO list names a role that is renamed or dropped: pg_restore would fail on them (or
     grant to the wrong role), so they are created from the catalog with the mapped roles instead."""
     role_map = out.role_map
-    with _qualified_names(conn):
+    with qualified_names(conn):
         rows = conn.execute(
             """SELECT n.nspname, c.relname, p.polname, p.polpermissive, p.polcmd,
                       array(SELECT CASE WHEN r = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(r)::text END
@@ -274,7 +269,7 @@ def _assess_policies(conn, schemas, out: Assessment) -> None:
 def _assess_outside_users(conn, schemas, out: Assessment, leftovers: str, auth_triggers: str) -> None:
     """Triggers and policies outside the migrated schemas that belong to the app: triggers on auth.users
     calling the app's functions (recreated on the shim, or listed), and policies on storage tables."""
-    with _qualified_names(conn):
+    with qualified_names(conn):
         triggers = conn.execute(
             """SELECT tn.nspname, c.relname, t.tgname, pg_get_triggerdef(t.oid), t.tgenabled,
                       fn.nspname || '.' || p.proname || '()'
@@ -297,22 +292,6 @@ def _assess_outside_users(conn, schemas, out: Assessment, leftovers: str, auth_t
         out.not_migrated[f"policy {schema}.{table}.{name}"] = (
             f"guards Supabase Storage (TO {roles}); MinIO has no row policies: the storage phase keeps such "
             "buckets private and the app serves their files through presigned URLs")
-
-
-@contextlib.contextmanager
-def _qualified_names(conn: psycopg.Connection):
-    """pg_get_*def and pg_get_expr name every object with its schema while search_path is empty."""
-    previous = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
-    conn.execute("SELECT set_config('search_path', '', false)")
-    try:
-        yield
-    finally:
-        conn.execute("SELECT set_config('search_path', %s, false)", (previous,))
-
-
-def app_extensions(source_extensions: dict[str, str]) -> dict[str, str]:
-    """Extensions installed for the app (name -> schema), without those the platform manages."""
-    return {name: schema for name, schema in source_extensions.items() if name not in MANAGED_EXTENSIONS}
 
 
 _ENTRY_KINDS = {"POLICY": "policy", "FK CONSTRAINT": "foreign key", "CONSTRAINT": "constraint", "TRIGGER": "trigger",
@@ -387,7 +366,7 @@ class AuthShim:
 
 
 def read_auth_shim(conn: psycopg.Connection) -> AuthShim:
-    with _qualified_names(conn):
+    with qualified_names(conn):
         columns = [[name, typ, notnull, default if default and _only_catalog_names(default) else None]
                    for name, typ, notnull, default in conn.execute(
             """SELECT a.attname,

@@ -11,8 +11,9 @@ public bucket and is refused in a private one, and anonymous listing is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from prefect import task
@@ -83,24 +84,27 @@ class StorageReport:
                  "status": "match" if b.ok else "DIFFERS"} for b in self.buckets]
 
 
-def compare_storage(conn, target, buckets: list[tuple[str, str, bool]], expected_md5: Callable[[str, str], str | None],
-                    *, endpoint_url: str, deep: bool = False, concurrency: int = 8,
+def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
+                    copied_md5: Callable[[str], Iterator[tuple[str, str]]], *, endpoint_url: str,
+                    deep: bool = False, concurrency: int = 8,
                     on_bucket_done: Callable[[BucketCheck], None] | None = None) -> StorageReport:
     """Compares each (source bucket, target bucket, public) of the inventory in ``conn`` with the target S3
-    server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). Reads only."""
+    server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). ``copied_md5(bucket)``
+    streams (key, MD5 the copy computed) in key order: the reference where the source's eTag is no MD5.
+    Reads only; holds at most ``2 * concurrency`` objects at a time, whatever the bucket's size."""
     report = StorageReport()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for bucket, tbucket, public in buckets:
             check = BucketCheck(bucket, tbucket)
 
-            def one(obj) -> list[str]:
+            def one(obj, copied: str | None) -> list[str]:
                 info = s3.head(target, tbucket, obj.key)
                 if info is None:
                     return [f"{obj.key}: missing on target"]
                 problems = []
                 if obj.size is not None and info.size != obj.size:
                     problems.append(f"{obj.key}: size differs (source {obj.size}, target {info.size})")
-                want = obj.md5 or expected_md5(bucket, obj.key)
+                want = obj.md5 or copied
                 got = s3.deep_md5(target, tbucket, obj.key) if deep else info.md5
                 if want and got != want:
                     problems.append(f"{obj.key}: MD5 differs (source {want}, target {got})")
@@ -109,17 +113,16 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]], expected
                 return problems
 
             names: list[str] = []
-            inventory = supabase_storage.inventory(conn, bucket)
 
             def counted():
-                for obj in inventory:
+                for obj, copied in _with_copied_md5(supabase_storage.inventory(conn, bucket), copied_md5(bucket)):
                     check.source_objects += 1
                     check.source_bytes += obj.size or 0
-                    if len(names) < 1:
+                    if not names:
                         names.append(obj.key)
-                    yield obj
+                    yield obj, copied
 
-            for problems in pool.map(one, counted()):
+            for problems in _windowed(pool, one, counted(), 2 * concurrency):
                 for p in problems:
                     check.problem_count += 1
                     if len(check.problems) < MAX_NAMED:
@@ -132,6 +135,27 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]], expected
             if on_bucket_done:
                 on_bucket_done(check)
     return report
+
+
+def _with_copied_md5(inventory, copied: Iterator[tuple[str, str]]):
+    """(object, MD5 its copy recorded or None): the inventory and the ledger merged, both in byte order."""
+    current = next(copied, None)
+    for obj in inventory:
+        while current is not None and current[0].encode() < obj.key.encode():
+            current = next(copied, None)
+        yield obj, (current[1] if current is not None and current[0] == obj.key else None)
+
+
+def _windowed(pool: ThreadPoolExecutor, fn: Callable, items, window: int):
+    """``fn(*item)`` for each item, at most ``window`` in flight, results in order (``pool.map`` would submit
+    the whole bucket at once)."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, *item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _count_target(target, tbucket: str, conn, bucket: str, check: BucketCheck) -> None:
@@ -155,19 +179,14 @@ def _count_target(target, tbucket: str, conn, bucket: str, check: BucketCheck) -
 def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
     require_storage(rb)
     ledger = Ledger(rb.state_dir)
-    copied_md5 = {}
 
-    def expected_md5(bucket: str, key: str) -> str | None:
-        # The MD5 the copy computed from the source's bytes: the reference when the source's eTag is no MD5.
-        if bucket not in copied_md5:
-            copied_md5[bucket] = {k: md5 for k, status, _, md5 in ledger.items(PHASE, item_kind(bucket))
-                                  if status == "copied"}
-        return copied_md5[bucket].get(key)
+    def copied_md5(bucket: str) -> Iterator[tuple[str, str]]:
+        return ((key, md5) for key, _, _, md5 in ledger.items(PHASE, item_kind(bucket), status="copied"))
 
     progress = Progress("storage gate: comparing buckets", len(rb.storage.buckets))
     with postgres.session(rb.source, "source") as conn:
         return compare_storage(
             conn, target_client(rb), [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
-            expected_md5, endpoint_url=rb.storage.target.endpoint_url,
+            copied_md5, endpoint_url=rb.storage.target.endpoint_url,
             deep=rb.storage.deep_verify if deep is None else deep, concurrency=rb.storage.concurrency,
             on_bucket_done=lambda c: progress.advance(f"{c.bucket}: {'match' if c.ok else 'differs'}"))
