@@ -5,22 +5,26 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.options import RunOptions, open_runbook
+from flows.storage_urls import publish_url_preview
 from flows.storage_verify import verify_storage
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from tasks.storage.copy import copy_objects, prepare_buckets
 from tasks.storage.plan import StoragePlan, plan_storage
+from tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
 
 
 @flow(name="migrate-storage")
 def migrate_storage(options: RunOptions) -> dict:
     """Succeeds when every object of the runbook's buckets in the source's inventory (storage.objects) is on
     the target, copied once, with its size, MD5, Content-Type and Cache-Control, in buckets whose public
-    ones (and only those) allow anonymous download, and the storage gate passed. Resumable: objects the
-    ledger records as copied are not copied again."""
+    ones (and only those) allow anonymous download, the storage gate passed, and then the app's stored
+    Storage URLs (``storage.rewrite``) point at the target's public base. Resumable: objects the ledger
+    records as copied are not copied again."""
     runbook = open_runbook(options, "storage")
     plan = plan_storage(runbook)
     publish_storage_plan(plan, options.dry_run)
+    publish_url_preview(preview_storage_urls(runbook), options.dry_run)
     if options.dry_run:
         return {"dry_run": True, "objects": sum(b.to_copy for b in plan.buckets),
                 "bytes": sum(b.to_copy_bytes for b in plan.buckets)}
@@ -28,7 +32,8 @@ def migrate_storage(options: RunOptions) -> dict:
         buckets = prepare_buckets(runbook, plan)
         copied = copy_objects(runbook, plan)
         verified = verify_storage(options)
-    return {"buckets": buckets, "copy": copied, "verify": verified}
+        urls = rewrite_storage_urls(runbook)
+    return {"buckets": buckets, "copy": copied, "verify": verified, "urls": urls}
 
 
 def publish_storage_plan(plan: StoragePlan, dry_run: bool) -> None:

@@ -49,11 +49,13 @@ PHASES: tuple[Phase, ...] = (
     ),
     Phase(
         name="storage",
-        title="Storage: Supabase Storage to the target's S3 server (buckets, objects, verify)",
-        steps=("storage.buckets", "storage.copy", "verify-storage"),
+        title="Storage: Supabase Storage to the target's S3 server (buckets, objects, verify, URL rewrite)",
+        steps=("storage.buckets", "storage.copy", "verify-storage", "storage.rewrite"),
         flows=(
-            PhaseFlow("storage", "flows.storage:migrate_storage", ("storage-plan", "verify-storage-summary")),
+            PhaseFlow("storage", "flows.storage:migrate_storage",
+                      ("storage-plan", "verify-storage-summary", "storage-urls-preview")),
             PhaseFlow("verify-storage", "flows.storage_verify:verify_storage", ("verify-storage-summary",)),
+            PhaseFlow("rewrite-storage-urls", "flows.storage_urls:rewrite_urls", ("storage-urls-preview",)),
         ),
         gate="storage",
     ),

@@ -135,6 +135,8 @@ class Table:
     name: str
     pk: tuple[str, ...]
     pk_types: tuple[str, ...] = ()
+    # The columns a row's digest covers, in order; None: the whole row (``ROW(t.*)``).
+    hashed: tuple[str, ...] | None = None
 
     @property
     def qualified(self) -> str:
@@ -256,6 +258,20 @@ def _row_of(exprs: list[sql.Composable]) -> sql.Composable:
     return sql.SQL("ROW({})").format(sql.SQL(", ").join(exprs))
 
 
+def _row_text(table: Table) -> sql.Composable:
+    """The text of a row as the digests hash it: the whole row, or only ``table.hashed``."""
+    if table.hashed is None:
+        return sql.SQL("ROW(t.*)::text")
+    return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier("t", c) for c in table.hashed))
+
+
+def column_names(conn: psycopg.Connection, table: Table) -> list[str]:
+    """The table's columns in their order (dropped ones left out)."""
+    return [r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+        "ORDER BY attnum", (sql.Identifier(table.schema, table.name).as_string(conn),))]
+
+
 def _bound(n: int) -> sql.Composable:
     return sql.SQL("ROW({})").format(sql.SQL(", ").join([sql.Placeholder()] * n))
 
@@ -300,9 +316,9 @@ def chunk_digest_in_range(conn: psycopg.Connection, table: Table, low: tuple | N
     keys = _key_exprs(table)
     conds, params = _range_conditions(keys, low, high)
     q = sql.SQL(
-        "SELECT count(*), md5(coalesce(string_agg(md5(ROW(t.*)::text), '' ORDER BY {order}), '')) "
+        "SELECT count(*), md5(coalesce(string_agg(md5({row}), '' ORDER BY {order}), '')) "
         "FROM ONLY {tbl} t {where}"
-    ).format(order=sql.SQL(", ").join(keys), tbl=table.ident, where=conds)
+    ).format(row=_row_text(table), order=sql.SQL(", ").join(keys), tbl=table.ident, where=conds)
     rows, digest = conn.execute(q, params).fetchone()
     return Chunk(low, high, rows, digest)
 
@@ -322,8 +338,8 @@ def _range_conditions(keys, low, high):
 def _whole_table_digest(conn: psycopg.Connection, table: Table) -> Chunk:
     q = sql.SQL(
         "SELECT count(*), md5(coalesce(string_agg(h, '' ORDER BY h COLLATE \"C\"), '')) "
-        "FROM (SELECT md5(ROW(t.*)::text) AS h FROM ONLY {} t) s"
-    ).format(table.ident)
+        "FROM (SELECT md5({}) AS h FROM ONLY {} t) s"
+    ).format(_row_text(table), table.ident)
     rows, digest = conn.execute(q).fetchone()
     return Chunk(None, None, rows, digest)
 
@@ -332,16 +348,29 @@ def row_hashes_in_range(conn: psycopg.Connection, table: Table, low: tuple | Non
                         limit: int = CHUNK_ROWS + 1) -> dict[str, str]:
     """{key as text: md5 of the row's text} for rows in (low, high]: what narrows a differing chunk."""
     if not table.pk:
-        q = sql.SQL("SELECT md5(ROW(t.*)::text), count(*)::text FROM ONLY {} t GROUP BY 1 ORDER BY 1 LIMIT {}").format(
-            table.ident, sql.Literal(limit))
+        q = sql.SQL("SELECT md5({}), count(*)::text FROM ONLY {} t GROUP BY 1 ORDER BY 1 LIMIT {}").format(
+            _row_text(table), table.ident, sql.Literal(limit))
         return {h: n for h, n in conn.execute(q)}
     keys = _key_exprs(table)
     where, params = _range_conditions(keys, low, high)
     key_text = sql.SQL("concat_ws(', ', {})").format(
         sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in table.pk))
-    q = sql.SQL("SELECT {kt}, md5(ROW(t.*)::text) FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}").format(
-        kt=key_text, tbl=table.ident, where=where, order=sql.SQL(", ").join(keys), limit=sql.Literal(limit))
+    q = sql.SQL("SELECT {kt}, md5({row}) FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}").format(
+        kt=key_text, row=_row_text(table), tbl=table.ident, where=where, order=sql.SQL(", ").join(keys),
+        limit=sql.Literal(limit))
     return {k: h for k, h in conn.execute(q, params)}
+
+
+def column_values_in_range(conn: psycopg.Connection, table: Table, column: str, low: tuple | None,
+                           high: tuple | None) -> dict[str, str | None]:
+    """{key as text: the column's value as text} for rows in (low, high] (a table with a primary key)."""
+    keys = _key_exprs(table)
+    where, params = _range_conditions(keys, low, high)
+    key_text = sql.SQL("concat_ws(', ', {})").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in table.pk))
+    q = sql.SQL("SELECT {kt}, {col}::text FROM ONLY {tbl} t {where}").format(
+        kt=key_text, col=sql.Identifier("t", column), tbl=table.ident, where=where)
+    return {k: v for k, v in conn.execute(q, params)}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ MAPPED, UNMAPPABLE_ROW, REWRITTEN, OTHER, NULL = "mapped", "unmappable", "alread
 
 
 @dataclass(frozen=True)
-class _Mapping:
+class UrlMapping:
     project_url: str
     public_base: str
     bucket_prefix: str = ""
@@ -216,6 +216,12 @@ class _Mapping:
         if reason is not None:
             return UNMAPPABLE_ROW, reason
         return MAPPED, new_url(parsed, self.public_base, self.bucket_prefix)
+
+    def expected(self, value: str | None, spec: ColumnSpec) -> str | None:
+        """What a value of the source should read on the target once the rewrite ran: its new URL when the
+        rewrite maps it, else the value itself."""
+        status, detail = self.classify(value, spec)
+        return detail if status == MAPPED else value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,7 +346,7 @@ def preview_rewrite(conn: psycopg.Connection, specs: Iterable[ColumnSpec], proje
     """Per column: rows in all, rows the rewrite would change, rows it cannot map (and why), rows already
     rewritten, values that are not this project's Storage URLs, NULLs, with a few examples of each.
     Reads only (in a read-only transaction when the connection is idle)."""
-    mapping = _Mapping(project_url, public_base, bucket_prefix)
+    mapping = UrlMapping(project_url, public_base, bucket_prefix)
     previews = []
     with _in_transaction(conn, read_only=True):
         for spec in specs:
@@ -414,7 +420,7 @@ def rewrite(conn: psycopg.Connection, specs: Iterable[ColumnSpec], project_url: 
     the caller holds a transaction of its own). Idempotent: values already on the public base are
     recognised and left alone, as are values it cannot map; a row the app changed between the read and the
     write is left alone too (the UPDATE matches the value read). Returns every row it changed."""
-    mapping = _Mapping(project_url, public_base, bucket_prefix)
+    mapping = UrlMapping(project_url, public_base, bucket_prefix)
     specs = list(specs)
     changes = []
     with _in_transaction(conn):

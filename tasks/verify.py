@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import psycopg
@@ -24,8 +24,8 @@ from tasks.definitions import (
     Definitions, Identity, columns_with_acl, qualified_names, read_definitions, read_privileges,
 )
 from tasks.postgres import (
-    CHUNK_ROWS, Chunk, Table, chunk_bounds, chunk_digest_in_range, row_hashes_in_range, schema_objects,
-    sequence_states,
+    CHUNK_ROWS, Chunk, Table, chunk_bounds, chunk_digest_in_range, column_names, column_values_in_range,
+    row_hashes_in_range, schema_objects, sequence_states,
 )
 
 MAX_KEYS_REPORTED = 5
@@ -41,10 +41,13 @@ class TableCheck:
     missing_keys: list[str] = field(default_factory=list)  # in source, not on target
     extra_keys: list[str] = field(default_factory=list)  # on target, not in source
     changed_keys: list[str] = field(default_factory=list)  # on both, content differs
+    # columns rewritten on purpose (the storage URLs) whose target value is not the expected rewrite
+    rewritten_differs: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.source_rows == self.target_rows and self.source_checksum == self.target_checksum
+        return (self.source_rows == self.target_rows and self.source_checksum == self.target_checksum
+                and not self.rewritten_differs)
 
     @property
     def status(self) -> str:
@@ -58,6 +61,7 @@ class TableCheck:
                             ("changed", self.changed_keys)):
             if keys:
                 parts.append(f"{label}: key {', '.join(keys)}")
+        parts += self.rewritten_differs
         return "; ".join(parts)
 
 
@@ -147,10 +151,25 @@ def _checksum(chunks: list[Chunk]) -> str:
     return hashlib.md5("".join(c.digest for c in chunks).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class RewrittenColumn:
+    """A column the migration changes on purpose (the storage phase's URL rewrite): the target must hold
+    ``expected(source value)`` in it, row by row, instead of the source's value."""
+
+    column: str
+    expected: Callable[[str | None], str | None]
+
+
 def compare_table(source: psycopg.Connection, target: psycopg.Connection, table: Table,
-                  chunk_rows: int = CHUNK_ROWS) -> TableCheck:
+                  chunk_rows: int = CHUNK_ROWS, rewritten: list[RewrittenColumn] = ()) -> TableCheck:
     """Digests the same key ranges on both sides at the same time (the two servers work in parallel), then
-    narrows each differing range to its keys."""
+    narrows each differing range to its keys. ``rewritten`` columns are left out of the digests and compared
+    value by value against what the rewrite makes of the source's value."""
+    if rewritten and table.pk:
+        skip = {r.column for r in rewritten}
+        table = replace(table, hashed=tuple(c for c in column_names(source, table) if c not in skip))
+    else:
+        rewritten = []
     bounds = chunk_bounds(source, table, chunk_rows)
 
     def digests(conn: psycopg.Connection) -> list[Chunk]:
@@ -183,7 +202,26 @@ def compare_table(source: psycopg.Connection, target: psycopg.Connection, table:
             break
     for name in ("missing_keys", "extra_keys", "changed_keys"):
         setattr(check, name, getattr(check, name)[:MAX_KEYS_REPORTED])
+    for r in rewritten:
+        check.rewritten_differs += _compare_rewritten(source, target, table, r, bounds)
     return check
+
+
+def _compare_rewritten(source, target, table: Table, r: RewrittenColumn, bounds) -> list[str]:
+    """Lines naming rows whose ``r.column`` on the target is not the rewrite of the source's value (rows on
+    one side only are the digests' business)."""
+    wrong, first = 0, []
+    for low, high in bounds:
+        src = column_values_in_range(source, table, r.column, low, high)
+        tgt = column_values_in_range(target, table, r.column, low, high)
+        for key, value in src.items():
+            if key in tgt and tgt[key] != (want := r.expected(value)):
+                wrong += 1
+                if len(first) < MAX_KEYS_REPORTED:
+                    first.append(f"key {key} holds {tgt[key]!r}, expected {want!r}")
+    if not wrong:
+        return []
+    return [f"column {r.column} (rewritten storage URLs) differs in {wrong} rows: " + "; ".join(first)]
 
 
 def compare_sequences(source: psycopg.Connection, target: psycopg.Connection, schemas: list[str]) -> list[SequenceCheck]:
@@ -326,6 +364,7 @@ def compare_databases(
     jobs: int = 2,
     on_table_done: Callable[[TableCheck], None] | None = None,
     outside_triggers: list[tuple[str, str, str]] = (),
+    rewritten: dict[str, list[RewrittenColumn]] = {},
 ) -> DatabaseReport:
     """Compares the two sides; tables in parallel (``jobs`` pairs of connections). Reads only.
 
@@ -333,11 +372,12 @@ def compare_databases(
     nor their definition is compared). ``roles``: source role -> target role, or None for a role whose
     references the runbook drops; the effective privileges of the mapped roles are compared, and policies'
     TO-lists are compared through it (a policy whose every role is dropped is expected absent). Empty:
-    privileges are not compared and policy roles are compared by name."""
+    privileges are not compared and policy roles are compared by name. ``rewritten``: per table, columns the
+    migration changed on purpose (``RewrittenColumn``)."""
 
     def one(table: Table) -> TableCheck:
         with open_source() as s, open_target() as t:
-            check = compare_table(s, t, table)
+            check = compare_table(s, t, table, rewritten=rewritten.get(table.qualified, []))
         if on_table_done:
             on_table_done(check)
         return check

@@ -46,10 +46,11 @@ def servers(stack):
         target.stop()
 
 
-def storage_runbook(stack, servers, *, target_url: str | None = None, **storage) -> Path:
+def storage_runbook(stack, servers, *, target_url: str | None = None, target_database: str = "postgres",
+                    **storage) -> Path:
     supabase_s3, target, _ = servers
     name = f"files{next(_n)}"
-    data = stack.runbook_data(state_dir=f"state-{name}")
+    data = stack.runbook_data(state_dir=f"state-{name}", target_database=target_database)
     data["storage"] = {
         "buckets": [{"name": "tour-images", "public": True}, {"name": "waivers"}],
         "bucket_prefix": f"{name}-",
@@ -289,3 +290,87 @@ def test_copy_through_throttling_and_dropped_connections_completes_and_verifies(
         result = migrate_storage(RunOptions(runbook=str(runbook)))
         assert flaky.slowdowns["PUT"] > 0 and flaky.drops["PUT"] + flaky.drops["HEAD"] > 0  # faults were met
     assert result["copy"]["copied"] == sum(seeded.values()) and result["verify"]["objects"] == sum(seeded.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The URL rewrite in the app's database (on a copy of the migrated target)
+
+URL_COLUMN = {"table": "public.tour_images", "column": "public_url"}
+
+
+def _urls(stack, database: str) -> dict[str, str]:
+    return {str(k): v for k, v in stack.target.execute("SELECT id, public_url FROM public.tour_images",
+                                                         dbname=database)}
+
+
+def _db_gate(runbook) -> str | None:
+    from flows.verify import verify_database
+
+    try:
+        verify_database(RunOptions(runbook=str(runbook)))
+    except GateFailed as failed:
+        return str(failed)
+    return None
+
+
+def test_rewrite_then_restore_from_the_ledger_gives_back_the_exact_urls(stack, servers, migrated):
+    from liftoff.ledger import Ledger
+    from liftoff.reports import last_markdown
+    from tasks.storage.urls import REWRITE_EVENT, restore_storage_urls
+
+    name = f"urls{next(_n)}"
+    stack.new_target_database(name, "migrated")
+    runbook = storage_runbook(stack, servers, target_database=name, rewrite=[URL_COLUMN])
+    prefix = load_runbook(runbook).storage.bucket_prefix
+    original = _urls(stack, name)
+    supabase_urls = {k for k, v in original.items() if v.startswith(f"{SUPABASE_PROJECT_URL}/storage/v1/object/public/")}
+    assert supabase_urls
+
+    migrate_storage(RunOptions(runbook=str(runbook), dry_run=True))
+    preview = last_markdown("storage-urls-preview")
+    assert "dry run" in preview and f"-> `https://files.example.com/{prefix}tour-images/" in preview
+    assert _urls(stack, name) == original  # the dry run wrote nothing
+
+    result = migrate_storage(RunOptions(runbook=str(runbook)))
+    assert result["urls"]["rows_changed"] == len(supabase_urls)
+    rewritten = _urls(stack, name)
+    for key in supabase_urls:
+        assert rewritten[key] == original[key].replace(f"{SUPABASE_PROJECT_URL}/storage/v1/object/public/",
+                                                       f"https://files.example.com/{prefix}")
+    # the rewritten URL serves the file from the target (the public base stands for the target's endpoint)
+    _, target, _ = servers
+    some = rewritten[sorted(supabase_urls)[0]]
+    assert _anonymous_status(some.replace("https://files.example.com", target.endpoint_url)) == 200
+    events = [e for e in Ledger(load_runbook(runbook).state_dir).events("storage") if e.what == REWRITE_EVENT]
+    assert len(events) == 1 and len(events[0].after["rows"]) == len(supabase_urls)
+
+    # the database gate expects the rewritten URLs now, and still catches a URL changed behind its back
+    assert _db_gate(runbook) is None
+    victim = sorted(supabase_urls)[0]
+    stack.target.execute(f"UPDATE public.tour_images SET public_url = public_url || '?x' WHERE id = '{victim}'",
+                         dbname=name)
+    failure = _db_gate(runbook)
+    assert failure and "public_url" in failure and victim in failure
+    stack.target.execute("UPDATE public.tour_images SET public_url = left(public_url, -2) "
+                         f"WHERE id = '{victim}'", dbname=name)
+
+    again = migrate_storage(RunOptions(runbook=str(runbook)))  # idempotent: nothing left to rewrite
+    assert again["urls"]["rows_changed"] == 0
+
+    restored = restore_storage_urls(load_runbook(runbook))
+    assert restored["restored"] == len(supabase_urls) and restored["kept_count"] == 0
+    assert _urls(stack, name) == original
+    assert _db_gate(runbook) is None  # and the gate expects the source's values again
+
+
+def test_rewrite_refuses_before_the_storage_gate_passed(stack, servers, migrated):
+    from flows.storage_urls import rewrite_urls
+    from liftoff.errors import StepFailed
+
+    name = f"urls{next(_n)}"
+    stack.new_target_database(name, "migrated")
+    runbook = storage_runbook(stack, servers, target_database=name, rewrite=[URL_COLUMN])
+    original = _urls(stack, name)
+    with pytest.raises(StepFailed, match="storage gate has not run"):
+        rewrite_urls(RunOptions(runbook=str(runbook)))
+    assert _urls(stack, name) == original

@@ -11,6 +11,7 @@ from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import postgres, supabase
 from tasks.database.common import assess_source, export_detail, export_done, exported_catalog, read_shim
+from tasks.storage.urls import rewritten_url_columns
 from tasks.verify import DatabaseReport, compare_databases
 
 
@@ -33,6 +34,7 @@ def run_gate(rb: Runbook) -> DatabaseReport:
         ignored_extensions=supabase.MANAGED_EXTENSIONS | set(assessment.extensions_unused),
         jobs=rb.database.jobs, on_table_done=lambda c: progress.advance(f"{c.table}: {c.status}"),
         outside_triggers=[("auth", "users", t.name) for t in assessment.auth_triggers],
+        rewritten=rewritten_url_columns(rb),
     )
     return report
 
