@@ -13,6 +13,11 @@ What every phase records here, the same way:
   (one transaction per batch, not one per item: storage has 10^5 of them);
 - ``events``: an append-only log of what changed on a system, before and after, by which run: the rollback
   replays it backwards.
+
+The database phase also keeps here, typed, what restore needs from its export: ``export`` (the archive,
+the source's major, the tools, the runbook settings it was made for, the snapshot's time) and the
+``export_*`` tables (the source's grants, the role decisions, the policies and auth triggers restore
+recreates, the auth shim ...), replaced whole by each new export.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from liftoff.errors import StepFailed
@@ -77,6 +82,100 @@ CREATE TABLE IF NOT EXISTS archive_entries (
     name TEXT NOT NULL,
     arguments TEXT
 );
+-- What restore reads from the export, written together in one transaction (a new export replaces them
+-- whole): the export itself (one row), and what the source's catalog said in the export's snapshot.
+CREATE TABLE IF NOT EXISTS export (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    archive TEXT NOT NULL,
+    archive_bytes INTEGER NOT NULL,
+    source_major INTEGER NOT NULL,
+    tools TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    -- JSON: the runbook's database.schemas in their order, one setting compared whole with the runbook's
+    schemas TEXT NOT NULL,
+    supabase_leftovers TEXT NOT NULL,
+    auth_triggers TEXT NOT NULL,
+    auth_shim INTEGER NOT NULL,
+    snapshot_at REAL NOT NULL,
+    flow_run_id TEXT,
+    recorded_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_role_settings (  -- the runbook's database.roles the export was made with
+    role TEXT PRIMARY KEY,
+    decision TEXT NOT NULL,
+    map_to TEXT
+);
+CREATE TABLE IF NOT EXISTS export_grants (  -- privileges.Grant, on the migrated schemas or the auth shim
+    scope TEXT NOT NULL CHECK (scope IN ('schemas', 'auth_shim')),
+    kind TEXT NOT NULL,
+    schema TEXT NOT NULL,
+    name TEXT NOT NULL,
+    detail TEXT,
+    grantee TEXT NOT NULL,
+    privilege TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_default_grants (  -- privileges.DefaultGrant
+    owner TEXT NOT NULL,
+    schema TEXT NOT NULL,
+    objects TEXT NOT NULL,
+    grantee TEXT NOT NULL,
+    privilege TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_extensions (
+    name TEXT PRIMARY KEY,
+    schema TEXT,
+    needed INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_index_tables (
+    index_name TEXT PRIMARY KEY,
+    table_name TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_roles (  -- supabase.RolePlan per role the migrated objects name
+    role TEXT PRIMARY KEY,
+    decision TEXT CHECK (decision IN ('create', 'drop_references', 'map_to')),  -- NULL: the runbook has none
+    target TEXT,
+    inherit INTEGER NOT NULL,
+    bypassrls INTEGER NOT NULL,
+    is_default INTEGER NOT NULL,
+    -- JSON: the places naming the role, a list of labels the plans print and nothing queries
+    uses TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_decisions (  -- supabase.Assessment's objects with what was decided and why
+    category TEXT NOT NULL CHECK (category IN ('left_out', 'kept_with_warning', 'needs_decision', 'not_migrated')),
+    object TEXT NOT NULL,
+    why TEXT NOT NULL,
+    PRIMARY KEY (category, object)
+);
+CREATE TABLE IF NOT EXISTS export_policies (  -- policies restore creates with the mapped roles
+    schema TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    name TEXT NOT NULL,
+    permissive INTEGER NOT NULL,
+    cmd TEXT NOT NULL,
+    -- JSON: the policy's TO list (target roles, then the source's), each one value of the policy, kept in order
+    roles TEXT NOT NULL,
+    source_roles TEXT NOT NULL,
+    qual TEXT,
+    with_check TEXT,
+    PRIMARY KEY (schema, table_name, name)
+);
+CREATE TABLE IF NOT EXISTS export_auth_triggers (  -- the app's triggers on auth.users, recreated on the shim
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    enabled TEXT NOT NULL,
+    function TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_auth_columns (  -- the auth shim's auth.users, as the source defines it
+    position INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    not_null INTEGER NOT NULL,
+    default_expr TEXT
+);
+CREATE TABLE IF NOT EXISTS export_auth_functions (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL
+);
 """
 # Columns added since the first ledgers; an older ledger gains them when opened.
 _ADDED_COLUMNS = {"steps": {"flow_run_id": "TEXT", "seconds": "REAL"}}
@@ -115,6 +214,46 @@ class Event:
     before: object
     after: object
     flow_run_id: str | None
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """The export the archive in state_dir came from: where it is, what made it, the runbook settings it was
+    made for (restore refuses others), and when its snapshot was taken."""
+
+    archive: str
+    archive_bytes: int
+    source_major: int
+    tools: str
+    strategy: str
+    schemas: list[str]
+    supabase_leftovers: str
+    auth_triggers: str
+    auth_shim: bool
+    snapshot_at: float
+    flow_run_id: str | None
+
+
+@dataclass
+class ExportFacts:
+    """What restore reads from the source's catalog as the export saw it: one list of rows per ledger table
+    ``export_<field>``, each row its columns in order (a JSON column holds a list)."""
+
+    role_settings: list[tuple] = field(default_factory=list)  # role, decision, map_to
+    grants: list[tuple] = field(default_factory=list)  # scope, kind, schema, name, detail, grantee, privilege
+    default_grants: list[tuple] = field(default_factory=list)  # owner, schema, objects, grantee, privilege
+    extensions: list[tuple] = field(default_factory=list)  # name, schema, needed
+    index_tables: list[tuple] = field(default_factory=list)  # index_name, table_name
+    roles: list[tuple] = field(default_factory=list)  # role, decision, target, inherit, bypassrls, is_default, uses
+    decisions: list[tuple] = field(default_factory=list)  # category, object, why
+    policies: list[tuple] = field(default_factory=list)  # schema, table_name, name, permissive, cmd, roles,
+    #                                                       source_roles, qual, with_check
+    auth_triggers: list[tuple] = field(default_factory=list)  # name, definition, enabled, function
+    auth_columns: list[tuple] = field(default_factory=list)  # position, name, type, not_null, default_expr
+    auth_functions: list[tuple] = field(default_factory=list)  # name, definition
+
+
+_EXPORT_JSON_COLUMNS = {"export": {"schemas"}, "export_roles": {"uses"}, "export_policies": {"roles", "source_roles"}}
 
 
 class Ledger:
@@ -288,6 +427,62 @@ class Ledger:
         with self._db() as db:
             rows = db.execute("SELECT dump_id, kind, schema, table_name, name, arguments FROM archive_entries")
             return {dump_id: tuple(rest) for dump_id, *rest in rows}
+
+    # the export: what restore reads from it ----------------------------------------------------------
+    def record_export(self, export: ExportRecord, facts: ExportFacts) -> None:
+        """Replaces, in one transaction, the recorded export and its facts: never two exports' facts mixed."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            self._forget_export(db)
+            row = {**vars(export), "id": 1, "recorded_at": time.time()}
+            row["schemas"] = json.dumps(row["schemas"])
+            db.execute(f"INSERT INTO export ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            for f in fields(ExportFacts):
+                table, rows = f"export_{f.name}", getattr(facts, f.name)
+                if not rows:
+                    continue
+                columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+                as_json = [c in _EXPORT_JSON_COLUMNS.get(table, ()) for c in columns]
+                db.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})",
+                               [[json.dumps(v) if j else v for v, j in zip(r, as_json, strict=True)] for r in rows])
+            db.execute("COMMIT")
+
+    def forget_export(self) -> None:
+        """Forgets the recorded export (a new one is being made: the old archive is gone)."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            self._forget_export(db)
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _forget_export(db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM export")
+        for f in fields(ExportFacts):
+            db.execute(f"DELETE FROM export_{f.name}")
+
+    def exported(self) -> tuple[ExportRecord, ExportFacts] | None:
+        """The recorded export and its facts, read in one transaction; None when none is recorded (no
+        export yet, or one made by a Liftoff that kept them elsewhere)."""
+        with self._db() as db:
+            db.execute("BEGIN")
+            try:
+                cur = db.execute("SELECT * FROM export")
+                row = cur.fetchone()
+                if row is None:
+                    return None
+                record = dict(zip([d[0] for d in cur.description], row))
+                record["schemas"] = json.loads(record["schemas"])
+                record["auth_shim"] = bool(record["auth_shim"])
+                export = ExportRecord(**{f.name: record[f.name] for f in fields(ExportRecord)})
+                facts = ExportFacts()
+                for f in fields(ExportFacts):
+                    table = f"export_{f.name}"
+                    cur = db.execute(f"SELECT * FROM {table} ORDER BY rowid")
+                    as_json = [d[0] in _EXPORT_JSON_COLUMNS.get(table, ()) for d in cur.description]
+                    setattr(facts, f.name, [tuple(json.loads(v) if j else v for v, j in zip(r, as_json)) for r in cur])
+                return export, facts
+            finally:
+                db.execute("COMMIT")
 
 
 _held: dict[str, int] = {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import psycopg
 
 from liftoff.errors import StepFailed
-from liftoff.ledger import Ledger
+from liftoff.ledger import ExportFacts, ExportRecord, Ledger
 from liftoff.logs import get_logger
 from runbooks.model import Runbook
 from tasks import pg_tools, privileges, supabase
@@ -53,10 +53,10 @@ def export_settings(rb: Runbook) -> dict:
             "roles": {k: v if isinstance(v, str) else v.model_dump() for k, v in sorted(rb.database.roles.items())}}
 
 
-def require_same_export_settings(rb: Runbook, detail: dict) -> None:
-    """An archive is reused only for the schemas, strategy and Supabase decisions it was made with."""
+def require_same_export_settings(rb: Runbook, made: dict) -> None:
+    """An archive is reused only for the schemas, strategy and Supabase decisions it was made with
+    (``made``: ``ExportedCatalog.settings``)."""
     wanted = export_settings(rb)
-    made = {k: detail.get(k, v) for k, v in wanted.items()}
     changed = [k for k in wanted if made[k] != wanted[k]]
     if changed:
         raise StepFailed(
@@ -79,29 +79,81 @@ def export_done(rb: Runbook) -> bool:
     return (rb.state_dir / "ledger.sqlite").exists() and Ledger(rb.state_dir).is_done("export")
 
 
-def export_detail(rb: Runbook) -> dict:
-    ledger_file = rb.state_dir / "ledger.sqlite"
-    if not ledger_file.exists() or not Ledger(rb.state_dir).is_done("export"):
-        raise StepFailed(f"no complete export in {rb.state_dir} (state_dir); run the export flow first")
-    return Ledger(rb.state_dir).step_detail("export")
-
-
 @dataclass
 class ExportedCatalog:
-    """What the export read from the source's catalog, in its snapshot, for the restore to apply."""
+    """What the export read from the source's catalog, in its snapshot, for the restore to apply; from the
+    ledger's typed export tables."""
 
+    export: ExportRecord
+    settings: dict  # the runbook's choices the export was made with, as export_settings shapes them
     assessment: supabase.Assessment
     grants: list[privileges.Grant]
     default_grants: list[privileges.DefaultGrant]
     shim: supabase.AuthShim | None
+    index_tables: dict[str, str]  # "schema.index" -> "schema.table"
 
 
-def exported_catalog(detail: dict) -> ExportedCatalog:
-    if "catalog" not in detail:
-        raise StepFailed("the export in state_dir was made by an older Liftoff that did not record the source's "
-                         "roles and grants; delete state_dir/dump and export again")
-    c = detail["catalog"]
-    return ExportedCatalog(supabase.Assessment.from_json(c["assessment"]),
-                           [privileges.Grant(*g) for g in c["grants"]],
-                           [privileges.DefaultGrant(*g) for g in c["default_grants"]],
-                           supabase.AuthShim(**c["auth_shim"]) if c.get("auth_shim") else None)
+def record_export(rb: Runbook, export: ExportRecord, assessment: supabase.Assessment,
+                  grants: list[privileges.Grant], default_grants: list[privileges.DefaultGrant],
+                  shim: supabase.AuthShim | None, index_tables: dict[str, str]) -> None:
+    """Writes, in one ledger transaction, what restore reads from this export (replacing a previous one's)."""
+    a = assessment
+    decisions = [(category, o, why) for category in _DECISION_CATEGORIES for o, why in getattr(a, category).items()]
+    roles = [(name, p.decision, p.target, p.inherit, p.bypassrls, p.default, p.uses) for name, p in a.roles.items()]
+    roles += [(name, None, None, False, False, False, uses) for name, uses in a.unmapped_roles.items()]
+    shim_grants = [("auth_shim", *g) for g in shim.grants] if shim else []
+    Ledger(rb.state_dir).record_export(export, ExportFacts(
+        role_settings=[(role, "map_to", d["map_to"]) if isinstance(d, dict) else (role, d, None)
+                       for role, d in export_settings(rb)["roles"].items()],
+        grants=[("schemas", *vars(g).values()) for g in grants] + shim_grants,
+        default_grants=[tuple(vars(g).values()) for g in default_grants],
+        extensions=[(n, s, True) for n, s in a.extensions_needed.items()] + [(n, None, False) for n in a.extensions_unused],
+        index_tables=list(index_tables.items()),
+        roles=roles,
+        decisions=decisions,
+        policies=[(p["schema"], p["table"], p["name"], p["permissive"], p["cmd"], p["roles"], p["source_roles"],
+                   p["qual"], p["check"]) for p in a.policies_rewritten],
+        auth_triggers=[(t.name, t.definition, t.enabled, t.function) for t in a.auth_triggers],
+        auth_columns=[(i, *c) for i, c in enumerate(shim.columns, 1)] if shim else [],
+        auth_functions=list(shim.functions.items()) if shim else [],
+    ))
+
+
+_DECISION_CATEGORIES = ("left_out", "kept_with_warning", "needs_decision", "not_migrated")
+
+
+def exported_catalog(rb: Runbook) -> ExportedCatalog:
+    """What the runbook's complete export recorded for restore, or a one-line StepFailed saying what to do."""
+    if not export_done(rb):
+        raise StepFailed(f"no complete export in {rb.state_dir} (state_dir); run the export flow first")
+    found = Ledger(rb.state_dir).exported()
+    if found is None:
+        raise StepFailed(f"the export in {rb.state_dir} (state_dir) was made by an older Liftoff that did not record "
+                         "the source's roles and grants in the ledger; delete state_dir/dump and export again")
+    export, facts = found
+    a = supabase.Assessment()
+    for category, o, why in facts.decisions:
+        getattr(a, category)[o] = why
+    for name, decision, target, inherit, bypassrls, default, uses in facts.roles:
+        if decision is None:
+            a.unmapped_roles[name] = uses
+        else:
+            a.roles[name] = supabase.RolePlan(decision, target, uses, bool(inherit), bool(bypassrls), bool(default))
+    a.extensions_needed = {n: s for n, s, needed in facts.extensions if needed}
+    a.extensions_unused = [n for n, _, needed in facts.extensions if not needed]
+    a.auth_triggers = [supabase.AuthTrigger(*t) for t in facts.auth_triggers]
+    a.policies_rewritten = [
+        {"schema": schema, "table": table, "name": name, "permissive": bool(permissive), "cmd": cmd, "roles": roles,
+         "source_roles": source_roles, "qual": qual, "check": check}
+        for schema, table, name, permissive, cmd, roles, source_roles, qual, check in facts.policies]
+    grants = [(scope, privileges.Grant(*g)) for scope, *g in facts.grants]
+    shim = supabase.AuthShim([[n, t, bool(nn), d] for _, n, t, nn, d in facts.auth_columns],
+                             dict(facts.auth_functions),
+                             [list(vars(g).values()) for scope, g in grants if scope == "auth_shim"]) \
+        if export.auth_shim else None
+    settings = {"schemas": export.schemas, "strategy": export.strategy,
+                "supabase_leftovers": export.supabase_leftovers, "auth_triggers": export.auth_triggers,
+                "roles": {role: {"map_to": map_to} if decision == "map_to" else decision
+                          for role, decision, map_to in sorted(facts.role_settings)}}
+    return ExportedCatalog(export, settings, a, [g for scope, g in grants if scope == "schemas"],
+                           [privileges.DefaultGrant(*g) for g in facts.default_grants], shim, dict(facts.index_tables))

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from liftoff.errors import StepFailed
-from liftoff.ledger import Ledger
+from liftoff.ledger import ExportRecord, Ledger, current_run_id
 from liftoff.redaction import redact
 from liftoff.reports import Progress
 from liftoff.steps import recorded
@@ -25,10 +25,11 @@ from tasks.database.common import (
     AUTH_USERS_FILE,
     DUMP_DIR,
     assess_source,
-    export_settings,
+    exported_catalog,
     log,
     pg_tools_for,
     read_shim,
+    record_export,
     require_same_export_settings,
     rls_hidden_message,
     role_rows,
@@ -79,7 +80,7 @@ def _archive_reusable(rb: Runbook, ledger: Ledger) -> bool:
 
 
 def _reuse_archive(rb: Runbook, detail: dict) -> dict:
-    require_same_export_settings(rb, detail)
+    require_same_export_settings(rb, exported_catalog(rb).settings)
     log.info("export already done; reusing archive", dump=str(rb.state_dir / DUMP_DIR))
     return {**detail, "skipped": True}
 
@@ -95,11 +96,12 @@ def dump_source(rb: Runbook) -> dict:
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     ledger.forget_items("export")
+    ledger.forget_export()
     # A new archive comes from a new snapshot: what was restored from the old one is loaded again.
     ledger.forget_steps("restore")
     started = time.monotonic()
     try:
-        counts, assessment, facts, info, tools, proc, stderr = _dump_in_snapshot(rb, partial)
+        counts, catalog, info, tools, proc, stderr = _dump_in_snapshot(rb, partial)
     except OSError as exc:  # disk full or unwritable while writing the archive or the auth export
         raise StepFailed(f"export into state_dir {rb.state_dir} failed: {exc.strerror or exc}; free space there "
                          "or choose another state_dir, then re-run (the source was only read)") from None
@@ -110,25 +112,37 @@ def dump_source(rb: Runbook) -> dict:
     for name, rows in counts.items():
         ledger.set_table("export", name, "exported", rows)
     size = sum(f.stat().st_size for f in final.iterdir())
+    assessment = catalog["assessment"]
+    # What restore reads goes to the ledger's typed export tables; the step's detail is for the operator.
+    record_export(rb, ExportRecord(
+        archive=str(final), archive_bytes=size, source_major=info.major, tools=str(tools.bin_dir),
+        strategy=rb.database.strategy, schemas=list(rb.database.schemas),
+        supabase_leftovers=rb.database.supabase_leftovers, auth_triggers=rb.database.auth_triggers,
+        auth_shim=catalog["shim"] is not None, snapshot_at=catalog["snapshot_at"], flow_run_id=current_run_id()),
+        assessment, catalog["grants"], catalog["default_grants"], catalog["shim"], catalog["index_tables"])
+    seconds = round(time.monotonic() - started, 2)
+    decisions = assessment.decisions()
     detail = {
-        "tables": counts, "archive": str(final), "archive_bytes": size, "seconds": round(time.monotonic() - started, 2),
-        "source_major": info.major, "tools": str(tools.bin_dir), **facts,
-        **export_settings(rb),
-        "decisions": assessment.decisions(),
+        "summary": f"{len(counts)} tables, {sum(n or 0 for n in counts.values()):,} rows, archive {size:,} bytes, "
+                   f"{len(decisions)} Supabase decisions, {seconds} s",
+        "tables": counts, "archive": str(final), "archive_bytes": size, "seconds": seconds,
+        "decisions": decisions,
     }
-    log.info("export done", tables=len(counts), archive_bytes=size, seconds=detail["seconds"])
+    log.info("export done", tables=len(counts), archive_bytes=size, seconds=seconds)
     return detail
 
 
 def _dump_in_snapshot(rb: Runbook, partial: Path):
     """Runs pg_dump on an exported snapshot while counting rows (and exporting auth users) in that same
-    snapshot; returns what the export step records."""
+    snapshot; returns the counts, what the source's catalog says in that snapshot (for restore) and how
+    pg_dump ended."""
     with postgres.session(rb.source, "source", autocommit=False) as snap:
         snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap.read_only = True
         info = postgres.server_info(snap, rb.source)
         tools = pg_tools_for(rb, info.major)
         snapshot = snap.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        snapshot_at = time.time()
         argv = _pg_dump_argv(rb, tools, partial, snapshot)
         log.info("pg_dump started", tables_schemas=rb.database.schemas, jobs=rb.database.jobs, tools=str(tools.bin_dir))
         env = {**os.environ, **postgres.libpq_env(rb.source, "source")}
@@ -151,18 +165,12 @@ def _dump_in_snapshot(rb: Runbook, partial: Path):
             shim = read_shim(rb, snap)
             if shim and rb.database.strategy == "dump":  # stream: read with the tables, in their snapshot
                 supabase.export_auth_users(snap, shim, rb.state_dir / AUTH_USERS_FILE)
-            facts = {"extensions": assessment.extensions_needed,
-                     "index_tables": postgres.index_tables(snap, rb.database.schemas),
-                     "catalog": {
-                         "assessment": assessment.to_json(),
-                         "grants": [list(vars(g).values()) for g in privileges.read_grants(snap, rb.database.schemas)],
-                         "default_grants": [list(vars(g).values())
-                                            for g in privileges.read_default_grants(snap, rb.database.schemas)],
-                         "auth_shim": vars(shim) if shim else None}}
-            leftovers = assessment
+            catalog = {"assessment": assessment, "grants": privileges.read_grants(snap, rb.database.schemas),
+                       "default_grants": privileges.read_default_grants(snap, rb.database.schemas), "shim": shim,
+                       "index_tables": postgres.index_tables(snap, rb.database.schemas), "snapshot_at": snapshot_at}
         finally:
             _, stderr = proc.communicate()
         if proc.returncode == 0:  # name each archive entry from the catalog pg_dump read, in its snapshot
             Ledger(rb.state_dir).record_archive_entries(pg_tools.archive_identities(snap, tools, partial))
         snap.rollback()
-    return counts, leftovers, facts, info, tools, proc, stderr
+    return counts, catalog, info, tools, proc, stderr

@@ -10,7 +10,7 @@ from liftoff.reports import Progress
 from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import postgres, supabase
-from tasks.database.common import assess_source, export_detail, export_done, exported_catalog, read_shim
+from tasks.database.common import assess_source, export_done, exported_catalog, read_shim
 from tasks.storage.urls import rewritten_url_columns
 from tasks.verify import DatabaseReport, compare_databases
 
@@ -22,7 +22,7 @@ def run_gate(rb: Runbook) -> DatabaseReport:
         tables = postgres.list_tables(src, rb.database.schemas)
         # The decisions the restore applied, as the export recorded them; read afresh when the gate runs
         # alone against a target this state_dir did not restore.
-        assessment = exported_catalog(export_detail(rb)).assessment if export_done(rb) else assess_source(rb, src)
+        assessment = exported_catalog(rb).assessment if export_done(rb) else assess_source(rb, src)
         if read_shim(rb, src):  # the shim's copy of the users is compared like a migrated table
             tables += [t for t in postgres.list_tables(src, ["auth"]) if t.name == "users"]
     left_out = assessment.gate_left_out()

@@ -24,7 +24,6 @@ from tasks import pg_tools, postgres, privileges, supabase
 from tasks.database.common import (
     AUTH_USERS_FILE,
     DUMP_DIR,
-    export_detail,
     exported_catalog,
     log,
     pg_tools_for,
@@ -54,10 +53,9 @@ class RestorePlan:
 
 @task(name="plan restore", cache_policy=NO_CACHE)
 def plan_restore(rb: Runbook) -> RestorePlan:
-    detail = export_detail(rb)
-    require_same_export_settings(rb, detail)
-    tools = pg_tools_for(rb, detail["source_major"])
-    catalog = exported_catalog(detail)
+    catalog = exported_catalog(rb)
+    require_same_export_settings(rb, catalog.settings)
+    tools = pg_tools_for(rb, catalog.export.source_major)
     identities = {k: pg_tools.Identity(*v) for k, v in Ledger(rb.state_dir).archive_entries().items()}
     keep, left_out = [], []
     for entry in pg_tools.read_toc(tools, rb.state_dir / DUMP_DIR, identities or None):
@@ -66,7 +64,8 @@ def plan_restore(rb: Runbook) -> RestorePlan:
     kind = "TABLE DATA" if rb.database.strategy == "dump" else "TABLE"
     tables = {f"{e.schema}.{e.name or e.tag}": e for e in keep if e.desc == kind and e.schema in rb.database.schemas}
     shims = catalog.shim.objects if catalog.shim else []
-    return RestorePlan(keep, left_out, tables, rb.database.supabase_leftovers, shims, detail["extensions"],
+    return RestorePlan(keep, left_out, tables, rb.database.supabase_leftovers, shims,
+                       catalog.assessment.extensions_needed,
                        catalog.assessment.decisions(), role_rows(catalog.assessment))
 
 
@@ -83,7 +82,7 @@ def prepare_target(rb: Runbook, plan: RestorePlan) -> dict:
     loads them with the tables, from the same snapshot)."""
     ledger = Ledger(rb.state_dir)
     ledger.claim_target(_target_identity(rb))
-    catalog = exported_catalog(export_detail(rb))
+    catalog = exported_catalog(rb)
     done = {"roles": [], "extensions": [], "shim_users_loaded": 0}
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         try:
@@ -126,7 +125,7 @@ def _pg_restore(rb: Runbook, tools: pg_tools.PgTools, entries: list[pg_tools.Toc
 @recorded("restore.pre-data", skip_if=_done)
 def restore_pre_data(rb: Runbook, plan: RestorePlan) -> dict:
     """Types, tables, functions, views: in one transaction, so a crash leaves nothing half-made."""
-    tools = pg_tools_for(rb, export_detail(rb)["source_major"])
+    tools = pg_tools_for(rb, exported_catalog(rb).export.source_major)
     # Every non-data entry: pg_restore's --section picks by the archive's own section of each entry (a
     # COMMENT belongs to the section of what it comments on).
     entries = [e for e in plan.keep if e.section != "data"]
@@ -165,7 +164,8 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     ``dump`` loads from the archive (pg_restore); ``stream`` copies from the source (COPY to COPY, all
     tables from one snapshot) and then sets the sequences from that snapshot."""
     ledger = Ledger(rb.state_dir)
-    tools = pg_tools_for(rb, export_detail(rb)["source_major"])
+    catalog = exported_catalog(rb)
+    tools = pg_tools_for(rb, catalog.export.source_major)
     exported = {name: rows for name, (_, rows) in ledger.tables("export").items()}
     state = ledger.tables("restore")
     entries = plan.table_entries
@@ -182,7 +182,7 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
     # pgcopydb does); foreign keys, triggers and policies wait for the post-data step.
     _drop_before_reload(rb, plan, todo)
     with postgres.session(rb.target.direct, "target.direct") as tgt:
-        own_post_data = _post_data_by_table(plan, export_detail(rb).get("index_tables", {}), tgt)
+        own_post_data = _post_data_by_table(plan, catalog.index_tables, tgt)
 
     def from_archive(name: str) -> int | None:
         entry = entries[name]
@@ -227,7 +227,7 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
 
                 with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
                     _run_all(pool, loaded_with(streamed), todo)
-                shim = exported_catalog(export_detail(rb)).shim
+                shim = catalog.shim
                 if shim:  # the users the loaded rows reference, from the same snapshot
                     with postgres.session(rb.source, "source", autocommit=False) as src, \
                             postgres.session(rb.target.direct, "target.direct") as tgt:
@@ -374,13 +374,13 @@ def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
     """Foreign keys, triggers, policies and whatever index or constraint is not there yet, with ``jobs``
     parallel builds; entries already present on the target (built during the data step, or by a run that
     died midway) are not built again."""
-    tools = pg_tools_for(rb, export_detail(rb)["source_major"])
+    catalog = exported_catalog(rb)
+    tools = pg_tools_for(rb, catalog.export.source_major)
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         entries = [e for e in plan.keep if e.section != "data" and not _already_there(tgt, e)]
     if any(e.section == "post-data" for e in entries):
         _pg_restore(rb, tools, entries, f"restore post-data into target {rb.target.direct.host}:{rb.target.direct.port}",
                     "--section=post-data", f"--jobs={rb.database.jobs}")
-    catalog = exported_catalog(export_detail(rb))
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         refreshed = postgres.refresh_unpopulated_matviews(tgt, rb.database.schemas)
         policies = supabase.create_rewritten_policies(tgt, catalog.assessment.policies_rewritten)
@@ -396,7 +396,7 @@ def restore_grants(rb: Runbook) -> list[str]:
     """Gives every mapped role exactly the source's privileges on the migrated objects (GRANT and REVOKE,
     default privileges, and on the auth shim), then adds the runbook's app_roles grants as reported extras
     that never widen what a source role was allowed unless the runbook says so. Idempotent."""
-    catalog = exported_catalog(export_detail(rb))
+    catalog = exported_catalog(rb)
     role_map, owner, schemas = catalog.assessment.role_map, rb.target.direct.user, rb.database.schemas
     done = []
     with postgres.session(rb.target.direct, "target.direct") as tgt:
