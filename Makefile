@@ -17,6 +17,7 @@ bench: setup
 	$(BIN)/python bench/db_copy.py
 
 bench-objects: setup
+	@bash scripts/install-system-deps.sh bench
 	$(BIN)/python bench/objects.py
 
 setup: system $(STAMP)

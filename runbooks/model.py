@@ -127,9 +127,141 @@ class Endpoint(_Strict):
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+class RedisEndpoint(_Strict):
+    host: str
+    port: int = Field(6379, ge=1, le=65535)
+    password: Secret | None = None
+    db: int = Field(0, ge=0)
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+
 class Target(_Strict):
     direct: Endpoint = Field(description="the target reached directly: migrations, restore, verify")
     pooled: Endpoint | None = Field(None, description="the target through PgBouncer: what apps use")
+    redis: RedisEndpoint | None = Field(None, description="the target's Redis (the cutover checks it answers)")
+
+
+class SshAccess(_Strict):
+    """The VPS over SSH (paramiko). Host keys are verified against ``known_hosts``; an unknown key is an error."""
+
+    host: str
+    port: int = Field(22, ge=1, le=65535)
+    user: str = "root"
+    private_key: Secret = Field(description="the private key's text (OpenSSH or PEM), as a secret reference")
+    known_hosts: Path = Field(description="known_hosts file holding the VPS's host key; relative to the runbook")
+
+    @field_validator("private_key", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+
+class EnvValue(_Strict):
+    """An app environment variable's value: ``value`` (plain text, no secret), ``secret`` (the whole value is
+    one), or ``template`` whose ``${NAME}`` parts are the ``secrets`` of that name."""
+
+    value: str | None = None
+    secret: Secret | None = None
+    template: str | None = None
+    secrets: dict[str, Secret] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "EnvValue":
+        if sum(x is not None for x in (self.value, self.secret, self.template)) != 1:
+            raise ValueError("give exactly one of value, secret or template")
+        if self.template is not None:
+            named = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", self.template))
+            if named != set(self.secrets):
+                raise ValueError(f"template names {sorted(named)} but secrets gives {sorted(self.secrets)}")
+        return self
+
+
+class SshSwitch(_Strict):
+    env_file: str = Field(description="the apps' env file on the VPS, rewritten atomically (a backup is kept)")
+    restart: str = Field(description="the command that restarts the apps with the new env file")
+
+
+class CoolifySwitch(_Strict):
+    url: str = Field(description="Coolify's base URL, e.g. https://coolify.example.com")
+    token: Secret = Field(description="a Coolify API token of a team admin with root, or read + read:sensitive + "
+                          "write + deploy (the switch must read the previous values to undo them)")
+    applications: list[str] = Field(min_length=1, description="UUIDs of the applications to switch")
+    deploy_timeout_s: int = Field(600, ge=10)
+
+    _url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+
+class Switch(_Strict):
+    """How the apps move to the target: their environment changed through one driver, then redeployed."""
+
+    driver: Literal["ssh", "coolify"]
+    ssh: SshSwitch | None = None
+    coolify: CoolifySwitch | None = None
+    env: dict[str, EnvValue | str] = Field(description="the apps' new environment (DATABASE_URL, DIRECT_URL, "
+                                           "REDIS_URL, S3_ENDPOINT, S3_PUBLIC_URL ...)")
+
+    @model_validator(mode="after")
+    def _driver_settings(self) -> "Switch":
+        if getattr(self, self.driver) is None:
+            raise ValueError(f"driver {self.driver} needs its settings under {self.driver}:")
+        return self
+
+
+class App(_Strict):
+    name: str
+    health_url: str = Field(description="the app's /api/health (the plan's JSON: status, per-service checks)")
+
+    _url = field_validator("health_url")(classmethod(lambda cls, v: _http_url(v)))
+
+
+class Freeze(_Strict):
+    """One way the source stops taking the apps' writes (undone by the rollback); ``cutover.freeze`` lists
+    them, applied in order. See tasks/database/freeze.py for what each does not stop."""
+
+    method: Literal["role", "database", "revoke"] = Field(
+        "revoke", description="revoke: revoke INSERT/UPDATE/DELETE/TRUNCATE on the migrated schemas from the "
+        "roles (Supabase's API roles: stops PostgREST/supabase-js); role: ALTER ROLE r SET "
+        "default_transaction_read_only and end their sessions (LOGIN roles an app connects as directly); "
+        "database: ALTER DATABASE ... SET default_transaction_read_only (needs the database's owner)")
+    roles: list[str] = Field(default_factory=lambda: ["anon", "authenticated", "service_role"],
+                             description="the roles the apps write as")
+
+
+class DnsCheck(_Strict):
+    name: str = Field(description="the public record the apps are reached by")
+    resolver: str | None = Field(None, description="ip or ip:port of the resolver to ask (default: the system's)")
+    max_ttl: int = Field(300, ge=0)
+
+
+class Checklist(_Strict):
+    max_gate_age_hours: float = Field(24, gt=0, description="each phase's latest gate must be this fresh")
+    dns: DnsCheck | None = None
+    manual: list[str] = Field(
+        default_factory=lambda: ["Team notified of the maintenance window",
+                                 "Rollback plan read and agreed by the person approving"],
+        description="lines no machine can check: confirmed one by one in the approval form")
+
+
+class Cutover(_Strict):
+    checklist: Checklist = Field(default_factory=Checklist)
+    freeze: list[Freeze] = Field(default_factory=lambda: [Freeze()], min_length=1,
+                                 description="how the source stops taking writes: the API roles revoked by default; "
+                                 "add {method: role, roles: [...]} for apps that log in directly")
+    switch: Switch | None = None
+    apps: list[App] = Field(default_factory=list)
+    health_timeout_s: int = Field(300, ge=1)
+    smoke_queries: list[str] = Field(default_factory=list, description="read-only SQL run through target.pooled "
+                                     "after the switch; each must succeed")
+    approval_timeout_s: int = Field(3600, ge=1)
 
 
 class AppRole(_Strict):
@@ -253,10 +385,30 @@ class StorageSource(_Strict):
 
     project_url: str = Field(description="the Supabase project's URL, e.g. https://abcd.supabase.co: its "
                              "storage URLs in the app's columns are rewritten to target.public_url")
-    protocol: Literal["s3"] = Field("s3", description="s3: Supabase Storage's S3-compatible endpoint")
-    s3: S3Access
+    protocol: Literal["s3", "rest"] = Field(
+        "s3", description="s3: Supabase Storage's S3-compatible endpoint (storage.source.s3, the fast path); "
+        "rest: its REST API with the project's service_role key (storage.source.service_key)")
+    s3: S3Access | None = None
+    service_key: Secret | None = Field(None, description="rest: the project's service_role key (a secret reference)")
+    rest_url: str | None = Field(None, description="rest: the API's base URL when it is not project_url "
+                                 "(a gateway in between); requests go to <rest_url>/storage/v1")
 
-    _url = field_validator("project_url")(classmethod(lambda cls, v: _http_url(v)))
+    _url = field_validator("project_url", "rest_url")(classmethod(lambda cls, v: v if v is None else _http_url(v)))
+
+    @field_validator("service_key", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+    @model_validator(mode="after")
+    def _access_for_protocol(self) -> "StorageSource":
+        if self.protocol == "s3" and self.s3 is None:
+            raise ValueError("protocol s3 needs s3 (endpoint_url, access_key_id, secret_access_key); "
+                             "or set protocol: rest with service_key")
+        if self.protocol == "rest" and self.service_key is None:
+            raise ValueError("protocol rest needs service_key (the project's service_role key, e.g. "
+                             "{prefect_secret: supabase-service-key})")
+        return self
 
 
 class StorageTarget(S3Access):
@@ -330,6 +482,8 @@ class Runbook(_Strict):
     database: DatabasePhase = Field(default_factory=DatabasePhase)
     storage: Storage = Field(default_factory=Storage)
     backups: Backups | None = None
+    ssh: SshAccess | None = Field(None, description="the VPS, for what runs there (the ssh switch driver)")
+    cutover: Cutover = Field(default_factory=Cutover)
 
     @field_validator("name")
     @classmethod
@@ -385,4 +539,7 @@ def load_runbook(path: str | Path) -> Runbook:
         raise RunbookInvalid("\n".join(problems), problems=problems) from None
     if not runbook.state_dir.is_absolute():
         runbook = runbook.model_copy(update={"state_dir": (path.parent / runbook.state_dir).resolve()})
+    if runbook.ssh is not None and not runbook.ssh.known_hosts.is_absolute():
+        ssh = runbook.ssh.model_copy(update={"known_hosts": (path.parent / runbook.ssh.known_hosts).resolve()})
+        runbook = runbook.model_copy(update={"ssh": ssh})
     return runbook

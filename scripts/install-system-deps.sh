@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Liftoff's demo and tests run: the PostgreSQL 15 server (a Supabase-shaped
-# source and a target), its client tools, and pgcopydb (the benchmark's baseline). Idempotent: it only
-# calls apt when something is missing.
+# source and a target), its client tools, pgcopydb (the benchmark's baseline), OpenSSH's sshd (the VPS the
+# cutover's SSH switch reaches) and redis-server (the cutover's checklist); with the argument
+# `bench`, also rclone (the object benchmark's baseline). Idempotent: it only calls apt when something is
+# missing.
 set -euo pipefail
 missing=()
+if [ "${1:-}" = bench ]; then command -v rclone >/dev/null 2>&1 || missing+=(rclone); fi
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/pg_dump ] || missing+=(postgresql-client-15)
 command -v pgcopydb >/dev/null 2>&1 || missing+=(pgcopydb)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "liftoff: missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2

@@ -76,13 +76,18 @@ def libpq_env(ep: Endpoint, field_name: str) -> dict[str, str]:
 
 
 def connect(ep: Endpoint, field_name: str, *, autocommit: bool = True, text_settings: bool = True,
-            attempts: int = 3) -> psycopg.Connection:
-    """Opens a connection, retrying dropped or refused ones; raises ConnectionRefused with one line."""
+            attempts: int = 3, pooled: bool = False) -> psycopg.Connection:
+    """Opens a connection, retrying dropped or refused ones; raises ConnectionRefused with one line.
+    ``pooled``: through PgBouncer's transaction pooling, where server-side prepared statements break (a
+    statement prepared on one server connection is run on another), so psycopg never prepares."""
 
     @retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(attempts),
            wait=wait_exponential(multiplier=0.3, max=3), reraise=True)
     def _open():
-        return psycopg.connect(conninfo(ep, field_name), autocommit=autocommit)
+        conn = psycopg.connect(conninfo(ep, field_name), autocommit=autocommit)
+        if pooled:
+            conn.prepare_threshold = None
+        return conn
 
     try:
         conn = _open()

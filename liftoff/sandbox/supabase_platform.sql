@@ -37,6 +37,8 @@ $$;
 alter role postgres nosuperuser createdb createrole replication bypassrls;
 grant anon, authenticated, service_role to authenticator;
 grant anon, authenticated, service_role to postgres;
+-- As on Supabase: postgres may end other roles' sessions (the cutover's write freeze does).
+grant pg_signal_backend to postgres;
 -- Supabase's postgres can create in public (PG15 no longer grants CREATE to PUBLIC).
 grant all on schema public to postgres;
 

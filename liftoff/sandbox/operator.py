@@ -1,0 +1,43 @@
+"""The operator at the Prefect UI, for the tests and the demo: answers the next paused run of a flow through
+the Prefect API with ``run_input``, as the UI's form does when the operator submits it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+
+def answer_when_paused(flow_name: str, run_input: dict, timeout: float = 300) -> threading.Thread:
+    """Starts a thread that waits for a run of ``flow_name`` to pause (one not paused already) and resumes it
+    with ``run_input``; join it after the flow returned."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    async def paused(client) -> set:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+        return {r.id for r in runs}
+
+    async def before() -> set:
+        async with get_client() as client:
+            return await paused(client)
+
+    async def resume(seen: set) -> None:
+        async with get_client() as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                new = await paused(client) - seen
+                if new:
+                    await client.resume_flow_run(new.pop(), run_input=run_input)
+                    return
+                await asyncio.sleep(0.5)
+
+    seen = asyncio.run(before())
+    thread = threading.Thread(target=lambda: asyncio.run(resume(seen)), name=f"answer-{flow_name}", daemon=True)
+    thread.start()
+    return thread
