@@ -12,9 +12,10 @@ from flows.preflight import preflight
 from flows.restore import restore_database
 from flows.verify import verify_database
 from liftoff.ledger import exclusive
+from tasks.notify import notify_on_failure
 
 
-@flow(name="migrate-database")
+@flow(name="migrate-database", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def migrate_database(options: RunOptions) -> dict:
     """Succeeds when the target is a verified copy of the source's migrated schemas. Each step is a flow of
     its own, runnable alone; the ledger lets a re-run continue where a killed run stopped. The runbook's lock

@@ -8,9 +8,10 @@ from flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from tasks.database.export import ExportPlan, dump_source, plan_export
+from tasks.notify import notify_on_failure
 
 
-@flow(name="export")
+@flow(name="export", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def export_database(options: RunOptions) -> dict:
     """Succeeds when the state directory holds a complete pg_dump archive (directory format) of the runbook's
     schemas, taken from one consistent snapshot, and the ledger records each table's row count in that

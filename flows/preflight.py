@@ -7,9 +7,10 @@ from prefect import flow
 from flows.options import RunOptions, open_runbook
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from tasks.database.preflight import PreflightReport, require, run_preflight
+from tasks.notify import notify_on_failure
 
 
-@flow(name="preflight")
+@flow(name="preflight", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def preflight(options: RunOptions) -> dict:
     """Succeeds when both servers answer, the versions and pg_dump/pg_restore fit, the target offers every
     extension the source uses, the target is empty (or was written by this runbook) and the state disk has

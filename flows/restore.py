@@ -17,9 +17,10 @@ from tasks.database.restore import (
     restore_post_data,
     restore_pre_data,
 )
+from tasks.notify import notify_on_failure
 
 
-@flow(name="restore")
+@flow(name="restore", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def restore_database(options: RunOptions) -> dict:
     """Succeeds when the target holds the archive's schema, every table's data, indexes, constraints,
     triggers and policies (pg_restore --no-owner --no-acl), the source's grants for every role database.roles

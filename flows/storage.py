@@ -9,12 +9,13 @@ from flows.storage_urls import publish_url_preview
 from flows.storage_verify import verify_storage
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
+from tasks.notify import notify_on_failure
 from tasks.storage.copy import copy_objects, prepare_buckets
 from tasks.storage.plan import StoragePlan, plan_storage
 from tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
 
 
-@flow(name="migrate-storage")
+@flow(name="migrate-storage", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def migrate_storage(options: RunOptions) -> dict:
     """Succeeds when every object of the runbook's buckets in the source's inventory (storage.objects) is on
     the target, copied once, with its size, MD5, Content-Type and Cache-Control, in buckets whose public

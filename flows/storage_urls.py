@@ -7,11 +7,12 @@ from prefect import flow
 from flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
+from tasks.notify import notify_on_failure
 from tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
 from tasks.storage_urls import ColumnPreview
 
 
-@flow(name="rewrite-storage-urls")
+@flow(name="rewrite-storage-urls", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def rewrite_urls(options: RunOptions) -> dict:
     """Succeeds when every value of the runbook's ``storage.rewrite`` columns on the target that is a public
     Supabase Storage URL (or a bare key) of a moved bucket reads as the target's public URL, in one

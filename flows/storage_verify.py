@@ -7,10 +7,11 @@ from prefect import flow
 from flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.reports import markdown_table, publish_markdown, publish_table
+from tasks.notify import notify_on_failure
 from tasks.storage.gate import StorageReport, run_storage_gate
 
 
-@flow(name="verify-storage")
+@flow(name="verify-storage", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def verify_storage(options: RunOptions, deep: bool = False) -> dict:
     """Succeeds only when, per bucket, object count and total bytes are equal on both sides, every object of
     the source's inventory (storage.objects) is on the target with the same size, MD5 and Content-Type,

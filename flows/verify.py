@@ -9,10 +9,11 @@ from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from tasks.database.gate import report_rows, run_gate
+from tasks.notify import notify_on_failure
 from tasks.verify import DatabaseReport
 
 
-@flow(name="verify-database")
+@flow(name="verify-database", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def verify_database(options: RunOptions) -> dict:
     """Succeeds only when every migrated table has the same row count and content checksum on both sides,
     every owned sequence is above its column's max, and every schema object of the source exists on the

@@ -179,7 +179,10 @@ def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runboo
             detail = r.detail.get("reason") or r.detail.get("summary") or ""
             table.add_row(name, r.status, started, f"{r.seconds:.1f}" if r.seconds is not None else "",
                           r.flow_run_id or "", redact(str(detail))[:80])
-        out.print(table)
+        if phase.steps:
+            out.print(table)
+        if phase.gate is None:
+            continue
         gate = ledger.latest_gate(phase.gate)
         if gate is None:
             out.print(f"latest {phase.gate} gate: never run")
@@ -193,16 +196,24 @@ def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runboo
 def demo(
     bookings: int = typer.Option(2000, help="scale of the generated CRM dataset"),
     keep: bool = typer.Option(False, help="leave the servers running afterwards (prints how to stop them)"),
+    storage_protocol: str = typer.Option("rest", help="how the files are read from Supabase Storage: rest (its "
+                                         "REST API, served by the sandbox's fake) or s3 (its S3 endpoint)"),
+    cutover: bool = typer.Option(True, help="then cut over (an app on a local 'VPS' over SSH switched to the "
+                                 "target, approved as an operator would in the UI) and roll back"),
 ):
     """Run a local demo migration end to end: start a Supabase-shaped PostgreSQL 15 source and an empty
-    target on loopback, fill the source with a CRM dataset, Supabase Storage's S3 endpoint (a SeaweedFS
-    server holding the CRM's files) and a target S3 server; run migrate-database, then migrate-storage,
-    under Prefect; print both gates' tables, and stop what it started. Exit 0 only if both gates passed."""
+    target on loopback, fill the source with a CRM dataset, Supabase Storage (a SeaweedFS server holding the
+    CRM's files, behind the fake of Storage's REST API, or as its S3 endpoint) and a target S3 server; run
+    migrate-database, then migrate-storage (files, gate, URL rewrite), under Prefect; print both gates'
+    tables; then (unless --no-cutover) cut a small app over to the target and roll it back, printing the
+    measured downtime; and stop what it started. Exit 0 only if every step passed."""
     from liftoff.sandbox.prefect_server import PrefectServer
     from liftoff.sandbox.stack import LocalStack
 
     server = None
-    stack = LocalStack(bookings=bookings, files=True)
+    if storage_protocol not in ("rest", "s3"):
+        raise _fail(errors.RunbookInvalid(f"--storage-protocol: expected rest or s3, got {storage_protocol!r}"))
+    stack = LocalStack(bookings=bookings, files=True, storage_protocol=storage_protocol)
     try:
         if not os.environ.get("PREFECT_API_URL"):
             err.print("starting a local Prefect server ...")
@@ -217,11 +228,15 @@ def demo(
             except Exception as exc:
                 _print_summaries(all_flows()[phase].summaries)
                 raise _fail(exc) from None
-        _print_summaries(("verify-summary", "verify-storage-summary"))
+        _print_summaries(("verify-summary", "verify-storage-summary", "storage-urls-preview"))
+        if cutover:
+            _demo_cutover(stack)
         ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
         stops = server is not None and not keep
-        out.print(f"[green]demo: the database and storage gates passed.[/green] Runs, logs and artifacts in the "
-                  f"Prefect UI: {ui}/runs (flows 'migrate-database', 'migrate-storage'); `liftoff status --runbook "
+        did = "the database and storage gates passed" + (", the cutover and its rollback worked" if cutover else "")
+        flows = "'migrate-database', 'migrate-storage'" + (", 'cutover', 'rollback'" if cutover else "")
+        out.print(f"[green]demo: {did}.[/green] Runs, logs and artifacts in the "
+                  f"Prefect UI: {ui}/runs (flows {flows}); `liftoff status --runbook "
                   f"{stack.runbook_path}` shows every step" +
                   ("; this demo's Prefect server stops now: run with --keep to browse it, or start "
                    "`prefect server start` and export PREFECT_API_URL first" if stops else ""))
@@ -233,6 +248,126 @@ def demo(
             stack.stop()
             if server:
                 server.stop()
+
+
+def _demo_cutover(stack) -> None:
+    """The demo's cutover: a stand-in app on a local 'VPS' (a real sshd on loopback) reads its env file and
+    connects to the source; the cutover's SSH driver points it at the target. The approval is given through
+    the Prefect API as the UI's form would (the demo's operator is this process); then the rollback."""
+    import secrets as _secrets
+
+    import yaml
+
+    from liftoff.reports import last_markdown
+    from liftoff.sandbox.crm_app import CrmApp
+    from liftoff.sandbox.operator import answer_when_paused
+    from liftoff.sandbox.ssh import SshServer
+
+    err.print("cutover: starting a local 'VPS' (sshd on loopback) and the app on the source ...")
+    vps = SshServer().start()
+    stack.stop_later(vps)
+    writer_password = _secrets.token_urlsafe(12)
+    stack.source.execute(f"CREATE ROLE crm_writer LOGIN PASSWORD '{writer_password}'")
+    app = CrmApp(stack.workdir, f"postgresql://crm_writer:{writer_password}@{stack.source.host}:"
+                                f"{stack.source.port}/postgres").start()
+    stack.stop_later(app)
+    os.environ.update({"LIFTOFF_LOCAL_SSH_KEY": vps.client_key_text, "LIFTOFF_LOCAL_APP_PASSWORD": stack.passwords["app"]})
+    data = yaml.safe_load(stack.runbook_path.read_text())
+    database = data["target"]["direct"]["database"]
+    data["ssh"] = {"host": vps.host, "port": vps.port, "user": vps.user,
+                   "private_key": {"env": "LIFTOFF_LOCAL_SSH_KEY"}, "known_hosts": str(vps.known_hosts_path)}
+    data["cutover"] = {
+        "freeze": [{"method": "revoke", "roles": ["anon", "authenticated", "service_role"]},
+                   {"method": "role", "roles": ["crm_writer"]}],
+        "switch": {"driver": "ssh", "ssh": {"env_file": str(app.env_file), "restart": app.restart_command},
+                   "env": {"DATABASE_URL": {"template": f"postgresql://crm_app:${{password}}@{stack.target.host}:"
+                                                        f"{stack.target.port}/{database}",
+                                            "secrets": {"password": {"env": "LIFTOFF_LOCAL_APP_PASSWORD"}}}}},
+        "apps": [{"name": "crm", "health_url": app.health_url}],
+        "health_timeout_s": 60,
+        "smoke_queries": ["SELECT count(*) FROM public.bookings"],
+        "approval_timeout_s": 300,
+    }
+    stack.runbook_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    confirmations = {f"confirm_{i}": True for i in range(1, len(_manual_lines(stack.runbook_path)) + 1)}
+    operator = answer_when_paused("cutover", {"approver": "liftoff demo (as the operator)", "approve": True,
+                                              "reason": "demo", **confirmations})
+    def where() -> str:
+        port = app.server_port()
+        side = {stack.source.port: "the source", stack.target.port: "the target"}.get(port, "neither server")
+        return f"database {app.database()!r} on port {port} ({side})"
+
+    err.print(f"cutover: the app is connected to {where()}; cutting over (approved through the Prefect API, as "
+              "the UI's form does) ...")
+    try:
+        run_flow(FlowName("cutover"), stack.runbook_path, dry_run=False)
+    except Exception as exc:
+        _print_summaries(all_flows()["cutover"].summaries)
+        raise _fail(exc) from None
+    operator.join(5)
+    out.print(_markdown(last_markdown("cutover-downtime")))
+    out.print(f"cutover: the app is now connected to {where()}; rolling back ...")
+    try:
+        run_flow(FlowName("rollback"), stack.runbook_path, dry_run=False)
+    except Exception as exc:
+        _print_summaries(all_flows()["rollback"].summaries)
+        raise _fail(exc) from None
+    out.print(f"[green]rollback: the app is connected to {where()} again, which takes writes again.[/green]")
+
+
+def _manual_lines(path: Path) -> list[str]:
+    from runbooks.model import load_runbook
+
+    return load_runbook(path).cutover.checklist.manual
+
+
+def _markdown(text: str | None):
+    from rich.markdown import Markdown
+
+    return Markdown(text or "")
+
+
+@app.command()
+def serve(
+    runbook: Path = typer.Option(None, "--runbook", "-r", help="fill every form with this runbook and run its "
+                                 "rehearsal on rehearsal.schedule"),
+    port: int = typer.Option(4200, help="port of the local Prefect server and its UI"),
+):
+    """Run Liftoff from the Prefect UI: start a local Prefect server (embedded SQLite in ~/.liftoff/prefect,
+    analytics off) unless PREFECT_API_URL is set, register a deployment per phase flow plus `migrate`,
+    `rehearsal` and `rollback` (the emergency one), print the UI address, and run what is started there.
+    Ctrl-C or SIGTERM stops the runs in progress, then the server it started."""
+    import signal
+
+    from deployments.serve import serve_deployments, start_local_server
+
+    def interrupted(*_):
+        raise KeyboardInterrupt  # until Prefect's runner takes SIGTERM over, so the server is still stopped
+
+    server = None
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        if runbook is not None:
+            from runbooks.model import load_runbook
+
+            load_runbook(runbook)  # a bad runbook fails here, before a server starts
+        if not os.environ.get("PREFECT_API_URL"):
+            home = Path.home() / ".liftoff" / "prefect"
+            err.print(f"starting a local Prefect server on 127.0.0.1:{port} (data in {home}) ...")
+            server = start_local_server(port, home)
+            os.environ.update(server.env())  # before Prefect is imported: it reads its settings once
+        ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
+        out.print(f"Prefect UI: {ui}/deployments (Ctrl-C stops the server and the runs it started)", highlight=False)
+        serve_deployments(str(runbook.resolve()) if runbook else None)
+    except errors.LiftoffError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            err.print("stopping the local Prefect server ...")
+            server.stop()
 
 
 if __name__ == "__main__":

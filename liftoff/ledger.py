@@ -263,6 +263,11 @@ class Ledger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._db() as db:
                 db.executescript(_SCHEMA)
+            # Owner-only: the event log holds what a rollback needs, the apps' previous environment included
+            # (Coolify's variables), which may be secrets.
+            if self.path.stat().st_mode & 0o077:
+                os.chmod(self.path, 0o600)
+            with self._db() as db:
                 for table, columns in _ADDED_COLUMNS.items():
                     have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
                     for name, kind in columns.items():

@@ -28,7 +28,7 @@ class Phase:
     title: str
     steps: tuple[str, ...]  # ledger step names, in the order they run
     flows: tuple[PhaseFlow, ...]
-    gate: str  # the phase name its gate results are recorded under
+    gate: str | None  # the phase name its gate results are recorded under (None: runs that span phases)
 
 
 PHASES: tuple[Phase, ...] = (
@@ -58,6 +58,28 @@ PHASES: tuple[Phase, ...] = (
             PhaseFlow("rewrite-storage-urls", "flows.storage_urls:rewrite_urls", ("storage-urls-preview",)),
         ),
         gate="storage",
+    ),
+    Phase(
+        name="cutover",
+        title="Cutover: checklist, approval, write freeze, final sync, switch, smoke test; and the rollback",
+        steps=("cutover.checklist", "cutover.freeze", "cutover.switch", "cutover.smoke", "rollback.unfreeze",
+               "rollback.switch-back", "storage.restore-urls", "rollback.health"),
+        flows=(
+            PhaseFlow("cutover", "flows.cutover:cutover",
+                      ("cutover-checklist", "cutover-approval", "cutover-downtime")),
+            PhaseFlow("rollback", "flows.rollback:rollback", ("rollback-plan",)),
+        ),
+        gate="cutover",
+    ),
+    Phase(
+        name="migration",
+        title="The whole migration in order (migrate), and its scheduled dry run on scratch resources (rehearsal)",
+        steps=(),  # each run's steps are its phases' (the rehearsal's in a scratch ledger of its own)
+        flows=(
+            PhaseFlow("migrate", "flows.migrate:migrate", ("migrate-plan",)),
+            PhaseFlow("rehearsal", "flows.rehearsal:rehearse", ("rehearsal-report",)),
+        ),
+        gate=None,
     ),
 )
 

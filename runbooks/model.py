@@ -472,6 +472,38 @@ class Backups(_Strict):
     schedule: str = "0 3 * * *"
 
 
+class Rehearsal(_Strict):
+    """The scheduled dry run of the whole migration, against scratch resources only."""
+
+    schedule: str = Field("0 3 * * 0", description="cron, in the runbook's time zone (default: Sundays 03:00)")
+    timezone: str = Field("UTC", description="IANA time zone of the schedule, e.g. Europe/Berlin")
+    scratch_database: str = Field("liftoff_rehearsal", description="created on the target server for the "
+                                  "rehearsal and dropped after it, also when a phase fails")
+    bucket_prefix: str = Field("rehearsal-", min_length=1, description="prepended to every scratch bucket's name")
+    max_downtime_s: float | None = Field(None, gt=0, description="notify when the estimated cutover downtime "
+                                         "grows past this")
+
+    @field_validator("scratch_database")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[a-z_][a-z0-9_]*$", v):
+            raise ValueError("expected a plain lower-case database name (letters, digits, _)")
+        return v
+
+
+class Notifications(_Strict):
+    """Where failures are posted: an incoming webhook (Slack- and Discord-compatible JSON)."""
+
+    webhook: Secret | None = Field(None, description="the webhook URL, as a secret reference (the URL is the "
+                                   "credential)")
+    style: Literal["slack", "discord"] = "slack"
+
+    @field_validator("webhook", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+
 class Runbook(_Strict):
     """One migration: where from, where to, and how each phase runs."""
 
@@ -484,6 +516,8 @@ class Runbook(_Strict):
     backups: Backups | None = None
     ssh: SshAccess | None = Field(None, description="the VPS, for what runs there (the ssh switch driver)")
     cutover: Cutover = Field(default_factory=Cutover)
+    rehearsal: Rehearsal = Field(default_factory=Rehearsal)
+    notifications: Notifications = Field(default_factory=Notifications)
 
     @field_validator("name")
     @classmethod

@@ -5,10 +5,15 @@ from __future__ import annotations
 from conftest import run_cli
 
 
-def test_demo_migrates_a_local_supabase_shaped_database_and_its_files_and_prints_both_gates(prefect_api):
+def test_demo_migrates_database_and_files_prints_both_gates_then_cuts_over_and_rolls_back(prefect_api):
     done = run_cli("demo", "--bookings", "300")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Database gate PASSED" in done.stdout
     assert "public.bookings" in done.stdout and "match" in done.stdout
     assert "Storage gate PASSED" in done.stdout and "tour-images" in done.stdout and "waivers" in done.stdout
     assert f"{prefect_api.ui_url}/runs" in done.stdout
+    # then the cutover, measured, and the rollback
+    assert "Downtime (writes frozen until the apps were healthy on the target)" in done.stdout
+    assert "cutover: the app is now connected to database 'postgres' on port" in done.stdout
+    assert "(the target); rolling back" in done.stdout
+    assert "(the source) again, which takes writes again" in done.stdout

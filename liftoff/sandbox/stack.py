@@ -31,6 +31,7 @@ class LocalStack:
     contrib: bool = True
     apps: bool = True  # the Supabase example-app patterns (supabase_apps.sql): auth hooks, triggers on auth.users
     files: bool = False  # also Supabase Storage's S3 endpoint (seeded with the objects' bytes) and a target S3 server
+    storage_protocol: str = "s3"  # with files: "rest" also serves the REST API's fake, and the runbook reads through it
     seed: int = 7
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="liftoff-stack-")))
     env_prefix: str = "LIFTOFF_LOCAL"
@@ -42,7 +43,8 @@ class LocalStack:
         }
         self.source: PostgresServer | None = None
         self.target: PostgresServer | None = None
-        self.supabase_s3 = self.target_s3 = None
+        self.supabase_s3 = self.target_s3 = self.storage_api = None
+        self._extra: list = []
 
     @property
     def env(self) -> dict[str, str]:
@@ -53,6 +55,8 @@ class LocalStack:
                         f"{self.env_prefix}_SUPABASE_S3_SECRET": self.supabase_s3.secret_key,
                         f"{self.env_prefix}_TARGET_S3_KEY": self.target_s3.access_key,
                         f"{self.env_prefix}_TARGET_S3_SECRET": self.target_s3.secret_key})
+        if self.storage_api:
+            env[f"{self.env_prefix}_SUPABASE_SERVICE_KEY"] = self.storage_api.service_role_key
         return env
 
     @property
@@ -74,6 +78,10 @@ class LocalStack:
 
             self.supabase_s3, self.target_s3 = S3Server().start(), S3Server().start()
             self.objects = seed_objects(self.supabase_s3.client(), self.source.conninfo())
+            if self.storage_protocol == "rest":
+                from liftoff.sandbox.storage_api import StorageApiFake
+
+                self.storage_api = StorageApiFake(self.source.conninfo(), self.supabase_s3.client()).start()
         os.environ.update(self.env)
         self.runbook_path = self.write_runbook()
         return self
@@ -89,10 +97,14 @@ class LocalStack:
         data["database"].update(database)
         if self.supabase_s3:
             p = self.env_prefix
+            source = {"project_url": SUPABASE_PROJECT_URL,
+                      "s3": {"endpoint_url": self.supabase_s3.endpoint_url, "access_key_id": {"env": f"{p}_SUPABASE_S3_KEY"},
+                             "secret_access_key": {"env": f"{p}_SUPABASE_S3_SECRET"}}}
+            if self.storage_api:  # the REST API's fake stands at the project's URL; its key is a service_role JWT
+                source.update(protocol="rest", rest_url=self.storage_api.url,
+                              service_key={"env": f"{p}_SUPABASE_SERVICE_KEY"})
             data["storage"].update(
-                source={"project_url": SUPABASE_PROJECT_URL,
-                        "s3": {"endpoint_url": self.supabase_s3.endpoint_url, "access_key_id": {"env": f"{p}_SUPABASE_S3_KEY"},
-                               "secret_access_key": {"env": f"{p}_SUPABASE_S3_SECRET"}}},
+                source=source,
                 target={"endpoint_url": self.target_s3.endpoint_url, "access_key_id": {"env": f"{p}_TARGET_S3_KEY"},
                         "secret_access_key": {"env": f"{p}_TARGET_S3_SECRET"},
                         "public_url": "http://files.localhost"})
@@ -110,8 +122,15 @@ class LocalStack:
         self.target.execute(f"CREATE DATABASE {name}{clause}")
         return name
 
+    def stop_later(self, service) -> None:
+        """Stops ``service`` (anything with ``stop()``: an sshd, an app) with the stack, before its servers."""
+        self._extra.append(service)
+
     def stop(self) -> None:
-        for server in (self.source, self.target, self.supabase_s3, self.target_s3):
+        for service in reversed(self._extra):
+            service.stop()
+        self._extra.clear()
+        for server in (self.storage_api, self.source, self.target, self.supabase_s3, self.target_s3):
             if server:
                 server.stop()
 

@@ -1,0 +1,124 @@
+"""Runbook step 6: the cutover. Checklist, approval, write freeze, final sync, switch, smoke test; the
+downtime measured from the freeze to the apps' health; an automatic rollback if anything after the freeze
+fails."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+
+from flows.final_sync import STRATEGIES
+from flows.options import RunOptions, open_runbook
+from flows.rollback import automatic_rollback
+from liftoff.errors import GateFailed, StepFailed
+from liftoff.ledger import Ledger, current_run_id, exclusive
+from liftoff.redaction import redact
+from liftoff.reports import markdown_table, publish_markdown, publish_table
+from runbooks.model import Runbook
+from tasks.checklist import ChecklistReport
+from tasks.cutover import approval
+from tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
+from tasks.cutover.freeze import freeze_source
+from tasks.cutover.gate import check_before_cutover
+from tasks.cutover.smoke import smoke_test
+from tasks.cutover.switch import switch_apps
+from tasks.notify import notify_on_failure
+
+APPROVAL_POLL_S = 2
+
+
+@flow(name="cutover", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
+def cutover(options: RunOptions) -> dict:
+    """Succeeds when the pre-cutover checklist passed, a named operator approved with every manual line
+    confirmed, the source was frozen for the app's writes, the final sync brought the target up to the frozen
+    source with both gates passing, the apps were switched to the target and are healthy there, and the smoke
+    queries answered through PgBouncer. The downtime (freeze to healthy) is published. A rejection ends the run
+    with nothing changed; a failure after the freeze rolls back by itself (source writable, apps back on it)
+    and fails the run with the reason."""
+    runbook = open_runbook(options, PHASE)
+    require_switch(runbook)
+    checklist = check_before_cutover(runbook)
+    publish_checklist(checklist)
+    if not checklist.ok:
+        raise GateFailed("cutover checklist failed: " + "; ".join(checklist.failures()))
+    form_text, shown = approval.evidence(runbook, checklist.rows(), Ledger(runbook.state_dir))
+    if options.dry_run:
+        publish_markdown("cutover-approval", form_text)
+        return {"dry_run": True, "checklist": checklist.summary(), "expected_downtime_s": shown["expected_downtime_s"]}
+    answer = ask_for_approval(runbook, form_text, shown)
+    if not answer.approve:
+        return {"rejected": True, "by": approval.safe_text(answer.approver), "reason": approval.safe_text(answer.reason)}
+    with exclusive(runbook.state_dir):
+        return _cut_over(runbook, options, answer.approver)
+
+
+def ask_for_approval(runbook: Runbook, form_text: str, shown: dict):
+    form = approval.approval_form(runbook)
+    try:
+        answer = pause_flow_run(wait_for_input=form.with_initial_data(description=form_text),
+                                timeout=runbook.cutover.approval_timeout_s, poll_interval=APPROVAL_POLL_S)
+    except FlowPauseTimeout:
+        approval.record_decision(runbook, shown, None, "timed out")
+        raise StepFailed(f"no approval within {runbook.cutover.approval_timeout_s} s (cutover.approval_timeout_s); "
+                         "nothing was changed, the source is writable: start the cutover again") from None
+    missing = approval.unconfirmed(runbook, answer) if answer.approve else []
+    outcome = "approved" if answer.approve and not missing else "rejected"
+    approval.record_decision(runbook, shown, answer, outcome)
+    if missing:
+        raise StepFailed(f"approved by {approval.safe_text(answer.approver)} without confirming: {missing[0]}"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; nothing was changed, "
+                         "start the cutover again and confirm every line")
+    return answer
+
+
+def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
+    ledger = Ledger(runbook.state_dir)
+    ledger.record_event(PHASE, STARTED, after={"approver": approval.safe_text(approver)}, flow_run_id=current_run_id())
+    durations: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            durations[name] = round(time.monotonic() - started, 2)
+
+    frozen = timed("freeze", freeze_source, runbook)
+    step = "final sync"
+    try:
+        synced = timed("final sync", STRATEGIES["full"].run, runbook, options)
+        step = "switch"
+        timed("switch", switch_apps, runbook)
+        step = "smoke test"
+        timed("smoke test", smoke_test, runbook)
+    except BaseException as exc:
+        reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        try:
+            automatic_rollback(options)
+        except BaseException as undo_failed:
+            why = redact(str(undo_failed).strip().splitlines()[0] if str(undo_failed).strip() else "")
+            raise StepFailed(f"cutover failed at the {step} ({reason}) and the automatic rollback failed too "
+                             f"({why}): run `liftoff run rollback` once the cause is fixed") from None
+        raise StepFailed(f"cutover failed at the {step} ({reason}); rolled back automatically: the source is "
+                         "writable and the apps are back on it") from None
+    downtime = round(time.time() - frozen["frozen_at"], 2)
+    ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations},
+                        flow_run_id=current_run_id())
+    publish_downtime(downtime, durations)
+    return {"downtime_s": downtime, "steps": durations, "final_sync": synced}
+
+
+def publish_checklist(report: ChecklistReport) -> None:
+    publish_table("cutover-checklist", report.rows(), "Pre-cutover checklist")
+    publish_markdown("cutover-checklist", report.markdown())
+
+
+def publish_downtime(downtime: float, durations: dict[str, float]) -> None:
+    rows = [{"step": name, "seconds": seconds} for name, seconds in durations.items()]
+    publish_table("cutover-downtime", rows, f"Cutover: {downtime} s from the write freeze to healthy apps")
+    publish_markdown("cutover-downtime", "\n".join([
+        "# Cutover done", f"Downtime (writes frozen until the apps were healthy on the target): **{downtime} s**.",
+        "", markdown_table(rows)]))

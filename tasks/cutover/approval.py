@@ -1,0 +1,77 @@
+"""Runbook step 6b, its parts: the approval form (a typed Prefect RunInput), the evidence it shows, and the
+audit trail of who decided what, with what in front of them."""
+
+from __future__ import annotations
+
+import re
+
+from prefect.input import RunInput
+from pydantic import Field, create_model
+
+from liftoff.ledger import Ledger, current_run_id
+from liftoff.reports import markdown_table
+from runbooks.model import Runbook
+from tasks.cutover.common import APPROVAL, PHASE
+
+# The steps the final sync and the switch repeat: their last recorded durations estimate the downtime.
+DOWNTIME_STEPS = ("export", "restore.pre-data", "restore.data", "restore.post-data", "restore.grants", "verify",
+                  "storage.copy", "verify-storage", "storage.rewrite", "cutover.switch", "cutover.smoke")
+
+
+def confirmation_field(i: int) -> str:
+    return f"confirm_{i}"
+
+
+def approval_form(rb: Runbook) -> type[RunInput]:
+    """The form the operator fills in the Prefect UI: one checkbox per manual checklist line, approve or not,
+    who, and why (required for a rejection)."""
+    fields = {
+        "approver": (str, Field(..., min_length=1, description="Your name: it goes to the audit trail")),
+        "approve": (bool, Field(False, description="Tick to freeze the source and switch the apps now")),
+        "reason": (str, Field("", description="Why you reject (or a note on the approval)")),
+    }
+    for i, line in enumerate(rb.cutover.checklist.manual, start=1):
+        fields[confirmation_field(i)] = (bool, Field(False, description=f"Confirmed: {line}"))
+    return create_model("CutoverApproval", __base__=RunInput, **fields)
+
+
+def unconfirmed(rb: Runbook, answer: RunInput) -> list[str]:
+    return [line for i, line in enumerate(rb.cutover.checklist.manual, start=1)
+            if not getattr(answer, confirmation_field(i), False)]
+
+
+def last_durations(ledger: Ledger) -> dict[str, float]:
+    steps = ledger.steps()
+    return {name: steps[name].seconds for name in DOWNTIME_STEPS if name in steps and steps[name].seconds}
+
+
+def evidence(rb: Runbook, checklist_rows: list[dict], ledger: Ledger) -> tuple[str, dict]:
+    """The approval form's description (markdown) and the same evidence as plain data for the audit trail."""
+    durations = last_durations(ledger)
+    expected = round(sum(durations.values()), 1)
+    md = ["# Approve the cutover?",
+          f"Runbook **{rb.name}**. Approving freezes writes on the source ("
+          + "; ".join(f"{m.method}: {', '.join(m.roles)}" for m in rb.cutover.freeze)
+          + "), runs the final sync and switches the apps. A failed switch or smoke test rolls back by itself.", "",
+          "## Checklist", markdown_table(checklist_rows), "",
+          "## Expected downtime",
+          (f"About **{expected} s**, from the last recorded run of each step:" if durations else
+           "No step has a recorded duration yet: run a rehearsal first to know the downtime."), ""]
+    if durations:
+        md.append(markdown_table([{"step": k, "seconds": v} for k, v in durations.items()]))
+    if rb.cutover.checklist.manual:
+        md += ["", "## Confirm each line below before approving",
+               *[f"- {line}" for line in rb.cutover.checklist.manual]]
+    return "\n".join(md), {"checklist": checklist_rows, "durations": durations, "expected_downtime_s": expected}
+
+
+def record_decision(rb: Runbook, shown: dict, answer: RunInput | None, outcome: str) -> None:
+    """The audit trail: the evidence shown and the operator's input (or the timeout), by flow run."""
+    given = answer.model_dump(exclude={"metadata"}) if answer is not None else None
+    Ledger(rb.state_dir).record_event(PHASE, APPROVAL, before=shown, after={"input": given, "outcome": outcome},
+                                      flow_run_id=current_run_id())
+
+
+def safe_text(text: str, limit: int = 200) -> str:
+    """An operator's free text as one short line (it goes into messages and the run's state)."""
+    return re.sub(r"\s+", " ", text).strip()[:limit]

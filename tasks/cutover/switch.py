@@ -1,0 +1,69 @@
+"""Runbook step 6e: the apps move to the target. Their environment is changed through the runbook's switch
+driver (an env file over SSH, or Coolify's API), the driver's undo record goes to the ledger's event log, and
+the apps are redeployed. ``switch_back`` is the rollback's inverse."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from liftoff.ledger import Event, Ledger, current_run_id
+from liftoff.steps import recorded
+from runbooks.model import Runbook
+from tasks import postgres
+from tasks.cutover.common import PHASE, SWITCHED, log, require_switch, resolve_env, since_last_rollback
+from tasks.switch import SwitchDriver
+
+
+def switch_driver(rb: Runbook) -> SwitchDriver:
+    require_switch(rb)
+    switch = rb.cutover.switch
+    if switch.driver == "ssh":
+        from tasks.remote import EnvFileSwitch, Remote
+
+        return EnvFileSwitch(Remote(rb.ssh), switch.ssh)
+    from tasks.coolify import CoolifySwitch
+
+    return CoolifySwitch(switch.coolify)
+
+
+def target_sequences(rb: Runbook) -> dict[str, int | None]:
+    """Each sequence's position on the target: the rollback tells from them what the apps wrote since."""
+    with postgres.session(rb.target.direct, "target.direct") as conn:
+        return {name: value for name, value in conn.execute(
+            "SELECT schemaname || '.' || sequencename, last_value FROM pg_sequences WHERE schemaname = ANY(%s)",
+            (rb.database.schemas,))}
+
+
+@task(name="switch the apps to the target", cache_policy=NO_CACHE)
+@recorded("cutover.switch")
+def switch_apps(rb: Runbook) -> dict:
+    """Sets the apps' new environment and redeploys them. The first switch of a cutover records the undo
+    record; a re-run keeps that one (it restores the environment from before the cutover)."""
+    ledger = Ledger(rb.state_dir)
+    env = resolve_env(rb)
+    earlier = [e for e in since_last_rollback(ledger) if e.what == SWITCHED]
+    sequences = target_sequences(rb)
+    with switch_driver(rb) as driver:
+        undo = driver.apply_env(env)
+        if not earlier:
+            try:
+                ledger.record_event(PHASE, SWITCHED, before=undo,
+                                    after={"at": time.time(), "where": driver.where, "keys": sorted(env),
+                                           "sequences": sequences}, flow_run_id=current_run_id())
+            except Exception:
+                driver.restore_env(undo)  # without its undo record in the ledger, the switch must not stand
+                raise
+        log.info("apps' environment switched", where=driver.where, keys=sorted(env))
+        driver.redeploy()
+    return {"where": driver.where, "keys": sorted(env), "at": time.time()}
+
+
+def switch_back(rb: Runbook, event: Event) -> str:
+    """Puts back the environment from before the cutover and redeploys (the rollback's step)."""
+    with switch_driver(rb) as driver:
+        driver.restore_env(event.before)
+        driver.redeploy()
+        return driver.where
