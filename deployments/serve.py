@@ -1,43 +1,152 @@
-"""Serves every phase flow as a Prefect deployment: an operator starts a run from the UI with the
-runbook path and options (a form rendered from ``RunOptions``), and this process runs it.
+"""Liftoff's flows as Prefect deployments, served by this process: an operator starts a run from the UI with
+a form rendered from ``RunOptions`` (runbook path, dry run), and this process runs it.
 
-    liftoff-serve            # or: python -m deployments.serve [--only migrate-database]
+    liftoff serve [--runbook R]      # starts a local Prefect server too; see liftoff/cli.py
+    liftoff-serve [--runbook R]      # against $PREFECT_API_URL (or: python -m deployments.serve)
 
-Schedules (nightly dry-run rehearsals) and the rollback flow come with the deployments issue.
+One deployment per flow of every phase in the registry (named as in ``liftoff run NAME``; ``database`` keeps
+its deployment's old name, ``migrate-database``), plus ``migrate`` (every phase in order), ``rehearsal`` (on
+the runbook's cron) and ``rollback`` marked for emergencies.
+``prefect.serve`` runs them in this process: no work pool, no separate worker (README, "Run it from the
+Prefect UI", says why).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import socket
+import sys
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from prefect import serve
+from liftoff.errors import LiftoffError, RunbookInvalid
+from liftoff.phases import PHASES, PhaseFlow, all_flows
 
-from liftoff.logs import configure
-from liftoff.phases import PHASES
+MIGRATE = all_flows()["migrate"]
+REHEARSAL = all_flows()["rehearsal"]
+EMERGENCY = "rollback"
+EMERGENCY_NOTE = ("EMERGENCY: press this one when the cutover went wrong. It puts the apps back on the source "
+                  "and makes the source writable again, from the ledger's record of what the cutover changed. ")
 
 # Deployment name -> (flow, phase): every flow of every phase in the registry; the composed database flow
 # keeps the name its deployment has always had.
 FLOWS = {("migrate-database" if f.name == "database" else f.name): (f, phase.name)
          for phase in PHASES for f in phase.flows}
+# Deployment name -> (flow, tags): the phase flows, and the runs that span phases.
+DEPLOYMENTS: dict[str, tuple[PhaseFlow, list[str]]] = {
+    **{name: (f, ["liftoff", phase]) for name, (f, phase) in FLOWS.items()},
+    MIGRATE.name: (MIGRATE, ["liftoff", "migrate"]),  # spans every phase: tagged by what it is
+    REHEARSAL.name: (REHEARSAL, ["liftoff", "rehearsal"]),
+}
+DEPLOYMENTS[EMERGENCY] = (DEPLOYMENTS[EMERGENCY][0], ["liftoff", "cutover", "emergency"])
 
 
-def deployments(only: list[str] | None = None):
+def deployments(runbook: str | None = None, only: list[str] | None = None) -> list:
+    """The RunnerDeployments to serve. With ``runbook`` every form starts filled with that runbook and the
+    rehearsal runs on its ``rehearsal.schedule`` in ``rehearsal.timezone``; without it the rehearsal has no
+    schedule (a scheduled run needs a runbook)."""
+    from flows.options import resolve_runbook_path
+
+    path = str(resolve_runbook_path(runbook)) if runbook else None
     result = []
-    for name, (entry, phase) in FLOWS.items():
+    for name, (entry, tags) in DEPLOYMENTS.items():
         if only and name not in only:
             continue
-        flow = entry.load()
-        result.append(flow.to_deployment(name=name, description=(flow.__doc__ or "").strip().splitlines()[0],
-                                         tags=["liftoff", phase]))
+        try:
+            flow = entry.load()
+        except ImportError as exc:
+            if entry is not REHEARSAL:
+                raise
+            warn(f"rehearsal: not deployed: {entry.target} does not import ({type(exc).__name__}: {exc})")
+            continue
+        defaults = {"options": {"runbook": path}} if path and "options" in inspect.signature(flow.fn).parameters else None
+        schedules = None
+        if entry is REHEARSAL:
+            schedules = rehearsal_schedules(path)
+        result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
+                                         parameters=defaults, schedules=schedules))
     return result
+
+
+def describe(name: str, flow) -> str:
+    """The flow's docstring as one paragraph (what a run guarantees when it succeeds)."""
+    text = " ".join(inspect.cleandoc(flow.__doc__ or "").split())
+    return (EMERGENCY_NOTE + text) if name == EMERGENCY else text
+
+
+def rehearsal_schedules(runbook_path: str | None) -> list:
+    from prefect.schedules import Cron
+
+    from runbooks.model import load_runbook
+
+    if runbook_path is None:
+        warn("rehearsal: not scheduled: start with --runbook R to run it on R's rehearsal.schedule")
+        return []
+    rehearsal = load_runbook(runbook_path).rehearsal
+    try:
+        ZoneInfo(rehearsal.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise RunbookInvalid(f"{runbook_path}: rehearsal.timezone: expected an IANA time zone such as "
+                             f"Europe/Berlin, got {rehearsal.timezone!r}") from None
+    try:
+        return [Cron(rehearsal.schedule, timezone=rehearsal.timezone)]
+    except ValueError:
+        raise RunbookInvalid(f"{runbook_path}: rehearsal.schedule: expected a cron expression such as "
+                             f"'0 3 * * 0' (Sundays 03:00), got {rehearsal.schedule!r}") from None
+
+
+def warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def start_local_server(port: int, home: Path):
+    """A ``prefect server start`` on 127.0.0.1:``port`` with its embedded SQLite in ``home`` (kept between
+    starts: the UI's run history), analytics off, the UI pointed at this port's API."""
+    from liftoff.sandbox.prefect_server import PrefectServer
+
+    class KeptHome(PrefectServer):
+        def stop(self, remove: bool = False) -> None:  # the sandbox's default removes its temp home
+            super().stop(remove=False)
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise LiftoffError(f"127.0.0.1:{port} is in use (another Prefect server?): pick a free port with "
+                               "--port, or export PREFECT_API_URL to use the server already there") from None
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        return KeptHome(home=home, port=port).start()
+    except RuntimeError as exc:
+        raise LiftoffError(str(exc)) from None
+
+
+def serve_deployments(runbook: str | None = None, only: list[str] | None = None) -> None:
+    """Registers the deployments on $PREFECT_API_URL and runs what is started from them until SIGTERM or
+    Ctrl-C; on the way out Prefect pauses their schedules (nothing would run them), and registering again
+    resumes them."""
+    from prefect import serve
+
+    from liftoff.logs import configure
+
+    configure()
+    serve(*deployments(runbook, only))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve Liftoff's flows as Prefect deployments.")
-    parser.add_argument("--only", nargs="*", choices=sorted(FLOWS), help="serve only these")
+    parser.add_argument("--runbook", help="fill every form with this runbook; schedule its rehearsal")
+    parser.add_argument("--only", nargs="*", choices=sorted(DEPLOYMENTS), help="serve only these")
     args = parser.parse_args()
-    configure()
-    serve(*deployments(args.only))
+    try:
+        serve_deployments(args.runbook, args.only)
+    except LiftoffError as exc:
+        from liftoff.redaction import redact
+
+        for line in str(exc).splitlines():
+            print(f"error: {redact(line)}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

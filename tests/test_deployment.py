@@ -1,41 +1,264 @@
-"""migrate-database as a deployment on a real Prefect server, triggered through the client like a UI click."""
+"""The deployments on a real Prefect server: registered by a serving process, read back through the API as the
+UI reads them, and triggered through the client like a click on "Run"; and `liftoff serve` as an operator
+starts and stops it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
+import yaml
 
 from conftest import fresh_runbook
 
+SERVE_TIMEOUT_S = 90
 
-def test_migrate_database_deployment_runs_when_triggered_through_the_api(stack):
+
+def _runbook(stack, name: str, **top) -> Path:
+    path = fresh_runbook(stack, name)
+    data = yaml.safe_load(path.read_text())
+    data.update(name=name.replace("_", "-"), **top)  # artifact keys start with the runbook's name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def served(stack, tmp_path_factory):
+    """`python -m deployments.serve --runbook R` serving every deployment until the module's tests are done."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.serve import deployments
+
+    runbook = _runbook(stack, "deployed", rehearsal={"schedule": "30 4 * * 1", "timezone": "Europe/Berlin"})
+    expected = {f"{d.flow_name}/{d.name}" for d in deployments(str(runbook))}
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runbook", str(runbook)], cwd="/",
+                                env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + SERVE_TIMEOUT_S
+            while True:
+                found = {}
+                for full in expected:
+                    try:
+                        found[full] = client.read_deployment_by_name(full)
+                    except ObjectNotFound:
+                        break
+                if len(found) == len(expected):
+                    break
+                assert proc.poll() is None, f"deployments.serve exited: {log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, f"deployments never all appeared: {sorted(expected - set(found))}"
+                time.sleep(1)
+        yield {"runbook": runbook, "deployments": found, "log": log}
+    finally:
+        _stop(proc)
+
+
+def _by_name(served, name: str):
+    return next(d for full, d in served["deployments"].items() if full.endswith(f"/{name}"))
+
+
+def test_every_phase_flow_migrate_rehearsal_and_rollback_is_a_deployment(served):
+    from liftoff.phases import all_flows
+
+    names = {full.split("/")[1] for full in served["deployments"]}
+    phase_flows = {"migrate-database" if n == "database" else n for n in all_flows()}
+    assert names >= phase_flows | {"migrate", "rehearsal", "rollback"}
+
+
+def test_each_deployment_form_is_runoptions_with_descriptions_prefilled_with_the_runbook(served):
+    for full, deployment in served["deployments"].items():
+        schema = deployment.parameter_openapi_schema
+        assert schema["properties"]["options"]["$ref"] == "#/definitions/RunOptions", full
+        fields = schema["definitions"]["RunOptions"]["properties"]
+        assert fields["runbook"]["description"].startswith("Path of the runbook file"), full
+        assert fields["dry_run"]["default"] is False and "write nothing" in fields["dry_run"]["description"], full
+        assert deployment.parameters["options"] == {"runbook": str(served["runbook"])}, full
+        assert "liftoff" in deployment.tags and deployment.description.strip(), full
+        text = json.dumps(schema).lower()
+        assert not any(word in text for word in ("password", "secret", "token")), f"{full}: a secret in the form"
+
+
+def test_rehearsal_is_scheduled_on_the_runbooks_cron_in_its_time_zone(served):
+    rehearsal = _by_name(served, "rehearsal")
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in rehearsal.schedules] == \
+        [("30 4 * * 1", "Europe/Berlin", True)]
+    assert "rehearsal" in rehearsal.tags
+    assert all(not d.schedules for full, d in served["deployments"].items() if not full.endswith("/rehearsal"))
+
+
+def test_rollback_alone_is_marked_as_the_emergency_deployment(served):
+    rollback = _by_name(served, "rollback")
+    assert rollback.description.startswith("EMERGENCY: press this one")
+    assert "emergency" in rollback.tags
+    assert [full for full, d in served["deployments"].items() if "emergency" in d.tags] == ["rollback/rollback"]
+
+
+def test_a_bad_rehearsal_schedule_is_one_line_naming_the_field(stack):
+    from deployments.serve import rehearsal_schedules
+    from liftoff.errors import RunbookInvalid
+
+    runbook = stack.write_runbook("bad-cron.yaml", state_dir="state-bad-cron")
+    data = yaml.safe_load(runbook.read_text())
+    for rehearsal, field in (({"schedule": "every sunday"}, "rehearsal.schedule"),
+                             ({"timezone": "Mars/Olympus"}, "rehearsal.timezone")):
+        runbook.write_text(yaml.safe_dump({**data, "rehearsal": rehearsal}))
+        with pytest.raises(RunbookInvalid) as caught:
+            rehearsal_schedules(str(runbook))
+        assert f"{runbook}: {field}: expected" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _artifact_rows(client, run_id, key: str) -> list[dict]:
+    """The table artifact ``key`` published by ``run_id`` or one of its sub-runs, at any depth."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowRunFilter, FlowRunFilterParentFlowRunId,
+    )
+
+    runs, parents = [run_id], [run_id]
+    while parents:
+        parents = [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents)))]
+        runs += parents
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=runs)))
+    assert found, f"no artifact {key} from run {run_id} or its sub-runs"
+    data = found[0].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+@pytest.fixture(scope="module")
+def runs(served, stack):
+    """Two runs started through the API as the UI's Run button does, side by side: `migrate-database` for real and
+    `migrate` as a dry run of another runbook; the served process picks both up."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    runbook = fresh_runbook(stack, "deployed")
-    server = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--only", "migrate-database"],
-                              cwd="/", env=os.environ.copy(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    dry = _runbook(stack, "deployed_dry")
+    started = {
+        "database": run_deployment("migrate-database/migrate-database", timeout=0,
+                                   parameters={"options": {"runbook": str(served["runbook"])}}),
+        "migrate": run_deployment("migrate/migrate", timeout=0,
+                                  parameters={"options": {"runbook": str(dry), "dry_run": True}}),
+    }
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 300
+        while True:
+            finished = {name: client.read_flow_run(run.id) for name, run in started.items()}
+            if all(run.state.is_final() for run in finished.values()):
+                return finished
+            assert time.monotonic() < deadline, {name: run.state.name for name, run in finished.items()}
+            time.sleep(1)
+
+
+def test_database_deployment_run_from_the_api_migrates_and_publishes_the_gate_table(runs, stack):
+    from prefect.client.orchestration import get_client
+
+    from liftoff.reports import artifact_key
+
+    run = runs["database"]
+    assert run.state.is_completed(), run.state
+    assert stack.target.execute("SELECT count(*) FROM public.bookings", dbname="deployed")[0][0] == \
+        stack.counts["public.bookings"]
+    with get_client(sync_client=True) as client:
+        rows = _artifact_rows(client, run.id, artifact_key("deployed", "verify-tables"))
+    bookings = next(r for r in rows if r["table"] == "public.bookings")
+    assert bookings["source rows"] == bookings["target rows"] == stack.counts["public.bookings"]
+    assert {r["status"] for r in rows} == {"match"}
+
+
+def test_migrate_deployment_dry_run_plans_each_phase_and_names_what_the_runbook_leaves_out(runs, stack):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from liftoff.reports import artifact_key
+
+    run = runs["migrate"]
+    assert run.state.is_completed(), run.state
+    with get_client(sync_client=True) as client:
+        plan = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key("deployed-dry", "migrate-plan")]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        assert plan, "migrate published no plan"
+        assert "| storage |" in plan[0].data and "skipped: no storage.source" in plan[0].data
+        assert "skipped: no cutover.switch" in plan[0].data
+        assert _artifact_rows(client, run.id, artifact_key("deployed-dry", "preflight-checks"))
+    assert stack.target.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                                dbname="deployed_dry")[0][0] == 0  # a dry run writes nothing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def test_liftoff_serve_starts_a_local_prefect_server_and_stops_everything_on_sigterm(tmp_path):
+    import httpx
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "liftoff"), "serve", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    deployment = client.read_deployment_by_name("migrate-database/migrate-database")
-                    break
-                except Exception:
-                    assert time.monotonic() < deadline and server.poll() is None, "deployment never appeared"
-                    time.sleep(1)
-            schema = deployment.parameter_openapi_schema
-            assert "options" in schema["properties"]  # the form the UI renders: runbook path + dry_run
-            run = run_deployment("migrate-database/migrate-database",
-                                 parameters={"options": {"runbook": str(runbook), "dry_run": False}}, timeout=240)
-            assert run.state.is_completed(), run.state
-        assert stack.target.execute("SELECT count(*) FROM public.bookings", dbname="deployed")[0][0] == \
-            stack.counts["public.bookings"]
+        ui = None
+        deadline = time.monotonic() + SERVE_TIMEOUT_S
+        while ui is None:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "liftoff serve exited before printing the UI address"
+            if line.startswith("Prefect UI: "):
+                ui = line.split()[2]
+            assert time.monotonic() < deadline, "no UI address printed"
+        assert ui == f"http://127.0.0.1:{port}/deployments"
+        api = f"http://127.0.0.1:{port}/api"
+        # The UI served there calls this port's API, not Prefect's default 4200.
+        assert httpx.get(f"http://127.0.0.1:{port}/ui-settings").json()["api_url"] == api
+        while True:
+            names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}).json()}
+            if {"migrate-database", "migrate", "rollback"} <= names:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, f"deployments not registered: {names}"
+            time.sleep(1)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{api}/health")
+        assert _processes_mentioning(f"--port {port}") == []
+        assert (tmp_path / ".liftoff" / "prefect").is_dir()  # the run history stays for the next start
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        _stop(proc)
+        for leftover in _processes_mentioning(f"--port {port}"):
+            os.kill(int(leftover.split(":")[0]), signal.SIGKILL)

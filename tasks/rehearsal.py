@@ -1,0 +1,423 @@
+"""The rehearsal's scratch resources: a scratch database on the target server, scratch buckets on the target
+S3 server, and the scratch runbook that points the phase flows at them; plus the arithmetic of its report.
+
+A rehearsal must never touch the real target. So every destructive function here checks the name it is
+given against the rehearsal's own (``rehearsal.scratch_database``, buckets starting with
+``rehearsal.bucket_prefix``) and refuses anything else with one line naming the server and the object;
+the scratch database may not be the real target database nor one of PostgreSQL's own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import psycopg
+import yaml
+from botocore.exceptions import BotoCoreError, ClientError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from psycopg import sql
+
+from liftoff.errors import RunbookInvalid, StepFailed
+from liftoff.ledger import Event, StepRecord
+from liftoff.logs import get_logger
+from liftoff.redaction import redact
+from liftoff.steps import recorded
+from runbooks.model import Endpoint, Runbook
+from tasks import postgres
+from tasks.database.common import AUTH_USERS_FILE, DUMP_DIR
+
+log = get_logger(phase="rehearsal")
+PHASE = "rehearsal"
+DONE = "rehearsal.done"  # the real ledger's event log; after: durations, sizes, gates, estimate
+FAILED = "rehearsal.failed"
+MAINTENANCE_DATABASE = "postgres"  # where CREATE/DROP DATABASE is sent on the target server
+RESERVED_DATABASES = {"postgres", "template0", "template1"}
+SCRATCH_RUNBOOK = "runbook.yaml"  # in the scratch state_dir: what the phase flows ran with
+SUMMARY = "summary.json"  # what is kept of a rehearsal's state_dir besides its ledger and runbook
+# With no real cutover recorded yet, the freeze, the switch and the smoke test are taken as this long.
+ASSUMED_SWITCH_S = 60.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names
+
+
+def scratch_runbook_name(rb: Runbook) -> str:
+    """The scratch runbook's name: its artifacts keep their own history, apart from production's."""
+    return f"{rb.name}-rehearsal"
+
+
+def bucket_prefix(rb: Runbook) -> str:
+    """What every scratch bucket's name starts with: the rehearsal's prefix before the runbook's own."""
+    return rb.rehearsal.bucket_prefix + rb.storage.bucket_prefix
+
+
+def scratch_buckets(rb: Runbook) -> list[str]:
+    return [bucket_prefix(rb) + b.name for b in rb.storage.buckets]
+
+
+def check_scratch_settings(rb: Runbook) -> None:
+    """Refuses a rehearsal whose scratch database would be the real target's or one of PostgreSQL's own."""
+    name = rb.rehearsal.scratch_database
+    if name == rb.target.direct.database:
+        raise RunbookInvalid(f"runbook {rb.name}: rehearsal.scratch_database '{name}' is the real target database "
+                             "(target.direct.database); the rehearsal drops it afterwards: choose another name")
+    if name in RESERVED_DATABASES:
+        raise RunbookInvalid(f"runbook {rb.name}: rehearsal.scratch_database '{name}' is one of PostgreSQL's own "
+                             "databases; choose another name, e.g. liftoff_rehearsal")
+
+
+def storage_configured(rb: Runbook) -> bool:
+    return bool(rb.storage.buckets and rb.storage.source and rb.storage.target)
+
+
+def scratch_runbook(rb: Runbook, state_dir: Path) -> Runbook:
+    """The real runbook pointed at scratch resources: the scratch database on the target server, scratch
+    buckets, its own state_dir (its own ledger), no PgBouncer and no cutover switch. ``storage.rewrite`` is
+    kept: it rewrites the scratch database only. Secrets stay references."""
+    check_scratch_settings(rb)
+    direct = rb.target.direct.model_copy(update={"database": rb.rehearsal.scratch_database})
+    target = rb.target.model_copy(update={"direct": direct, "pooled": None})
+    storage = rb.storage.model_copy(update={"bucket_prefix": bucket_prefix(rb)})
+    cutover = rb.cutover.model_copy(update={"switch": None, "apps": []})
+    return rb.model_copy(update={"name": scratch_runbook_name(rb), "state_dir": Path(state_dir), "target": target,
+                                 "storage": storage, "cutover": cutover})
+
+
+def new_scratch_state_dir(rb: Runbook, now: float | None = None) -> Path:
+    """A fresh ``state_dir/rehearsals/<UTC timestamp>`` (not created)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now or time.time()))
+    base = rb.state_dir / "rehearsals"
+    path, n = base / stamp, 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{n}"
+    return path
+
+
+def write_scratch_runbook(scratch: Runbook) -> Path:
+    """Writes the scratch runbook as YAML in its state_dir (secrets as the references they are) and returns
+    its path: the phase flows take it as their ``RunOptions.runbook``."""
+    scratch.state_dir.mkdir(parents=True, exist_ok=True)
+    data = scratch.model_dump(mode="json", exclude_none=True)
+    path = scratch.state_dir / SCRATCH_RUNBOOK
+    path.write_text("# Written by the rehearsal: the real runbook pointed at scratch resources.\n"
+                    + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scratch database
+
+
+def maintenance_endpoint(target: Endpoint) -> Endpoint:
+    return target.model_copy(update={"database": MAINTENANCE_DATABASE})
+
+
+def _refuse_unless_scratch(rb: Runbook, name: str) -> None:
+    check_scratch_settings(rb)
+    ep = rb.target.direct
+    if name != rb.rehearsal.scratch_database:
+        raise StepFailed(f"target.direct ({ep.host}:{ep.port}): refusing to drop database '{name}': it is not the "
+                         f"rehearsal's scratch database ('{rb.rehearsal.scratch_database}')")
+
+
+def _where(rb: Runbook) -> str:
+    return f"target.direct ({rb.target.direct.host}:{rb.target.direct.port})"
+
+
+def scratch_database_exists(rb: Runbook, name: str | None = None) -> bool:
+    name = name or rb.rehearsal.scratch_database
+    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def drop_scratch_database(rb: Runbook, name: str | None = None) -> bool:
+    """Drops the scratch database (its sessions terminated first); True when there was one. Refuses any
+    other name. ``rb`` is the real runbook."""
+    name = name or rb.rehearsal.scratch_database
+    _refuse_unless_scratch(rb, name)
+    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            return False
+        try:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            force = sql.SQL(" WITH (FORCE)") if conn.info.server_version >= 130000 else sql.SQL("")
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)) + force)
+        except psycopg.Error as exc:
+            raise StepFailed(f"{_where(rb)}: cannot drop the scratch database '{name}': "
+                             f"{redact(str(exc)).strip().splitlines()[0]}; drop it by hand") from None
+    log.info("scratch database dropped", database=name)
+    return True
+
+
+def create_scratch_database(rb: Runbook) -> dict:
+    """Creates the scratch database on the target server, dropping one a crashed rehearsal left first. It
+    takes the real target database's encoding and locale when that exists, so the rehearsal sorts and
+    compares text as production will. ``rb`` is the real runbook."""
+    name = rb.rehearsal.scratch_database
+    leftover = drop_scratch_database(rb, name)
+    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+        like = conn.execute("SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
+                            "WHERE datname = %s", (rb.target.direct.database,)).fetchone()
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if like:
+            statement += sql.SQL(" TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+                *(sql.Literal(v) for v in like))
+        try:
+            conn.execute(statement)
+        except psycopg.errors.InsufficientPrivilege:
+            raise StepFailed(f"{_where(rb)}: user '{rb.target.direct.user}' may not create the scratch database "
+                             f"'{name}'; grant it CREATEDB (ALTER ROLE ... CREATEDB) or set "
+                             "rehearsal.scratch_database to one it owns") from None
+        except psycopg.Error as exc:
+            raise StepFailed(f"{_where(rb)}: cannot create the scratch database '{name}': "
+                             f"{redact(str(exc)).strip().splitlines()[0]}") from None
+    log.info("scratch database created", database=name, dropped_leftover=leftover)
+    return {"database": name, "host": f"{rb.target.direct.host}:{rb.target.direct.port}",
+            "dropped_leftover": leftover, "like": rb.target.direct.database if like else None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scratch buckets
+
+
+def _target_s3(rb: Runbook):
+    from tasks.storage.common import target_client
+
+    return target_client(rb)
+
+
+def _bucket_error(rb: Runbook, bucket: str, what: str, exc: Exception) -> StepFailed:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        reason = err.get("Code") or exc.response.get("Code") or str(exc.response.get("ResponseMetadata", {})
+                                                                        .get("HTTPStatusCode", ""))
+        reason = f"{reason}: {err.get('Message', '')}".rstrip(": ")
+    else:
+        reason = type(exc).__name__
+    return StepFailed(f"storage.target ({rb.storage.target.endpoint_url}): cannot {what} scratch bucket '{bucket}' "
+                      f"({redact(reason)}); delete it by hand")
+
+
+def delete_scratch_buckets(rb: Runbook, buckets: Iterable[str] | None = None) -> dict:
+    """Deletes every object, unfinished upload and then the bucket itself of each scratch bucket on the target
+    S3 server; a bucket that does not exist is skipped. Refuses a name that does not start with the
+    rehearsal's prefix. ``rb`` is the real runbook. Returns {bucket: objects deleted} of those deleted."""
+    names = list(scratch_buckets(rb) if buckets is None else buckets)
+    prefix = bucket_prefix(rb)
+    for name in names:
+        if not rb.rehearsal.bucket_prefix or not name.startswith(prefix):
+            raise StepFailed(f"storage.target ({rb.storage.target.endpoint_url}): refusing to delete bucket "
+                             f"'{name}': it does not start with the rehearsal's prefix '{prefix}'")
+    if not names:
+        return {}
+    s3 = _target_s3(rb)
+    deleted: dict[str, int] = {}
+    for name in names:
+        try:
+            s3.head_bucket(Bucket=name)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                continue
+            raise _bucket_error(rb, name, "read", exc) from None
+        except BotoCoreError as exc:
+            raise _bucket_error(rb, name, "reach", exc) from None
+        try:
+            deleted[name] = _empty_bucket(s3, name)
+            s3.delete_bucket(Bucket=name)
+        except (ClientError, BotoCoreError) as exc:
+            raise _bucket_error(rb, name, "delete", exc) from None
+        log.info("scratch bucket deleted", bucket=name, objects=deleted[name])
+    return deleted
+
+
+def _empty_bucket(s3, bucket: str) -> int:
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise StepFailed(f"bucket {bucket}: {len(answer['Errors'])} objects could not be deleted "
+                                 f"({first.get('Key')}: {first.get('Code')})")
+            count += len(keys)
+    uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    for upload in uploads:
+        s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    return count
+
+
+def remove_archive(state_dir: Path) -> list[str]:
+    """Removes the scratch state_dir's dump archive and the auth users' export (the source's data); the
+    ledger, the runbook and the summary stay."""
+    removed = []
+    for name in (DUMP_DIR, DUMP_DIR + ".partial", AUTH_USERS_FILE):
+        path = Path(state_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect steps (recorded in the scratch ledger: ``scratch`` is the scratch runbook, ``real`` the real one)
+
+
+@task(name="create scratch resources", cache_policy=NO_CACHE)
+@recorded("rehearsal.prepare")
+def prepare_scratch(scratch: Runbook, real: Runbook) -> dict:
+    """The scratch database created afresh, and scratch buckets a crashed rehearsal left behind removed."""
+    created = create_scratch_database(real)
+    leftovers = delete_scratch_buckets(real) if storage_configured(real) else {}
+    return {**created, "leftover_buckets": sorted(leftovers)}
+
+
+@task(name="tear down scratch resources", cache_policy=NO_CACHE)
+@recorded("rehearsal.teardown")
+def tear_down_scratch(scratch: Runbook, real: Runbook) -> dict:
+    """Drops the scratch database, deletes the scratch buckets and removes the dump archive; each part is
+    tried even when another failed. Raises after trying them all, naming what is left."""
+    done: dict = {"database_dropped": False, "buckets": {}, "archive_removed": [], "problems": []}
+    try:
+        done["database_dropped"] = drop_scratch_database(real)
+    except Exception as exc:  # keep tearing down; the error is reported below
+        done["problems"].append(_one_line(exc))
+    if storage_configured(real):
+        try:
+            done["buckets"] = delete_scratch_buckets(real)
+        except Exception as exc:
+            done["problems"].append(_one_line(exc))
+    done["archive_removed"] = remove_archive(scratch.state_dir)
+    if done["problems"]:
+        raise StepFailed("rehearsal teardown left scratch resources behind: " + "; ".join(done["problems"]))
+    return done
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return redact(text.splitlines()[0] if text else type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring: the downtime estimate and the comparison with earlier rehearsals
+
+
+def step_seconds(steps: dict[str, StepRecord], names: Iterable[str]) -> dict[str, float]:
+    return {n: round(steps[n].seconds, 2) for n in names if n in steps and steps[n].seconds is not None}
+
+
+def last_cutover_switch(events: list[Event]) -> dict[str, float] | None:
+    """The freeze, switch and smoke durations of the last completed real cutover (its ``cutover.completed``
+    event), or None when none completed."""
+    completed = [e for e in events if e.what == "cutover.completed" and isinstance(e.after, dict)]
+    if not completed:
+        return None
+    steps = completed[-1].after.get("steps") or {}
+    return {k: float(v) for k, v in steps.items() if k != "final sync" and isinstance(v, (int, float))}
+
+
+def estimate_downtime(final_sync: dict[str, float], copy_seconds: float, changed_fraction: float,
+                      switch: dict[str, float] | None) -> dict:
+    """Estimated cutover downtime: the final sync's steps as the rehearsal measured them (the storage copy
+    scaled to the share of bytes the real target still lacks), then the freeze, switch and smoke test of the
+    last real cutover, or an assumption that says so."""
+    parts = dict(final_sync)
+    parts["storage.copy (what changed)"] = round(copy_seconds * max(0.0, min(1.0, changed_fraction)), 2)
+    assumption = None
+    if switch:
+        parts.update({f"cutover {k}": round(v, 2) for k, v in switch.items()})
+    else:
+        parts["freeze, switch and smoke test (assumed)"] = ASSUMED_SWITCH_S
+        assumption = (f"no real cutover is recorded yet: the freeze, the switch and the smoke test are assumed to "
+                      f"take {ASSUMED_SWITCH_S:.0f} s")
+    return {"downtime_s": round(sum(parts.values()), 2), "parts": parts, "assumption": assumption}
+
+
+def changed_share(real: Runbook) -> tuple[float, str]:
+    """The share of the inventory's bytes the real target does not hold yet (not copied, or changed on the
+    source since): what the final sync's storage copy would move. Reads the real ledger, never writes it."""
+    from liftoff.ledger import Ledger
+    from tasks import supabase_storage
+    from tasks.storage.plan import pending
+
+    if not (real.state_dir / "ledger.sqlite").exists():
+        return 1.0, "the real storage phase has not run yet: every object counts as changed"
+    ledger = Ledger(real.state_dir)
+    total = changed = 0
+    with postgres.session(real.source, "source") as conn:
+        for b in real.storage.buckets:
+            total += sum(obj.size or 0 for obj in supabase_storage.inventory(conn, b.name))
+            changed += sum(obj.size or 0 for obj in pending(real, conn, ledger, b.name))
+    share = changed / total if total else 0.0
+    return share, f"{changed:,} of {total:,} bytes are not on the real target yet"
+
+
+def comparison_rows(events: list[Event]) -> list[dict]:
+    """One row per recorded rehearsal, oldest first, with the change in estimated downtime against the one
+    before."""
+    rows, previous = [], None
+    for e in events:
+        if e.what not in (DONE, FAILED) or not isinstance(e.after, dict):
+            continue
+        a = e.after
+        phases, sizes = a.get("phases", {}), a.get("sizes", {})
+        downtime = (a.get("estimate") or {}).get("downtime_s")
+        row = {
+            "when (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.at)),
+            "passed": "yes" if e.what == DONE else "NO",
+            "database s": _num(phases.get("database", {}).get("seconds")),
+            "storage s": _num(phases.get("storage", {}).get("seconds")),
+            "DB rows": _num(sizes.get("database", {}).get("rows")),
+            "source DB bytes": _num(sizes.get("database", {}).get("source_bytes")),
+            "objects": _num(sizes.get("storage", {}).get("objects")),
+            "object bytes": _num(sizes.get("storage", {}).get("bytes")),
+            "est. downtime s": _num(downtime),
+            "change": _change(previous, downtime),
+        }
+        rows.append(row)
+        if downtime is not None:
+            previous = downtime
+    return rows
+
+
+def changes(previous: dict, current: dict) -> list[dict]:
+    """Each measured figure of two rehearsals' events (their ``after``), side by side with its change."""
+    def figures(a: dict) -> dict[str, float | None]:
+        out = {f"{p} phase, s": v.get("seconds") for p, v in a.get("phases", {}).items()}
+        for v in a.get("phases", {}).values():
+            out.update({f"step {s}, s": sec for s, sec in (v.get("steps") or {}).items()})
+        for kind, v in a.get("sizes", {}).items():
+            out.update({f"{kind} {k}": n for k, n in v.items() if isinstance(n, (int, float))})
+        out["estimated downtime, s"] = (a.get("estimate") or {}).get("downtime_s")
+        return out
+
+    before, now = figures(previous), figures(current)
+    return [{"figure": k, "previous": _num(before.get(k)), "this one": _num(now.get(k)),
+             "change": _change(before.get(k), now.get(k))} for k in now]
+
+
+def _num(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.2f}" if isinstance(v, float) and not v.is_integer() else f"{int(v):,}"
+
+
+def _change(before, now) -> str:
+    if before is None or now is None:
+        return "–"
+    delta = now - before
+    pct = f" ({delta / before * 100:+.0f}%)" if before else ""
+    if isinstance(delta, float) and not delta.is_integer():
+        return f"{delta:+,.2f}{pct}"
+    return f"{int(delta):+,}{pct}"
