@@ -13,6 +13,7 @@ command -v pgcopydb >/dev/null 2>&1 || missing+=(pgcopydb)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)  # the browser test drives it through Playwright
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "liftoff: missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
