@@ -7,9 +7,9 @@ Storage gives for large files; about 4 GB), then runs each contender at the same
 
   liftoff copy         ``tasks.s3.copy_batch`` over the streamed source listing, batches of ``--batch`` keys,
                        the outcome written to a SQLite ledger every 50 objects (as ``tasks/storage/copy.py``)
-  liftoff verify       per object ``head`` on both sides + ``compare_object`` (MD5 from our ``md5chksum``
-                       metadata, no download; the ledger's MD5 where the source claims none), then a target
-                       listing to count objects and bytes
+  liftoff verify       the storage gate's ``compare_bucket``: per object one HEAD of the target (size, MD5 from
+                       our ``md5chksum`` metadata, Content-Type; no download; the ledger's MD5 where the source
+                       claims none), then a target listing to count objects and bytes
   liftoff deep verify  the same, but the target's MD5 comes from re-reading and hashing every object
   rclone copy          ``rclone copy --checksum -M`` into a fresh target bucket: ``--transfers``/``--checkers``
                        = concurrency, one part at a time per object, chunk size and cutoff = our part size
@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +65,8 @@ from liftoff.ledger import Ledger
 from liftoff.sandbox.s3 import S3Server, weed_binary
 from tasks import s3
 from tasks.storage.common import PHASE, item_kind
+from tasks.storage.gate import compare_bucket
+from tasks.supabase_storage import SourceObject
 
 KiB, MiB = 2**10, 2**20
 MB = 10**6
@@ -357,46 +359,25 @@ def liftoff_copy(result: Result, src, dst, ledger: Ledger, concurrency: int, bat
 
 
 def liftoff_verify(result: Result, src, dst, ledger: Ledger, concurrency: int, deep: bool) -> None:
-    """Per source object (streamed listing, merged in key order with the ledger for the MD5 the copy computed
-    where the source claims none, as the storage gate does): ``head`` on both sides, with ``deep`` the
-    target re-read and hashed, then ``compare_object``. Then the target is listed to count what it holds."""
-    copied = ledger.items(PHASE, item_kind(BUCKET), status="copied")
-    current = next(copied, None)
+    """The storage gate's own per-bucket comparison (``tasks.storage.gate.compare_bucket``): per object one
+    HEAD of the target (size, MD5 from our md5chksum metadata, Content-Type), with ``deep`` the target
+    re-read and hashed; the ledger's MD5 where the source claims none; then the target listed to count
+    objects and bytes and find extras. The gate reads the source's side from ``storage.objects``; here it
+    is the source's listing (size, ETag) with the Content-Type the objects were written with (by extension),
+    which is what a ``storage.objects`` row holds."""
+    types = {ext: content_type for ext, content_type, _ in KINDS} | {".zip": "application/zip"}
 
-    def with_ledger_md5() -> Iterator[tuple[str, str | None]]:
-        nonlocal current
+    def inventory() -> Iterator[SourceObject]:
         for obj in s3.list_objects(src, BUCKET):
-            while current is not None and current[0].encode() < obj.key.encode():
-                current = next(copied, None)
-            yield obj.key, (current[3] if current is not None and current[0] == obj.key else None)
+            yield SourceObject(BUCKET, obj.key, obj.size, types[os.path.splitext(obj.key)[1]], obj.etag,
+                               "max-age=3600", None)
 
-    def one(item: tuple[str, str | None]) -> tuple[str, int, list[str]]:
-        key, copy_md5 = item
-        source, target = s3.head(src, BUCKET, key), s3.head(dst, LIFTOFF_BUCKET, key)
-        if source is not None and source.md5 is None and copy_md5:
-            source = replace(source, md5=copy_md5)
-        if deep and target is not None:
-            target = replace(target, md5=s3.deep_md5(dst, LIFTOFF_BUCKET, key, if_match=target.etag))
-        return key, source.size if source else 0, s3.compare_object(source, target)
-
-    def tally(outcome: tuple[str, int, list[str]]) -> None:
-        key, size, differences = outcome
-        result.objects += 1
-        result.bytes += size
-        if differences:
-            result.problems += 1
-            if len(result.notes) < 3:
-                result.notes.append(f"{key}: {'; '.join(differences)}"[:160])
-
-    bounded(with_ledger_md5(), one, concurrency, tally)
-    on_target = held = 0
-    for obj in s3.list_objects(dst, LIFTOFF_BUCKET):
-        on_target += 1
-        held += obj.size
-    if (on_target, held) != (result.objects, result.bytes):
-        result.problems += 1
-        result.notes.append(f"target holds {on_target} objects ({held:,} bytes), source {result.objects} "
-                            f"({result.bytes:,})")
+    copied = ((key, md5) for key, _, _, md5 in ledger.items(PHASE, item_kind(BUCKET), status="copied"))
+    check = compare_bucket(dst, BUCKET, LIFTOFF_BUCKET, inventory, copied, deep=deep, concurrency=concurrency)
+    result.objects, result.bytes = check.source_objects, check.source_bytes
+    result.problems = check.problem_count + (0 if (check.source_objects, check.source_bytes) ==
+                                             (check.target_objects, check.target_bytes) else 1)
+    result.notes += [line[:160] for line in check.summary()[:3]]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,17 +15,22 @@ import time
 import tracemalloc
 import types
 
+import psycopg
 import pytest
 from boto3.s3.transfer import TransferConfig
 
 from liftoff.errors import ConnectionRefused, StepFailed
 from liftoff.sandbox.faults import FaultProxy
+from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir
 from liftoff.sandbox.s3 import S3Server
+from liftoff.sandbox.storage_api import StorageApiFake
+from liftoff.sandbox.supabase_source import prepare_supabase_source
 from tasks import s3 as s3tasks
 from tasks.s3 import (
-    RetryPolicy, S3Endpoint, compare_object, copy_batch, copy_object, deep_md5, ensure_bucket, head,
-    list_objects, prove_bucket_access,
+    RetryPolicy, S3Endpoint, compare_object, copy_batch, copy_batch_from, copy_object, deep_md5, ensure_bucket,
+    head, list_objects, prove_bucket_access,
 )
+from tasks.supabase_storage import RestSource
 
 MiB = 1024 * 1024
 FAST = RetryPolicy(attempts=10, max_seconds=60, initial_wait=0.01, max_wait=0.2)
@@ -223,6 +228,117 @@ def test_copy_batch_reports_a_missing_source_object_and_copies_the_others(src, d
     assert body(dst, buckets, "here-2") == b"two"
 
 
+# -- copy from a stream (the REST source) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def storage_api(source_server):
+    """Supabase Storage's REST API (the sandbox's fake) over a Supabase-shaped PostgreSQL inventory and the
+    source S3 server's bytes; yields (fake, conninfo of the inventory)."""
+    pg = PostgresServer(pg15_bin_dir(), superuser="supabase_admin", password="s3-tasks-admin-pw-5120").start()
+    try:
+        prepare_supabase_source(pg, postgres_password="s3-tasks-owner-pw-5120", contrib=False)
+        with StorageApiFake(pg.conninfo(), source_server.client()) as fake:
+            yield fake, pg.conninfo()
+    finally:
+        pg.stop()
+
+
+def stored(storage_api, src, bucket: str, objects: dict[str, tuple[bytes, str]], *, multipart: set[str] = frozenset()):
+    """Puts each object on the source S3 server (``multipart``: uploaded in parts, so its ETag is no MD5, as a
+    hosted Storage gives) and its storage.objects row, with the ETag the server answered."""
+    _, conninfo = storage_api
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("insert into storage.buckets (id, name, public) values (%s, %s, false)", [bucket, bucket])
+        for key, (data, mimetype) in objects.items():
+            if key in multipart:
+                src.upload_fileobj(io.BytesIO(data), bucket, key, ExtraArgs={"ContentType": mimetype},
+                                   Config=TransferConfig(multipart_threshold=1, multipart_chunksize=5 * MiB,
+                                                         use_threads=False))
+            else:
+                src.put_object(Bucket=bucket, Key=key, Body=data, ContentType=mimetype, CacheControl="max-age=3600")
+            etag = head(src, bucket, key).etag
+            conn.execute("insert into storage.objects (bucket_id, name, metadata, version) values (%s, %s, %s, 'v1')",
+                         [bucket, key, json.dumps({"eTag": f'"{etag}"', "size": len(data), "mimetype": mimetype})])
+
+
+def test_copy_from_a_rest_stream_keeps_bytes_md5_and_headers_of_empty_small_large_and_awkward_objects(
+        storage_api, src, dst, buckets):
+    rng = random.Random(11)
+    objects = {
+        "empty/.keep": (b"", "text/plain"),
+        "photos/small lagoon.jpg": (rng.randbytes(70_000), "image/jpeg"),
+        "with space/a+b=c (1) & co's.pdf": (rng.randbytes(3_000), "application/pdf"),
+        "video/tour.mp4": (rng.randbytes(11 * MiB + 17), "video/mp4"),  # above the part size, plain-MD5 ETag
+        "video/parted.mov": (rng.randbytes(12 * MiB), "video/quicktime"),  # above, and no MD5 on the source
+        "scans/parted-small.pdf": (rng.randbytes(90_000), "application/pdf"),  # one part: ETag "...-1"
+    }
+    refused = ["ünïcødé/été.jpg", "percent/100%.txt"]  # Storage refuses these keys (InvalidKey)
+    stored(storage_api, src, buckets, objects, multipart={"video/parted.mov", "scans/parted-small.pdf"})
+    fake = storage_api[0]
+    finished = []
+    with RestSource(fake.url, fake.service_role_key, retry=FAST) as rest:
+        assert rest.open(buckets, "video/parted.mov").md5 is None
+        result = copy_batch_from([*objects, *refused], lambda key: rest.open(buckets, key), dst, buckets,
+                                 part_size=5 * MiB, concurrency=4, retry=FAST, on_done=finished.append)
+
+    assert sorted(c.key for c in result.copied) == sorted(objects)
+    assert sorted(f.key for f in result.failed) == sorted(refused)
+    assert sorted(o.key for o in finished) == sorted([*objects, *refused])
+    for failure in result.failed:
+        assert "InvalidKey" in failure.error and repr(failure.key) in failure.error and "\n" not in failure.error
+    for copied in result.copied:
+        data, mimetype = objects[copied.key]
+        assert (copied.size, copied.md5, copied.content_type) == (len(data), md5(data), mimetype)
+        assert body(dst, buckets, copied.key) == data
+        target = head(dst, buckets, copied.key)
+        assert base64.b64decode(target.metadata["md5chksum"]).hex() == md5(data) == target.md5
+        assert target.content_type == mimetype
+    assert head(dst, buckets, "video/tour.mp4").etag.endswith("-3")  # multipart: 5 + 5 + 1 MiB
+    assert head(dst, buckets, "photos/small lagoon.jpg").cache_control == "max-age=3600"
+    assert dst.list_multipart_uploads(Bucket=buckets).get("Uploads") is None
+
+
+@pytest.mark.parametrize("key, size", [("cut/small.jpg", 300_000), ("cut/large.mov", 7 * MiB)])
+def test_a_source_stream_cut_short_fails_that_object_naming_it_and_leaves_nothing_on_the_target(
+        storage_api, src, dst, buckets, key, size):
+    data = random.Random(12).randbytes(size)
+    stored(storage_api, src, buckets, {key: (data, "image/jpeg"), "whole.txt": (b"fine", "text/plain")})
+    fake = storage_api[0]
+    tries = RetryPolicy(attempts=3, initial_wait=0.01, max_wait=0.05)
+    # Every download of the object is cut after its headers and half its body.
+    with FaultProxy(fake.url, drop={"GET": 1.0}) as proxy, \
+            RestSource(proxy.url, fake.service_role_key, retry=tries) as rest:
+        result = copy_batch_from([key], lambda k: rest.open(buckets, k), dst, buckets, part_size=5 * MiB,
+                                 retry=tries)
+        assert proxy.drops["GET"] == 3  # each attempt opened the stream again
+    with RestSource(fake.url, fake.service_role_key, retry=tries) as rest:
+        fine = copy_batch_from(["whole.txt"], lambda k: rest.open(buckets, k), dst, buckets, retry=tries)
+
+    assert result.copied == [] and [f.key for f in result.failed] == [key]
+    message = result.failed[0].error
+    assert "\n" not in message and repr(key) in message and f"bucket '{buckets}'" in message
+    assert "after 3 attempts" in message and "source" in message
+    assert fake.service_role_key not in message
+    assert head(dst, buckets, key) is None
+    assert dst.list_multipart_uploads(Bucket=buckets).get("Uploads") is None
+    assert [c.key for c in fine.copied] == ["whole.txt"] and body(dst, buckets, "whole.txt") == b"fine"
+
+
+def test_with_a_proxy_set_for_the_endpoint_the_object_requests_go_through_it(
+        target_server, src, buckets, monkeypatch):
+    src.put_object(Bucket=buckets, Key="via proxy/1+1.jpg", Body=b"jpeg bytes", ContentType="image/jpeg")
+    with FaultProxy(target_server.endpoint_url) as proxy:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)  # read when the client is made, as botocore does
+        proxied_dst = s3tasks.client(endpoint(target_server))
+        copied = copy_object(src, buckets, "via proxy/1+1.jpg", proxied_dst, buckets, retry=FAST)
+        target = head(proxied_dst, buckets, "via proxy/1+1.jpg")
+        assert proxy.requests["PUT"] == 1 and proxy.requests["HEAD"] == 1
+    assert copied.md5 == target.md5 == md5(b"jpeg bytes") and target.content_type == "image/jpeg"
+
+
 # -- refusals -----------------------------------------------------------------------------------------------
 
 
@@ -308,6 +424,15 @@ def test_ensure_bucket_is_idempotent_and_proves_public_and_private_access(target
     assert not closed.ok and "answered 403, not 200" in closed.problems[0]
     assert ensure_bucket(dst, "tour-images", public=True) == "exists; set anonymous download"
     assert prove_bucket_access(url, "tour-images", key, public=True).ok
+
+
+def test_the_access_proof_tries_a_throttled_anonymous_request_again(target_server, dst):
+    ensure_bucket(dst, "throttled-public", public=True)
+    dst.put_object(Bucket="throttled-public", Key="photo 1.jpg", Body=b"jpeg bytes")
+    with FaultProxy(target_server.endpoint_url, slowdown={"GET": 0.5}, seed=3) as proxy:
+        proof = prove_bucket_access(proxy.url, "throttled-public", "photo 1.jpg", public=True, retry=FAST)
+        assert proxy.slowdowns["GET"] > 0
+    assert proof.ok and (proof.anonymous_get_status, proof.anonymous_list_status) == (200, 403)
 
 
 # -- verification -------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -40,6 +41,7 @@ class BucketCheck:
     problems: list[str] = field(default_factory=list)  # "key: what differs"
     problem_count: int = 0
     access: str = ""
+    first_key: str | None = None  # an object that exists, for the anonymous access proof
 
     @property
     def ok(self) -> bool:
@@ -93,48 +95,66 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
     streams (key, MD5 the copy computed) in key order: the reference where the source's eTag is no MD5.
     Reads only; holds at most ``2 * concurrency`` objects at a time, whatever the bucket's size."""
     report = StorageReport()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for bucket, tbucket, public in buckets:
-            check = BucketCheck(bucket, tbucket)
-
-            def one(obj, copied: str | None) -> list[str]:
-                info = s3.head(target, tbucket, obj.key)
-                if info is None:
-                    return [f"{obj.key}: missing on target"]
-                problems = []
-                if obj.size is not None and info.size != obj.size:
-                    problems.append(f"{obj.key}: size differs (source {obj.size}, target {info.size})")
-                want = obj.md5 or copied
-                got = s3.deep_md5(target, tbucket, obj.key) if deep else info.md5
-                if want and got != want:
-                    problems.append(f"{obj.key}: MD5 differs (source {want}, target {got})")
-                if obj.mimetype and info.content_type != obj.mimetype:
-                    problems.append(f"{obj.key}: Content-Type differs (source {obj.mimetype}, target {info.content_type})")
-                return problems
-
-            names: list[str] = []
-
-            def counted():
-                for obj, copied in _with_copied_md5(supabase_storage.inventory(conn, bucket), copied_md5(bucket)):
-                    check.source_objects += 1
-                    check.source_bytes += obj.size or 0
-                    if not names:
-                        names.append(obj.key)
-                    yield obj, copied
-
-            for problems in _windowed(pool, one, counted(), 2 * concurrency):
-                for p in problems:
-                    check.problem_count += 1
-                    if len(check.problems) < MAX_NAMED:
-                        check.problems.append(p)
-            _count_target(target, tbucket, conn, bucket, check)
-            if names:
-                proof = s3.prove_bucket_access(endpoint_url, tbucket, names[0], public)
-                check.access = "; ".join(proof.problems)
-            report.buckets.append(check)
-            if on_bucket_done:
-                on_bucket_done(check)
+    for bucket, tbucket, public in buckets:
+        check = compare_bucket(target, bucket, tbucket, lambda bucket=bucket: supabase_storage.inventory(conn, bucket),
+                               copied_md5(bucket), deep=deep, concurrency=concurrency)
+        if check.first_key is not None:
+            proof = s3.prove_bucket_access(endpoint_url, tbucket, check.first_key, public)
+            check.access = "; ".join(proof.problems)
+        report.buckets.append(check)
+        if on_bucket_done:
+            on_bucket_done(check)
     return report
+
+
+def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], Iterator[Any]],
+                   copied_md5: Iterator[tuple[str, str]], *, deep: bool = False,
+                   concurrency: int = 8) -> BucketCheck:
+    """One bucket's objects: ``inventory()`` streams the source's objects in byte order of the key (each with
+    ``key``, ``size``, ``md5``, ``mimetype``, as ``supabase_storage.SourceObject``; called twice), ``copied_md5``
+    the MD5s the copy computed, in the same order.
+
+    Per object, one HEAD of the target, ``concurrency`` in flight: it is the one read that gives the
+    Content-Type (a listing does not), and it gives the size and the MD5 (our md5chksum metadata, else a
+    plain-MD5 ETag) too. Each HEAD is a plain signed request (``tasks.s3.head``), not a boto3 call: the CPU
+    per object, not the server, bounds a verification of many small objects. Then the target is listed to
+    count objects and bytes; what the source lacks is looked for, and named, only when the counts say there
+    is some."""
+    check = BucketCheck(bucket, tbucket)
+    missing: list[str] = []  # appended to from the pool's threads; only whether it is empty is read
+
+    def one(obj, copied: str | None) -> list[str]:
+        info = s3.head(target, tbucket, obj.key)
+        if info is None:
+            missing.append(obj.key)
+            return [f"{obj.key}: missing on target"]
+        problems = []
+        if obj.size is not None and info.size != obj.size:
+            problems.append(f"{obj.key}: size differs (source {obj.size}, target {info.size})")
+        want = obj.md5 or copied
+        got = s3.deep_md5(target, tbucket, obj.key) if deep else info.md5
+        if want and got != want:
+            problems.append(f"{obj.key}: MD5 differs (source {want}, target {got})")
+        if obj.mimetype and info.content_type != obj.mimetype:
+            problems.append(f"{obj.key}: Content-Type differs (source {obj.mimetype}, target {info.content_type})")
+        return problems
+
+    def counted():
+        for obj, copied in _with_copied_md5(inventory(), copied_md5):
+            check.source_objects += 1
+            check.source_bytes += obj.size or 0
+            if check.first_key is None:
+                check.first_key = obj.key
+            yield obj, copied
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="storage-gate") as pool:
+        for problems in _windowed(pool, one, counted(), 2 * concurrency):
+            for p in problems:
+                check.problem_count += 1
+                if len(check.problems) < MAX_NAMED:
+                    check.problems.append(p)
+    _count_target(target, tbucket, lambda: (o.key for o in inventory()), check, all_found=not missing)
+    return check
 
 
 def _with_copied_md5(inventory, copied: Iterator[tuple[str, str]]):
@@ -158,16 +178,25 @@ def _windowed(pool: ThreadPoolExecutor, fn: Callable, items, window: int):
         yield pending.popleft().result()
 
 
-def _count_target(target, tbucket: str, conn, bucket: str, check: BucketCheck) -> None:
-    """Counts the target bucket and names objects the source's inventory lacks (both stream in byte order
-    and are merged; the target is listed folder by folder, which gives byte order on any S3 server)."""
-    source_names = (o.key for o in supabase_storage.inventory(conn, bucket))
-    current = next(source_names, None)
+def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]], check: BucketCheck,
+                  all_found: bool) -> None:
+    """Counts the target bucket's objects and bytes (one flat listing, in whatever order the server lists).
+    When every source object was found on the target (``all_found``) and the counts are equal, the target
+    holds nothing else. Otherwise objects the source's inventory lacks are named: both are streamed in byte
+    order and merged (the target listed folder by folder, which gives byte order on any S3 server)."""
+    for listed in s3.list_objects(target, tbucket):
+        check.target_objects += 1
+        check.target_bytes += listed.size
+    if all_found and check.target_objects == check.source_objects:
+        return
+    check.target_objects = check.target_bytes = 0
+    names = source_names()
+    current = next(names, None)
     for listed in supabase_storage.S3Source(target, listing="levels").list(tbucket):
         check.target_objects += 1
         check.target_bytes += listed.size
         while current is not None and current.encode() < listed.key.encode():
-            current = next(source_names, None)
+            current = next(names, None)
         if current != listed.key:
             check.problem_count += 1
             if len(check.problems) < MAX_NAMED:
