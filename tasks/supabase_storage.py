@@ -320,6 +320,15 @@ class StorageSource(ABC):
     def check(self, bucket: str | None = None) -> None:
         """One cheap authenticated request; a refused key raises ConnectionRefused at once."""
 
+    def close(self) -> None:
+        """Releases what the source holds open (nothing, unless a subclass says otherwise)."""
+
+    def __enter__(self) -> "StorageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The S3 protocol

@@ -94,3 +94,15 @@ def test_cli_validate_accepts_a_good_file(tmp_path):
     done = run_cli("validate", str(_write(tmp_path, GOOD)))
     assert done.returncode == 0, done.stderr
     assert "valid runbook 'crm'" in done.stdout
+
+
+def test_storage_source_needs_the_access_of_its_protocol(tmp_path):
+    source = {"project_url": "https://abcd.supabase.co", "protocol": "rest"}
+    [problem] = _problems(tmp_path, {**GOOD, "storage": {"source": source}})
+    assert "storage.source" in problem and "protocol rest needs service_key" in problem
+    [problem] = _problems(tmp_path, {**GOOD, "storage": {"source": {**source, "protocol": "s3"}}})
+    assert "storage.source" in problem and "protocol s3 needs s3" in problem
+    [problem] = _problems(tmp_path, {**GOOD, "storage": {"source": {**source, "service_key": "eyJhbGciOi.inline"}}})
+    assert "storage.source.service_key: a secret given inline" in problem and "eyJhbGciOi" not in problem
+    rb = load_runbook(_write(tmp_path, {**GOOD, "storage": {"source": {**source, "service_key": {"env": "K"}}}}))
+    assert rb.storage.source.protocol == "rest" and rb.storage.source.s3 is None

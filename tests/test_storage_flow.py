@@ -293,6 +293,56 @@ def test_copy_through_throttling_and_dropped_connections_completes_and_verifies(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The REST API as the source (the sandbox's fake of Supabase Storage's endpoints)
+
+
+@pytest.fixture(scope="module")
+def rest_api(stack, servers):
+    from liftoff.sandbox.storage_api import StorageApiFake
+
+    api = StorageApiFake(stack.source.conninfo(), servers[0].client()).start()
+    os.environ["LIFTOFF_SUPABASE_SERVICE_KEY"] = api.service_role_key
+    yield api
+    api.stop()
+
+
+def _rest_source(api, key_env: str = "LIFTOFF_SUPABASE_SERVICE_KEY") -> dict:
+    return {"project_url": SUPABASE_PROJECT_URL, "protocol": "rest", "rest_url": api.url,
+            "service_key": {"env": key_env}}
+
+
+def test_rest_source_copies_every_object_once_and_the_gate_passes(stack, servers, rest_api):
+    runbook = storage_runbook(stack, servers, source=_rest_source(rest_api))
+    downloads_before = rest_api.requests["object.get"]
+    result = migrate_storage(RunOptions(runbook=str(runbook)))
+    total = sum(_objects(stack).values())
+    assert result["copy"]["copied"] == total and result["verify"]["objects"] == total
+    # the plan proves each row's bytes by a download's headers, the copy downloads each object once more
+    assert rest_api.requests["object.get"] - downloads_before == 2 * total
+    _, target, _ = servers
+    prefix = load_runbook(runbook).storage.bucket_prefix
+    key = _one_key(stack, "waivers")
+    head = target.client().head_object(Bucket=f"{prefix}waivers", Key=key)
+    assert head["ContentType"] == "application/pdf" and head["CacheControl"] == "max-age=3600"
+    again = migrate_storage(RunOptions(runbook=str(runbook)))
+    assert again["copy"]["copied"] == 0
+
+
+def test_rest_source_with_a_wrong_service_key_is_one_line_naming_the_field(stack, servers, rest_api):
+    from liftoff.errors import LiftoffError
+    from liftoff.sandbox.storage_api import mint_service_role_key
+
+    wrong = mint_service_role_key("another-projects-secret")
+    os.environ["LIFTOFF_WRONG_SERVICE_KEY"] = wrong
+    runbook = storage_runbook(stack, servers, source=_rest_source(rest_api, "LIFTOFF_WRONG_SERVICE_KEY"))
+    with pytest.raises(LiftoffError) as refused:
+        migrate_storage(RunOptions(runbook=str(runbook)))
+    message = str(refused.value)
+    assert "\n" not in message and rest_api.url in message and "storage.source.service_key" in message
+    assert wrong not in message
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The URL rewrite in the app's database (on a copy of the migrated target)
 
 URL_COLUMN = {"table": "public.tour_images", "column": "public_url"}

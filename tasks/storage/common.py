@@ -5,7 +5,7 @@ from __future__ import annotations
 from liftoff.errors import RunbookInvalid
 from liftoff.logs import get_logger
 from runbooks.model import Runbook, S3Access
-from tasks import s3
+from tasks import s3, supabase_storage
 
 log = get_logger(phase="storage")
 PHASE = "storage"
@@ -25,8 +25,20 @@ def endpoint(access: S3Access, field: str) -> s3.S3Endpoint:
 
 
 def source_client(rb: Runbook):
+    """The S3 client of Supabase Storage's S3 endpoint (protocol s3 only)."""
     return s3.client(endpoint(rb.storage.source.s3, "storage.source.s3"),
                      max_pool_connections=rb.storage.concurrency + 2)
+
+
+def storage_source(rb: Runbook) -> supabase_storage.StorageSource:
+    """Supabase Storage through the protocol the runbook chose: its S3 endpoint (listed folder by folder,
+    which gives byte order on any S3 server) or its REST API with the service_role key."""
+    src = rb.storage.source
+    if src.protocol == "rest":
+        return supabase_storage.RestSource(src.rest_url or src.project_url,
+                                           src.service_key.resolve("storage.source.service_key"),
+                                           key_field="storage.source.service_key")
+    return supabase_storage.S3Source(source_client(rb), listing="levels")
 
 
 def target_client(rb: Runbook):

@@ -20,7 +20,9 @@ from liftoff.reports import Progress
 from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import postgres, s3
-from tasks.storage.common import PHASE, item_kind, log, source_client, target_bucket, target_client
+from tasks.storage.common import (
+    PHASE, item_kind, log, source_client, storage_source, target_bucket, target_client,
+)
 from tasks.storage.plan import StoragePlan, pending
 
 LEDGER_EVERY = 50  # objects between two ledger writes: what a kill can make us copy twice
@@ -42,7 +44,7 @@ def prepare_buckets(rb: Runbook, plan: StoragePlan) -> dict:
 @task(name="copy objects (one batch)", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
     ledger = Ledger(rb.state_dir)
-    src, dst = source_client(rb), target_client(rb)
+    dst = target_client(rb)
     buffer: list[tuple] = []
 
     def record(outcome) -> None:
@@ -54,10 +56,14 @@ def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
             ledger.set_items(PHASE, item_kind(bucket), buffer)
             buffer.clear()
 
+    options = {"part_size": rb.storage.part_size_mb * 2**20, "concurrency": rb.storage.concurrency, "on_done": record}
     try:
-        result = s3.copy_batch(names, src, bucket, dst, target_bucket(rb, bucket),
-                               part_size=rb.storage.part_size_mb * 2**20, concurrency=rb.storage.concurrency,
-                               on_done=record)
+        if rb.storage.source.protocol == "rest":  # downloads streamed into single PUTs or sequential parts
+            with storage_source(rb) as src:
+                result = s3.copy_batch_from(names, lambda key: src.open(bucket, key), dst, target_bucket(rb, bucket),
+                                            **options)
+        else:  # S3 to S3: the large objects' parts are read by range, each retried on its own
+            result = s3.copy_batch(names, source_client(rb), bucket, dst, target_bucket(rb, bucket), **options)
     finally:
         if buffer:
             ledger.set_items(PHASE, item_kind(bucket), buffer)

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from liftoff.ledger import Ledger
 from runbooks.model import Runbook
 from tasks import postgres, supabase_storage
-from tasks.storage.common import item_kind, require_storage, source_client, target_bucket
+from tasks.storage.common import item_kind, require_storage, storage_source, target_bucket
 
 
 @dataclass
@@ -82,8 +82,7 @@ def _unchanged(obj: supabase_storage.SourceObject, item: tuple) -> bool:
 def plan_storage(rb: Runbook) -> StoragePlan:
     require_storage(rb)
     ledger = Ledger(rb.state_dir) if (rb.state_dir / "ledger.sqlite").exists() else None
-    src = source_client(rb)
-    with postgres.session(rb.source, "source") as conn:
+    with storage_source(rb) as src, postgres.session(rb.source, "source") as conn:
         on_source = {b.name: b for b in supabase_storage.read_buckets(conn)}
         plans = []
         for b in rb.storage.buckets:
@@ -98,9 +97,11 @@ def plan_storage(rb: Runbook) -> StoragePlan:
                 for obj in todo:
                     plan.to_copy += 1
                     plan.to_copy_bytes += obj.size or 0
-                # Listed folder by folder, each level sorted here: byte order on any S3 server (SeaweedFS
-                # lists docs/a.pdf before docs-x.pdf), which the merge with the inventory needs.
-                listed = supabase_storage.S3Source(src, listing="levels").list(b.name)
+                # In byte order of the key, which the merge with the inventory needs. The REST API lists
+                # the rows themselves: there each listed object's bytes are proven by a download's headers.
+                listed = src.list(b.name)
+                if not src.listing_proves_bytes:
+                    listed = supabase_storage.check_bytes(src, listed, concurrency=rb.storage.concurrency)
                 rec = supabase_storage.reconcile(supabase_storage.inventory(conn, b.name), listed, bucket=b.name)
                 plan.reconciliation = rec.failures()
             plans.append(plan)
