@@ -52,6 +52,19 @@ def stack(prefect_api):
     s.stop()
 
 
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stops a process started with start_new_session=True and everything it started: SIGTERM, then SIGKILL."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs the `liftoff` console script as an operator would."""
     return subprocess.run(

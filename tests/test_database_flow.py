@@ -10,7 +10,6 @@ from flows.options import RunOptions
 from flows.preflight import preflight
 from flows.verify import verify_database
 from liftoff.errors import PreflightFailed
-from liftoff.ledger import Ledger
 from runbooks.model import load_runbook
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import fresh_runbook
+from conftest import fresh_runbook, stop_process_group
 
 SERVE_TIMEOUT_S = 90
 
@@ -29,14 +29,7 @@ def _runbook(stack, name: str, **top) -> Path:
     return path
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+_stop = stop_process_group
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from conftest import fresh_runbook, run_cli
 from flows.options import RunOptions
 from flows.verify import verify_database
-from liftoff.errors import GateFailed, StepFailed
+from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger, exclusive
 from liftoff.phases import PHASES, all_flows
 from runbooks.model import load_runbook

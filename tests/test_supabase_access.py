@@ -12,7 +12,7 @@ from conftest import fresh_runbook, run_cli
 from flows.database import migrate_database
 from flows.options import RunOptions
 from flows.preflight import preflight
-from liftoff.errors import PreflightFailed, StepFailed
+from liftoff.errors import PreflightFailed
 from liftoff.ledger import Ledger
 from runbooks.model import load_runbook
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from conftest import ROOT, fresh_runbook
+from conftest import ROOT, fresh_runbook, stop_process_group
 from liftoff.reports import artifact_key
 from runbooks.model import load_runbook
 
@@ -97,13 +96,7 @@ def served(command: list[str], flow_name: str, cwd: Path, log: Path):
                 time.sleep(1)
         yield live[0].name
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
 
 
 def open_deployment(page, name: str) -> None:
