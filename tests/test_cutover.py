@@ -100,11 +100,12 @@ def cutover_setup(stack, vps, writer):
 APPROVE = {"approver": "Ada (ops)", "approve": True, "reason": "", "confirm_1": True}
 
 
-def _variant(runbook, **cutover_changes):
-    """The same runbook (same state_dir, same ledger) with some cutover settings changed."""
+def _variant(runbook, ssh: dict | None = None, **cutover_changes):
+    """The same runbook (same state_dir, same ledger) with some cutover (or ssh) settings changed."""
     data = yaml.safe_load(runbook.read_text())
     for key, value in cutover_changes.items():
         data["cutover"][key] = value
+    data["ssh"].update(ssh or {})
     path = runbook.with_name(f"{runbook.stem}-{next(_n)}.yaml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -184,4 +185,34 @@ def test_no_approval_in_time_changes_nothing(stack, writer, cutover_setup):
     runbook, app, _ = cutover_setup
     with pytest.raises(StepFailed, match=r"no approval within 3 s \(cutover.approval_timeout_s\)"):
         cutover(RunOptions(runbook=str(_variant(runbook, approval_timeout_s=3))))
+    assert app.database() == "postgres" and _writes(stack, writer) is None
+
+
+def test_an_unknown_host_key_stops_the_switch_and_the_rollback_leaves_the_source_writable(stack, writer,
+                                                                                         cutover_setup):
+    runbook, app, _ = cutover_setup
+    stranger = runbook.with_name("empty_known_hosts")
+    stranger.write_text("")
+    resumer = answer_when_paused("cutover", APPROVE)
+    with pytest.raises(StepFailed) as failed:
+        cutover(RunOptions(runbook=str(_variant(runbook, ssh={"known_hosts": str(stranger)}))))
+    resumer.join(5)
+    message = str(failed.value)
+    assert "at the switch" in message and "known_hosts" in message and "rolled back automatically" in message
+    assert app.database() == "postgres" and _writes(stack, writer) is None
+
+
+def test_an_app_never_healthy_on_the_target_is_rolled_back_onto_the_source(stack, writer, cutover_setup):
+    runbook, app, _ = cutover_setup
+    broken = {"DATABASE_URL": {"template": f"postgresql://crm_app:${{password}}@{stack.target.host}:"
+                                           f"{stack.target.port}/no_such_database",
+                               "secrets": {"password": {"env": "LIFTOFF_TEST_APP_PASSWORD"}}}}
+    data = yaml.safe_load(runbook.read_text())
+    switch = {**data["cutover"]["switch"], "env": broken}
+    resumer = answer_when_paused("cutover", APPROVE)
+    with pytest.raises(StepFailed) as failed:
+        cutover(RunOptions(runbook=str(_variant(runbook, switch=switch, health_timeout_s=4))))
+    resumer.join(5)
+    message = str(failed.value)
+    assert "app crm is not healthy" in message and "after 4 s" in message and "rolled back automatically" in message
     assert app.database() == "postgres" and _writes(stack, writer) is None

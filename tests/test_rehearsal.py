@@ -165,10 +165,18 @@ def test_a_failed_phase_still_tears_down_and_the_report_compares_it_with_the_reh
     rb = first_rehearsal["rb"]
     data = yaml.safe_load(first_rehearsal["path"].read_text())
     data["database"]["roles"] = {"anon": {"map_to": "no_such_role"}}
+    data["notifications"] = {"webhook": {"env": "LIFTOFF_TEST_REHEARSAL_WEBHOOK"}}
     failing = first_rehearsal["path"].with_name(f"{rb.target.direct.database}-failing.yaml")
     failing.write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(PreflightFailed, match="no_such_role"):
-        rehearse(RunOptions(runbook=str(failing)))
+    from liftoff.sandbox.webhook import WebhookReceiver
+
+    with WebhookReceiver() as receiver:
+        os.environ["LIFTOFF_TEST_REHEARSAL_WEBHOOK"] = receiver.url
+        with pytest.raises(PreflightFailed, match="no_such_role"):
+            rehearse(RunOptions(runbook=str(failing)))
+    # the operator hears of it: one message naming the rehearsal and why
+    [posted] = receiver.delivered
+    assert f"Rehearsal of {rb.name} FAILED" in posted["text"] and "no_such_role" in posted["text"]
     assert rb.rehearsal.scratch_database not in _databases(stack)
     assert _buckets(servers, scratch.bucket_prefix(rb)) == []
     ledger = Ledger(rb.state_dir)
