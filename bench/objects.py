@@ -65,6 +65,7 @@ from liftoff.ledger import Ledger
 from liftoff.sandbox.s3 import S3Server, weed_binary
 from tasks import s3
 from tasks.storage.common import PHASE, item_kind
+from tasks.storage.copy import LEDGER_EVERY, ledger_row
 from tasks.storage.gate import compare_bucket
 from tasks.supabase_storage import SourceObject
 
@@ -75,7 +76,6 @@ SEED = 20261126
 BUCKET = "tour-images"
 LIFTOFF_BUCKET = "liftoff-tour-images"
 RCLONE_BUCKET = "rclone-tour-images"
-LEDGER_EVERY = 50  # as tasks/storage/copy.py
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 KINDS = [(".jpg", "image/jpeg", "photo"), (".png", "image/png", "map"), (".webp", "image/webp", "thumb"),
@@ -337,10 +337,8 @@ def liftoff_copy(result: Result, src, dst, ledger: Ledger, concurrency: int, bat
     buffer: list[tuple] = []
 
     def record(outcome) -> None:
-        if isinstance(outcome, s3.CopiedObject):
-            buffer.append((outcome.key, "copied", outcome.size, outcome.md5))
-        else:
-            buffer.append((outcome.key, "failed", None, None))
+        buffer.append(ledger_row(outcome))
+        if isinstance(outcome, s3.ObjectFailure):
             result.problems += 1
             if len(result.notes) < 3:
                 result.notes.append(outcome.error[:160])

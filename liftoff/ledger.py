@@ -402,6 +402,13 @@ class Ledger:
                        (time.time(), phase, what, json.dumps(before, default=str), json.dumps(after, default=str),
                         flow_run_id))
 
+    def events_since(self, phase: str, marker: str) -> list[Event]:
+        """The phase's events after its last ``marker`` event (all of them when there is none), oldest first:
+        what is still to undo when ``marker`` records an undo."""
+        events = self.events(phase)
+        last = max((e.id for e in events if e.what == marker), default=0)
+        return [e for e in events if e.id > last]
+
     def events(self, phase: str | None = None) -> list[Event]:
         with self._db() as db:
             rows = db.execute("SELECT id, at, phase, what, before, after, flow_run_id FROM events "

@@ -277,6 +277,12 @@ def column_names(conn: psycopg.Connection, table: Table) -> list[str]:
         "ORDER BY attnum", (sql.Identifier(table.schema, table.name).as_string(conn),))]
 
 
+def _key_text(table: Table) -> sql.Composable:
+    """A row's primary key as one text (``1, abc``): how the gate names a row."""
+    return sql.SQL("concat_ws(', ', {})").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in table.pk))
+
+
 def _bound(n: int) -> sql.Composable:
     return sql.SQL("ROW({})").format(sql.SQL(", ").join([sql.Placeholder()] * n))
 
@@ -358,8 +364,7 @@ def row_hashes_in_range(conn: psycopg.Connection, table: Table, low: tuple | Non
         return {h: n for h, n in conn.execute(q)}
     keys = _key_exprs(table)
     where, params = _range_conditions(keys, low, high)
-    key_text = sql.SQL("concat_ws(', ', {})").format(
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in table.pk))
+    key_text = _key_text(table)
     q = sql.SQL("SELECT {kt}, md5({row}) FROM ONLY {tbl} t {where} ORDER BY {order} LIMIT {limit}").format(
         kt=key_text, row=_row_text(table), tbl=table.ident, where=where, order=sql.SQL(", ").join(keys),
         limit=sql.Literal(limit))
@@ -371,8 +376,7 @@ def column_values_in_range(conn: psycopg.Connection, table: Table, column: str, 
     """{key as text: the column's value as text} for rows in (low, high] (a table with a primary key)."""
     keys = _key_exprs(table)
     where, params = _range_conditions(keys, low, high)
-    key_text = sql.SQL("concat_ws(', ', {})").format(
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in table.pk))
+    key_text = _key_text(table)
     q = sql.SQL("SELECT {kt}, {col}::text FROM ONLY {tbl} t {where}").format(
         kt=key_text, col=sql.Identifier("t", column), tbl=table.ident, where=where)
     return {k: v for k, v in conn.execute(q, params)}

@@ -136,18 +136,6 @@ class Assessment:
                 names.add(label)
         return names
 
-    def to_json(self) -> dict:
-        return {k: (v if k not in ("roles", "auth_triggers") else
-                    ({n: vars(p) for n, p in v.items()} if k == "roles" else [vars(t) for t in v]))
-                for k, v in vars(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Assessment":
-        data = dict(data)
-        data["roles"] = {n: RolePlan(**p) for n, p in data.get("roles", {}).items()}
-        data["auth_triggers"] = [AuthTrigger(**t) for t in data.get("auth_triggers", [])]
-        return cls(**data)
-
 
 _SEPARABLE = {"policy", "view", "materialized view", "trigger", "foreign key", "index", "rule"}
 _POLICY_CMDS = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}

@@ -54,6 +54,4 @@ def _fill(spec: EnvValue, field: str) -> str:
 
 def since_last_rollback(ledger: Ledger) -> list[Event]:
     """The cutover's events after the last rollback: what a rollback would undo, oldest first."""
-    events = ledger.events(PHASE)
-    last = max((e.id for e in events if e.what == ROLLED_BACK), default=0)
-    return [e for e in events if e.id > last]
+    return ledger.events_since(PHASE, ROLLED_BACK)

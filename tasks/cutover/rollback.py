@@ -68,9 +68,8 @@ def rows_written_since_switch(rb: Runbook, switch: Event) -> list[dict]:
     now, and from timestamp columns (created_at, updated_at ...) later than the switch."""
     at, before = switch.after.get("at"), switch.after.get("sequences") or {}
     found: dict[str, dict] = {}
+    now = switch_step.target_sequences(rb)
     with postgres.session(rb.target.direct, "target.direct") as conn:
-        now = dict(conn.execute("SELECT schemaname || '.' || sequencename, last_value FROM pg_sequences "
-                                "WHERE schemaname = ANY(%s)", (rb.database.schemas,)).fetchall())
         for name, value in now.items():
             advanced = (value or 0) - (before.get(name) or 0)
             if advanced > 0:

@@ -41,6 +41,13 @@ def prepare_buckets(rb: Runbook, plan: StoragePlan) -> dict:
     return done
 
 
+def ledger_row(outcome: s3.CopiedObject | s3.ObjectFailure) -> tuple:
+    """The ledger item an object's copy leaves: (key, status, size, MD5)."""
+    if isinstance(outcome, s3.CopiedObject):
+        return outcome.key, "copied", outcome.size, outcome.md5
+    return outcome.key, "failed", None, None
+
+
 @task(name="copy objects (one batch)", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
     ledger = Ledger(rb.state_dir)
@@ -48,10 +55,7 @@ def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
     buffer: list[tuple] = []
 
     def record(outcome) -> None:
-        if isinstance(outcome, s3.CopiedObject):
-            buffer.append((outcome.key, "copied", outcome.size, outcome.md5))
-        else:
-            buffer.append((outcome.key, "failed", None, None))
+        buffer.append(ledger_row(outcome))
         if len(buffer) >= LEDGER_EVERY:
             ledger.set_items(PHASE, item_kind(bucket), buffer)
             buffer.clear()

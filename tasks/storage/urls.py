@@ -90,9 +90,7 @@ def rewritten_url_columns(rb: Runbook) -> dict[str, list[RewrittenColumn]]:
 
 def pending_rewrites(ledger: Ledger) -> list[Event]:
     """The rewrite events since the last restore: what a rollback puts back, oldest first."""
-    events = ledger.events(PHASE)
-    last_restore = max((e.id for e in events if e.what == RESTORE_EVENT), default=0)
-    return [e for e in events if e.what == REWRITE_EVENT and e.id > last_restore]
+    return [e for e in ledger.events_since(PHASE, RESTORE_EVENT) if e.what == REWRITE_EVENT]
 
 
 @task(name="restore storage URLs", cache_policy=NO_CACHE)
