@@ -72,6 +72,44 @@ PHASES: tuple[Phase, ...] = (
         gate="cutover",
     ),
     Phase(
+        name="pooler",
+        title="Pooler: PgBouncer's config from the runbook, with SCRAM authentication, and its gate",
+        steps=("pooler.config", "verify-pooler"),
+        flows=(PhaseFlow("pooler", "flows.pooler:setup_pooler", ("pooler-summary",)),),
+        gate="pooler",
+    ),
+    Phase(
+        name="cache",
+        title="Cache: Redis with persistence and the eviction policy the plan sets, and its gate",
+        steps=("cache.config", "verify-cache"),
+        flows=(PhaseFlow("cache", "flows.cache:setup_cache", ("cache-summary",)),),
+        gate="cache",
+    ),
+    Phase(
+        name="health",
+        title="Health: every service and app answers, disk and connections under the plan's thresholds",
+        steps=("health",),
+        flows=(PhaseFlow("health", "flows.health:check_health", ("health-summary",)),),
+        gate="health",
+    ),
+    Phase(
+        name="backup",
+        title="Backup: pg_dump to the S3 bucket, files too, retention, and every backup proven by a restore",
+        steps=("backup.dump", "backup.files", "backup.retention", "backup.restore-test"),
+        flows=(
+            PhaseFlow("backup", "flows.backup:backup", ("backup-summary",)),
+            PhaseFlow("restore-test", "flows.backup:restore_test", ("restore-test-summary",)),
+        ),
+        gate="backup",
+    ),
+    Phase(
+        name="security",
+        title="Security: the VPS's firewall, listening services and files, checked over SSH",
+        steps=("security",),
+        flows=(PhaseFlow("security", "flows.security:check_security", ("security-summary",)),),
+        gate="security",
+    ),
+    Phase(
         name="migration",
         title="The whole migration in order (migrate), and its scheduled dry run on scratch resources (rehearsal)",
         steps=(),  # each run's steps are its phases' (the rehearsal's in a scratch ledger of its own)

@@ -504,6 +504,22 @@ class Notifications(_Strict):
         return _reject_inline_secret(v)
 
 
+class Pooler(_Strict):
+    """PgBouncer in front of the target (the pooler phase)."""
+
+
+class Cache(_Strict):
+    """Redis on the target as the plan configures it (the cache phase)."""
+
+
+class Health(_Strict):
+    """Health monitoring: what is checked, against which thresholds (the health phase)."""
+
+
+class Security(_Strict):
+    """The VPS's exposure, checked over SSH (the security phase)."""
+
+
 class Runbook(_Strict):
     """One migration: where from, where to, and how each phase runs."""
 
@@ -514,6 +530,10 @@ class Runbook(_Strict):
     database: DatabasePhase = Field(default_factory=DatabasePhase)
     storage: Storage = Field(default_factory=Storage)
     backups: Backups | None = None
+    pooler: Pooler | None = Field(None, description="PgBouncer in front of the target (liftoff run pooler)")
+    cache: Cache | None = Field(None, description="Redis settings the plan wants (liftoff run cache)")
+    health: Health = Field(default_factory=Health, description="health checks and their thresholds")
+    security: Security = Field(default_factory=Security, description="exposure checks over SSH")
     ssh: SshAccess | None = Field(None, description="the VPS, for what runs there (the ssh switch driver)")
     cutover: Cutover = Field(default_factory=Cutover)
     rehearsal: Rehearsal = Field(default_factory=Rehearsal)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Liftoff's demo and tests run: the PostgreSQL 15 server (a Supabase-shaped
 # source and a target), its client tools, pgcopydb (the benchmark's baseline), OpenSSH's sshd (the VPS the
-# cutover's SSH switch reaches) and redis-server (the cutover's checklist); with the argument
-# `bench`, also rclone (the object benchmark's baseline). Idempotent: it only calls apt when something is
-# missing.
+# cutover's SSH switch reaches), redis-server (the cutover's checklist, the cache phase), PgBouncer (the
+# pooler phase) and iproute2's `ss` (the health and security checks over SSH); with the argument `bench`,
+# also rclone (the object benchmark's baseline). Idempotent: it only calls apt when something is missing.
 set -euo pipefail
 missing=()
 if [ "${1:-}" = bench ]; then command -v rclone >/dev/null 2>&1 || missing+=(rclone); fi
@@ -13,6 +13,8 @@ command -v pgcopydb >/dev/null 2>&1 || missing+=(pgcopydb)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the pooler phase's tests run the real one
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the health and security checks read `ss` over SSH
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # the browser test drives it through Playwright
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
