@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed-stamp
 demo: setup
 	$(BIN)/liftoff demo
 
+# Two workers, each test file whole on one of them (its module-scoped servers are started once); each
+# worker starts its own session stack, all report to the one Prefect server the controller starts.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/db_copy.py

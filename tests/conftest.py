@@ -39,7 +39,15 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    return _server
+    """The suite's Prefect server. Under pytest-xdist (``make test``) the controller started it and each
+    worker inherited its environment: a worker gets a handle on the same server, it does not start one."""
+    if _server is not None:
+        return _server
+    from urllib.parse import urlsplit
+
+    from liftoff.sandbox.prefect_server import PrefectServer
+
+    return PrefectServer(home=Path(os.environ["PREFECT_HOME"]), port=urlsplit(os.environ["PREFECT_API_URL"]).port)
 
 
 @pytest.fixture(scope="session")
