@@ -1,8 +1,8 @@
 """The database gate: proves the target holds what the source holds. A plain function of the two sides that
 returns a report (what matched, what differed, with numbers); the flow decides what a failed report means.
 
-Checks, per migrated table: exact row count and a content checksum computed inside each database (md5 of
-each row's text form, aggregated in primary-key order, in chunks of key ranges taken from the source);
+Checks, per migrated table: exact row count and a content checksum computed inside each database (the sum
+of a 64-bit hash of each row's text form, in chunks of key ranges taken from the source);
 when a chunk differs, the rows of that key range are compared to name the first differing keys. Then:
 owned sequences at or above their column's max, every schema object of the source present on the
 target, and for objects on both sides the same definition (``tasks.definitions``: function bodies and
