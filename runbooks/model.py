@@ -467,9 +467,63 @@ class S3Target(_Strict):
         return _reject_inline_secret(v)
 
 
+_CRON = re.compile(r"^\S+(\s+\S+){4}$")
+
+
 class Backups(_Strict):
+    """Backups of the migrated database (pg_dump of target.direct) and of the target S3 server's buckets to an
+    S3-compatible bucket (Backblaze B2), each database backup proven by restoring it (the backup phase)."""
+
     destination: S3Target
-    schedule: str = "0 3 * * *"
+    name_prefix: str | None = Field(None, description="dumps are named <name_prefix>_YYYY-MM-DD_HH-MM-SS.dump "
+                                    "(UTC); default: the runbook's name with - as _ (tour-crm: tour_crm)")
+    schedules: list[str] = Field(
+        default_factory=lambda: ["0 3 * * *", "0 9-18 * * 1-5"],
+        description="cron lines the backup deployment runs on, in `timezone` (the plan: daily at 03:00, and "
+        "hourly 09:00-18:00 on weekdays)")
+    timezone: str = Field("UTC", description="IANA time zone of the schedules, e.g. Europe/Berlin")
+    retention_days: int = Field(30, ge=1, description="dumps whose object is older than this are deleted "
+                                "(judged by the object's LastModified, never by its name)")
+    keep_newest: int = Field(7, ge=1, description="the newest N dumps are always kept, whatever their age or "
+                             "the clock says; so is the newest one whose restore test passed")
+    compression: int = Field(6, ge=0, le=9, description="gzip level of pg_dump -Fc")
+    part_size_mb: int = Field(16, ge=5, le=512, description="the dump streams up in parts this big (the memory "
+                              "one backup holds)")
+    files: list[str] | None = Field(None, description="the storage.buckets whose objects on storage.target are "
+                                    "backed up (incremental: new or changed objects only); default: all of them")
+    files_prefix: str = Field("files/", description="key prefix of the file backups in the destination bucket: "
+                              "<files_prefix><bucket>/<key>")
+    restore_test_database: str = Field("liftoff_restore_test", description="scratch database on the target "
+                                       "server each backup is restored into, then dropped (also on failure)")
+
+    @field_validator("schedules")
+    @classmethod
+    def _crons(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if not _CRON.match(line.strip()):
+                raise ValueError(f"'{line}' is not a cron line of five fields, e.g. '0 3 * * *'")
+        return v
+
+    @field_validator("name_prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v):
+            raise ValueError("expected letters, digits, _ . - (it starts every dump's object name)")
+        return v
+
+    @field_validator("files_prefix")
+    @classmethod
+    def _files_prefix(cls, v: str) -> str:
+        if v and not v.endswith("/"):
+            raise ValueError("expected a folder, ending in /, e.g. files/")
+        return v
+
+    @field_validator("restore_test_database")
+    @classmethod
+    def _scratch(cls, v: str) -> str:
+        if not re.match(r"^[a-z_][a-z0-9_]*$", v) or v in ("postgres", "template0", "template1"):
+            raise ValueError("expected a plain lower-case database name of its own (not postgres or a template)")
+        return v
 
 
 class Rehearsal(_Strict):
@@ -504,20 +558,236 @@ class Notifications(_Strict):
         return _reject_inline_secret(v)
 
 
+class PoolerGate(_Strict):
+    """The pooler's gate: concurrent clients doing short transactions through PgBouncer."""
+
+    clients: int = Field(100, ge=1, le=1000, description="clients connected at once (threads), each doing "
+                         "transactions_per_client short transactions")
+    transactions_per_client: int = Field(20, ge=1, le=10000)
+    transaction_ms: float = Field(5, ge=0, le=10000, description="how long each transaction holds its server "
+                                  "connection (pg_sleep), so the clients contend for the pool as an app's would")
+    timeout_s: float = Field(60, gt=0, description="a client still waiting after this fails the gate")
+
+
 class Pooler(_Strict):
-    """PgBouncer in front of the target (the pooler phase)."""
+    """PgBouncer in front of the target (the pooler phase): its config, rendered from these settings, and where
+    it goes. PgBouncer listens on ``target.pooled``'s port and pools ``databases`` of the PostgreSQL server at
+    ``server_host:server_port`` (default ``target.direct``'s) for ``users`` (default ``target.pooled.user``)."""
+
+    pool_mode: Literal["transaction", "session", "statement"] = Field(
+        "transaction", description="transaction: a server connection per transaction (apps must not prepare "
+        "statements or keep session state)")
+    max_client_conn: int = Field(100, ge=1, description="client connections PgBouncer accepts, admin console "
+                                 "included")
+    default_pool_size: int = Field(20, ge=1, description="server connections per database and user")
+    min_pool_size: int = Field(5, ge=0)
+    reserve_pool_size: int = Field(5, ge=0, description="extra server connections for clients waiting longer "
+                                   "than reserve_pool_timeout")
+    reserve_pool_timeout: int = Field(3, ge=0, description="seconds")
+    server_lifetime: int = Field(3600, ge=0, description="seconds")
+    server_idle_timeout: int = Field(600, ge=0, description="seconds")
+    auth: Literal["userlist"] = Field(
+        "userlist", description="userlist: each user's SCRAM secret copied verbatim from pg_authid (read through "
+        "target.direct, a superuser) into the auth_file, so PgBouncer logs in to PostgreSQL with SCRAM and no "
+        "plaintext password is stored; re-run the flow after a password change")
+    databases: list[str] = Field(default_factory=list, description="databases to pool (default: "
+                                 "[target.pooled.database])")
+    users: list[str] = Field(default_factory=list, description="roles allowed through PgBouncer (default: "
+                             "[target.pooled.user])")
+    admin_user: str | None = Field(None, description="the admin console's user (SHOW POOLS, RELOAD), also put in "
+                                   "the userlist; default target.direct.user, whose password the flow logs in with")
+    server_host: str | None = Field(None, description="how PgBouncer reaches PostgreSQL (default "
+                                    "target.direct.host; 127.0.0.1 when both run on the VPS)")
+    server_port: int | None = Field(None, ge=1, le=65535, description="default target.direct.port")
+    listen_addr: str = Field("*", description="listen_port is target.pooled.port")
+    write_via: Literal["local", "ssh"] = Field("local", description="where config_dir is: this machine, or the VPS "
+                                               "over ssh (the runbook's ssh section)")
+    config_dir: str = Field("/etc/pgbouncer", description="the directory of pgbouncer.ini and userlist.txt, as "
+                            "PgBouncer reads them")
+    reload: Literal["admin", "command"] = Field("admin", description="admin: RELOAD on the admin console after a "
+                                                "change; command: run reload_command (where write_via says)")
+    reload_command: str | None = Field(None, description="e.g. 'systemctl reload pgbouncer'")
+    settings: dict[str, str] = Field(default_factory=dict, description="more [pgbouncer] lines, written as given "
+                                     "(logfile, pidfile, unix_socket_dir, client_tls_*); never a secret")
+    gate: PoolerGate = Field(default_factory=PoolerGate)
+
+    @field_validator("databases", "users")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.$-]*$", name):
+                raise ValueError(f"'{name}' is not a plain name (letters, digits, _ . $ -)")
+        return v
+
+    @field_validator("config_dir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("expected an absolute path, e.g. /etc/pgbouncer")
+        return v.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _reload_command(self) -> "Pooler":
+        if self.reload == "command" and not self.reload_command:
+            raise ValueError("reload: command needs reload_command (e.g. 'systemctl reload pgbouncer')")
+        if self.min_pool_size > self.default_pool_size:
+            raise ValueError("min_pool_size is above default_pool_size")
+        reserved = {"listen_port", "auth_type", "auth_file", "pool_mode", "admin_users"}
+        clash = sorted(reserved & set(self.settings))
+        if clash:
+            raise ValueError(f"settings: {', '.join(clash)} are set by the flow (listen_port is target.pooled.port)")
+        for key, value in self.settings.items():
+            if not re.match(r"^[a-z_]+$", key) or "\n" in value:
+                raise ValueError(f"settings.{key}: expected a PgBouncer setting name and a one-line value")
+        return self
+
+
+_REDIS_MEMORY = re.compile(r"^(\d+)(b|k|kb|m|mb|g|gb)?$", re.IGNORECASE)
+_REDIS_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2, "g": 1000 ** 3,
+                "gb": 1024 ** 3}
+
+
+def redis_memory_bytes(value: str) -> int:
+    """Bytes of a Redis memory setting as redis.conf writes it (``512mb``: 1024-based; ``512m``: 1000-based)."""
+    m = _REDIS_MEMORY.match(value.strip())
+    if not m:
+        raise ValueError(f"'{value}' is not a Redis memory size (e.g. 512mb, 1gb, 0)")
+    return int(m.group(1)) * _REDIS_UNITS[(m.group(2) or "").lower()]
 
 
 class Cache(_Strict):
-    """Redis on the target as the plan configures it (the cache phase)."""
+    """Redis on the target as the plan configures it (the cache phase). Which Redis: ``target.redis``."""
+
+    appendonly: bool = Field(True, description="persistence: every write appended to the AOF, so a restart "
+                             "keeps the data (redis.conf `appendonly yes`)")
+    maxmemory: str = Field("512mb", description="the memory Redis may use before it evicts (redis.conf units: "
+                           "512mb, 1gb; 0 means no limit)")
+    maxmemory_policy: Literal["noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru",
+                              "volatile-lfu", "volatile-random", "volatile-ttl"] = Field(
+        "allkeys-lru", description="what Redis evicts at maxmemory (redis.conf `maxmemory-policy`)")
+    apply: bool = Field(False, description="let Liftoff set what differs (CONFIG SET, then CONFIG REWRITE so a "
+                        "restart keeps it); false: only check, and say the command that fixes each difference")
+
+    @field_validator("maxmemory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        redis_memory_bytes(v)
+        return v.strip().lower()
+
+    def wanted(self) -> dict[str, str]:
+        """The settings as redis.conf and CONFIG SET spell them."""
+        return {"appendonly": "yes" if self.appendonly else "no", "maxmemory": self.maxmemory,
+                "maxmemory-policy": self.maxmemory_policy}
+
+
+class UptimeKuma(_Strict):
+    """The Uptime Kuma monitor list the health phase exports (each field is Uptime Kuma's own monitor field)."""
+
+    file: str = Field("uptime-kuma-monitors.yaml", description="the export's file name, written in state_dir")
+    interval: int = Field(60, ge=20, description="seconds between checks (Uptime Kuma's `interval`)")
+    retry_interval: int = Field(60, ge=20, description="seconds between retries of a failing check "
+                                "(`retryInterval`)")
+    maxretries: int = Field(3, ge=0, description="failed retries before a monitor is down (`maxretries`)")
+    accepted_statuscodes: list[str] = Field(default_factory=lambda: ["200-299"],
+                                            description="HTTP codes that count as up (`accepted_statuscodes`)")
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, v: str) -> str:
+        if "/" in v or v in ("", ".", ".."):
+            raise ValueError("expected a file name (it is written in state_dir)")
+        return v
 
 
 class Health(_Strict):
-    """Health monitoring: what is checked, against which thresholds (the health phase)."""
+    """Health monitoring: what is checked, against which thresholds (the health phase). The services are the
+    runbook's (target.direct, target.pooled, target.redis, storage.target), the apps ``cutover.apps``, the VPS
+    ``ssh``."""
+
+    disk_warn_percent: float = Field(70, gt=0, le=100, description="disk use at or above this warns")
+    disk_critical_percent: float = Field(85, gt=0, le=100, description="disk use at or above this is critical")
+    disk_paths: list[str] = Field(default_factory=lambda: ["/"], min_length=1,
+                                  description="paths on the VPS whose filesystem's use is checked (df)")
+    connections_warn: int = Field(80, ge=1, description="established connections to PostgreSQL at or above this "
+                                  "warn")
+    connections_critical: int = Field(95, ge=1, description="established connections to PostgreSQL at or above "
+                                      "this are critical")
+    postgres_port: int | None = Field(None, ge=1, le=65535, description="the PostgreSQL port on the VPS whose "
+                                      "established connections are counted (ss); default target.direct.port")
+    uptime_kuma: UptimeKuma = Field(default_factory=UptimeKuma)
+
+    @field_validator("disk_paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if not path.startswith("/"):
+                raise ValueError(f"'{path}' is not an absolute path")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Health":
+        if self.disk_warn_percent > self.disk_critical_percent:
+            raise ValueError("disk_warn_percent must not be above disk_critical_percent")
+        if self.connections_warn > self.connections_critical:
+            raise ValueError("connections_warn must not be above connections_critical")
+        return self
 
 
 class Security(_Strict):
-    """The VPS's exposure, checked over SSH (the security phase)."""
+    """The VPS's exposure, checked over SSH (the security phase): the firewall, what listens where, and files
+    that must hold no secret of this runbook."""
+
+    allowed_ports: list[int] = Field(
+        default_factory=lambda: [22, 80, 443],
+        description="the only ports the firewall may allow in (SSH, HTTP, HTTPS)")
+    internal_ports: dict[str, int] = Field(
+        default_factory=dict,
+        description="internal services that must listen only on bind_networks, by name, e.g. {MinIO: 9000}. "
+        "PostgreSQL, PgBouncer and Redis are checked on the ports of target.direct, target.pooled and "
+        "target.redis; name them here with the VPS's port when Liftoff reaches them through a tunnel")
+    bind_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128", "172.16.0.0/12"],
+        description="addresses an internal service may listen on: loopback and the Docker networks (CIDRs)")
+    secret_files: list[str] = Field(
+        default_factory=list,
+        description="files on the VPS that must hold no secret of this runbook, read over SFTP: a repository's "
+        "committed .env, docker-compose.yml, the web root's config (not the env file the apps read their "
+        "secrets from, cutover.switch.ssh.env_file: it holds them by design)")
+    local_secret_files: list[Path] = Field(
+        default_factory=list,
+        description="files on this machine that must hold no secret of this runbook, e.g. the app repository's "
+        ".env; relative paths are from the directory Liftoff runs in")
+    firewall_command: str = Field(
+        "ufw status verbose",
+        description="prints the firewall's state as `ufw status verbose` does; `sudo ufw status verbose` when "
+        "ssh.user is not root")
+    listeners_command: str = Field(
+        "ss -tlnp",
+        description="prints the listening TCP sockets as `ss -tlnp` does; `sudo ss -tlnp` to see every process")
+
+    @field_validator("allowed_ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= p <= 65535 for p in v):
+            raise ValueError("expected port numbers between 1 and 65535")
+        return v
+
+    @field_validator("internal_ports")
+    @classmethod
+    def _named_ports(cls, v: dict[str, int]) -> dict[str, int]:
+        if any(not 1 <= p <= 65535 for p in v.values()):
+            raise ValueError("expected {service name: port} with ports between 1 and 65535")
+        return v
+
+    @field_validator("bind_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        try:
+            return [str(ipaddress.ip_network(n, strict=False)) for n in v]
+        except ValueError as exc:
+            raise ValueError(f"expected CIDRs such as 127.0.0.0/8 or ::1/128 ({exc})") from None
 
 
 class Runbook(_Strict):

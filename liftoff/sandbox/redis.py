@@ -77,7 +77,17 @@ class RedisServer:
     def start(self, timeout: float = 15) -> "RedisServer":
         if not self.port:
             self.port = _free_port()
-        self.proc = subprocess.Popen([redis_binary(), str(self._write_config())], cwd=self.root,
+        return self._launch(self._write_config(), timeout)
+
+    def restart(self, timeout: float = 15) -> "RedisServer":
+        """Stops redis-server (a clean shutdown: the AOF is flushed) and starts it again on the same port from the
+        same config file and directory, as a VPS reboot would: what CONFIG REWRITE wrote there, and the data
+        persisted there, is what it comes back with."""
+        self.stop(remove=False)
+        return self._launch(self.root / "redis.conf", timeout)
+
+    def _launch(self, config: Path, timeout: float) -> "RedisServer":
+        self.proc = subprocess.Popen([redis_binary(), str(config)], cwd=self.root,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _started.append(self)

@@ -1,0 +1,73 @@
+"""The platform's health: every service and app answers, the VPS's disk and connections are under the plan's
+thresholds; and the Uptime Kuma monitor list, so the operator does not retype it."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.options import RunOptions, open_runbook
+from liftoff.errors import GateFailed
+from liftoff.reports import publish_markdown, publish_table
+from liftoff.steps import recorded
+from runbooks.model import Runbook
+from tasks.monitoring import (
+    HealthReport,
+    check_platform_health,
+    uptime_kuma_monitors,
+    uptime_kuma_yaml,
+)
+from tasks.notify import notify_on_failure
+
+
+@task(name="check health (gate)", cache_policy=NO_CACHE)
+@recorded("health", gate="health")
+def run_health_gate(rb: Runbook) -> HealthReport:
+    return check_platform_health(rb)
+
+
+@flow(name="health", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
+def check_health(options: RunOptions) -> dict:
+    """Succeeds when no check is critical: PostgreSQL accepts TCP and answers ``SELECT 1`` (target.direct),
+    PgBouncer does too (target.pooled), Redis answers PING, MinIO's /minio/health/live answers, every app's
+    /api/health is healthy in the plan's JSON shape, and over SSH each health.disk_paths filesystem and the
+    established connections to PostgreSQL are under the critical thresholds (85 %, 95 by default). Warnings
+    (70 %, 80) and services the runbook does not name are reported, and do not fail it. Writes the Uptime Kuma
+    monitor list (Uptime Kuma's own monitor fields) to state_dir. A dry run lists what would be checked and
+    the monitors; it contacts nothing and writes nothing."""
+    runbook = open_runbook(options, "health")
+    monitors = uptime_kuma_yaml(runbook)
+    if options.dry_run:
+        publish_markdown("health-summary", "# Health checks (dry run: nothing checked, nothing written)\n\n"
+                         "Would check: " + ", ".join(m["name"] for m in uptime_kuma_monitors(runbook))
+                         + f", the disk of {', '.join(runbook.health.disk_paths)} and the connections to PostgreSQL "
+                         "over SSH.\n\n" + _monitors_markdown(runbook, monitors, written=False))
+        return {"dry_run": True, "monitors": len(uptime_kuma_monitors(runbook))}
+    export = runbook.state_dir / runbook.health.uptime_kuma.file
+    export.parent.mkdir(parents=True, exist_ok=True)
+    export.write_text(monitors)
+    report = run_health_gate(runbook)
+    publish_health(report, runbook, monitors)
+    if not report.ok:
+        raise GateFailed("health failed:\n" + "\n".join(report.failures()))
+    return {"summary": report.summary(), "warnings": report.warnings(), "uptime_kuma": str(export)}
+
+
+def _monitors_markdown(runbook: Runbook, monitors: str, *, written: bool) -> str:
+    where = f" (written to `{runbook.state_dir / runbook.health.uptime_kuma.file}`)" if written else ""
+    return f"## Uptime Kuma monitors{where}\n\n```yaml\n{monitors}```\n"
+
+
+def publish_health(report: HealthReport, runbook: Runbook, monitors: str) -> None:
+    publish_table("health-status", report.rows(), "Health: one row per check (ok, warn, critical, not configured)")
+    md = [f"# Health {'PASSED' if report.ok else 'FAILED'}", "", f"{report.summary()}.", ""]
+    if report.failures():
+        md += ["## Critical", *[f"- {line}" for line in report.failures()], ""]
+    if report.warnings():
+        md += ["## Warnings", *[f"- {line}" for line in report.warnings()], ""]
+    md += ["## Checks", report.markdown(),
+           (f"Uptime Kuma monitors: {len(uptime_kuma_monitors(runbook))}, written to "
+            f"`{runbook.state_dir / runbook.health.uptime_kuma.file}` (artifact health-uptime-kuma).")]
+    publish_markdown("health-summary", "\n".join(md))
+    publish_markdown("health-uptime-kuma", _monitors_markdown(runbook, monitors, written=True),
+                     "Uptime Kuma monitors for this runbook's services (Uptime Kuma's own monitor fields)")
