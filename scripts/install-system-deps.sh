@@ -15,6 +15,7 @@ command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the pooler phase's tests run the real one
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the health and security checks read `ss` over SSH
+[ -x /usr/sbin/ufw ] || missing+=(ufw)  # the security tests run the real ufw in a network namespace of their own
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # the browser test drives it through Playwright
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -2,7 +2,8 @@
 returning a report with ``ok``, ``failures()`` and ``summary()`` (the cutover's step records it in the ledger).
 
 One line per check, in the plan's order: the target's PostgreSQL, PgBouncer, Redis and S3 server answer; the
-latest database and storage gates passed and are fresh; the latest backup was restore-tested; each app's
+latest database and storage gates passed and are fresh; the latest backup was restore-tested; the platform
+phases' gates (pooler, cache, health, security) passed and are fresh, or were never run; each app's
 health endpoint is green; the public record's DNS TTL is short. Each line is passed, failed or "not checked"
 (not configured in the runbook, or a phase Liftoff does not run yet): a "not checked" line does not fail the
 checklist, but it is shown red, never as passed, so the approver sees what nobody checked. A check that raises
@@ -98,6 +99,8 @@ def run_checklist(rb: Runbook) -> ChecklistReport:
         ("database gate passed", lambda: _gate_fresh(ledger, "database", max_age_s, rb)),
         ("storage gate passed", lambda: _gate_fresh(ledger, "storage", max_age_s, rb)),
         ("latest backup restore-tested", lambda: _backup_restore_tested(ledger, max_age_s, rb)),
+        *[(f"{phase} gate passed", lambda phase=phase: _platform_gate(ledger, phase, max_age_s))
+          for phase in _PLATFORM_GATES],
     ]
     if rb.cutover.apps:
         checks += [(f"app {app.name} healthy", lambda app=app: _app_healthy(app)) for app in rb.cutover.apps]
@@ -277,6 +280,28 @@ def _judge_gate(name: str, gate: GateRecord, max_age_s: float, *, failed_fix: st
         return CheckLine(name, FAILED, f"the latest {gate.phase} gate passed {_age(age)} ago{run}, older than "
                                        f"cutover.checklist.max_gate_age_hours ({max_age_s / 3600:g} h)", old_fix)
     return CheckLine(name, PASSED, f"passed {_age(age)} ago{run}: {_one_line(gate.summary)}")
+
+
+# The platform phases' gates, in the plan's order: what each proves, for the line that says it was not run.
+_PLATFORM_GATES = {
+    "pooler": "PgBouncer's config with SCRAM auth, and 100 clients through it within the pool",
+    "cache": "Redis's persistence and eviction settings, and a write/read round trip",
+    "health": "every service and app answering, disk and connections under the thresholds",
+    "security": "the firewall, services listening only inside, no secret in the named files",
+}
+
+
+def _platform_gate(ledger: Ledger, phase: str, max_age_s: float) -> CheckLine:
+    """A platform phase's latest gate: failed or stale fails the line; never run is "not checked" (shown
+    red, it does not fail the checklist: a plan may leave a phase to the operator)."""
+    name = f"{phase} gate passed"
+    gate = ledger.latest_gate(phase)
+    if gate is None:
+        return _unchecked(name, f"no {phase} gate is on record ({_PLATFORM_GATES[phase]})",
+                          f"run liftoff run {phase} --runbook FILE, or check it by hand before approving")
+    return _judge_gate(name, gate, max_age_s,
+                       failed_fix=f"fix what the gate reports, then run liftoff run {phase} --runbook FILE",
+                       old_fix=f"run liftoff run {phase} --runbook FILE for a fresh gate")
 
 
 def _backup_restore_tested(ledger: Ledger, max_age_s: float, rb: Runbook) -> CheckLine:

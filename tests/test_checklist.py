@@ -150,7 +150,7 @@ def statuses(report: ChecklistReport) -> dict[str, str]:
 def everything(stack, tmp_path, monkeypatch, target_s3, redis_server, app, record):
     rb = runbook(stack, tmp_path, monkeypatch, full=True, target_s3=target_s3, redis_server=redis_server, app=app,
                  record=record)
-    gates(rb, "database", "storage", "backup")
+    gates(rb, "database", "storage", "backup", "pooler", "cache", "health", "security")
     return rb
 
 
@@ -161,10 +161,11 @@ def test_every_line_passes_when_the_target_answers_the_gates_are_fresh_the_app_i
     assert statuses(report) == {
         "target PostgreSQL answers": PASSED, "PgBouncer answers": PASSED, "Redis answers": PASSED,
         "target S3 server answers": PASSED, "database gate passed": PASSED, "storage gate passed": PASSED,
-        "latest backup restore-tested": PASSED, "app crm healthy": PASSED, "DNS TTL": PASSED,
+        "latest backup restore-tested": PASSED, "pooler gate passed": PASSED, "cache gate passed": PASSED,
+        "health gate passed": PASSED, "security gate passed": PASSED, "app crm healthy": PASSED, "DNS TTL": PASSED,
     }, report.rows()
     assert report.ok and report.failures() == [] and report.not_checked() == []
-    assert report.summary() == "checklist passed: 9 of 9 lines passed"
+    assert report.summary() == "checklist passed: 13 of 13 lines passed"
     assert "PONG" in report.line("Redis answers").detail
     assert "list_buckets answered" in report.line("target S3 server answers").detail
     assert "TTL 60 s <= 300 s (authoritative answer" in report.line("DNS TTL").detail
@@ -172,7 +173,7 @@ def test_every_line_passes_when_the_target_answers_the_gates_are_fresh_the_app_i
     assert "checks up: database, redis, storage" in report.line("app crm healthy").detail
     assert app.hits == 1
     md = report.markdown()
-    assert md.count("✅ passed") == 9 and "❌" not in md and "🔴" not in md
+    assert md.count("✅ passed") == 13 and "❌" not in md and "🔴" not in md
     assert [row["check"] for row in report.rows()] == [line.name for line in report.lines]
 
 
@@ -185,18 +186,22 @@ def test_lines_not_configured_are_not_checked_shown_red_and_do_not_fail_the_chec
     assert statuses(report) == {
         "target PostgreSQL answers": PASSED, "PgBouncer answers": NOT_CHECKED, "Redis answers": NOT_CHECKED,
         "target S3 server answers": NOT_CHECKED, "database gate passed": PASSED, "storage gate passed": PASSED,
-        "latest backup restore-tested": NOT_CHECKED, "apps healthy": NOT_CHECKED, "DNS TTL": NOT_CHECKED,
+        "latest backup restore-tested": NOT_CHECKED, "pooler gate passed": NOT_CHECKED,
+        "cache gate passed": NOT_CHECKED, "health gate passed": NOT_CHECKED, "security gate passed": NOT_CHECKED,
+        "apps healthy": NOT_CHECKED, "DNS TTL": NOT_CHECKED,
     }, report.rows()
     assert report.ok, report.failures()
     assert report.not_checked() == ["PgBouncer answers", "Redis answers", "target S3 server answers",
-                                    "latest backup restore-tested", "apps healthy", "DNS TTL"]
-    assert report.summary().startswith("checklist passed: 3 of 9 lines passed; not checked: PgBouncer answers")
+                                    "latest backup restore-tested", "pooler gate passed", "cache gate passed",
+                                    "health gate passed", "security gate passed", "apps healthy", "DNS TTL"]
+    assert report.summary().startswith("checklist passed: 3 of 13 lines passed; not checked: PgBouncer answers")
+    assert "liftoff run pooler" in report.line("pooler gate passed").fix
     assert "target.pooled" in report.line("PgBouncer answers").detail
     assert "target.redis" in report.line("Redis answers").detail
     assert "cutover.checklist.dns" in report.line("DNS TTL").detail
     assert "backup phase has not run" in report.line("latest backup restore-tested").detail
     md = report.markdown()
-    assert md.count("🔴 not checked") == 6 and md.count("✅ passed") == 3
+    assert md.count("🔴 not checked") == 10 and md.count("✅ passed") == 3
     assert "not checked** by a machine" in md
 
 
@@ -214,7 +219,7 @@ def test_an_unreachable_pgbouncer_fails_its_line_naming_host_and_port_and_every_
     assert "target.pooled" in line.fix
     assert not report.ok and report.failures() == [f"PgBouncer answers: {line.detail}"]
     assert [name for name, s in statuses(report).items() if s != PASSED] == ["PgBouncer answers"]
-    assert report.summary().startswith("checklist failed: 1 of 9 lines failed (PgBouncer answers)")
+    assert report.summary().startswith("checklist failed: 1 of 13 lines failed (PgBouncer answers)")
     assert "❌ failed | PgBouncer answers" in report.markdown()
 
 
@@ -309,6 +314,21 @@ def test_a_backup_whose_restore_test_failed_or_is_old_fails_and_one_never_tested
 
 # ---------------------------------------------------------------------------------------------------------
 # The app's health and the record's TTL
+
+
+def test_a_failed_pooler_gate_and_a_stale_security_gate_fail_their_lines_with_the_command_to_rerun(everything):
+    ledger = gates(everything, "pooler", passed=False)
+    age_gates(ledger, "security", 100)
+
+    report = run_checklist(everything)
+
+    assert statuses(report)["pooler gate passed"] == FAILED
+    assert statuses(report)["security gate passed"] == FAILED
+    assert statuses(report)["cache gate passed"] == PASSED
+    assert "pooler: 2 objects missing" in report.line("pooler gate passed").detail
+    assert "liftoff run pooler" in report.line("pooler gate passed").fix
+    assert "older than cutover.checklist.max_gate_age_hours" in report.line("security gate passed").detail
+    assert not report.ok
 
 
 def test_an_app_that_turns_unhealthy_fails_its_line_naming_the_checks_that_are_down(everything, app):
