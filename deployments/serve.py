@@ -25,6 +25,7 @@ from liftoff.phases import PHASES, PhaseFlow, all_flows
 
 MIGRATE = all_flows()["migrate"]
 REHEARSAL = all_flows()["rehearsal"]
+BACKUP = all_flows()["backup"]
 EMERGENCY = "rollback"
 EMERGENCY_NOTE = ("EMERGENCY: press this one when the cutover went wrong. It puts the apps back on the source "
                   "and makes the source writable again, from the ledger's record of what the cutover changed. ")
@@ -64,6 +65,8 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
         schedules = None
         if entry is REHEARSAL:
             schedules = rehearsal_schedules(path)
+        elif entry is BACKUP:
+            schedules = backup_schedules(path)
         result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
                                          parameters=defaults, schedules=schedules))
     return result
@@ -94,6 +97,34 @@ def rehearsal_schedules(runbook_path: str | None) -> list:
     except ValueError:
         raise RunbookInvalid(f"{runbook_path}: rehearsal.schedule: expected a cron expression such as "
                              f"'0 3 * * 0' (Sundays 03:00), got {rehearsal.schedule!r}") from None
+
+
+def backup_schedules(runbook_path: str | None) -> list:
+    """The backup deployment's schedules: each cron line of the runbook's ``backups.schedules`` in
+    ``backups.timezone`` (the plan: daily 03:00, hourly 09:00-18:00 on weekdays); none without a runbook or
+    without a ``backups`` section."""
+    from prefect.schedules import Cron
+
+    from runbooks.model import load_runbook
+
+    if runbook_path is None:
+        return []
+    backups = load_runbook(runbook_path).backups
+    if backups is None:
+        return []
+    try:
+        ZoneInfo(backups.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise RunbookInvalid(f"{runbook_path}: backups.timezone: expected an IANA time zone such as "
+                             f"Europe/Berlin, got {backups.timezone!r}") from None
+    schedules = []
+    for i, line in enumerate(backups.schedules):
+        try:
+            schedules.append(Cron(line, timezone=backups.timezone))
+        except ValueError:
+            raise RunbookInvalid(f"{runbook_path}: backups.schedules[{i}]: expected a cron expression such as "
+                                 f"'0 3 * * *' (daily 03:00), got {line!r}") from None
+    return schedules
 
 
 def warn(line: str) -> None:

@@ -95,9 +95,9 @@ PHASES: tuple[Phase, ...] = (
     Phase(
         name="backup",
         title="Backup: pg_dump to the S3 bucket, files too, retention, and every backup proven by a restore",
-        steps=("backup.dump", "backup.files", "backup.retention", "backup.restore-test"),
+        steps=("backup.dump", "backup.files", "backup.restore-test", "backup.retention"),
         flows=(
-            PhaseFlow("backup", "flows.backup:backup", ("backup-summary",)),
+            PhaseFlow("backup", "flows.backup:backup", ("backup-plan", "restore-test-summary", "backup-summary")),
             PhaseFlow("restore-test", "flows.backup:restore_test", ("restore-test-summary",)),
         ),
         gate="backup",

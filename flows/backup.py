@@ -1,0 +1,106 @@
+"""Runbook step 7 (the plan's backups): the migrated database and its files to the backup bucket, every
+database backup proven by restoring it, and retention. ``backup`` runs on the runbook's schedules
+(``backups.schedules``: daily 03:00 and hourly 09:00-18:00 on weekdays); ``restore-test`` re-proves the
+newest backup alone."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.options import RunOptions, open_runbook
+from liftoff.errors import GateFailed
+from liftoff.ledger import exclusive
+from liftoff.reports import markdown_table, publish_markdown, publish_table
+from tasks.backup.steps import (
+    BackupPlan,
+    RestoreTestReport,
+    apply_retention,
+    backup_files,
+    make_backup,
+    plan_backup,
+    require_backups,
+    run_restore_test,
+)
+from tasks.notify import notify_on_failure
+
+
+@flow(name="backup", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
+def backup(options: RunOptions) -> dict:
+    """Succeeds when a new pg_dump -Fc of target.direct (made by a pg_dump at least as new as the server) is in
+    the backup bucket with its size and SHA-256 as metadata and every table's row count from its snapshot
+    beside it; the target S3 server's buckets are in the backup bucket (new and changed objects copied, MD5
+    proven); the newest backup passed its restore test (SHA-256, pg_dump version, restored into a scratch
+    database, row counts as at backup time; the RTO recorded); and then backups older than
+    backups.retention_days were deleted, the newest backups.keep_newest always kept. A backup that fails its
+    restore test fails the run, and retention does not run."""
+    runbook = open_runbook(options, "backup")
+    require_backups(runbook)
+    plan = plan_backup(runbook)
+    publish_backup_plan(plan, options.dry_run)
+    if options.dry_run:
+        return {"dry_run": True, "key": plan.key, "files_to_copy": sum(len(f.to_copy) for f in plan.files),
+                "would_delete": [b.key for b in plan.would_delete]}
+    with exclusive(runbook.state_dir):
+        made = make_backup(runbook)
+        files = backup_files(runbook)
+        report = run_restore_test(runbook, made["key"])  # this run's backup, whatever the clocks say
+        publish_restore_test(report)
+        retention = apply_retention(runbook) if report.ok else {"summary": "not run: the restore test failed"}
+    publish_markdown("backup-summary", "\n".join([
+        f"# Backup {'PASSED' if report.ok else 'FAILED'}", "",
+        f"- **database**: {made['summary']}",
+        f"- **files**: {files['summary']}",
+        f"- **restore test**: {report.summary()}",
+        f"- **retention**: {retention['summary']}",
+    ]))
+    if not report.ok:
+        raise GateFailed("backup restore test failed:\n" + "\n".join(report.failures()))
+    return {"backup": made, "files": files, "restore_test": {"key": report.key, "rto_s": report.rto_s},
+            "retention": retention}
+
+
+@flow(name="restore-test", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
+def restore_test(options: RunOptions) -> dict:
+    """Succeeds when the newest backup in the backup bucket downloads with the SHA-256 its metadata records,
+    was made by a pg_dump at least as new as its server, restores into backups.restore_test_database on the
+    target server without an error, and every table holds the rows counted when it was made; the scratch
+    database is dropped afterwards, also on failure. Publishes the restore duration (the RTO)."""
+    runbook = open_runbook(options, "backup")
+    require_backups(runbook)
+    if options.dry_run:
+        publish_markdown("restore-test-summary", "# Restore test (dry run)\n\nWould download the newest backup of "
+                         f"bucket {runbook.backups.destination.bucket}, check it, restore it into "
+                         f"{runbook.backups.restore_test_database} and drop that database again.")
+        return {"dry_run": True}
+    with exclusive(runbook.state_dir):
+        report = run_restore_test(runbook)
+    publish_restore_test(report)
+    if not report.ok:
+        raise GateFailed("backup restore test failed:\n" + "\n".join(report.failures()))
+    return {"key": report.key, "rto_s": report.rto_s, "download_s": report.download_s,
+            "restore_s": report.restore_s, "bytes": report.bytes, "tables": len(report.tables)}
+
+
+def publish_backup_plan(plan: BackupPlan, dry_run: bool) -> None:
+    md = [f"# Backup plan{' (dry run: nothing written)' if dry_run else ''}", "",
+          f"- **database**: {plan.server}, dumped by {plan.pg_dump} to `{plan.key}`",
+          f"- **backups in the bucket**: {len(plan.backups)}", "",
+          "## Files", markdown_table([f.row for f in plan.files]) if plan.files else "No buckets to back up.", "",
+          "## Retention would delete",
+          markdown_table([{"backup": b.key, "bytes": b.size, "last modified (epoch)": int(b.last_modified)}
+                          for b in plan.would_delete]) if plan.would_delete else "nothing"]
+    publish_markdown("backup-plan", "\n".join(md))
+
+
+def publish_restore_test(report: RestoreTestReport) -> None:
+    publish_table("restore-test-tables", report.rows(), "Restore test: rows per table at backup time and restored")
+    rto = [{"backup": report.key, "bytes": report.bytes, "download s": report.download_s,
+            "restore s": report.restore_s, "RTO s": report.rto_s}]
+    publish_table("restore-test-rto", rto, "Restore test: how long getting the database back took (the RTO)")
+    md = [f"# Restore test {'PASSED' if report.ok else 'FAILED'}", "", report.summary(), "",
+          "## Checks", markdown_table([{"check": c.name, "status": c.status, "detail": c.detail.replace("|", "/"),
+                                        "fix": c.fix if c.status != "passed" else ""} for c in report.checks]),
+          "## Recovery time (RTO)", markdown_table(rto)]
+    if report.tables:
+        md += ["## Tables", markdown_table(report.tables)]
+    publish_markdown("restore-test-summary", "\n".join(md))
