@@ -599,7 +599,7 @@ class Pooler(_Strict):
     server_host: str | None = Field(None, description="how PgBouncer reaches PostgreSQL (default "
                                     "target.direct.host; 127.0.0.1 when both run on the VPS)")
     server_port: int | None = Field(None, ge=1, le=65535, description="default target.direct.port")
-    listen_addr: str = Field("*", description="listen_port is target.pooled.port")
+    listen_addr: str = Field("127.0.0.1", description="where PgBouncer listens (listen_port is target.pooled.port): loopback, or the VPS's private or Docker address; never * on a public host (the security phase fails it)")
     write_via: Literal["local", "ssh"] = Field("local", description="where config_dir is: this machine, or the VPS "
                                                "over ssh (the runbook's ssh section)")
     config_dir: str = Field("/etc/pgbouncer", description="the directory of pgbouncer.ini and userlist.txt, as "
