@@ -277,11 +277,21 @@ class RoleFacts:
 def role_uses(conn: psycopg.Connection, schemas: list[str]) -> dict[str, list[str]]:
     """{role: [where it is named]} for every role a policy, grant or default privilege of the schemas names
     (the owner of an object is not listed for its own grants; PUBLIC is not a role)."""
-    uses: dict[str, list[str]] = {}
+    uses: dict[str, set[str]] = {}
     for role, where in conn.execute(_ROLE_USES, {"s": schemas}):
-        if where not in uses.setdefault(role, []):
-            uses[role].append(where)
-    return uses
+        uses.setdefault(role, set()).add(where)
+    # In a fixed order, policies first: the catalog's scan order changes whenever a grant is changed and
+    # changed back (the row moves), and the ledger's copy must compare equal to a fresh read.
+    return {role: sorted(found, key=_use_rank) for role, found in uses.items()}
+
+
+# (prefix, rank), longest prefixes first so "grant on column" is not taken for a table's "grant on"
+_USE_KINDS = (("policy ", 0), ("grant on column ", 2), ("grant on function ", 3), ("grant on schema ", 4),
+              ("grant on ", 1), ("default privileges ", 5))
+
+
+def _use_rank(where: str) -> tuple[int, str]:
+    return next((rank for kind, rank in _USE_KINDS if where.startswith(kind)), len(_USE_KINDS)), where
 
 
 def owners(conn: psycopg.Connection, schemas: list[str]) -> list[str]:
