@@ -198,6 +198,48 @@ def test_migrate_deployment_dry_run_plans_each_phase_and_names_what_the_runbook_
                                 dbname="deployed_dry")[0][0] == 0  # a dry run writes nothing
 
 
+def test_platform_deployments_run_from_the_api_against_real_pgbouncer_and_redis(served, stack):
+    """`pooler`, `cache` and `health` started through the API as the Run button does (parameters: another
+    runbook), picked up by the serving process, each against the real server, each gate in the ledger."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from liftoff.ledger import Ledger
+    from liftoff.sandbox.pgbouncer import PgBouncerServer
+    from liftoff.sandbox.redis import RedisServer
+    from runbooks.model import load_runbook
+
+    path = fresh_runbook(stack, "platform")
+    # No Redis password: the serving process's environment (where {env: ...} secrets resolve) was fixed when
+    # it started. PgBouncer logs the stack's postgres in with its SCRAM secret; the same env secret as direct.
+    with RedisServer(password=None) as redis_server, \
+            PgBouncerServer.in_front_of(stack.target, database="platform") as bouncer:
+        data = yaml.safe_load(path.read_text())
+        data["target"]["pooled"] = {**data["target"]["direct"], "port": bouncer.port}
+        data["target"]["redis"] = {"host": redis_server.host, "port": redis_server.port}
+        data["pooler"] = {"config_dir": str(bouncer.root), "listen_addr": bouncer.host,
+                          "settings": {"unix_socket_dir": ""}, "gate": {"clients": 20}}
+        data["cache"] = {"apply": True}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        options = {"options": {"runbook": str(path)}}
+        finished = {}
+        with get_client(sync_client=True) as client:
+            for name in ("setup-pooler/pooler", "cache/cache", "health/health"):  # health reads the other two
+                run = run_deployment(name, parameters=options, timeout=0)
+                deadline = time.monotonic() + 120
+                while not (state := client.read_flow_run(run.id).state).is_final():
+                    assert time.monotonic() < deadline, f"{name} still {state.name}"
+                    time.sleep(1)
+                finished[name] = state
+        with redis_server.client(decode_responses=True) as r:
+            assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"  # set by the cache run
+    assert {name: state.type.value for name, state in finished.items()} == dict.fromkeys(finished, "COMPLETED")
+    ledger = Ledger(load_runbook(path).state_dir)
+    for phase in ("pooler", "cache", "health"):
+        gate = ledger.latest_gate(phase)
+        assert gate is not None and gate.passed, (phase, gate)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
