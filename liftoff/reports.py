@@ -104,3 +104,27 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+# A report of check lines (the checklist, the cache, health and security gates): each line has ``name``,
+# ``status``, ``detail`` and ``fix``; these render it the same way everywhere.
+CHECK_MARKS = {"passed": "✅ passed", "failed": "❌ failed", "not checked": "🔴 not checked", "ok": "✅ ok",
+               "warn": "⚠️ warn", "critical": "❌ critical", "not configured": "➖ not configured"}
+
+
+def md_cell(text: str) -> str:
+    """Text that stays in its markdown table cell: ``|`` escaped, an empty cell kept."""
+    return text.replace("|", "\\|") or " "
+
+
+def check_rows(lines, label: str = "check") -> list[dict]:
+    """One row per check line, for a table artifact (and the cutover's approval form)."""
+    return [{label: line.name, "status": line.status, "detail": line.detail, "fix": line.fix} for line in lines]
+
+
+def check_table(lines, label: str = "check") -> str:
+    """The markdown table of check lines, a mark per status."""
+    out = [f"| | {label} | detail | fix |", "|---|---|---|---|"]
+    out += [f"| {CHECK_MARKS[line.status]} | {md_cell(line.name)} | {md_cell(line.detail)} | {md_cell(line.fix)} |"
+            for line in lines]
+    return "\n".join(out) + "\n"

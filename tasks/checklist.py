@@ -22,6 +22,7 @@ from liftoff.errors import ConnectionRefused, LiftoffError
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
+from liftoff.reports import check_rows, check_table, md_cell
 from runbooks.model import App, RedisEndpoint, Runbook
 from tasks import dns, health, postgres, s3
 
@@ -29,7 +30,6 @@ log = get_logger(phase="cutover")
 
 PASSED, FAILED, NOT_CHECKED = "passed", "failed", "not checked"
 Status = Literal["passed", "failed", "not checked"]
-_MARKS = {PASSED: "✅ passed", FAILED: "❌ failed", NOT_CHECKED: "🔴 not checked"}
 _PROBE_TIMEOUT_S = 5
 
 
@@ -69,21 +69,14 @@ class ChecklistReport:
 
     def rows(self) -> list[dict]:
         """One row per line, for a table artifact and the approval form."""
-        return [{"check": line.name, "status": line.status, "detail": line.detail, "fix": line.fix}
-                for line in self.lines]
+        return check_rows(self.lines)
 
     def markdown(self) -> str:
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|") or " "
-
-        out = ["# Pre-cutover checklist", "",
-               f"**{'Passed' if self.ok else 'Failed'}**: {cell(self.summary())}.", "",
-               "| | check | detail | fix |", "|---|---|---|---|"]
-        out += [f"| {_MARKS[line.status]} | {cell(line.name)} | {cell(line.detail)} | {cell(line.fix)} |"
-                for line in self.lines]
+        out = ["# Pre-cutover checklist", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.", "",
+               check_table(self.lines)]
         if self.not_checked():
-            out += ["", "Lines marked 🔴 were **not checked** by a machine: check them yourself before approving."]
-        return "\n".join(out) + "\n"
+            out += ["Lines marked 🔴 were **not checked** by a machine: check them yourself before approving."]
+        return "\n".join(out) + ("\n" if self.not_checked() else "")
 
 
 def run_checklist(rb: Runbook) -> ChecklistReport:

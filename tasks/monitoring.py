@@ -31,6 +31,7 @@ import yaml
 from liftoff.errors import LiftoffError
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
+from liftoff.reports import check_rows, check_table
 from runbooks.model import Endpoint, Runbook
 from tasks import health as app_health
 from tasks import postgres, vps
@@ -40,7 +41,6 @@ log = get_logger(phase="health")
 
 OK, WARN, CRITICAL, NOT_CONFIGURED = "ok", "warn", "critical", "not configured"
 Status = Literal["ok", "warn", "critical", "not configured"]
-_MARKS = {OK: "✅ ok", WARN: "⚠️ warn", CRITICAL: "❌ critical", NOT_CONFIGURED: "➖ not configured"}
 _TIMEOUT_S = 5
 
 
@@ -50,6 +50,10 @@ class HealthLine:
     status: Status
     detail: str
     fix: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.service
 
 
 @dataclass(frozen=True)
@@ -85,17 +89,10 @@ class HealthReport:
         return head
 
     def rows(self) -> list[dict]:
-        return [{"service": line.service, "status": line.status, "detail": line.detail, "fix": line.fix}
-                for line in self.lines]
+        return check_rows(self.lines, "service")
 
     def markdown(self) -> str:
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|") or " "
-
-        out = ["| | service | detail | fix |", "|---|---|---|---|"]
-        out += [f"| {_MARKS[line.status]} | {cell(line.service)} | {cell(line.detail)} | {cell(line.fix)} |"
-                for line in self.lines]
-        return "\n".join(out) + "\n"
+        return check_table(self.lines, "service")
 
 
 def _one_line(text: object) -> str:

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
+from liftoff.reports import check_rows, check_table
 from liftoff.steps import recorded
 from runbooks.model import Cache, RedisEndpoint, Runbook, redis_memory_bytes
 from tasks.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, redis_ping
@@ -32,7 +33,6 @@ FIELD = "target.redis"
 ROUND_TRIP_PREFIX = "liftoff:cache-check:"  # keys Liftoff writes for the round trip, deleted right after
 _TIMEOUT_S = 5
 _AOF_WAIT_S = 60
-_MARKS = {PASSED: "✅ passed", FAILED: "❌ failed", NOT_CHECKED: "🔴 not checked"}
 
 
 def cache_settings(rb: Runbook) -> Cache:
@@ -246,17 +246,10 @@ class CacheReport:
         return f"cache gate failed: {len(bad)} of {len(self.lines)} lines ({', '.join(bad)})"
 
     def rows(self) -> list[dict]:
-        return [{"check": line.name, "status": line.status, "detail": line.detail, "fix": line.fix}
-                for line in self.lines]
+        return check_rows(self.lines)
 
     def markdown(self) -> str:
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|") or " "
-
-        out = ["| | check | detail | fix |", "|---|---|---|---|"]
-        out += [f"| {_MARKS[line.status]} | {cell(line.name)} | {cell(line.detail)} | {cell(line.fix)} |"
-                for line in self.lines]
-        return "\n".join(out) + "\n"
+        return check_table(self.lines)
 
 
 def check_cache(rb: Runbook) -> CacheReport:

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from liftoff.errors import LiftoffError, RunbookInvalid, SecretUnavailable
 from liftoff.logs import get_logger
 from liftoff.redaction import is_weak_secret, redact
+from liftoff.reports import check_rows, check_table, md_cell
 from liftoff.steps import recorded
 from runbooks.model import Runbook, SecretRef
 from tasks.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine
@@ -40,7 +41,6 @@ from tasks.remote import Remote, command_head
 
 log = get_logger(phase="security")
 
-_MARKS = {PASSED: "✅ passed", FAILED: "❌ failed", NOT_CHECKED: "🔴 not checked"}
 # Fields holding identifiers kept as references, not credentials: a key id alone in a file is no leak.
 _NOT_CREDENTIALS = {"access_key_id"}
 # A key naming a credential (POSTGRES_PASSWORD, REDIS_PASS, API_TOKEN, db.secret): where a weak secret counts.
@@ -74,18 +74,11 @@ class SecurityReport:
         return head + (f"; not checked: {', '.join(unchecked)}" if unchecked else "")
 
     def rows(self) -> list[dict]:
-        return [{"check": line.name, "status": line.status, "detail": line.detail, "fix": line.fix}
-                for line in self.lines]
+        return check_rows(self.lines)
 
     def markdown(self) -> str:
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|") or " "
-
-        out = ["# Security checks", "", f"**{'Passed' if self.ok else 'Failed'}**: {cell(self.summary())}.", "",
-               "| | check | detail | fix |", "|---|---|---|---|"]
-        out += [f"| {_MARKS[line.status]} | {cell(line.name)} | {cell(line.detail)} | {cell(line.fix)} |"
-                for line in self.lines]
-        return "\n".join(out) + "\n"
+        return "\n".join(["# Security checks", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.",
+                          "", check_table(self.lines)])
 
 
 # ---------------------------------------------------------------------------------------------------------
