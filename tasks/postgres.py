@@ -524,10 +524,16 @@ def stream_table(source: psycopg.Connection, target: psycopg.Connection, schema:
     ``source`` must already be in the snapshot to read from; ``target`` must not be in autocommit."""
     ident = sql.Identifier(schema, table)
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in copyable_columns(target, schema, table))
+    plain = target.execute("SELECT relkind = 'r' FROM pg_class WHERE oid = %s::regclass",
+                           (ident.as_string(target),)).fetchone()[0]
     target.execute(sql.SQL("TRUNCATE ONLY {}").format(ident))  # ONLY: never empty an inheriting child
+    # FREEZE (allowed: the table was truncated in this transaction): the rows are written frozen and the
+    # pages all-visible, so the gate's first read of the target does not write hint bits to every page, and
+    # autovacuum has nothing to freeze later. A partitioned table refuses it.
+    freeze = sql.SQL(" WITH (FREEZE)") if plain else sql.SQL("")
     with source.cursor().copy(sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(cols, ident)) as out, \
             target.cursor() as cur:
-        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(ident, cols)) as into:
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN{}").format(ident, cols, freeze)) as into:
             for block in out:
                 into.write(block)
         rows = cur.rowcount
