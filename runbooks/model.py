@@ -756,7 +756,7 @@ class Security(_Strict):
     local_secret_files: list[Path] = Field(
         default_factory=list,
         description="files on this machine that must hold no secret of this runbook, e.g. the app repository's "
-        ".env; relative paths are from the directory Liftoff runs in")
+        ".env; relative paths are from the runbook file's folder")
     firewall_command: str = Field(
         "ufw status verbose",
         description="prints the firewall's state as `ufw status verbose` does; `sudo ufw status verbose` when "
@@ -866,4 +866,7 @@ def load_runbook(path: str | Path) -> Runbook:
     if runbook.ssh is not None and not runbook.ssh.known_hosts.is_absolute():
         ssh = runbook.ssh.model_copy(update={"known_hosts": (path.parent / runbook.ssh.known_hosts).resolve()})
         runbook = runbook.model_copy(update={"ssh": ssh})
+    if any(not f.is_absolute() for f in runbook.security.local_secret_files):
+        files = [(path.parent / f).resolve() for f in runbook.security.local_secret_files]
+        runbook = runbook.model_copy(update={"security": runbook.security.model_copy(update={"local_secret_files": files})})
     return runbook

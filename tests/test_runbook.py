@@ -106,3 +106,17 @@ def test_storage_source_needs_the_access_of_its_protocol(tmp_path):
     assert "storage.source.service_key: a secret given inline" in problem and "eyJhbGciOi" not in problem
     rb = load_runbook(_write(tmp_path, {**GOOD, "storage": {"source": {**source, "service_key": {"env": "K"}}}}))
     assert rb.storage.source.protocol == "rest" and rb.storage.source.s3 is None
+
+
+def test_relative_paths_in_a_runbook_are_read_from_its_folder_not_from_where_liftoff_runs(tmp_path, monkeypatch):
+    data = yaml.safe_load((ROOT / "runbooks" / "local.yaml").read_text())
+    data["security"] = {"local_secret_files": ["../crm-app/.env", "/etc/crm/.env"]}
+    folder = tmp_path / "ops"
+    folder.mkdir()
+    (folder / "rb.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir("/")
+
+    runbook = load_runbook(folder / "rb.yaml")
+
+    assert runbook.security.local_secret_files == [tmp_path / "crm-app" / ".env", Path("/etc/crm/.env")]
+    assert runbook.state_dir == (folder / data["state_dir"]).resolve()
