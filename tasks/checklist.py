@@ -215,7 +215,7 @@ def _s3_answers(rb: Runbook) -> CheckLine:
 
     client = s3.client(endpoint(target, "storage.target"), max_pool_connections=2,
                        connect_timeout=_PROBE_TIMEOUT_S, read_timeout=_PROBE_TIMEOUT_S * 2)
-    answer = s3._run(s3.RetryPolicy(attempts=2, max_seconds=15), "list buckets", client.list_buckets, client,
+    answer = s3.call(s3.RetryPolicy(attempts=2, max_seconds=15), "list buckets", client.list_buckets, client,
                      "(all buckets)")
     detail = f"{target.endpoint_url}: an authenticated list_buckets answered ({len(answer.get('Buckets', []))} buckets)"
     live = _minio_live(target.endpoint_url)

@@ -201,31 +201,31 @@ class _GaveUp(Exception):
         self.what, self.attempts, self.last = what, attempts, last
 
 
-def _status(exc: ClientError) -> int:
+def http_status(exc: ClientError) -> int:
     return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
 
 
-def _code(exc: ClientError) -> str:
+def error_code(exc: ClientError) -> str:
     # Supabase Storage leaves Error.Code empty and puts it at the top of the response.
-    return exc.response.get("Error", {}).get("Code") or exc.response.get("Code") or str(_status(exc))
+    return exc.response.get("Error", {}).get("Code") or exc.response.get("Code") or str(http_status(exc))
 
 
 def _is_refusal(exc: BaseException) -> bool:
-    return isinstance(exc, ClientError) and (_code(exc) in _AUTH_CODES or _status(exc) in (401, 403))
+    return isinstance(exc, ClientError) and (error_code(exc) in _AUTH_CODES or http_status(exc) in (401, 403))
 
 
 def _is_transient(exc: BaseException) -> bool:
     """Worth the same request again: throttling, a server error, a dropped or timed-out connection."""
     if isinstance(exc, ClientError):
-        status = _status(exc)
-        return status >= 500 or status == 429 or _code(exc) in _THROTTLING_CODES
+        status = http_status(exc)
+        return status >= 500 or status == 429 or error_code(exc) in _THROTTLING_CODES
     return isinstance(exc, (HTTPClientError, BotoConnectionError, IncompleteReadError, _SourceCutShort))
 
 
 def _restarts_object(exc: BaseException) -> bool:
     """Worth a fresh start of the whole object: transient, the bytes disagreed, or the source changed."""
     return _is_transient(exc) or isinstance(exc, _Mismatch) or (
-        isinstance(exc, ClientError) and _code(exc) in ("PreconditionFailed", "BadDigest")
+        isinstance(exc, ClientError) and error_code(exc) in ("PreconditionFailed", "BadDigest")
     )
 
 
@@ -234,7 +234,7 @@ def _reason(exc: BaseException | None) -> str:
         return "unknown"
     if isinstance(exc, ClientError):
         message = exc.response.get("Error", {}).get("Message") or ""
-        text = f"{_code(exc)} (HTTP {_status(exc)})" + (f": {message}" if message else "")
+        text = f"{error_code(exc)} (HTTP {http_status(exc)})" + (f": {message}" if message else "")
     elif isinstance(exc, _GaveUp):
         return f"{exc.what} failed after {exc.attempts} attempts: {_reason(exc.last)}"
     else:
@@ -243,7 +243,7 @@ def _reason(exc: BaseException | None) -> str:
 
 
 @contextlib.contextmanager
-def _at(s3, bucket: str):
+def tagged_with(s3, bucket: str):
     """Tags an exception with the server and bucket it came from, for the one-line error."""
     try:
         yield
@@ -254,18 +254,18 @@ def _at(s3, bucket: str):
 
 
 def _refused(exc: ClientError, s3, bucket: str) -> ConnectionRefused:
-    code = _code(exc)
+    code = error_code(exc)
     hint = _AUTH_CODES.get(code, "check the key pair and its permissions on this bucket")
     # A refused HEAD has no body, so no code: only the status says what happened.
     said = "refused" if code.isdigit() else code
     return ConnectionRefused(
-        f"S3 {_endpoint_url(s3)}: {said} (HTTP {_status(exc)}) for access key id '{_access_key_id(s3)}' "
+        f"S3 {_endpoint_url(s3)}: {said} (HTTP {http_status(exc)}) for access key id '{_access_key_id(s3)}' "
         f"on bucket '{bucket}'; {hint}",
         endpoint=_endpoint_url(s3), bucket=bucket, access_key_id=_access_key_id(s3), code=code,
     )
 
 
-def _run(policy: RetryPolicy, what: str, fn: Callable, s3, bucket: str, key: str | None = None, *,
+def call(policy: RetryPolicy, what: str, fn: Callable, s3, bucket: str, key: str | None = None, *,
          retry_on: Callable[[BaseException], bool] = _is_transient):
     """Runs ``fn`` under the policy; any failure leaves as one LiftoffError line naming where and why."""
     retrying = policy.retrying(retry_on, op=what, endpoint=_endpoint_url(s3), bucket=bucket, key=key)
@@ -622,10 +622,10 @@ def list_objects(s3, bucket: str, prefix: str = "", *, page_size: int = 1000,
             query["continuation-token"] = token
 
         def page(query=query):
-            with _at(s3, bucket):
+            with tagged_with(s3, bucket):
                 return _listed_page(_send(s3, "GET", bucket, None, "ListObjectsV2", query=query))
 
-        listed, token = _run(retry, "list", page, s3, bucket)
+        listed, token = call(retry, "list", page, s3, bucket)
         yield from listed
         if not token:
             return
@@ -688,10 +688,10 @@ def _info(key: str, answer: dict) -> ObjectInfo:
 
 def _head(s3, bucket: str, key: str) -> tuple[ObjectInfo, dict] | None:
     try:
-        with _at(s3, bucket):
+        with tagged_with(s3, bucket):
             answer = _answer(_send(s3, "HEAD", bucket, key, "HeadObject"))
     except ClientError as exc:
-        if _status(exc) == 404:
+        if http_status(exc) == 404:
             return None
         raise
     return _info(key, answer), answer
@@ -699,7 +699,7 @@ def _head(s3, bucket: str, key: str) -> tuple[ObjectInfo, dict] | None:
 
 def head(s3, bucket: str, key: str, *, retry: RetryPolicy = RetryPolicy()) -> ObjectInfo | None:
     """The object's size, MD5, ETag, headers and user metadata; None when there is no such object."""
-    found = _run(retry, "head", lambda: _head(s3, bucket, key), s3, bucket, key)
+    found = call(retry, "head", lambda: _head(s3, bucket, key), s3, bucket, key)
     return found[0] if found else None
 
 
@@ -707,12 +707,12 @@ def deep_md5(s3, bucket: str, key: str, *, if_match: str | None = None,
              retry: RetryPolicy = RetryPolicy()) -> str:
     """Reads the object through and returns its MD5 in hex (a retry starts the hash over)."""
 
-    return _run(retry, "read", lambda: _hash_object(s3, bucket, key, if_match), s3, bucket, key)
+    return call(retry, "read", lambda: _hash_object(s3, bucket, key, if_match), s3, bucket, key)
 
 
 def _hash_object(s3, bucket: str, key: str, if_match: str | None) -> str:
     digest = hashlib.md5()
-    with _at(s3, bucket):
+    with tagged_with(s3, bucket):
         answer = _answer(_send(s3, "GET", bucket, key, "GetObject",
                                headers={"If-Match": f'"{if_match}"'} if if_match else None), body=True)
         with contextlib.closing(answer["Body"]) as body:
@@ -872,7 +872,7 @@ def copy_object(src_client, src_bucket: str, key: str, dst_client, dst_bucket: s
                 etag = _multipart_put(src_client, src_bucket, key, dst_client, dst_bucket, info, md5_hex,
                                       headers, _part_size_for(info.size, part_size), retry)
         except (_Mismatch, ClientError) as exc:
-            if isinstance(exc, _Mismatch) or _code(exc) == "BadDigest":
+            if isinstance(exc, _Mismatch) or error_code(exc) == "BadDigest":
                 state["trust_claim"] = False  # the source's claim was false: the next attempt hashes first
             raise
         finally:
@@ -880,7 +880,7 @@ def copy_object(src_client, src_bucket: str, key: str, dst_client, dst_bucket: s
                 source.close()
         return CopiedObject(key, info.size, md5_hex, info.content_type, etag=etag)
 
-    return _run(retry, "copy", attempt, dst_client, dst_bucket, key, retry_on=_restarts_object)
+    return call(retry, "copy", attempt, dst_client, dst_bucket, key, retry_on=_restarts_object)
 
 
 def _no_source(src_client, src_bucket: str, key: str) -> StepFailed:
@@ -890,10 +890,10 @@ def _no_source(src_client, src_bucket: str, key: str) -> StepFailed:
 
 def _open_source(src_client, src_bucket: str, key: str) -> tuple[ObjectInfo, dict]:
     try:
-        with _at(src_client, src_bucket):
+        with tagged_with(src_client, src_bucket):
             answer = _answer(_send(src_client, "GET", src_bucket, key, "GetObject"), body=True)
     except ClientError as exc:
-        if _status(exc) == 404:
+        if http_status(exc) == 404:
             raise _no_source(src_client, src_bucket, key) from None
         raise
     return _info(key, answer), answer
@@ -904,7 +904,7 @@ def _source_body(src_client, src_bucket: str, key: str, etag: str, first: int | 
     headers = {"If-Match": f'"{etag}"'}
     if first is not None:
         headers["Range"] = f"bytes={first}-{last}"
-    with _at(src_client, src_bucket):
+    with tagged_with(src_client, src_bucket):
         return _answer(_send(src_client, "GET", src_bucket, key, "GetObject", headers=headers),
                        body=True)["Body"]
 
@@ -944,7 +944,7 @@ def _put(dst_client, dst_bucket: str, key: str, source, size: int, md5_hex: str,
         body = reader.chunks() if reader else b""
     headers = {**_wire_headers(headers), "Content-Length": str(size),
                "Content-MD5": base64.b64encode(bytes.fromhex(md5_hex)).decode()}
-    with _sending(reader), _at(dst_client, dst_bucket):
+    with _sending(reader), tagged_with(dst_client, dst_bucket):
         answer = _answer(_send(dst_client, "PUT", dst_bucket, key, "PutObject", headers=headers, body=body))
     etag = answer.get("ETag", "").strip('"')
     if digest is not None and digest.hexdigest() == md5_hex:
@@ -958,7 +958,7 @@ def _put(dst_client, dst_bucket: str, key: str, source, size: int, md5_hex: str,
         why = f"the target answered ETag {etag}, not the MD5 {md5_hex}: it is hashed for from now on"
     else:
         why = f"source bytes hash to {digest.hexdigest()}, the source claimed {md5_hex}"
-    with _at(dst_client, dst_bucket):
+    with tagged_with(dst_client, dst_bucket):
         dst_client.delete_object(Bucket=dst_bucket, Key=key)
     raise _Mismatch(why)
 
@@ -1000,7 +1000,7 @@ def _multipart(dst_client, dst_bucket: str, key: str, headers: dict,
     target's ETag."""
     _abort_leftovers(dst_client, dst_bucket, key, retry)
     try:
-        with _at(dst_client, dst_bucket):
+        with tagged_with(dst_client, dst_bucket):
             upload_id = dst_client.create_multipart_upload(Bucket=dst_bucket, Key=key, **headers)["UploadId"]
     except BaseException:
         # A create whose answer was lost may still have started an upload: find it by its key.
@@ -1008,7 +1008,7 @@ def _multipart(dst_client, dst_bucket: str, key: str, headers: dict,
         raise
     try:
         done = [{"PartNumber": number, "ETag": etag} for number, etag in parts(upload_id)]
-        with _at(dst_client, dst_bucket):
+        with tagged_with(dst_client, dst_bucket):
             answer = dst_client.complete_multipart_upload(
                 Bucket=dst_bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done})
     except BaseException:
@@ -1025,7 +1025,7 @@ def _put_part(dst_client, dst_bucket: str, key: str, upload_id: str, number: int
     reader = body if isinstance(body, _HashingReader) else None
     if reader is None:
         headers["Content-MD5"] = base64.b64encode(part_md5.digest()).decode()
-    with _sending(reader), _at(dst_client, dst_bucket):
+    with _sending(reader), tagged_with(dst_client, dst_bucket):
         answer = _answer(_send(dst_client, "PUT", dst_bucket, key, "UploadPart", headers=headers,
                                body=reader.chunks() if reader else body,
                                query={"partNumber": str(number), "uploadId": upload_id}))
@@ -1090,14 +1090,14 @@ def copy_object_from(open_source: Callable[[str], Any], key: str, dst_client, ds
                 etag = _multipart_from_stream(stream, key, dst_client, dst_bucket, md5_hex,
                                               _target_headers(kept, md5_hex), _part_size_for(size, part_size), retry)
         except (_Mismatch, ClientError) as exc:
-            if isinstance(exc, _Mismatch) or _code(exc) == "BadDigest":
+            if isinstance(exc, _Mismatch) or error_code(exc) == "BadDigest":
                 state["trust_claim"], state["hashed"] = False, None  # the next attempt hashes what it reads
             raise
         finally:
             stream.close()
         return CopiedObject(key, size, md5_hex, stream.content_type, etag=etag)
 
-    return _run(retry, "copy", attempt, dst_client, dst_bucket, key, retry_on=_restarts_object)
+    return call(retry, "copy", attempt, dst_client, dst_bucket, key, retry_on=_restarts_object)
 
 
 def _multipart_from_stream(stream, key: str, dst_client, dst_bucket: str, md5_hex: str, headers: dict,
@@ -1139,7 +1139,7 @@ def _abort_leftovers(dst_client, dst_bucket: str, key: str, retry: RetryPolicy) 
     def leftovers() -> list[str]:
         found, kwargs = [], {"Bucket": dst_bucket, "Prefix": key}
         while True:
-            with _at(dst_client, dst_bucket):
+            with tagged_with(dst_client, dst_bucket):
                 page = dst_client.list_multipart_uploads(**kwargs)
             found += [u["UploadId"] for u in page.get("Uploads", []) if u["Key"] == key]
             if not page.get("IsTruncated"):
@@ -1161,7 +1161,7 @@ def _abort(dst_client, dst_bucket: str, key: str, upload_id: str, retry: RetryPo
         try:
             dst_client.abort_multipart_upload(Bucket=dst_bucket, Key=key, UploadId=upload_id)
         except ClientError as exc:
-            if _code(exc) != "NoSuchUpload":  # completed or already aborted: nothing left on the server
+            if error_code(exc) != "NoSuchUpload":  # completed or already aborted: nothing left on the server
                 raise
 
     try:
@@ -1277,10 +1277,10 @@ def _is_download_only(statement: dict, bucket: str) -> bool:
 
 def _bucket_policy(s3, bucket: str) -> dict | None:
     try:
-        with _at(s3, bucket):
+        with tagged_with(s3, bucket):
             return json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
     except ClientError as exc:
-        if _code(exc) == "NoSuchBucketPolicy" or _status(exc) == 404:
+        if error_code(exc) == "NoSuchBucketPolicy" or http_status(exc) == 404:
             return None
         raise
 
@@ -1294,11 +1294,11 @@ def ensure_bucket(s3, name: str, public: bool, dry_run: bool = False, *,
 
     def exists() -> bool:
         try:
-            with _at(s3, name):
+            with tagged_with(s3, name):
                 s3.head_bucket(Bucket=name)
             return True
         except ClientError as exc:
-            if _status(exc) == 404:
+            if http_status(exc) == 404:
                 return False
             raise
 
@@ -1308,24 +1308,24 @@ def ensure_bucket(s3, name: str, public: bool, dry_run: bool = False, *,
         if region and region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
         try:
-            with _at(s3, name):
+            with tagged_with(s3, name):
                 s3.create_bucket(**kwargs)
         except ClientError as exc:
             # A create whose answer was lost is retried and meets the bucket it made: some servers say
             # BucketAlreadyOwnedByYou, others (SeaweedFS) a bare 409; if we can reach it, it is ours.
-            if _code(exc) != "BucketAlreadyOwnedByYou" and not (_status(exc) == 409 and exists()):
+            if error_code(exc) != "BucketAlreadyOwnedByYou" and not (http_status(exc) == 409 and exists()):
                 raise
 
     done = []
-    found = _run(retry, "head bucket", exists, s3, name)
+    found = call(retry, "head bucket", exists, s3, name)
     if not found:
         if not dry_run:
-            _run(retry, "create bucket", create, s3, name)
+            call(retry, "create bucket", create, s3, name)
         done.append(f"{would}create")
     else:
         done.append("exists")
 
-    policy = _run(retry, "read bucket policy", lambda: _bucket_policy(s3, name), s3, name) if found else None
+    policy = call(retry, "read bucket policy", lambda: _bucket_policy(s3, name), s3, name) if found else None
     statements = (policy or {}).get("Statement", [])
     statements = [statements] if isinstance(statements, dict) else list(statements)
     others = [s for s in statements if not _anonymous(s)]
@@ -1336,17 +1336,17 @@ def ensure_bucket(s3, name: str, public: bool, dry_run: bool = False, *,
             return "; ".join(done)
         wanted = {"Version": "2012-10-17", "Statement": [*others, download_policy_statement(name)]}
         if not dry_run:
-            _run(retry, "set bucket policy",
+            call(retry, "set bucket policy",
                  lambda: _at_call(s3, name, s3.put_bucket_policy, Bucket=name, Policy=json.dumps(wanted)), s3, name)
         done.append(f"{would}set anonymous download")
     elif anonymous:
         if not dry_run:
             if others:
                 kept = json.dumps({"Version": (policy or {}).get("Version", "2012-10-17"), "Statement": others})
-                _run(retry, "set bucket policy",
+                call(retry, "set bucket policy",
                      lambda: _at_call(s3, name, s3.put_bucket_policy, Bucket=name, Policy=kept), s3, name)
             else:
-                _run(retry, "delete bucket policy",
+                call(retry, "delete bucket policy",
                      lambda: _at_call(s3, name, s3.delete_bucket_policy, Bucket=name), s3, name)
         done.append(f"{would}remove anonymous access")
     else:
@@ -1355,7 +1355,7 @@ def ensure_bucket(s3, name: str, public: bool, dry_run: bool = False, *,
 
 
 def _at_call(s3, bucket: str, fn: Callable, **kwargs):
-    with _at(s3, bucket):
+    with tagged_with(s3, bucket):
         return fn(**kwargs)
 
 

@@ -382,10 +382,10 @@ class S3Source(StorageSource):
                 kwargs["ContinuationToken"] = token
 
             def page(kwargs=kwargs):
-                with s3._at(self.client, bucket):
+                with s3.tagged_with(self.client, bucket):
                     return self.client.list_objects_v2(**kwargs)
 
-            answer = s3._run(self.retry, "list", page, self.client, bucket)
+            answer = s3.call(self.retry, "list", page, self.client, bucket)
             entries += [(item["Key"], ListedFile(bucket, item["Key"], item["Size"], item.get("ETag", "").strip('"')))
                         for item in answer.get("Contents", [])]
             entries += [(folder["Prefix"], None) for folder in answer.get("CommonPrefixes", [])]
@@ -409,15 +409,15 @@ class S3Source(StorageSource):
     def open(self, bucket: str, key: str) -> SourceStream:
         def get():
             try:
-                with s3._at(self.client, bucket):
+                with s3.tagged_with(self.client, bucket):
                     return self.client.get_object(Bucket=bucket, Key=key)
             except ClientError as exc:
-                if s3._status(exc) == 404:
+                if s3.http_status(exc) == 404:
                     raise ObjectMissing(f"S3 {self.endpoint} bucket '{bucket}' key {key!r}: no such object "
-                                        f"({s3._code(exc)})", bucket=bucket, key=key) from None
+                                        f"({s3.error_code(exc)})", bucket=bucket, key=key) from None
                 raise
 
-        answer = s3._run(self.retry, "download", get, self.client, bucket, key)
+        answer = s3.call(self.retry, "download", get, self.client, bucket, key)
         body = answer["Body"]
         return SourceStream(f"S3 {self.endpoint}", bucket, key, answer["ContentLength"],
                             answer.get("ETag", "").strip('"') or None, answer.get("ContentType"),
@@ -425,7 +425,7 @@ class S3Source(StorageSource):
 
     def check(self, bucket: str | None = None) -> None:
         if bucket is None:
-            s3._run(self.retry, "list buckets", self.client.list_buckets, self.client, "(all buckets)")
+            s3.call(self.retry, "list buckets", self.client.list_buckets, self.client, "(all buckets)")
         else:
             next(iter(s3.list_objects(self.client, bucket, page_size=1, retry=self.retry)), None)
 

@@ -144,7 +144,7 @@ def upload_stream(client, bucket: str, key: str, stream, part_size: int, *,
                   retry: s3.RetryPolicy = s3.RetryPolicy()) -> tuple[int, str, int]:
     """Uploads everything ``stream.read`` gives as one multipart upload of ``key``, one part in memory at a
     time; returns (size, SHA-256 hex, parts). Nothing read: no object, StepFailed. Aborted on any failure."""
-    started = s3._run(retry, "start upload", lambda: client.create_multipart_upload(
+    started = s3.call(retry, "start upload", lambda: client.create_multipart_upload(
         Bucket=bucket, Key=key, ContentType="application/octet-stream"), client, bucket, key)
     upload_id = started["UploadId"]
     try:
@@ -159,14 +159,14 @@ def upload_stream(client, bucket: str, key: str, stream, part_size: int, *,
             size += len(data)
             number = len(done) + 1
             md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
-            answer = s3._run(retry, f"upload part {number}", lambda data=data, number=number, md5=md5: client.upload_part(
+            answer = s3.call(retry, f"upload part {number}", lambda data=data, number=number, md5=md5: client.upload_part(
                 Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentMD5=md5),
                 client, bucket, key)
             done.append({"PartNumber": number, "ETag": answer["ETag"]})
             del data
             if size % part_size:  # a short part is the last one
                 break
-        s3._run(retry, "complete upload", lambda: client.complete_multipart_upload(
+        s3.call(retry, "complete upload", lambda: client.complete_multipart_upload(
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}), client, bucket, key)
     except BaseException:
         try:
@@ -182,21 +182,21 @@ def copy_with_metadata(client, bucket: str, source_key: str, key: str, size: int
     """A server-side copy of ``source_key`` to ``key`` carrying ``metadata`` (replacing the source's)."""
     source = {"Bucket": bucket, "Key": source_key}
     if size <= COPY_OBJECT_LIMIT:
-        s3._run(retry, "copy with metadata", lambda: client.copy_object(
+        s3.call(retry, "copy with metadata", lambda: client.copy_object(
             Bucket=bucket, Key=key, CopySource=source, MetadataDirective="REPLACE", Metadata=metadata,
             ContentType="application/octet-stream"), client, bucket, key)
         return
-    upload_id = s3._run(retry, "start copy", lambda: client.create_multipart_upload(
+    upload_id = s3.call(retry, "start copy", lambda: client.create_multipart_upload(
         Bucket=bucket, Key=key, Metadata=metadata, ContentType="application/octet-stream"), client, bucket, key)["UploadId"]
     try:
         parts = []
         for number, first in enumerate(range(0, size, COPY_PART), start=1):
             last = min(first + COPY_PART, size) - 1
-            answer = s3._run(retry, f"copy part {number}", lambda number=number, first=first, last=last: client.upload_part_copy(
+            answer = s3.call(retry, f"copy part {number}", lambda number=number, first=first, last=last: client.upload_part_copy(
                 Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, CopySource=source,
                 CopySourceRange=f"bytes={first}-{last}"), client, bucket, key)
             parts.append({"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]})
-        s3._run(retry, "complete copy", lambda: client.complete_multipart_upload(
+        s3.call(retry, "complete copy", lambda: client.complete_multipart_upload(
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}), client, bucket, key)
     except BaseException:
         try:
@@ -208,7 +208,7 @@ def copy_with_metadata(client, bucket: str, source_key: str, key: str, size: int
 
 def put_json(client, bucket: str, key: str, value: dict, *, retry: s3.RetryPolicy = s3.RetryPolicy()) -> None:
     body = json.dumps(value, indent=1, sort_keys=True).encode()
-    s3._run(retry, "put", lambda: client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json"),
+    s3.call(retry, "put", lambda: client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json"),
             client, bucket, key)
 
 
@@ -219,11 +219,11 @@ def get_json(client, bucket: str, key: str, *, retry: s3.RetryPolicy = s3.RetryP
         try:
             return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
         except ClientError as exc:
-            if s3._status(exc) == 404:
+            if s3.http_status(exc) == 404:
                 return None
             raise
 
-    return s3._run(retry, "get", get, client, bucket, key)
+    return s3.call(retry, "get", get, client, bucket, key)
 
 
 def dump_to_bucket(argv: list[str], env: dict[str, str], client, bucket: str, key: str, part_size: int,
@@ -291,7 +291,7 @@ def list_backups(client, bucket: str, prefix: str, *, suffix: str = DUMP_SUFFIX,
     found: list[Backup] = []
     kwargs = {"Bucket": bucket, "Prefix": f"{prefix}_"}
     while True:
-        page = s3._run(retry, "list", lambda kwargs=dict(kwargs): client.list_objects_v2(**kwargs), client, bucket)
+        page = s3.call(retry, "list", lambda kwargs=dict(kwargs): client.list_objects_v2(**kwargs), client, bucket)
         found += [Backup(o["Key"], o["Size"], o["LastModified"].timestamp())
                   for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
         if not page.get("IsTruncated"):
@@ -317,7 +317,7 @@ def expired(backups: Iterable[Backup], *, now: float, retention_days: int, keep_
 def delete_backup(client, bucket: str, key: str, *, retry: s3.RetryPolicy = s3.RetryPolicy()) -> None:
     """Deletes a dump and its sidecar."""
     for name in (key, counts_key(key)):
-        s3._run(retry, "delete", lambda name=name: client.delete_object(Bucket=bucket, Key=name), client, bucket, name)
+        s3.call(retry, "delete", lambda name=name: client.delete_object(Bucket=bucket, Key=name), client, bucket, name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def download(client, bucket: str, key: str, path: Path, *, retry: s3.RetryPolicy
                 out.write(piece)
         return {"metadata": dict(answer.get("Metadata") or {}), "sha256": sha.hexdigest(), "size": size}
 
-    return s3._run(retry, "download", get, client, bucket, key)
+    return s3.call(retry, "download", get, client, bucket, key)
 
 
 @dataclass(frozen=True)
