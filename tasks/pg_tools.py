@@ -25,6 +25,7 @@ from liftoff.redaction import redact
 class PgTools:
     bin_dir: Path
     major: int
+    version: str = ""  # "15.18", as --version prints it
 
     @property
     def pg_dump(self) -> str:
@@ -35,13 +36,14 @@ class PgTools:
         return str(self.bin_dir / "pg_restore")
 
 
-def _major_of(binary: Path) -> int | None:
+def tool_version(binary: Path | str) -> tuple[int, str] | None:
+    """(major, "major.minor") of a PostgreSQL client binary, from ``--version``; None if it does not run."""
     try:
         out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
-    m = re.search(r"\)\s+(\d+)", out)
-    return int(m.group(1)) if m else None
+    m = re.search(r"\)\s+(\d+)((?:\.\d+)?)", out)
+    return (int(m.group(1)), m.group(1) + m.group(2)) if m else None
 
 
 def default_search_dirs() -> list[Path]:
@@ -52,17 +54,22 @@ def default_search_dirs() -> list[Path]:
     return dirs
 
 
+def installed_pg_tools(search_dirs: list[Path] | None = None) -> list[PgTools]:
+    """Every pg_dump/pg_restore pair of one major in ``search_dirs`` (default: Debian's and PATH's)."""
+    found = []
+    for d in (default_search_dirs() if search_dirs is None else search_dirs):
+        d = Path(d)
+        if (d / "pg_dump").exists() and (d / "pg_restore").exists():
+            dump, restore = tool_version(d / "pg_dump"), tool_version(d / "pg_restore")
+            if dump and restore and dump[0] == restore[0]:
+                found.append(PgTools(d, dump[0], dump[1]))
+    return found
+
+
 def find_pg_tools(min_major: int, search_dirs: list[Path] | None = None) -> PgTools:
     """The oldest pg_dump/pg_restore pair whose major version is at least ``min_major``: pg_dump refuses a
     newer server, and a pg_restore older than its archive cannot read it."""
-    dirs = search_dirs if search_dirs is not None else default_search_dirs()
-    found: list[PgTools] = []
-    for d in dirs:
-        d = Path(d)
-        if (d / "pg_dump").exists() and (d / "pg_restore").exists():
-            major = _major_of(d / "pg_dump")
-            if major is not None and major == _major_of(d / "pg_restore"):
-                found.append(PgTools(d, major))
+    found = installed_pg_tools(search_dirs)
     usable = sorted((t for t in found if t.major >= min_major), key=lambda t: t.major)
     if not usable:
         have = ", ".join(f"{t.major} in {t.bin_dir}" for t in found) or "none"

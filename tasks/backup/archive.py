@@ -60,49 +60,12 @@ def counts_key(key: str) -> str:
 # pg_dump of the right major
 
 
-@dataclass(frozen=True)
-class DumpTools:
-    bin_dir: Path
-    major: int
-    version: str  # "15.18"
-
-    @property
-    def pg_dump(self) -> str:
-        return str(self.bin_dir / "pg_dump")
-
-    @property
-    def pg_restore(self) -> str:
-        return str(self.bin_dir / "pg_restore")
-
-
-def tool_version(binary: Path | str) -> tuple[int, str] | None:
-    """(major, "major.minor") of a PostgreSQL client binary, from ``--version``; None if it does not run."""
-    try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"\)\s+(\d+)((?:\.\d+)?)", out)
-    return (int(m.group(1)), m.group(1) + m.group(2)) if m else None
-
-
-def installed_tools(search_dirs: Iterable[Path] | None = None) -> list[DumpTools]:
-    """Every pg_dump/pg_restore pair of one major found in ``search_dirs`` (default: Debian's and PATH's)."""
-    found = []
-    for d in (pg_tools.default_search_dirs() if search_dirs is None else search_dirs):
-        d = Path(d)
-        if (d / "pg_dump").exists() and (d / "pg_restore").exists():
-            dump, restore = tool_version(d / "pg_dump"), tool_version(d / "pg_restore")
-            if dump and restore and dump[0] == restore[0]:
-                found.append(DumpTools(d, dump[0], dump[1]))
-    return found
-
-
 def choose_pg_dump(server_major: int, server_version: str, where: str,
-                   search_dirs: Iterable[Path] | None = None) -> DumpTools:
+                   search_dirs: list[Path] | None = None) -> pg_tools.PgTools:
     """The oldest installed pair whose major is at least the server's. An older pg_dump is refused with one
     line naming the binary, both versions and the fix: it would refuse the server, or worse (GitLab 2017)
     make a backup that looks fine and is not."""
-    found = installed_tools(search_dirs)
+    found = pg_tools.installed_pg_tools(search_dirs)
     usable = sorted((t for t in found if t.major >= server_major), key=lambda t: t.major)
     if usable:
         return usable[0]

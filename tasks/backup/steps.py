@@ -27,7 +27,7 @@ from liftoff.logs import get_logger
 from liftoff.redaction import redact
 from liftoff.steps import recorded
 from runbooks.model import Endpoint, Runbook
-from tasks import postgres, s3
+from tasks import pg_tools, postgres, s3
 from tasks.backup import archive
 from tasks.checklist import FAILED, PASSED, CheckLine
 from tasks.rehearsal import maintenance_endpoint
@@ -75,7 +75,7 @@ def _server(rb: Runbook) -> postgres.ServerInfo:
         return postgres.server_info(conn, rb.target.direct)
 
 
-def dump_tools(rb: Runbook, server: postgres.ServerInfo) -> archive.DumpTools:
+def dump_tools(rb: Runbook, server: postgres.ServerInfo) -> pg_tools.PgTools:
     """The pg_dump to back up ``target.direct`` with; refuses one older than the server (one line)."""
     return archive.choose_pg_dump(server.major, server.version, _where(rb.target.direct), rb.database.pg_bin_dirs)
 
