@@ -24,7 +24,7 @@ import ipaddress
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -36,7 +36,7 @@ from liftoff.redaction import is_weak_secret, redact
 from liftoff.reports import check_rows, check_table, md_cell
 from liftoff.steps import recorded
 from runbooks.model import Runbook, SecretRef
-from tasks.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine
+from tasks.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, ChecklistReport
 from tasks.remote import Remote, command_head
 
 log = get_logger(phase="security")
@@ -52,23 +52,12 @@ _CREDENTIAL_KEY = r"\b[\w.-]*(?:password|passwd|pass|pwd|secret|token|key)[\w.-]
 
 
 @dataclass(frozen=True)
-class SecurityReport:
-    lines: list[CheckLine] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """No line failed ("not checked" lines do not fail the gate; they are shown red)."""
-        return not any(line.status == FAILED for line in self.lines)
-
-    def failures(self) -> list[str]:
-        return [f"{line.name}: {line.detail}" for line in self.lines if line.status == FAILED]
-
-    def line(self, name: str) -> CheckLine:
-        return next(line for line in self.lines if line.name == name)
+class SecurityReport(ChecklistReport):
+    """The checklist's kind of report (a line per check; "not checked" lines do not fail it), in its own words."""
 
     def summary(self) -> str:
         failed = [line.name for line in self.lines if line.status == FAILED]
-        unchecked = [line.name for line in self.lines if line.status == NOT_CHECKED]
+        unchecked = self.not_checked()
         head = (f"security checks passed: {len(self.lines) - len(unchecked)} of {len(self.lines)} lines" if self.ok
                 else f"security checks failed: {len(failed)} of {len(self.lines)} lines ({', '.join(failed)})")
         return head + (f"; not checked: {', '.join(unchecked)}" if unchecked else "")
