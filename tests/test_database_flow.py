@@ -132,24 +132,29 @@ def test_stream_strategy_copies_server_to_server_and_keeps_a_schema_archive(stac
 
 
 def test_gate_publishes_its_table_and_a_finished_progress_bar(stack, migrated):
+    import json
+
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, ArtifactFilterType,
+    )
 
     from liftoff.reports import artifact_key
 
     name = load_runbook(migrated["runbook"]).name  # artifact keys carry the runbook's name
-    verify_database(RunOptions(runbook=str(migrated["runbook"])))
+    # This run's own artifacts, by its flow run id: under pytest-xdist another worker's runbook has the same
+    # name on the same Prefect server, so "the latest artifact with that key" may be the other one's.
+    state = verify_database(RunOptions(runbook=str(migrated["runbook"])), return_state=True)
+    assert state.is_completed(), state
+    run_id = state.state_details.flow_run_id
+    mine = ArtifactFilterFlowRunId(any_=[run_id])
     with get_client(sync_client=True) as client:
-        [table] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "verify-tables")])),
-            sort="CREATED_DESC",
-            limit=1)
-        run_id = table.flow_run_id
-        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
-                                         sort="CREATED_DESC", limit=20)
-    import json
+        [table] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key(name, "verify-tables")]), flow_run_id=mine))
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(
+            type=ArtifactFilterType(any_=["progress"]), flow_run_id=mine))
 
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["table"] for r in rows} == set(migrated["result"]["export"]["tables"]) | {"auth.users"}
     assert all(r["status"] == "match" and r["source rows"] == r["target rows"] for r in rows)
-    assert any(p.flow_run_id == run_id and float(p.data) == 100.0 for p in progress)
+    assert progress and all(float(p.data) == 100.0 for p in progress), [p.data for p in progress]
