@@ -6,9 +6,11 @@ Every server runs on a free loopback port in a temp directory and is stopped at 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,20 @@ def pytest_configure(config):
     # the queued run logs and events; stopping it sooner makes them retry for a minute.
     atexit.register(_server.stop)
     atexit.register(stop_started)
+
+
+@contextmanager
+def serving_deployments():
+    """Held while a test's process serves Liftoff's deployments. Deployments are named by flow, so two serving
+    processes on the one Prefect server (one per xdist worker) would register the same deployments and take
+    each other's runs, in the other worker's environment (its stack's secrets): they serve one at a time.
+    An flock on a file in the Prefect home every worker shares, released by the kernel if a worker dies."""
+    with open(Path(os.environ["PREFECT_HOME"]) / "serving-deployments.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, stop_process_group
+from conftest import run_cli, serving_deployments, stop_process_group
 from flows.backup import backup, restore_test
 from flows.options import RunOptions
 from liftoff.errors import GateFailed, ToolMissing
@@ -250,26 +250,27 @@ def test_the_served_backup_deployment_runs_on_the_daily_and_hourly_schedules(sta
 
     runbook = backup_runbook(stack, s3_servers, timezone="Europe/Berlin")
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runbook", str(runbook), "--only",
-                                 "backup", "restore-test"], cwd="/", env=os.environ.copy(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + SERVE_TIMEOUT_S
-            while True:
-                try:
-                    deployment = client.read_deployment_by_name("backup/backup")
-                    tested = client.read_deployment_by_name("restore-test/restore-test")
-                    if deployment.schedules:
-                        break
-                except ObjectNotFound:
-                    pass
-                assert proc.poll() is None, f"deployments.serve exited: {log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, "the backup deployment never appeared"
-                time.sleep(0.5)
-    finally:
-        stop_process_group(proc)
+    with serving_deployments():  # one serving process at a time on the suite's server (conftest)
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runbook", str(runbook), "--only",
+                                     "backup", "restore-test"], cwd="/", env=os.environ.copy(), stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + SERVE_TIMEOUT_S
+                while True:
+                    try:
+                        deployment = client.read_deployment_by_name("backup/backup")
+                        tested = client.read_deployment_by_name("restore-test/restore-test")
+                        if deployment.schedules:
+                            break
+                    except ObjectNotFound:
+                        pass
+                    assert proc.poll() is None, f"deployments.serve exited: {log.read_text()[-2000:]}"
+                    assert time.monotonic() < deadline, "the backup deployment never appeared"
+                    time.sleep(0.5)
+        finally:
+            stop_process_group(proc)
     assert sorted((s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules) == \
         [("0 3 * * *", "Europe/Berlin", True), ("0 9-18 * * 1-5", "Europe/Berlin", True)]
     assert not tested.schedules

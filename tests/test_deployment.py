@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import fresh_runbook, stop_process_group
+from conftest import fresh_runbook, serving_deployments, stop_process_group
 
 SERVE_TIMEOUT_S = 90
 
@@ -43,27 +43,28 @@ def served(stack, tmp_path_factory):
     runbook = _runbook(stack, "deployed", rehearsal={"schedule": "30 4 * * 1", "timezone": "Europe/Berlin"})
     expected = {f"{d.flow_name}/{d.name}" for d in deployments(str(runbook))}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runbook", str(runbook)], cwd="/",
-                                env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + SERVE_TIMEOUT_S
-            while True:
-                found = {}
-                for full in expected:
-                    try:
-                        found[full] = client.read_deployment_by_name(full)
-                    except ObjectNotFound:
+    with serving_deployments():  # one serving process at a time on the suite's server (conftest)
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runbook", str(runbook)], cwd="/",
+                                    env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + SERVE_TIMEOUT_S
+                while True:
+                    found = {}
+                    for full in expected:
+                        try:
+                            found[full] = client.read_deployment_by_name(full)
+                        except ObjectNotFound:
+                            break
+                    if len(found) == len(expected):
                         break
-                if len(found) == len(expected):
-                    break
-                assert proc.poll() is None, f"deployments.serve exited: {log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, f"deployments never all appeared: {sorted(expected - set(found))}"
-                time.sleep(1)
-        yield {"runbook": runbook, "deployments": found, "log": log}
-    finally:
-        _stop(proc)
+                    assert proc.poll() is None, f"deployments.serve exited: {log.read_text()[-2000:]}"
+                    assert time.monotonic() < deadline, f"deployments never all appeared: {sorted(expected - set(found))}"
+                    time.sleep(1)
+            yield {"runbook": runbook, "deployments": found, "log": log}
+        finally:
+            _stop(proc)
 
 
 def _by_name(served, name: str):

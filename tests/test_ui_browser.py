@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from conftest import ROOT, fresh_runbook, stop_process_group
+from conftest import ROOT, fresh_runbook, serving_deployments, stop_process_group
 from liftoff.reports import artifact_key
 from runbooks.model import load_runbook
 
@@ -79,24 +79,25 @@ def served(command: list[str], flow_name: str, cwd: Path, log: Path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    with open(log, "w") as out:
-        # Polls for started runs every 2 s instead of 10 s: the test waits less, the walk-through is the same.
-        proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        with get_client(sync_client=True) as client:
-            while True:
-                named = FlowFilter(name=FlowFilterName(any_=[flow_name]))
-                live = [d for d in client.read_deployments(flow_filter=named) if not d.paused]
-                if live:
-                    break
-                assert proc.poll() is None, f"{command} exited with {proc.returncode}; see {log}"
-                assert time.monotonic() < deadline, f"no deployment of flow {flow_name} appeared; see {log}"
-                time.sleep(1)
-        yield live[0].name
-    finally:
-        stop_process_group(proc)
+    with serving_deployments():  # one serving process at a time on the suite's server (conftest)
+        with open(log, "w") as out:
+            # Polls for started runs every 2 s instead of 10 s: the test waits less, the walk-through is the same.
+            proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            with get_client(sync_client=True) as client:
+                while True:
+                    named = FlowFilter(name=FlowFilterName(any_=[flow_name]))
+                    live = [d for d in client.read_deployments(flow_filter=named) if not d.paused]
+                    if live:
+                        break
+                    assert proc.poll() is None, f"{command} exited with {proc.returncode}; see {log}"
+                    assert time.monotonic() < deadline, f"no deployment of flow {flow_name} appeared; see {log}"
+                    time.sleep(1)
+            yield live[0].name
+        finally:
+            stop_process_group(proc)
 
 
 def open_deployment(page, name: str) -> None:
