@@ -5,7 +5,6 @@ old and failed."""
 
 from __future__ import annotations
 
-import json
 import socket
 import sqlite3
 import threading
@@ -15,7 +14,7 @@ import pytest
 
 from liftoff.ledger import Ledger
 from liftoff.sandbox.dns import DnsServer
-from liftoff.sandbox.http_service import LoopbackHTTPService, TrackedHandler
+from liftoff.sandbox.health_endpoint import HEALTHY, HealthEndpoint
 from liftoff.sandbox.redis import RedisServer
 from liftoff.sandbox.s3 import S3Server
 from runbooks.model import Runbook, forget_resolved_secrets
@@ -30,37 +29,10 @@ from tasks.checklist import (
 )
 
 RECORD = "app.crm.test"
-HEALTHY = {"status": "healthy", "timestamp": "2026-11-27T10:00:00Z",
-           "checks": {"database": {"status": "up", "latency_ms": 2}, "redis": {"status": "up"},
-                      "storage": {"status": "up"}}}
 UNHEALTHY = {"status": "unhealthy", "timestamp": "2026-11-27T10:00:05Z",
              "checks": {"database": {"status": "up"},
                         "redis": {"status": "down", "error": "connect ECONNREFUSED 127.0.0.1:6379"},
                         "storage": {"status": "up"}}}
-
-
-class HealthEndpoint(LoopbackHTTPService):
-    """An app's /api/health whose answer the test sets: (HTTP status, body as JSON or raw bytes)."""
-
-    class handler(TrackedHandler):
-        def do_GET(self):
-            code, body = self.service.answer
-            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-            self.service.hits += 1
-
-    def __init__(self):
-        super().__init__()
-        self.answer = (200, HEALTHY)
-        self.hits = 0
-
-    @property
-    def health_url(self) -> str:
-        return f"{self.url}/api/health"
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ the machine's own, with a 4 MiB tmpfs filled past the thresholds."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -18,7 +17,7 @@ from flows.health import check_health
 from flows.options import RunOptions
 from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger
-from liftoff.sandbox.http_service import LoopbackHTTPService, TrackedHandler
+from liftoff.sandbox.health_endpoint import HealthEndpoint
 from liftoff.sandbox.postgres import free_port
 from liftoff.sandbox.redis import RedisServer
 from liftoff.sandbox.s3 import S3Server
@@ -30,30 +29,10 @@ from tasks.vps import parse_df, parse_ss
 KEY_ENV = "LIFTOFF_TEST_HEALTH_SSH_KEY"
 REDIS_ENV = "LIFTOFF_TEST_HEALTH_REDIS_PASSWORD"
 S3_KEY_ENV, S3_SECRET_ENV = "LIFTOFF_TEST_HEALTH_S3_KEY", "LIFTOFF_TEST_HEALTH_S3_SECRET"
-HEALTHY = {"status": "healthy", "timestamp": "2026-11-27T10:00:00Z",
-           "checks": {"database": {"status": "up"}, "redis": {"status": "up"}, "storage": {"status": "up"}}}
 UNHEALTHY = {"status": "unhealthy", "timestamp": "2026-11-27T10:00:05Z",
              "checks": {"database": {"status": "up"},
                         "redis": {"status": "down", "error": "connect ECONNREFUSED 127.0.0.1:6379"}}}
 DISK_BYTES = 4 * 1024 * 1024
-
-
-class AppHealth(LoopbackHTTPService):
-    """An app's /api/health answering what the test sets."""
-
-    class handler(TrackedHandler):
-        def do_GET(self):
-            code, body = self.service.answer
-            raw = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-    def __init__(self):
-        super().__init__()
-        self.answer = (200, HEALTHY)
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +65,7 @@ def s3_server():
 
 @pytest.fixture
 def app():
-    with AppHealth() as service:
+    with HealthEndpoint() as service:
         yield service
 
 
