@@ -94,6 +94,11 @@ def redact(text: str) -> str:
     return text
 
 
+def one_line(text: object, empty: str = "failed without a message") -> str:
+    """``text`` redacted and folded onto one line (whitespace runs become one space), for a report's line."""
+    return " ".join(redact(str(text)).split()) or empty
+
+
 def redact_value(value, key: str | None = None):
     """Redacts strings inside nested dicts, lists and tuples; a string under a credential key (``password``,
     ``secret_access_key``, ...) is masked whole."""

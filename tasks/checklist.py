@@ -21,7 +21,7 @@ from typing import Literal
 from liftoff.errors import ConnectionRefused, LiftoffError
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
-from liftoff.redaction import redact
+from liftoff.redaction import one_line, redact
 from liftoff.reports import check_rows, check_table, md_cell
 from runbooks.model import App, RedisEndpoint, Runbook
 from tasks import dns, health, postgres, s3
@@ -114,14 +114,11 @@ def _checked(name: str, check: Callable[[], CheckLine]) -> CheckLine:
     try:
         line = check()
     except LiftoffError as exc:
-        line = CheckLine(name, FAILED, _one_line(str(exc)), _FIXES.get(name, ""))
+        line = CheckLine(name, FAILED, one_line(str(exc)), _FIXES.get(name, ""))
     except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the checklist's
-        line = CheckLine(name, FAILED, _one_line(f"{type(exc).__name__}: {exc}"), _FIXES.get(name, ""))
+        line = CheckLine(name, FAILED, one_line(f"{type(exc).__name__}: {exc}"), _FIXES.get(name, ""))
     return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix))
 
-
-def _one_line(text: str) -> str:
-    return " ".join(redact(text).split()) or "failed without a message"
 
 
 def _unchecked(name: str, why: str, fix: str) -> CheckLine:
@@ -185,15 +182,15 @@ def redis_ping(endpoint: RedisEndpoint, field: str = "target.redis", timeout: fl
     except redis.exceptions.AuthenticationError as exc:
         hint = (f"check the secret behind {field}.password ({endpoint.password.label})" if endpoint.password
                 else f"the server wants a password: set {field}.password")
-        raise ConnectionRefused(f"{where}: Redis refused the login ({_one_line(str(exc))}); {hint}") from None
+        raise ConnectionRefused(f"{where}: Redis refused the login ({one_line(str(exc))}); {hint}") from None
     except redis.exceptions.TimeoutError:
         raise ConnectionRefused(f"{where}: Redis did not answer within {timeout:g} s; check {field}.host, "
                                          f"{field}.port and the firewall") from None
     except redis.exceptions.ConnectionError as exc:
-        raise ConnectionRefused(f"{where}: cannot reach Redis ({_one_line(str(exc))}); check {field}.host, "
+        raise ConnectionRefused(f"{where}: cannot reach Redis ({one_line(str(exc))}); check {field}.host, "
                                          f"{field}.port and that redis-server is running") from None
     except redis.exceptions.ResponseError as exc:
-        raise ConnectionRefused(f"{where}: Redis answered an error ({_one_line(str(exc))})") from None
+        raise ConnectionRefused(f"{where}: Redis answered an error ({one_line(str(exc))})") from None
     finally:
         client.close()
 
@@ -268,11 +265,11 @@ def _judge_gate(name: str, gate: GateRecord, max_age_s: float, *, failed_fix: st
     run = f" (flow run {gate.flow_run_id})" if gate.flow_run_id else ""
     if not gate.passed:
         return CheckLine(name, FAILED, f"the latest {gate.phase} gate failed {_age(age)} ago{run}: "
-                                       f"{_one_line(gate.summary)}", failed_fix)
+                                       f"{one_line(gate.summary)}", failed_fix)
     if age > max_age_s:
         return CheckLine(name, FAILED, f"the latest {gate.phase} gate passed {_age(age)} ago{run}, older than "
                                        f"cutover.checklist.max_gate_age_hours ({max_age_s / 3600:g} h)", old_fix)
-    return CheckLine(name, PASSED, f"passed {_age(age)} ago{run}: {_one_line(gate.summary)}")
+    return CheckLine(name, PASSED, f"passed {_age(age)} ago{run}: {one_line(gate.summary)}")
 
 
 # The platform phases' gates, in the plan's order: what each proves, for the line that says it was not run.

@@ -30,7 +30,7 @@ import yaml
 
 from liftoff.errors import LiftoffError
 from liftoff.logs import get_logger
-from liftoff.redaction import redact
+from liftoff.redaction import one_line, redact
 from liftoff.reports import check_rows, check_table
 from runbooks.model import Endpoint, Runbook
 from tasks import health as app_health
@@ -95,18 +95,15 @@ class HealthReport:
         return check_table(self.lines, "service")
 
 
-def _one_line(text: object) -> str:
-    return " ".join(redact(str(text)).split()) or "failed without a message"
-
 
 def _checked(service: str, fix: str, check: Callable[[], HealthLine | list[HealthLine]]) -> list[HealthLine]:
     """Runs one check; whatever it raises becomes its critical line (one line, no secret)."""
     try:
         result = check()
     except LiftoffError as exc:
-        result = HealthLine(service, CRITICAL, _one_line(exc), fix)
+        result = HealthLine(service, CRITICAL, one_line(exc), fix)
     except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the report's
-        result = HealthLine(service, CRITICAL, _one_line(f"{type(exc).__name__}: {exc}"), fix)
+        result = HealthLine(service, CRITICAL, one_line(f"{type(exc).__name__}: {exc}"), fix)
     lines = result if isinstance(result, list) else [result]
     return [HealthLine(x.service, x.status, redact(x.detail), redact(x.fix)) for x in lines]
 
@@ -228,7 +225,7 @@ def _vps_lines(rb: Runbook) -> list[HealthLine]:
         try:
             remote.run("true", timeout=30)
         except LiftoffError as exc:  # one line per check: each says the VPS could not be reached
-            return [HealthLine(name, CRITICAL, _one_line(exc), "check ssh (host, port, user, private_key, "
+            return [HealthLine(name, CRITICAL, one_line(exc), "check ssh (host, port, user, private_key, "
                                "known_hosts) and that sshd runs on the VPS") for name in [*disk_names,
                                                                                        "PostgreSQL connections"]]
         lines: list[HealthLine] = []

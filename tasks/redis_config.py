@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
-from liftoff.redaction import redact
+from liftoff.redaction import one_line, redact
 from liftoff.reports import check_rows, check_table
 from liftoff.steps import recorded
 from runbooks.model import Cache, RedisEndpoint, Runbook, redis_memory_bytes
@@ -58,9 +58,6 @@ def connect(endpoint: RedisEndpoint, field_name: str = FIELD):
                        socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S, decode_responses=True,
                        retry=Retry(NoBackoff(), 0))
 
-
-def _one_line(text: object) -> str:
-    return " ".join(redact(str(text)).split()) or "no message"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +129,7 @@ def read_cache_settings(rb: Runbook, client=None) -> CacheSettings:
             try:
                 current = client.config_get(name).get(name)
             except redis.exceptions.ResponseError as exc:
-                found.unreadable = _one_line(exc)
+                found.unreadable = one_line(exc, 'no message')
                 current = None
             found.settings.append(Setting(name, wanted, None if current is None else str(current)))
     finally:
@@ -174,14 +171,14 @@ def apply_cache_settings(rb: Runbook) -> dict:
                 client.config_set(setting.name, setting.wanted)
             except redis.exceptions.ResponseError as exc:
                 raise StepFailed(f"{FIELD} ({found.where}): CONFIG SET {setting.name} {setting.wanted} refused "
-                                 f"({_one_line(exc)}); check cache.{setting.name.replace('-', '_')}") from None
+                                 f"({one_line(exc, 'no message')}); check cache.{setting.name.replace('-', '_')}") from None
         if changed:
             try:
                 client.execute_command("CONFIG", "REWRITE")
             except redis.exceptions.ResponseError as exc:
                 lines = ", ".join(f"{s.name} {s.wanted}" for s in changed)
                 raise StepFailed(f"{FIELD} ({found.where}): the settings are set but CONFIG REWRITE failed "
-                                 f"({_one_line(exc)}), so a restart would lose them: start Redis from a redis.conf "
+                                 f"({one_line(exc, 'no message')}), so a restart would lose them: start Redis from a redis.conf "
                                  f"holding `{lines}` (docker: redis-server /usr/local/etc/redis/redis.conf, or "
                                  f"the same as --options on its command line)") from None
             if any(s.name == "appendonly" for s in changed):
@@ -261,7 +258,7 @@ def check_cache(rb: Runbook) -> CacheReport:
         found = read_cache_settings(rb)
     except ConnectionRefused as exc:
         return CacheReport(where, [
-            CheckLine("Redis answers", FAILED, _one_line(exc),
+            CheckLine("Redis answers", FAILED, one_line(exc, 'no message'),
                       "start Redis on the target, or correct target.redis (host, port, password)"),
             *[CheckLine(f"{name} {wanted}", NOT_CHECKED, "Redis did not answer")
               for name, wanted in cache_settings(rb).wanted().items()],
@@ -297,7 +294,7 @@ def _round_trip(endpoint: RedisEndpoint) -> CheckLine:
         left = client.exists(key)
         ms = (time.perf_counter() - started) * 1000
     except redis.exceptions.RedisError as exc:
-        return CheckLine(name, FAILED, f"{FIELD}: SET/GET/DEL of {key} failed ({_one_line(exc)})",
+        return CheckLine(name, FAILED, f"{FIELD}: SET/GET/DEL of {key} failed ({one_line(exc, 'no message')})",
                          "a replica or a full Redis refuses writes: point target.redis at the primary, or free memory")
     finally:
         client.close()
