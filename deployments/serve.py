@@ -133,7 +133,8 @@ def warn(line: str) -> None:
 
 def start_local_server(port: int, home: Path):
     """A ``prefect server start`` on 127.0.0.1:``port`` with its embedded SQLite in ``home`` (kept between
-    starts: the UI's run history), analytics off, the UI pointed at this port's API."""
+    starts: the UI's run history), or the database $PREFECT_API_DATABASE_CONNECTION_URL names (the server
+    inherits the environment), analytics off, the UI pointed at this port's API."""
     from liftoff.sandbox.prefect_server import PrefectServer
 
     class KeptHome(PrefectServer):

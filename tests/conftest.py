@@ -29,14 +29,18 @@ def pytest_configure(config):
     global _server
     if getattr(config, "workerinput", None) is not None:
         return
+    from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir
     from liftoff.sandbox.prefect_server import PrefectServer
 
-    _server = PrefectServer().start()
+    # Its records in PostgreSQL, as a production Prefect server keeps them: with SQLite, two workers, serving
+    # processes and the browser tests' clicks writing at once got 503s the UI does not retry.
+    _server = PrefectServer(database=PostgresServer(pg15_bin_dir(), settings={"max_connections": "200"})).start()
     os.environ.update(_server.env())
-    # Stopped at exit, after Prefect's own exit handlers (registered later, so run earlier) have shipped
-    # the queued run logs and events; stopping it sooner makes them retry for a minute.
-    atexit.register(_server.stop)
+    # Stopped at exit (with its database), after Prefect's own exit handlers (registered later, so run earlier)
+    # have shipped the queued run logs and events; stopping it sooner makes them retry for a minute. The
+    # clusters tests started and left are stopped after it.
     atexit.register(stop_started)
+    atexit.register(_server.stop)
 
 
 @contextmanager

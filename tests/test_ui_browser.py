@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, fresh_runbook, serving_deployments, stop_process_group
 from playwright.sync_api import expect
 
-from conftest import ROOT, fresh_runbook, serving_deployments, stop_process_group
 from liftoff.reports import artifact_key
 from runbooks.model import load_runbook
 
@@ -29,7 +29,8 @@ RUN_TIMEOUT_MS = 180_000  # a real migrate-database run of the session stack tak
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():  # `make test` installs it; a bare pytest run tries the same script once
-        subprocess.run(["bash", str(ROOT / "scripts" / "install-system-deps.sh")], capture_output=True, timeout=600)
+        subprocess.run(["bash", str(ROOT / "scripts" / "install-system-deps.sh")], capture_output=True, timeout=600,
+                       check=False)
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing and could not be installed: run scripts/install-system-deps.sh as root")
     from playwright.sync_api import sync_playwright
@@ -46,7 +47,11 @@ def browser():
 def page(browser, prefect_api):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, base_url=prefect_api.ui_url)
     context.set_default_timeout(30_000)
-    yield context.new_page()
+    page = context.new_page()
+    # A failed API call behind an "Oops. Something went wrong." toast: printed, so a failure's output shows it.
+    page.on("response", lambda r: r.status >= 400 and print(f"HTTP {r.status} {r.request.method} {r.url}: "
+                                                            f"{r.text()[:500] if r.status >= 500 else ''}"))
+    yield page
     context.close()
 
 
@@ -116,24 +121,36 @@ def form_field(page, label: str):
         has=page.locator(".schema-form-property__label", has_text=title)).last
 
 
-def flow_run_id(url: str) -> str:
-    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", url).group(1)
-
-
-def flow_run_named(name: str, timeout_s: float = 30) -> str:
-    """The id of the one flow run called ``name`` (the form's Run Name), once the server has it."""
+def flow_run_ids(flow_name: str) -> set[str]:
+    """The ids of every flow run of flow ``flow_name`` the server has."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return {str(run.id) for run in runs}
+
+
+def new_flow_run(page, flow_name: str, before: set[str], run_name: str | None = None, timeout_s: float = 90) -> str:
+    """The id of the one flow run of ``flow_name`` (called ``run_name``, if given) that the server has now and
+    did not have in ``before``: the run a click in the UI just created. The server's record is the proof, not
+    the UI's toast, which on a loaded CI machine once did not show within 30 s."""
+    from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
-            if runs:
-                assert len(runs) == 1, f"{len(runs)} flow runs are called {name}"
-                return str(runs[0].id)
-            assert time.monotonic() < deadline, f"the server has no flow run called {name} after {timeout_s}s"
-            time.sleep(0.5)
+    while True:
+        new = flow_run_ids(flow_name) - before
+        if new:
+            assert len(new) == 1, f"{len(new)} new runs of {flow_name}: {sorted(new)}"
+            run_id = new.pop()
+            if run_name is not None:
+                with get_client(sync_client=True) as client:
+                    assert client.read_flow_run(run_id).name == run_name
+            return run_id
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server has no new run of {flow_name} {timeout_s:.0f}s after the click; "
+                                 f"the page said: {page.inner_text('body')[:2000]!r}")
+        time.sleep(0.5)
 
 
 def wait_for_final_state(page, timeout_ms: int = RUN_TIMEOUT_MS) -> str:
@@ -179,16 +196,14 @@ def test_operator_runs_the_database_deployment_from_the_ui_form_and_reads_the_ga
         expect(runbook_field.locator("textarea")).to_have_value(str(runbook))
         shot("run-form")
 
-        # 3. Submit: back on the deployment's page, the new run is listed under its name.
+        # 3. Submit: the server has a run under the name typed into the form; open its page.
+        # Neither the deployment's run list (it refreshes on its own timer) nor the submit toast (on a loaded
+        # CI machine it once did not show within 30 s) is what proves the form worked: the server's record is.
+        before = flow_run_ids("migrate-database")
         page.get_by_role("button", name="Submit").click()
-        page.get_by_text("ui-walkthrough scheduled to start now").first.wait_for()
+        run_id = new_flow_run(page, "migrate-database", before, run_name="ui-walkthrough")
         shot("submitted")
-        # The toast's link, not the deployment's run list: that list refreshes on its own timer, which on a
-        # loaded CI machine took over 30 s once. The page it opens is the run the form created, by its name.
-        page.get_by_role("button", name="View run").last.click()
-        page.wait_for_url("**/runs/flow-run/**")
-        run_id = flow_run_id(page.url)
-        assert run_id == flow_run_named("ui-walkthrough")
+        page.goto(f"/runs/flow-run/{run_id}")
 
         # 4. The run's page: wait until it completes.
         state = wait_for_final_state(page)
@@ -264,11 +279,10 @@ def test_operator_resumes_a_paused_run_from_the_ui_form(page, tmp_path):
             served(serve, "ui-approval", cwd=tmp_path, log=tmp_path / "serve.log") as name:
         open_deployment(page, name)
         page.get_by_role("button", name="Run", exact=True).click()
+        before = flow_run_ids("ui-approval")
         page.get_by_text("Quick run", exact=True).click()
-        # The toast's link to the new run (the UI mounts two toast containers; the last one is on top).
-        page.get_by_role("button", name="View run").last.click()
-        page.wait_for_url("**/runs/flow-run/**")
-        run_id = flow_run_id(page.url)
+        run_id = new_flow_run(page, "ui-approval", before)
+        page.goto(f"/runs/flow-run/{run_id}")
 
         resume = page.get_by_role("button", name="Resume", exact=True)
         resume.wait_for(timeout=60_000)  # shown once the run is Paused

@@ -12,11 +12,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-from liftoff.sandbox.postgres import free_port
+from liftoff.sandbox.postgres import PostgresServer, free_port
 
 
 class PrefectServer:
-    def __init__(self, home: Path | None = None, port: int | None = None):
+    """``database``: a PostgreSQL cluster for the server's own records, started and stopped with it; without
+    one, Prefect's embedded SQLite. Under concurrent writers (two test workers, a serving process and a UI
+    click) SQLite answers some writes with SQLITE_BUSY_SNAPSHOT, which the server returns as 503: Prefect's
+    Python client retries those, the UI does not ("Oops. Something went wrong." on Submit)."""
+
+    def __init__(self, home: Path | None = None, port: int | None = None, database: PostgresServer | None = None):
+        self.database = database
         self.port = port or free_port()
         self.home = home or Path(tempfile.mkdtemp(prefix="liftoff-prefect-"))
         self.api_url = f"http://127.0.0.1:{self.port}/api"
@@ -37,6 +43,12 @@ class PrefectServer:
         env.pop("PREFECT_API_URL")
         # Without it the UI served on this port calls the API at 127.0.0.1:4200 ("Can't connect to Server API").
         env["PREFECT_UI_API_URL"] = self.api_url
+        if self.database is not None:
+            self.database.start()
+            self.database.execute("CREATE DATABASE prefect")
+            db = self.database
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+                f"postgresql+asyncpg://{db.superuser}:{db.password}@{db.host}:{db.port}/prefect")
         self.log = open(self.home / "server.log", "w")
         self.proc = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -62,6 +74,8 @@ class PrefectServer:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.database is not None:
+            self.database.stop(remove=remove)
         if remove:
             shutil.rmtree(self.home, ignore_errors=True)
 
