@@ -7,7 +7,7 @@ import itertools
 import psycopg
 import pytest
 
-from tasks.postgres import TEXT_SETTINGS, Table, list_tables
+from tasks.postgres import TEXT_SETTINGS, Table, digest_columns, list_tables
 from tasks.verify import compare_objects, compare_table
 
 _n = itertools.count()
@@ -109,3 +109,69 @@ def test_domain_and_citext_keys_are_ranged_byte_wise_across_servers_that_sort_di
     finally:
         for conn in conns:
             conn.close()
+
+
+# (column type, the source's value, what the target is changed to): each a change the typed row digest
+# must see. The first ones are where a type's own hash is blind (equal values, different text) and the
+# digest hashes the text instead; the rest are hashed by their type.
+_TYPED_CHANGES = [
+    ("numeric", "1.0", "1.00"),
+    ("jsonb", """'{"a":1}'""", """'{"a":1.0}'"""),
+    ("bpchar", "'ab'", "'ab '"),
+    ("float8", "0", "'-0'"),
+    ("interval", "'1 day'", "'24 hours'"),
+    ("int[]", "'{1,2}'", "'[0:1]={1,2}'"),
+    ("json", """'{"a":1}'""", """'{"a": 1}'"""),
+    ("extensions.citext", "'Ada'", "'ADA'"),
+    ("text COLLATE ci", "'Ada'", "'ADA'"),
+    ("text", "'Ada'", "'Ada '"),
+    ("varchar(20)", "'Ada'", "'ada'"),
+    ("int8", "9007199254740993", "9007199254740992"),
+    ("bool", "true", "false"),
+    ("uuid", "'00000000-0000-0000-0000-000000000001'", "'00000000-0000-0000-0000-000000000002'"),
+    ("timestamptz", "'2026-11-27 10:00:00+00'", "'2026-11-27 10:00:00.000001+00'"),
+    ("date", "'2026-11-27'", "'2026-11-28'"),
+    ("bytea", "'\\x00'", "'\\x0000'"),
+    ("jsonb", """'{"a":1}'""", """'{"a":2}'"""),
+]
+
+
+@pytest.mark.parametrize(("column_type", "value", "changed"), _TYPED_CHANGES, ids=[c[0] for c in _TYPED_CHANGES])
+def test_the_typed_row_digest_sees_each_change_the_rows_text_shows(two_databases, column_type, value, changed):
+    source, target = two_databases
+    _both(two_databases, "CREATE SCHEMA extensions; CREATE EXTENSION citext WITH SCHEMA extensions;"
+                         "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
+                         f"CREATE TABLE public.v (id int PRIMARY KEY, x {column_type}, n int);"
+                         f"INSERT INTO public.v SELECT g, {value}, g FROM generate_series(1, 40) g")
+    table = _table(source, "v")
+    assert source.info.server_version >= 140000  # the typed digest's hash_record_extended is there
+    assert compare_table(source, target, table).ok  # equal rows: equal digests
+
+    target.execute(f"UPDATE public.v SET x = {changed} WHERE id = 23")
+    text = "SELECT ROW(x)::text FROM public.v WHERE id = 23"  # x's output, as the row's text has it
+    assert target.execute(text).fetchone() != source.execute(text).fetchone()
+    check = compare_table(source, target, table)
+    assert not check.ok and check.changed_keys == ["23"], check.summary()
+
+
+def test_the_digest_hashes_by_type_only_what_its_type_hashes_as_strictly_as_its_text(two_databases):
+    source, _ = two_databases
+    source.execute("CREATE SCHEMA extensions; CREATE EXTENSION citext WITH SCHEMA extensions;"
+                   "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
+                   "CREATE DOMAIN public.code AS text;"
+                   "CREATE TABLE public.w (id int8 PRIMARY KEY, name text, ci_name text COLLATE ci, "
+                   "email extensions.citext, price numeric(10,2), at timestamptz, meta jsonb, doc json, "
+                   "tags text[], code public.code, ratio float8, dropped int)")
+    source.execute("ALTER TABLE public.w DROP COLUMN dropped")
+    columns = {c.name: c.raw for c in digest_columns(source, _table(source, "w"))}
+    assert columns == {"id": True, "name": True, "ci_name": False, "email": False, "price": False, "at": True,
+                       "meta": False, "doc": False, "tags": False, "code": False, "ratio": False}
+
+
+def test_a_column_the_target_lacks_is_a_difference_not_an_error(two_databases):
+    source, target = two_databases
+    _both(two_databases, "CREATE TABLE public.c (id int PRIMARY KEY, a text, b text);"
+                         "INSERT INTO public.c SELECT g, 'a' || g, 'b' || g FROM generate_series(1, 30) g")
+    target.execute("ALTER TABLE public.c DROP COLUMN b")
+    check = compare_table(source, target, _table(source, "c"))
+    assert not check.ok and check.status == "content differs" and len(check.changed_keys) == 5, check.summary()
