@@ -7,6 +7,7 @@ side of a migration; the gates in ``tasks/verify.py`` compare what these functio
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -564,10 +565,13 @@ def copyable_columns(conn: psycopg.Connection, schema: str, table: str) -> list[
     )]
 
 
-def stream_table(source: psycopg.Connection, target: psycopg.Connection, schema: str, table: str) -> int:
-    """Copies one table's rows server to server (COPY TO STDOUT relayed into COPY FROM STDIN, text format:
-    portable across major versions) in one target transaction that first truncates it; returns rows copied.
-    ``source`` must already be in the snapshot to read from; ``target`` must not be in autocommit."""
+def stream_table(target: psycopg.Connection, schema: str, table: str,
+                 rows_from: Callable[[str], contextlib.AbstractContextManager[Iterable[bytes]]]) -> int:
+    """Loads one table's rows in one target transaction that first truncates it, and commits; returns the
+    rows loaded. ``rows_from(query)`` is the source's side: a context manager giving ``COPY (query) TO
+    STDOUT``'s text-format output (portable across major versions) in blocks of any size, which raises on
+    leaving when the copy was cut short, so nothing partial is committed. ``target`` must not be in
+    autocommit."""
     ident = sql.Identifier(schema, table)
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in copyable_columns(target, schema, table))
     plain = target.execute("SELECT relkind = 'r' FROM pg_class WHERE oid = %s::regclass",
@@ -577,14 +581,13 @@ def stream_table(source: psycopg.Connection, target: psycopg.Connection, schema:
     # pages all-visible, so the gate's first read of the target does not write hint bits to every page, and
     # autovacuum has nothing to freeze later. A partitioned table refuses it.
     freeze = sql.SQL(" WITH (FREEZE)") if plain else sql.SQL("")
-    with source.cursor().copy(sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT").format(cols, ident)) as out, \
-            target.cursor() as cur:
+    query = sql.SQL("SELECT {} FROM ONLY {}").format(cols, ident).as_string(target)
+    with rows_from(query) as blocks, target.cursor() as cur:
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN{}").format(ident, cols, freeze)) as into:
-            for block in out:
+            for block in blocks:
                 into.write(block)
         rows = cur.rowcount
     target.commit()
-    source.rollback()
     return rows
 
 

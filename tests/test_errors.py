@@ -158,3 +158,17 @@ def test_a_second_run_of_the_same_runbook_is_refused_while_one_is_writing(stack,
     with exclusive(load_runbook(runbook).state_dir):
         message = _operator_error(run_cli("run", "export", "--runbook", runbook))
     assert "another run of this runbook is writing now" in message
+
+
+def test_stream_strategy_without_psql_is_refused_by_preflight_naming_the_package(stack, tmp_path, untouched_source):
+    bin_dir = tmp_path / "bin"  # pg_dump and pg_restore 15, and no psql
+    bin_dir.mkdir()
+    for tool in ("pg_dump", "pg_restore"):
+        (bin_dir / tool).symlink_to(f"/usr/lib/postgresql/15/bin/{tool}")
+
+    def stream_without_psql(d):
+        d["database"].update(strategy="stream", pg_bin_dirs=[str(bin_dir)])
+
+    message = _operator_error(run_cli("run", "preflight", "--runbook", _runbook(stack, _name(), stream_without_psql)))
+    assert f"{bin_dir / 'psql'} is missing: database.strategy stream reads the source with psql" in message
+    assert "install postgresql-client-15" in message

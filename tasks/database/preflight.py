@@ -140,7 +140,13 @@ def run_preflight(rb: Runbook) -> PreflightReport:
         try:
             tools = pg_tools_for(rb, src_info.major)
             report.tools = f"{tools.bin_dir} (PostgreSQL {tools.major})"
-            report.add("pg_dump/pg_restore", True, f"using {report.tools}")
+            if rb.database.strategy == "stream" and not os.access(tools.psql, os.X_OK):
+                # the stream strategy reads each table with psql (pg_tools.CopyOut)
+                report.add("pg_dump/pg_restore", False,
+                           f"{tools.psql} is missing: database.strategy stream reads the source with psql; "
+                           f"install postgresql-client-{tools.major}")
+            else:
+                report.add("pg_dump/pg_restore", True, f"using {report.tools}")
         except ToolMissing as exc:
             report.add("pg_dump/pg_restore", False, str(exc))
         state = rb.state_dir

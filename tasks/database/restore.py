@@ -218,12 +218,17 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
             set_sequences = len(sequences)
         else:
             with postgres.exported_snapshot(rb.source, "source") as (snap, snapshot_id):
+                source_env = postgres.libpq_env(rb.source, "source")
+
                 def streamed(name: str) -> int:
                     schema, table = name.split(".", 1)
-                    with postgres.session(rb.source, "source", autocommit=False) as src, \
-                            postgres.session(rb.target.direct, "target.direct", autocommit=False) as tgt:
-                        postgres.join_snapshot(src, snapshot_id)
-                        return postgres.stream_table(src, tgt, schema, table)
+
+                    def rows_from(query: str) -> pg_tools.CopyOut:  # psql reads the source, in the snapshot
+                        return pg_tools.CopyOut(tools, source_env, query, snapshot_id, postgres.TEXT_SETTINGS,
+                                                f"copy {name} from source {rb.source.host}:{rb.source.port}")
+
+                    with postgres.session(rb.target.direct, "target.direct", autocommit=False) as tgt:
+                        return postgres.stream_table(tgt, schema, table, rows_from)
 
                 with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
                     _run_all(pool, loaded_with(streamed), todo)
