@@ -12,8 +12,10 @@ them, so SigV4 signatures made for the proxy's address stay valid. Per request, 
   the client cannot know: a retried PUT must be harmless.
 
 Each fraction is a float for every method or a dict by method (``{"PUT": 0.3, "*": 0.1}``, ``*`` for the
-others); ``drop`` applies to the requests not answered SlowDown. Faults are drawn from one
-``random.Random(seed)`` in the order requests arrive, so a given sequence of requests meets the same faults.
+others); ``drop`` applies to the requests not answered SlowDown. Faults are drawn from one seeded
+``random.Random`` per method, in the order that method's requests arrive: the n-th POST meets the same fault
+in every run, however concurrent GETs interleave with it (with one generator for all methods, a thread
+switch changed which method drew the faults, and tests expecting faults of two methods failed now and then).
 Counters (``requests``, ``forwarded``, ``slowdowns``, ``drops``: ``collections.Counter`` by method) tell a test
 what happened; ``puts_forwarded`` counts PUTs that reached upstream (single PUTs and multipart parts).
 """
@@ -57,7 +59,8 @@ class FaultProxy(LoopbackHTTPService):
             raise ValueError(f"FaultProxy upstream must be an http://host:port URL, got {upstream_url!r}")
         super().__init__(host)
         self.upstream = (parts.hostname, parts.port or 80)
-        self._random = random.Random(seed)
+        self._seed = seed
+        self._randoms: dict[str, random.Random] = {}
         self.set_faults(slowdown=slowdown, drop=drop)
         self.reset_counters()
 
@@ -86,7 +89,8 @@ class FaultProxy(LoopbackHTTPService):
         """'slowdown', 'drop' or 'forward' for one request; counts it."""
         with self._lock:
             self.requests[method] += 1
-            draw = self._random.random()
+            rng = self._randoms.setdefault(method, random.Random(f"{self._seed}/{method}"))
+            draw = rng.random()
             slowdown = self._slowdown.get(method, self._slowdown.get("*", 0.0))
             drop = self._drop.get(method, self._drop.get("*", 0.0))
             if draw < slowdown:
@@ -94,7 +98,7 @@ class FaultProxy(LoopbackHTTPService):
                 return "slowdown"
             self.forwarded[method] += 1
             # A second draw keeps the two fractions independent of each other.
-            if self._random.random() < drop:
+            if rng.random() < drop:
                 self.drops[method] += 1
                 return "drop"
             return "forward"
