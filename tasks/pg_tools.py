@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
+from psycopg import sql
 
 from liftoff.errors import StepFailed, ToolMissing
 from liftoff.redaction import redact
@@ -100,8 +101,8 @@ def run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
 
 
 class CopyOut:
-    """``COPY (query) TO STDOUT`` run by psql, in the exported snapshot ``snapshot_id``, its rows read from
-    ``stream`` in large blocks: the rows pass through C, not one Python call per row as a psycopg COPY read
+    """``COPY (query) TO STDOUT`` run by psql, in the exported snapshot ``snapshot_id``; iterating gives its
+    output in large blocks: the rows pass through C, not one Python call per row as a psycopg COPY read
     does (``read`` is a row per call there), which on two cores was the stream strategy's own bottleneck.
     Leaving the ``with`` block without an error checks psql's exit: a copy cut short (the source dropped the
     connection, a query error) raises StepFailed before the caller commits what it loaded; with an error,
@@ -111,9 +112,10 @@ class CopyOut:
 
     def __init__(self, tools: PgTools, env: dict[str, str], query: str, snapshot_id: str,
                  settings: dict[str, str], what: str):
-        commands = [f"SET {name} = {_literal(value)}" for name, value in settings.items()]
+        commands = [f"SET {name} = {sql.Literal(value).as_string()}" for name, value in settings.items()]
         commands += ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-                     f"SET TRANSACTION SNAPSHOT {_literal(snapshot_id)}", f"COPY ({query}) TO STDOUT", "COMMIT"]
+                     f"SET TRANSACTION SNAPSHOT {sql.Literal(snapshot_id).as_string()}", f"COPY ({query}) TO STDOUT",
+                     "COMMIT"]
         argv = [tools.psql, "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1"]
         for command in commands:
             argv += ["--command", command]
@@ -145,10 +147,6 @@ class CopyOut:
             lines = [l for l in stderr.splitlines() if "error" in l.lower() or "fatal" in l.lower()]
             first = (lines or stderr.splitlines() or ["no output"])[0]
             raise StepFailed(f"{self.what} failed (psql exit {code}): {redact(first.strip())}")
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 # ---------------------------------------------------------------------------------------------------

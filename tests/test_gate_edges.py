@@ -136,13 +136,17 @@ _TYPED_CHANGES = [
 ]
 
 
+# citext, and a case-insensitive collation: types whose equality, so whose hash, folds case.
+_CASE_FOLDING_TYPES = ("CREATE SCHEMA extensions; CREATE EXTENSION citext WITH SCHEMA extensions;"
+                       "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);")
+
+
 @pytest.mark.parametrize(("column_type", "value", "changed"), _TYPED_CHANGES, ids=[c[0] for c in _TYPED_CHANGES])
 def test_the_typed_row_digest_sees_each_change_the_rows_text_shows(two_databases, column_type, value, changed):
     source, target = two_databases
-    _both(two_databases, "CREATE SCHEMA extensions; CREATE EXTENSION citext WITH SCHEMA extensions;"
-                         "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
-                         f"CREATE TABLE public.v (id int PRIMARY KEY, x {column_type}, n int);"
-                         f"INSERT INTO public.v SELECT g, {value}, g FROM generate_series(1, 40) g")
+    _both(two_databases, _CASE_FOLDING_TYPES +
+          f"CREATE TABLE public.v (id int PRIMARY KEY, x {column_type}, n int);"
+          f"INSERT INTO public.v SELECT g, {value}, g FROM generate_series(1, 40) g")
     table = _table(source, "v")
     assert source.info.server_version >= 140000  # the typed digest's hash_record_extended is there
     assert compare_table(source, target, table).ok  # equal rows: equal digests
@@ -156,9 +160,7 @@ def test_the_typed_row_digest_sees_each_change_the_rows_text_shows(two_databases
 
 def test_the_digest_hashes_by_type_only_what_its_type_hashes_as_strictly_as_its_text(two_databases):
     source, _ = two_databases
-    source.execute("CREATE SCHEMA extensions; CREATE EXTENSION citext WITH SCHEMA extensions;"
-                   "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
-                   "CREATE DOMAIN public.code AS text;"
+    source.execute(_CASE_FOLDING_TYPES + "CREATE DOMAIN public.code AS text;"
                    "CREATE TABLE public.w (id int8 PRIMARY KEY, name text, ci_name text COLLATE ci, "
                    "email extensions.citext, price numeric(10,2), at timestamptz, meta jsonb, doc json, "
                    "tags text[], code public.code, ratio float8, dropped int)")
