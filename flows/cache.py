@@ -34,7 +34,7 @@ def setup_cache(options: RunOptions) -> dict:
     report = run_cache_gate(runbook)
     publish_cache_gate(report, configured)
     if not report.ok:
-        raise GateFailed("cache gate failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("cache", report.failures())
     return {"where": report.where, "changed": configured.get("changed", {}), "gate": report.summary()}
 
 

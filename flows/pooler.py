@@ -46,7 +46,7 @@ def setup_pooler(options: RunOptions) -> dict:
         report = verify_pooler(runbook, plan)
     publish_pooler(plan, preflight, config, written, report, False)
     if not report.ok:
-        raise GateFailed("pooler gate failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("pooler", report.failures())
     return {"config": written, "clients": report.clients, "transactions": report.transactions, "tps": report.tps,
             "max_server_connections": report.max_server_connections, "errors": report.error_count}
 

@@ -25,7 +25,7 @@ def verify_storage(options: RunOptions, deep: bool = False) -> dict:
     report = run_storage_gate(runbook, deep or None)
     publish_storage_gate(report)
     if not report.ok:
-        raise GateFailed("storage gate failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("storage", report.failures())
     return {"buckets": len(report.buckets), "objects": sum(b.target_objects for b in report.buckets),
             "bytes": sum(b.target_bytes for b in report.buckets)}
 

@@ -29,7 +29,7 @@ def verify_database(options: RunOptions) -> dict:
         exported = {n: r for n, (_, r) in Ledger(runbook.state_dir).tables("export").items()}
     publish_gate(report, exported)
     if not report.ok:
-        raise GateFailed("database gate failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("database", report.failures())
     return {"tables": len(report.tables), "rows": sum(t.target_rows for t in report.tables)}
 
 
@@ -43,6 +43,9 @@ def publish_gate(report: DatabaseReport, exported: dict[str, int]) -> None:
     if not report.ok:
         md += ["## What differs", *[f"- {line}" for line in report.failures()], ""]
     md += ["## Tables", markdown_table(rows), "## Sequences", markdown_table(seq_rows)]
+    if report.deferred:
+        md += ["## Rows left to the cutover's catch-up (written on the source during the freeze)",
+               *[f"- {t}" for t in report.deferred], ""]
     if report.left_out_by_policy:
         md += ["## Left out by the runbook's decisions (see the restore plan)", *[f"- {o}" for o in report.left_out_by_policy]]
     publish_markdown("verify-summary", "\n".join(md))

@@ -7,6 +7,7 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2  # the runbook, the environment or a server refused: fix and re-run
 EXIT_GATE_FAILED = 3  # a verification gate found a difference
+EXIT_NOT_APPROVED = 4  # an approval was rejected, left unconfirmed or not given in time: nothing changed
 
 
 class LiftoffError(Exception):
@@ -49,3 +50,17 @@ class GateFailed(LiftoffError):
     """A verification gate found the two sides different."""
 
     exit_code = EXIT_GATE_FAILED
+
+    @classmethod
+    def of(cls, gate: str, failures: list[str], shown: int = 3) -> "GateFailed":
+        """The first line names the gate and its first differences, so a caller that keeps one line (the
+        cutover's reason, a step's record) still says why; every difference follows, one per line."""
+        first = "; ".join(failures[:shown]) or "no difference was named"
+        more = f" (and {len(failures) - shown} more)" if len(failures) > shown else ""
+        return cls("\n".join([f"{gate} gate failed: {first}{more}", *failures]))
+
+
+class NotApproved(LiftoffError):
+    """An approval was rejected, given with a line unconfirmed, or not given in time; nothing was changed."""
+
+    exit_code = EXIT_NOT_APPROVED

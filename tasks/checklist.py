@@ -255,8 +255,12 @@ def _gate_fresh(ledger: Ledger, phase: str, max_age_s: float, rb: Runbook) -> Ch
     if gate is None:
         return CheckLine(name, FAILED, f"no {phase} gate has run for runbook {rb.name}",
                          f"run liftoff run {whole} --runbook FILE")
+    # After a failed cutover the target holds the frozen source's export, which the source's later writes
+    # made stale: only a fresh export brings it up again (re-running the gate alone fails the same way).
     return _judge_gate(name, gate, max_age_s,
-                       failed_fix=f"fix what the gate reports, then run liftoff run {gate_only} --runbook FILE",
+                       failed_fix=(f"fix what the gate reports, then run liftoff run {gate_only} --runbook FILE; "
+                                   "after a failed cutover, liftoff run resync --runbook FILE (a fresh export and "
+                                   "sync)"),
                        old_fix=f"run liftoff run {gate_only} --runbook FILE for a fresh gate")
 
 

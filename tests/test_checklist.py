@@ -265,7 +265,8 @@ def test_the_latest_gate_counts_so_a_failed_gate_after_a_passed_one_fails_the_li
 
     assert line.status == FAILED
     assert "the latest storage gate failed 0 min ago (flow run run-1): storage: 2 objects missing" in line.detail
-    assert line.fix == "fix what the gate reports, then run liftoff run verify-storage --runbook FILE"
+    assert line.fix.startswith("fix what the gate reports, then run liftoff run verify-storage --runbook FILE; "
+                               "after a failed cutover, liftoff run resync")
 
 
 def test_a_backup_whose_restore_test_failed_or_is_old_fails_and_one_never_tested_is_not_checked(everything):

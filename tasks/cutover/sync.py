@@ -23,3 +23,18 @@ def forget_for_full_resync(rb: Runbook) -> dict:
         ledger.forget_steps(step)
     log.info("final sync: phases reset", steps=forgotten)
     return {"forgotten": forgotten}
+
+
+def refuse_after_switch(rb: Runbook) -> None:
+    """A resync reloads every table from the source: after a switch that stands, the apps' writes on the target
+    would be overwritten. Refuses then, naming what to do."""
+    from liftoff.errors import StepFailed
+    from tasks.cutover.common import SWITCHED, since_last_rollback
+
+    if not (rb.state_dir / "ledger.sqlite").exists():
+        return
+    switched = [e for e in since_last_rollback(Ledger(rb.state_dir)) if e.what == SWITCHED]
+    if switched:
+        raise StepFailed(f"runbook {rb.name}: the apps were switched to the target (ledger event {switched[0].id}) "
+                         "and no rollback followed: a resync would overwrite what they wrote there; run "
+                         "`liftoff run rollback` first")
