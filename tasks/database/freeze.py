@@ -21,13 +21,14 @@ The methods, and what each does NOT stop:
   ``pg_stat_activity`` shows any user, so no ``pg_monitor`` is needed), and the freeze waits until they are
   gone (sessions logging in later, an app's pool reconnecting, are read-only by default already). The
   roles must be LOGIN roles: a role's settings apply when a session logs in as it, never on ``SET ROLE``.
-  Not stopped: a client that asks for a writable transaction (``BEGIN READ WRITE``, ``SET TRANSACTION READ
-  WRITE``, ``SET default_transaction_read_only = off``). **PostgREST does exactly that**: it logs in as
-  ``authenticator``, ``SET ROLE``s to ``anon``/``authenticated``/``service_role``, and starts every POST,
-  PATCH, PUT and DELETE with ``BEGIN ... READ WRITE`` (hasql-transaction's write mode), so this method does
-  not stop Supabase's Data API (supabase-js) at all, even with ``authenticator`` in the list: use ``revoke``
-  for it. It does stop ordinary drivers (psql, psycopg, node-postgres, Prisma ...) that log in as a listed
-  role; a session the freeze did not end (another database, a role not listed) keeps writing.
+  The roles' own write grants (INSERT, UPDATE, DELETE, TRUNCATE, direct and per column) on the migrated
+  schemas are revoked too, as ``revoke`` does, since the read-only default does not stop a client that
+  asks for a writable transaction (``BEGIN READ WRITE``, ``SET default_transaction_read_only = off``).
+  Still not stopped: such a client writing through a table the role owns, a grant through PUBLIC or
+  another role, or a schema not migrated. **PostgREST** logs in as ``authenticator``, ``SET ROLE``s to
+  ``anon``/``authenticated``/``service_role`` and starts every write ``BEGIN ... READ WRITE``: use
+  ``revoke`` for the API roles. At the lift, the sessions that logged in during the freeze (read-only for
+  as long as they live) are ended, so the apps' pools reconnect writable.
 - ``database``: ``ALTER DATABASE d SET default_transaction_read_only = on`` (previous setting recorded),
   then the listed roles' sessions are ended as above. Needs the database's owner: on hosted Supabase
   ``postgres`` is not, and the freeze is refused. Not stopped: the same explicit READ WRITE as ``role``, and
@@ -132,6 +133,9 @@ def freeze_writes(conn: psycopg.Connection, freeze: Freeze, schemas: list[str], 
                     for role in freeze.roles:
                         _run(conn, sql.SQL("ALTER ROLE {} IN DATABASE {} SET default_transaction_read_only = on")
                              .format(sql.Identifier(role), sql.Identifier(me["database"])), f"ALTER ROLE {role}")
+                    # The read-only default does not stop a client that asks for BEGIN READ WRITE: their own
+                    # write grants on the migrated schemas go too (recorded, granted back at the lift).
+                    record["revoked"] = _revoke(conn, [r for r in freeze.roles if r != me["user"]], schemas)[0]
                 else:
                     record["setting"] = _database_setting(conn)
                     _run(conn, sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
@@ -146,10 +150,12 @@ def freeze_writes(conn: psycopg.Connection, freeze: Freeze, schemas: list[str], 
     return record
 
 
-def lift_freeze(conn: psycopg.Connection, previous: dict) -> None:
+def lift_freeze(conn: psycopg.Connection, previous: dict, *, wait_s: float = 30.0) -> None:
     """Undoes exactly the freeze ``previous`` records (``freeze_writes``' return value): each role's or
     the database's previous setting back, "not set" included, or exactly the revoked grants back with
-    their grant option. Idempotent. Raises StepFailed with one line if a grant could not be put back."""
+    their grant option (``role`` revokes the roles' own write grants too). Then the sessions of the frozen
+    roles that logged in during the freeze, read-only by default for as long as they live, are ended.
+    Idempotent. Raises StepFailed with one line if a grant could not be put back."""
     with _autocommit(conn):
         method = previous.get("method")
         if method not in ("role", "database", "revoke"):
@@ -170,9 +176,19 @@ def lift_freeze(conn: psycopg.Connection, previous: dict) -> None:
             elif method == "database":
                 target = sql.SQL("ALTER DATABASE {}").format(sql.Identifier(database))
                 _run(conn, _setting_statement(target, previous["setting"]), f"ALTER DATABASE {database}")
-            else:
+            if previous.get("revoked"):
                 _grant_back(conn, previous["revoked"])
-    log.info("source freeze lifted", method=method, database=database)
+        ended = []
+        if method in ("role", "database"):
+            # A session that logged in while the freeze stood took the read-only default with it, and keeps
+            # it after the lift: those are ended now (the freeze ended every earlier one), so the apps'
+            # pools reconnect writable. Liftoff's own session is never among them.
+            me = conn.execute("SELECT current_user").fetchone()[0]
+            roles = [r for r in previous["roles"] if r != me]
+            ended = [pid for _, pid in _sessions(conn, roles)]
+            if ended:
+                _end_sessions(conn, roles, ended, wait_s)
+    log.info("source freeze lifted", method=method, database=database, ended_sessions=len(ended))
 
 
 def freeze_holes(conn: psycopg.Connection, frozen: dict) -> list[str]:
