@@ -100,6 +100,12 @@ def read_grants(conn: psycopg.Connection, schemas: list[str]) -> list[Grant]:
     return [Grant(*row) for row in conn.execute(_GRANTS, {"s": schemas})]
 
 
+def from_freeze_record(revoked: list[dict]) -> list[Grant]:
+    """The grants a write freeze revoked (``tasks.database.freeze``'s record), as grants read here are."""
+    return [Grant("table" if g["column"] is None else "column", g["schema"], g["table"], g["column"], g["grantee"],
+                  g["privilege"]) for g in revoked]
+
+
 _GRANTABLE = """
 SELECT CASE WHEN c.relkind = 'S' THEN 'sequence' ELSE 'table' END, n.nspname, c.relname, NULL
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

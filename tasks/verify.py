@@ -124,10 +124,18 @@ class DatabaseReport:
     missing_objects: dict[str, list[str]] = field(default_factory=dict)
     left_out_by_policy: list[str] = field(default_factory=list)
     definitions: list[DefinitionDiff] = field(default_factory=list)
+    # Tables whose rows this gate left to the cutover's catch-up (written on the source during the freeze)
+    deferred: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failures()
+
+    def defer(self, tables: set[str]) -> None:
+        """Leaves the rows of ``tables`` (and their sequences) out of this report: the catch-up compares them."""
+        self.deferred = sorted(tables)
+        self.tables = [t for t in self.tables if t.table not in tables]
+        self.sequences = [s for s in self.sequences if s.column.rsplit(".", 1)[0] not in tables]
 
     def summary(self) -> str:
         """One line for the ledger and status: what passed, or the first differences."""
@@ -349,15 +357,17 @@ def compare_definitions(source: Definitions, target: Definitions, *, left_out: s
 
 
 def compare_privileges(source: psycopg.Connection, target: psycopg.Connection, schemas: list[str],
-                       roles: dict[str, str | None]) -> list[DefinitionDiff]:
+                       roles: dict[str, str | None], withheld: list[dict] = ()) -> list[DefinitionDiff]:
     """Effective privileges of each source role of ``roles`` on the source against those of the role it maps to
     on the target, for the objects on both sides: more on the target is "access widened", less is "access
-    narrowed". Roles mapped to None are not compared."""
+    narrowed". Roles mapped to None are not compared. ``withheld``: write grants a freeze in force took from
+    the source (its record): the source is compared as it was before the freeze."""
     mapped = {s: t for s, t in roles.items() if t is not None}
     if not mapped:
         return []
     columns = columns_with_acl(source, schemas) | columns_with_acl(target, schemas)
     src = read_privileges(source, schemas, sorted(mapped), columns)
+    give_back(src, withheld)
     tgt = read_privileges(target, schemas, sorted(set(mapped.values())), columns)
     diffs = []
     for obj in sorted(src.keys() & tgt.keys()):
@@ -373,6 +383,24 @@ def compare_privileges(source: psycopg.Connection, target: psycopg.Connection, s
     return diffs
 
 
+def give_back(privileges: dict[str, dict[str, set[str]]], withheld: list[dict]) -> None:
+    """Adds back to effective privileges read on a frozen source the grants its freeze revoked: a table grant
+    on the table (or view) and, for INSERT and UPDATE, on each of its columns compared; a column grant on
+    that column."""
+    for g in withheld:
+        if g["column"] is not None:
+            labels = [f"column {g['schema']}.{g['table']}.{g['column']}"]
+        else:
+            labels = [f"{kind} {g['schema']}.{g['table']}" for kind in ("table", "view")]
+            if g["privilege"] in ("INSERT", "UPDATE"):
+                prefix = f"column {g['schema']}.{g['table']}."
+                labels += [label for label in privileges if label.startswith(prefix)
+                           and "." not in label[len(prefix):]]
+        for label in labels:
+            if g["grantee"] in privileges.get(label, {}):
+                privileges[label][g["grantee"]].add(g["privilege"])
+
+
 def compare_databases(
     open_source: Callable[[], psycopg.Connection],
     open_target: Callable[[], psycopg.Connection],
@@ -386,6 +414,7 @@ def compare_databases(
     on_table_done: Callable[[TableCheck], None] | None = None,
     outside_triggers: list[tuple[str, str, str]] = (),
     rewritten: dict[str, list[RewrittenColumn]] = {},
+    withheld: list[dict] = (),
 ) -> DatabaseReport:
     """Compares the two sides; tables in parallel (``jobs`` pairs of connections). Reads only.
 
@@ -394,7 +423,8 @@ def compare_databases(
     references the runbook drops; the effective privileges of the mapped roles are compared, and policies'
     TO-lists are compared through it (a policy whose every role is dropped is expected absent). Empty:
     privileges are not compared and policy roles are compared by name. ``rewritten``: per table, columns the
-    migration changed on purpose (``RewrittenColumn``)."""
+    migration changed on purpose (``RewrittenColumn``). ``withheld``: write grants a freeze in force took
+    from the source (``compare_privileges``)."""
 
     def one(table: Table) -> TableCheck:
         with open_source() as s, open_target() as t:
@@ -413,7 +443,7 @@ def compare_databases(
         report.left_out_by_policy = sorted(left)
         report.missing_objects = compare_objects(s, t, schemas, left, ignored_extensions)
         report.definitions = compare_definitions(src_defs, tgt_defs, left_out=left, roles=roles)
-        report.definitions += compare_privileges(s, t, schemas, roles)
+        report.definitions += compare_privileges(s, t, schemas, roles, withheld)
         report.definitions += compare_outside_triggers(s, t, list(outside_triggers))
     return report
 

@@ -18,6 +18,8 @@ FROZEN = "cutover.freeze"  # before: the source's state the freeze changed; afte
 SWITCHED = "cutover.switch"  # before: the driver's undo record; after: when, which keys, target sequences
 COMPLETED = "cutover.completed"  # after: the measured downtime and each step's duration
 ROLLED_BACK = "rollback.done"  # before: the events it undid; after: what it did
+TARGET_FROZEN = "rollback.target-freeze"  # before: the target's freeze records (the apps stop writing there)
+TARGET_LIFTED = "cutover.target-lift"  # before: the target freeze event's id the next cutover lifted
 
 
 def require_switch(rb: Runbook) -> None:
@@ -55,3 +57,9 @@ def _fill(spec: EnvValue, field: str) -> str:
 def since_last_rollback(ledger: Ledger) -> list[Event]:
     """The cutover's events after the last rollback: what a rollback would undo, oldest first."""
     return ledger.events_since(PHASE, ROLLED_BACK)
+
+
+def target_freeze_in_force(ledger: Ledger) -> Event | None:
+    """The rollback's freeze of the target, when no cutover has lifted it since."""
+    last = [e for e in ledger.events(PHASE) if e.what in (TARGET_FROZEN, TARGET_LIFTED)]
+    return last[-1] if last and last[-1].what == TARGET_FROZEN else None

@@ -13,7 +13,9 @@ from liftoff.ledger import Event, Ledger, current_run_id
 from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import postgres
-from tasks.cutover.common import FROZEN, PHASE, log, since_last_rollback
+from runbooks.model import Freeze
+from tasks.cutover.common import (FROZEN, PHASE, TARGET_FROZEN, TARGET_LIFTED, log, since_last_rollback,
+                                  target_freeze_in_force)
 from tasks.database import freeze
 
 
@@ -48,3 +50,72 @@ def lift(rb: Runbook, event: Event) -> None:
     with postgres.session(rb.source, "source") as conn:
         for previous in reversed(event.before["freezes"]):
             freeze.lift_freeze(conn, previous)
+
+
+def grants_withheld(rb: Runbook) -> list[dict]:
+    """The write grants a freeze in force took from the source (each: schema, table, column, grantee,
+    privilege ...): the source's access is what it was before the freeze, so the final sync restores, and
+    its gate expects, these too."""
+    if not (rb.state_dir / "ledger.sqlite").exists():
+        return []
+    frozen = [e for e in since_last_rollback(Ledger(rb.state_dir)) if e.what == FROZEN]
+    if not frozen:
+        return []
+    return [g for record in frozen[0].before["freezes"] for g in record.get("revoked", [])]
+
+
+def target_freezes(rb: Runbook, conn) -> list[Freeze]:
+    """How the target stops taking the apps' writes before a rollback counts them: each ``cutover.freeze``
+    method for those of its roles the target has (the API roles are created there), and ``role`` for the
+    runbook's ``database.app_roles`` (the login roles the apps use on the target)."""
+    names = {r for m in rb.cutover.freeze for r in m.roles} | {a.name for a in rb.database.app_roles}
+    present = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) AND NOT rolsuper "
+                                          "AND rolname <> current_user", (sorted(names),))}
+    freezes = [Freeze(method=m.method if m.method != "database" else "role", roles=[r for r in m.roles if r in present])
+               for m in rb.cutover.freeze]
+    listed = {r for f in freezes for r in f.roles}
+    freezes.append(Freeze(method="role", roles=[a.name for a in rb.database.app_roles
+                                                if a.name in present and a.name not in listed]))
+    return [f for f in freezes if f.roles]
+
+
+@task(name="freeze writes on the target", cache_policy=NO_CACHE)
+@recorded("rollback.freeze-target")
+def freeze_target(rb: Runbook) -> dict:
+    """Stops the apps' writes on the target (the rollback's first step once they were switched), so the
+    changes it counts are all there will be; recorded, lifted by a rejected rollback or the next cutover. A
+    freeze of the target already in force is kept."""
+    ledger = Ledger(rb.state_dir)
+    if target_freeze_in_force(ledger) is not None:
+        return {"kept": True}
+    applied: list[dict] = []
+    with postgres.session(rb.target.direct, "target.direct") as conn:
+        try:
+            for method in target_freezes(rb, conn):
+                applied.append(freeze.freeze_writes(conn, method, rb.database.schemas))
+            ledger.record_event(PHASE, TARGET_FROZEN, before={"freezes": applied},
+                                after={"frozen_at": time.time(), "roles": sorted({r for a in applied for r in a["roles"]})},
+                                flow_run_id=current_run_id())
+        except BaseException:
+            for previous in reversed(applied):
+                freeze.lift_freeze(conn, previous)
+            raise
+    log.info("target frozen", roles=sorted({r for a in applied for r in a["roles"]}))
+    return {"roles": sorted({r for a in applied for r in a["roles"]})}
+
+
+def lift_target_freeze(rb: Runbook) -> dict:
+    """Lifts the target's freeze a rollback left (before a new cutover's final sync, or when the rollback is
+    not approved); nothing when none is in force."""
+    if not (rb.state_dir / "ledger.sqlite").exists():
+        return {"lifted": False}
+    ledger = Ledger(rb.state_dir)
+    event = target_freeze_in_force(ledger)
+    if event is None:
+        return {"lifted": False}
+    with postgres.session(rb.target.direct, "target.direct") as conn:
+        for previous in reversed(event.before["freezes"]):
+            freeze.lift_freeze(conn, previous)
+    ledger.record_event(PHASE, TARGET_LIFTED, before={"event": event.id}, flow_run_id=current_run_id())
+    log.info("target freeze lifted")
+    return {"lifted": True}

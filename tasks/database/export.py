@@ -21,6 +21,7 @@ from liftoff.reports import Progress
 from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import pg_tools, postgres, privileges, supabase
+from tasks.cutover.freeze import grants_withheld
 from tasks.database.common import (
     AUTH_USERS_FILE,
     DUMP_DIR,
@@ -165,7 +166,12 @@ def _dump_in_snapshot(rb: Runbook, partial: Path):
             shim = read_shim(rb, snap)
             if shim and rb.database.strategy == "dump":  # stream: read with the tables, in their snapshot
                 supabase.export_auth_users(snap, shim, rb.state_dir / AUTH_USERS_FILE)
-            catalog = {"assessment": assessment, "grants": privileges.read_grants(snap, rb.database.schemas),
+            # Frozen for a cutover, the source lacks the write grants the freeze took: the target gets the
+            # source's access as it was before the freeze (the freeze's own record), never the frozen one.
+            grants = privileges.read_grants(snap, rb.database.schemas)
+            known = set(grants)
+            grants += [g for g in privileges.from_freeze_record(grants_withheld(rb)) if g not in known]
+            catalog = {"assessment": assessment, "grants": grants,
                        "default_grants": privileges.read_default_grants(snap, rb.database.schemas), "shim": shim,
                        "index_tables": postgres.index_tables(snap, rb.database.schemas), "snapshot_at": snapshot_at}
         finally:
