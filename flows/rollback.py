@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -9,17 +11,21 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from flows.options import RunOptions, open_runbook
-from liftoff.errors import StepFailed
+from liftoff.errors import NotApproved, StepFailed
 from liftoff.ledger import exclusive
-from liftoff.reports import markdown_table, publish_markdown
+from liftoff.reports import markdown_table, publish_markdown, publish_table
 from runbooks.model import Runbook
+from tasks.cutover.approval import safe_text
+from tasks.cutover.freeze import freeze_target, lift_target_freeze
 from tasks.cutover.rollback import (
+    ChangeSet,
     RollbackPlan,
+    carry_changes,
+    changes_on_target,
     finish_rollback,
     lift_source_freeze,
     plan_rollback,
     restore_storage_urls,
-    rows_written_since_switch,
     switch_apps_back,
     wait_healthy_again,
 )
@@ -28,25 +34,32 @@ from tasks.notify import notify_on_failure
 APPROVAL_POLL_S = 2
 
 
-class StrandedRowsApproval(RunInput):
+class ChangesApproval(RunInput):
     approver: str = Field(..., min_length=1, description="Your name: it goes to the audit trail")
-    approve: bool = Field(False, description="Tick to roll back although the rows above stay on the target only")
+    approve: bool = Field(False, description="Tick to roll back; leave unticked to keep the apps on the target "
+                          "(the target is unfrozen again)")
+    carry: Literal["apply", "file"] = Field(
+        "apply", description="apply: write the changes above to the source (one transaction per table, conflicts "
+        "named by key); file: write them to a file in state_dir and leave the source as it was")
     reason: str = Field("", description="Why")
 
 
 @flow(name="rollback", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def rollback(options: RunOptions) -> dict:
-    """Succeeds when everything the cutover changed since the last rollback is undone: the source's write
-    freeze lifted, the apps' environment from before the cutover back and the apps redeployed and healthy, the
-    storage URLs on the target put back. Refuses when there is nothing to roll back. When the apps wrote rows
-    on the target since the switch, it shows their counts and waits for an approval."""
+    """Succeeds when everything the cutover changed since the last rollback is undone and nothing the apps
+    wrote on the target is lost: the target frozen for the apps, every change they made there since the
+    switch found (inserts, updates, deletes, per table, by key) and, as the approver chose, applied to the
+    source or written to a file in state_dir; then the source's write freeze lifted, the apps' environment
+    from before the cutover back and the apps redeployed and healthy, the storage URLs on the target put
+    back. Refuses when there is nothing to roll back; a rejection unfreezes the target and changes nothing
+    else."""
     return _roll_back(options, ask=True)
 
 
 @flow(name="automatic-rollback", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def automatic_rollback(options: RunOptions) -> dict:
-    """The rollback as a failed cutover runs it, by itself: the same steps, and the rows the apps wrote on the
-    target since the switch are reported, not asked about (the apps there are failing)."""
+    """The rollback as a failed cutover runs it, by itself: the same steps; the changes the apps made on the
+    target since the switch are written to a file (never applied unasked) and the result says where."""
     return _roll_back(options, ask=False)
 
 
@@ -56,41 +69,86 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
     if plan.nothing:
         raise StepFailed(f"nothing to roll back for runbook {runbook.name}: the ledger in {runbook.state_dir} holds "
                          "no freeze, switch or URL rewrite since the last rollback")
-    stranded = rows_written_since_switch(runbook, plan.switch) if plan.switch else []
-    text = publish_rollback_plan(plan, stranded, options.dry_run)
-    if options.dry_run:
-        return {"dry_run": True, "would": plan.lines(), "stranded": stranded}
-    if stranded and ask:
-        answer = _approve_stranded(runbook, text)
-        if not answer.approve:
-            return {"rejected": True, "stranded": stranded}
+    if options.dry_run:  # nothing frozen: the apps may still be writing, so the count is an estimate
+        found = changes_on_target(runbook, frozen=False) if plan.switch else ChangeSet()
+        publish_rollback_plan(plan, found, True)
+        return {"dry_run": True, "would": plan.lines(), "changes": found.counts()}
+    found = ChangeSet(frozen=True)
+    if plan.switch:
+        with exclusive(runbook.state_dir):
+            freeze_target(runbook)
+            found = changes_on_target(runbook)
+    text = publish_rollback_plan(plan, found, False)
+    how = "file"
+    if found.total and ask:
+        how = _approve_changes(runbook, text, found).carry
     with exclusive(runbook.state_dir):
-        done = {"unfreeze": lift_source_freeze(runbook, plan), "switch": switch_apps_back(runbook, plan)}
+        done: dict = {}
+        if found.total:
+            done["changes"] = carry_changes(runbook, found, how)
+        done["unfreeze"] = lift_source_freeze(runbook, plan)
+        done["switch"] = switch_apps_back(runbook, plan)
         if plan.rewrites:
             done["urls"] = restore_storage_urls(runbook)
         if plan.switch is not None:
             done["health"] = wait_healthy_again(runbook)
-        done["stranded"] = stranded
         finish_rollback(runbook, plan, done)
+    publish_changes_carried(done.get("changes"))
     return done
 
 
-def _approve_stranded(runbook: Runbook, text: str):
+def _approve_changes(runbook: Runbook, text: str, found: ChangeSet) -> ChangesApproval:
     try:
-        return pause_flow_run(wait_for_input=StrandedRowsApproval.with_initial_data(description=text),
-                              timeout=runbook.cutover.approval_timeout_s, poll_interval=APPROVAL_POLL_S)
+        answer = pause_flow_run(wait_for_input=ChangesApproval.with_initial_data(description=text),
+                                timeout=runbook.cutover.approval_timeout_s, poll_interval=APPROVAL_POLL_S)
     except FlowPauseTimeout:
-        raise StepFailed(f"no approval within {runbook.cutover.approval_timeout_s} s (cutover.approval_timeout_s) "
-                         "for rolling back over rows written on the target; nothing was rolled back") from None
+        lift_target_freeze(runbook)
+        raise NotApproved(f"no approval within {runbook.cutover.approval_timeout_s} s (cutover.approval_timeout_s) "
+                          f"for the rollback over {found.total} change(s) on the target; nothing was rolled back, "
+                          "the target takes the apps' writes again") from None
+    if not answer.approve:
+        lift_target_freeze(runbook)
+        raise NotApproved(f"rollback rejected by {safe_text(answer.approver)}: "
+                          f"{safe_text(answer.reason) or 'no reason given'}; nothing was rolled back, the apps stay "
+                          "on the target, which takes their writes again")
+    return answer
 
 
-def publish_rollback_plan(plan: RollbackPlan, stranded: list[dict], dry_run: bool) -> str:
+def publish_rollback_plan(plan: RollbackPlan, found: ChangeSet, dry_run: bool) -> str:
     md = [f"# Rollback{' (dry run: nothing changed)' if dry_run else ''}", "", "## What it does",
           *[f"{i}. {line}" for i, line in enumerate(plan.lines(), start=1)]]
-    if stranded:
-        md += ["", "## Rows written on the target since the switch",
-               "Rolling back leaves these on the target only: the apps will not see them on the source.",
-               markdown_table(stranded)]
+    if found.total:
+        md += ["", f"## Changes the apps made on the target since the switch: {found.total}",
+               ("Counted with the target frozen: this is all of them." if found.frozen else
+                "Counted while the apps still write there (a dry run): the rollback freezes the target first "
+                "and counts again."),
+               "Choose **apply** to write them to the source, or **file** to keep them in a file in state_dir "
+               "and leave the source as it was.", "", markdown_table(found.rows())]
+        if found.objects:
+            md += ["", f"{len(found.objects)} object change(s) in the target's buckets: either way they are listed "
+                   "in the file and stay on the target's S3 server; Liftoff does not write to Supabase Storage."]
+        if found.both:
+            md += ["", "## Changed on both sides since the catch-up (not carried; in the file)",
+                   *[f"- {key}" for key in found.both[:20]]]
+    elif plan.switch:
+        md += ["", "## Changes on the target since the switch", "None: every migrated table equals the source."]
     text = "\n".join(md)
     publish_markdown("rollback-plan", text)
     return text
+
+
+def publish_changes_carried(carried: dict | None) -> None:
+    """What the rollback did with the target's changes: per table, and where the file is."""
+    if not carried:
+        return
+    rows = [{"table": name, **counts} for name, counts in carried["tables"].items()]
+    publish_table("rollback-changes", rows, f"Rollback: {carried['total']} change(s) from the target")
+    what = (f"applied to the source ({carried['carried']} carried, {len(carried['conflicts'])} conflict(s))"
+            if carried["how"] == "apply" else "written to the file only; the source is as it was")
+    md = [f"# Changes from the target: {carried['total']}", "", f"{what}. Every change, with its values: "
+          f"`{carried['file']}`.", "", markdown_table(rows)]
+    if carried.get("conflicts"):
+        md += ["", "## Conflicts (not applied; in the file)", *[f"- {c}" for c in carried["conflicts"][:50]]]
+    if carried.get("triggers_fired"):
+        md += ["", "The source's triggers fired on the carried rows (turning them off needs a superuser)."]
+    publish_markdown("rollback-changes", "\n".join(md))
