@@ -13,15 +13,16 @@ from prefect.flow_runs import pause_flow_run
 from flows.final_sync import STRATEGIES
 from flows.options import RunOptions, open_runbook
 from flows.rollback import automatic_rollback
-from liftoff.errors import GateFailed, StepFailed
+from liftoff.errors import GateFailed, NotApproved, StepFailed
 from liftoff.ledger import Ledger, current_run_id, exclusive
-from liftoff.redaction import redact
+from liftoff.redaction import one_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from runbooks.model import Runbook
 from tasks.checklist import ChecklistReport
 from tasks.cutover import approval
+from tasks.cutover.catch_up import CatchUpReport, catch_up, record_baseline
 from tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
-from tasks.cutover.freeze import freeze_source
+from tasks.cutover.freeze import freeze_source, lift_target_freeze
 from tasks.cutover.gate import check_before_cutover
 from tasks.cutover.smoke import smoke_test
 from tasks.cutover.switch import switch_apps
@@ -49,8 +50,6 @@ def cutover(options: RunOptions) -> dict:
         publish_markdown("cutover-approval", form_text)
         return {"dry_run": True, "checklist": checklist.summary(), "expected_downtime_s": shown["expected_downtime_s"]}
     answer = ask_for_approval(runbook, form_text, shown)
-    if not answer.approve:
-        return {"rejected": True, "by": approval.safe_text(answer.approver), "reason": approval.safe_text(answer.reason)}
     with exclusive(runbook.state_dir):
         return _cut_over(runbook, options, answer.approver)
 
@@ -62,15 +61,19 @@ def ask_for_approval(runbook: Runbook, form_text: str, shown: dict):
                                 timeout=runbook.cutover.approval_timeout_s, poll_interval=APPROVAL_POLL_S)
     except FlowPauseTimeout:
         approval.record_decision(runbook, shown, None, "timed out")
-        raise StepFailed(f"no approval within {runbook.cutover.approval_timeout_s} s (cutover.approval_timeout_s); "
-                         "nothing was changed, the source is writable: start the cutover again") from None
+        raise NotApproved(f"no approval within {runbook.cutover.approval_timeout_s} s (cutover.approval_timeout_s); "
+                          "nothing changed, the source is writable: start the cutover again") from None
     missing = approval.unconfirmed(runbook, answer) if answer.approve else []
     outcome = "approved" if answer.approve and not missing else "rejected"
     approval.record_decision(runbook, shown, answer, outcome)
+    who = approval.safe_text(answer.approver)
+    if not answer.approve:
+        raise NotApproved(f"cutover rejected by {who}: {approval.safe_text(answer.reason) or 'no reason given'}; "
+                          "nothing changed, the source is writable and the apps stay on it")
     if missing:
-        raise StepFailed(f"approved by {approval.safe_text(answer.approver)} without confirming: {missing[0]}"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; nothing was changed, "
-                         "start the cutover again and confirm every line")
+        raise NotApproved(f"approved by {who} without confirming: {missing[0]}"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; nothing changed, "
+                          "start the cutover again and confirm every line")
     return answer
 
 
@@ -89,26 +92,70 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
     frozen = timed("freeze", freeze_source, runbook)
     step = "final sync"
     try:
+        lift_target_freeze(runbook)  # a rollback's freeze of the target; the final sync makes its grants exact
         synced = timed("final sync", STRATEGIES["full"].run, runbook, options)
+        record_baseline(runbook)  # what the unfrozen writers' tables held when both sides last agreed
         step = "switch"
         timed("switch", switch_apps, runbook)
         step = "smoke test"
         timed("smoke test", smoke_test, runbook)
+        healthy_at = time.time()  # the downtime ends here; the catch-up runs while the apps work
+        step = "catch-up"
+        caught_up = timed("catch-up (apps up)", catch_up, runbook)
+        publish_catch_up(caught_up)
+        if not caught_up.ok:
+            raise GateFailed.of("catch-up", caught_up.failures())
     except BaseException as exc:
-        reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        reason = one_line(exc, type(exc).__name__)
         try:
-            automatic_rollback(options)
+            undone = automatic_rollback(options)
         except BaseException as undo_failed:
-            why = redact(str(undo_failed).strip().splitlines()[0] if str(undo_failed).strip() else "")
             raise StepFailed(f"cutover failed at the {step} ({reason}) and the automatic rollback failed too "
-                             f"({why}): run `liftoff run rollback` once the cause is fixed") from None
+                             f"({one_line(undo_failed, type(undo_failed).__name__)}): run `liftoff run rollback` "
+                             "once the cause is fixed") from None
         raise StepFailed(f"cutover failed at the {step} ({reason}); rolled back automatically: the source is "
-                         "writable and the apps are back on it") from None
-    downtime = round(time.time() - frozen["frozen_at"], 2)
+                         f"writable and the apps are back on it{_stranded_line(undone)}{recovery(options)}") from None
+    downtime = round(healthy_at - frozen["frozen_at"], 2)
     ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations},
                         flow_run_id=current_run_id())
     publish_downtime(downtime, durations)
-    return {"downtime_s": downtime, "steps": durations, "final_sync": synced}
+    return {"downtime_s": downtime, "steps": durations, "final_sync": synced,
+            "catch_up": {"since": caught_up.since, "until": caught_up.until, "tables": caught_up.tables,
+                         "buckets": caught_up.buckets, "conflicts": caught_up.conflicts}}
+
+
+# A failed final sync leaves the target loaded from the frozen source's export, which later writes on the source
+# make stale: the database phase would reuse that export and its gate fail. This is the one command back.
+def recovery(options: RunOptions) -> str:
+    return (f"; before the next cutover bring the target up to the source again with `liftoff run resync "
+            f"--runbook {options.runbook}` (a fresh export, every table reloaded, both gates)")
+
+
+def _stranded_line(undone: dict | None) -> str:
+    carried = (undone or {}).get("changes") or {}
+    if not carried.get("total"):
+        return ""
+    where = carried.get("file") or "the source"
+    return f"; {carried['total']} change(s) the apps made on the target were written to {where}"
+
+
+def publish_catch_up(report: CatchUpReport) -> None:
+    """What the catch-up carried from the source after the switch, and its gates' verdict."""
+    rows = report.rows()
+    publish_table("cutover-catch-up", rows, "Catch-up after the switch: what the freeze could not stop, carried")
+    md = [f"# Catch-up after the switch: {'passed' if report.ok else 'FAILED'}",
+          f"Every write the source acknowledged before {_when(report.until)} by what the freeze could not stop "
+          f"(since the final sync's snapshot at {_when(report.since)}) is on the target.", "",
+          markdown_table(rows) if rows else "Nothing to carry: no unfrozen table or bucket changed."]
+    if report.conflicts:
+        md += ["", "## Changed on both sides (the target's row kept)", *[f"- {c}" for c in report.conflicts[:50]]]
+    if report.differences:
+        md += ["", "## What the gates found", *[f"- {d}" for d in report.differences]]
+    publish_markdown("cutover-catch-up", "\n".join(md))
+
+
+def _when(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) if at else "(unknown)"
 
 
 def publish_checklist(report: ChecklistReport) -> None:

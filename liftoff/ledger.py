@@ -350,9 +350,12 @@ class Ledger:
             db.execute("DELETE FROM steps WHERE step = ? OR step LIKE ?", (prefix, prefix + ".%"))
             db.execute("DELETE FROM items WHERE phase = ?", (prefix,))
 
-    def forget_items(self, phase: str) -> None:
+    def forget_items(self, phase: str, kind: str | None = None) -> None:
         with self._db() as db:
-            db.execute("DELETE FROM items WHERE phase = ?", (phase,))
+            if kind is None:
+                db.execute("DELETE FROM items WHERE phase = ?", (phase,))
+            else:
+                db.execute("DELETE FROM items WHERE phase = ? AND kind = ?", (phase, kind))
 
     # per-item records (a table, a storage object) ----------------------------------------------------
     def set_items(self, phase: str, kind: str, rows: Iterable[tuple]) -> int:

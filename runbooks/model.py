@@ -262,6 +262,19 @@ class Cutover(_Strict):
     smoke_queries: list[str] = Field(default_factory=list, description="read-only SQL run through target.pooled "
                                      "after the switch; each must succeed")
     approval_timeout_s: int = Field(3600, ge=1)
+    unfrozen_tables: list[str] = Field(
+        default_factory=list,
+        description="schema.table of migrated tables that something the freeze cannot stop writes on the source "
+        "(a trigger on auth.users, a cron job, an Edge Function with the service key): not compared by the final "
+        "sync's gate, carried by the catch-up after the switch (auth.users, with the shim, always is)")
+
+    @field_validator("unfrozen_tables")
+    @classmethod
+    def _qualified(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.match(r"^[^.\s]+\.[^.\s]+$", name):
+                raise ValueError(f"expected schema.table, got {name!r}")
+        return v
 
 
 class AppRole(_Strict):

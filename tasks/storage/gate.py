@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from prefect import task
@@ -42,15 +43,22 @@ class BucketCheck:
     problem_count: int = 0
     access: str = ""
     first_key: str | None = None  # an object that exists, for the anonymous access proof
+    # After the switch the apps upload to the target: objects the source lacks are theirs, counted, not wrong.
+    extra_allowed: bool = False
+    target_only: list[str] = field(default_factory=list)  # the first few of them
+    target_only_count: int = 0
+    target_only_bytes: int = 0
 
     @property
     def ok(self) -> bool:
-        return (not self.problem_count and not self.access and self.source_objects == self.target_objects
-                and self.source_bytes == self.target_bytes)
+        return (not self.problem_count and not self.access
+                and self.source_objects == self.target_objects - self.target_only_count
+                and self.source_bytes == self.target_bytes - self.target_only_bytes)
 
     def summary(self) -> list[str]:
         lines = []
-        if (self.source_objects, self.source_bytes) != (self.target_objects, self.target_bytes):
+        if (self.source_objects, self.source_bytes) != (self.target_objects - self.target_only_count,
+                                                        self.target_bytes - self.target_only_bytes):
             lines.append(f"bucket {self.bucket}: target {self.target} holds {self.target_objects} objects "
                          f"({self.target_bytes:,} bytes), the source {self.source_objects} ({self.source_bytes:,})")
         if self.problem_count:
@@ -89,15 +97,23 @@ class StorageReport:
 def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
                     copied_md5: Callable[[str], Iterator[tuple[str, str]]], *, endpoint_url: str,
                     deep: bool = False, concurrency: int = 8,
-                    on_bucket_done: Callable[[BucketCheck], None] | None = None) -> StorageReport:
+                    on_bucket_done: Callable[[BucketCheck], None] | None = None,
+                    until: datetime | None = None, extra_allowed: bool = False) -> StorageReport:
     """Compares each (source bucket, target bucket, public) of the inventory in ``conn`` with the target S3
     server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). ``copied_md5(bucket)``
     streams (key, MD5 the copy computed) in key order: the reference where the source's eTag is no MD5.
-    Reads only; holds at most ``2 * concurrency`` objects at a time, whatever the bucket's size."""
+    Reads only; holds at most ``2 * concurrency`` objects at a time, whatever the bucket's size. ``until``:
+    only objects the source wrote by then (a cutover's final sync: later uploads are the catch-up's);
+    ``extra_allowed``: objects only on the target are counted as the apps' uploads, not failed (after the
+    switch)."""
     report = StorageReport()
     for bucket, tbucket, public in buckets:
-        check = compare_bucket(target, bucket, tbucket, lambda bucket=bucket: supabase_storage.inventory(conn, bucket),
-                               copied_md5(bucket), deep=deep, concurrency=concurrency)
+        def inventory(bucket=bucket):
+            objects = supabase_storage.inventory(conn, bucket)
+            return objects if until is None else (o for o in objects if o.updated_at is None or o.updated_at <= until)
+
+        check = compare_bucket(target, bucket, tbucket, inventory, copied_md5(bucket), deep=deep,
+                               concurrency=concurrency, extra_allowed=extra_allowed)
         if check.first_key is not None:
             proof = s3.prove_bucket_access(endpoint_url, tbucket, check.first_key, public)
             check.access = "; ".join(proof.problems)
@@ -109,7 +125,7 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
 
 def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], Iterator[Any]],
                    copied_md5: Iterator[tuple[str, str]], *, deep: bool = False,
-                   concurrency: int = 8) -> BucketCheck:
+                   concurrency: int = 8, extra_allowed: bool = False) -> BucketCheck:
     """One bucket's objects: ``inventory()`` streams the source's objects in byte order of the key (each with
     ``key``, ``size``, ``md5``, ``mimetype``, as ``supabase_storage.SourceObject``; called twice), ``copied_md5``
     the MD5s the copy computed, in the same order.
@@ -120,7 +136,7 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
     per object, not the server, bounds a verification of many small objects. Then the target is listed to
     count objects and bytes; what the source lacks is looked for, and named, only when the counts say there
     is some."""
-    check = BucketCheck(bucket, tbucket)
+    check = BucketCheck(bucket, tbucket, extra_allowed=extra_allowed)
     missing: list[str] = []  # appended to from the pool's threads; only whether it is empty is read
 
     def one(obj, copied: str | None) -> list[str]:
@@ -197,7 +213,12 @@ def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]
         check.target_bytes += listed.size
         while current is not None and current.encode() < listed.key.encode():
             current = next(names, None)
-        if current != listed.key:
+        if current != listed.key and check.extra_allowed:
+            check.target_only_count += 1
+            check.target_only_bytes += listed.size
+            if len(check.target_only) < MAX_NAMED:
+                check.target_only.append(listed.key)
+        elif current != listed.key:
             check.problem_count += 1
             if len(check.problems) < MAX_NAMED:
                 check.problems.append(f"{listed.key}: on the target only, not in the source's storage.objects")
@@ -206,6 +227,8 @@ def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]
 @task(name="verify storage (gate)", cache_policy=NO_CACHE)
 @recorded("verify-storage", gate="storage")
 def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
+    from tasks.cutover.catch_up import catch_up_pending, frozen_at_datetime
+
     require_storage(rb)
     ledger = Ledger(rb.state_dir)
 
@@ -218,4 +241,6 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
             conn, target_client(rb), [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
             copied_md5, endpoint_url=rb.storage.target.endpoint_url,
             deep=rb.storage.deep_verify if deep is None else deep, concurrency=rb.storage.concurrency,
-            on_bucket_done=lambda c: progress.advance(f"{c.bucket}: {'match' if c.ok else 'differs'}"))
+            on_bucket_done=lambda c: progress.advance(f"{c.bucket}: {'match' if c.ok else 'differs'}"),
+            # during a cutover's final sync, uploads after the freeze are the catch-up's
+            until=frozen_at_datetime(catch_up_pending(rb)))
