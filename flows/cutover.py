@@ -101,7 +101,8 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
         timed("smoke test", smoke_test, runbook)
         healthy_at = time.time()  # the downtime ends here; the catch-up runs while the apps work
         step = "catch-up"
-        caught_up = timed("catch-up (apps up)", catch_up, runbook)
+        caught_up = catch_up(runbook)
+        catch_up_s = round(time.time() - healthy_at, 2)
         publish_catch_up(caught_up)
         if not caught_up.ok:
             raise GateFailed.of("catch-up", caught_up.failures())
@@ -116,10 +117,10 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
         raise StepFailed(f"cutover failed at the {step} ({reason}); rolled back automatically: the source is "
                          f"writable and the apps are back on it{_stranded_line(undone)}{recovery(options)}") from None
     downtime = round(healthy_at - frozen["frozen_at"], 2)
-    ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations},
+    ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations, "catch_up_s": catch_up_s},
                         flow_run_id=current_run_id())
     publish_downtime(downtime, durations)
-    return {"downtime_s": downtime, "steps": durations, "final_sync": synced,
+    return {"downtime_s": downtime, "steps": durations, "final_sync": synced, "catch_up_s": catch_up_s,
             "catch_up": {"since": caught_up.since, "until": caught_up.until, "tables": caught_up.tables,
                          "buckets": caught_up.buckets, "conflicts": caught_up.conflicts}}
 
@@ -133,6 +134,8 @@ def recovery(options: RunOptions) -> str:
 
 def _stranded_line(undone: dict | None) -> str:
     carried = (undone or {}).get("changes") or {}
+    if carried.get("unknown"):
+        return f"; the changes the apps made on the target could not be counted ({carried['unknown']})"
     if not carried.get("total"):
         return ""
     where = carried.get("file") or "the source"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import psycopg
 from prefect import flow
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -11,8 +12,9 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from flows.options import RunOptions, open_runbook
-from liftoff.errors import NotApproved, StepFailed
+from liftoff.errors import LiftoffError, NotApproved, StepFailed
 from liftoff.ledger import exclusive
+from liftoff.redaction import one_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from runbooks.model import Runbook
 from tasks.cutover.approval import safe_text
@@ -75,12 +77,15 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
         return {"dry_run": True, "would": plan.lines(), "changes": found.counts()}
     found = ChangeSet(frozen=True)
     if plan.switch:
-        with exclusive(runbook.state_dir):
-            freeze_target(runbook)
-            found = changes_on_target(runbook)
+        try:
+            with exclusive(runbook.state_dir):
+                freeze_target(runbook)
+                found = changes_on_target(runbook)
+        except (LiftoffError, psycopg.Error) as exc:  # the target may be what failed: the apps must still get back to the source
+            found = ChangeSet(unknown=one_line(exc))
     text = publish_rollback_plan(plan, found, False)
     how = "file"
-    if found.total and ask:
+    if (found.total or found.unknown) and ask:
         how = _approve_changes(runbook, text, found).carry
     with exclusive(runbook.state_dir):
         done: dict = {}
@@ -92,6 +97,8 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
             done["urls"] = restore_storage_urls(runbook)
         if plan.switch is not None:
             done["health"] = wait_healthy_again(runbook)
+        if found.unknown:
+            done["changes"] = {"total": None, "unknown": found.unknown}
         finish_rollback(runbook, plan, done)
     publish_changes_carried(done.get("changes"))
     return done
@@ -130,6 +137,10 @@ def publish_rollback_plan(plan: RollbackPlan, found: ChangeSet, dry_run: bool) -
         if found.both:
             md += ["", "## Changed on both sides since the catch-up (not carried; in the file)",
                    *[f"- {key}" for key in found.both[:20]]]
+    elif found.unknown:
+        md += ["", "## Changes on the target since the switch: NOT COUNTED",
+               f"The target could not be frozen or read ({found.unknown}). Whatever the apps wrote there since the "
+               "switch stays on the target only; approving rolls back without it."]
     elif plan.switch:
         md += ["", "## Changes on the target since the switch", "None: every migrated table equals the source."]
     text = "\n".join(md)
@@ -139,7 +150,7 @@ def publish_rollback_plan(plan: RollbackPlan, found: ChangeSet, dry_run: bool) -
 
 def publish_changes_carried(carried: dict | None) -> None:
     """What the rollback did with the target's changes: per table, and where the file is."""
-    if not carried:
+    if not carried or carried.get("total") is None:
         return
     rows = [{"table": name, **counts} for name, counts in carried["tables"].items()]
     publish_table("rollback-changes", rows, f"Rollback: {carried['total']} change(s) from the target")

@@ -71,6 +71,7 @@ class ChangeSet:
     frozen: bool = False  # counted with the target frozen (the count is final), or not (a dry run's estimate)
     both: list[str] = field(default_factory=list)  # keys changed on both sides (unfrozen tables): not carried
     objects: list[dict] = field(default_factory=list)  # bucket, key, op (upload/overwrite/delete), size
+    unknown: str | None = None  # why the changes could not be counted (the target down or not freezable)
 
     @property
     def total(self) -> int:
