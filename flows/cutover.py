@@ -15,7 +15,7 @@ from flows.options import RunOptions, open_runbook
 from flows.rollback import automatic_rollback
 from liftoff.errors import GateFailed, NotApproved, StepFailed
 from liftoff.ledger import Ledger, current_run_id, exclusive
-from liftoff.redaction import one_line
+from liftoff.redaction import first_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from runbooks.model import Runbook
 from tasks.checklist import ChecklistReport
@@ -107,12 +107,12 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
         if not caught_up.ok:
             raise GateFailed.of("catch-up", caught_up.failures())
     except BaseException as exc:
-        reason = one_line(exc, type(exc).__name__)
+        reason = first_line(exc, type(exc).__name__)
         try:
             undone = automatic_rollback(options)
         except BaseException as undo_failed:
             raise StepFailed(f"cutover failed at the {step} ({reason}) and the automatic rollback failed too "
-                             f"({one_line(undo_failed, type(undo_failed).__name__)}): run `liftoff run rollback` "
+                             f"({first_line(undo_failed, type(undo_failed).__name__)}): run `liftoff run rollback` "
                              "once the cause is fixed") from None
         raise StepFailed(f"cutover failed at the {step} ({reason}); rolled back automatically: the source is "
                          f"writable and the apps are back on it{_stranded_line(undone)}{recovery(options)}") from None

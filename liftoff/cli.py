@@ -1,7 +1,8 @@
 """The ``liftoff`` command: run a phase flow, validate a runbook, run the local demo.
 
 Exit codes: 0 success; 2 bad input (runbook, environment, a server refused); 3 a verification gate found
-a difference; 1 anything unexpected. Errors are printed as one line each, never as a stack trace.
+a difference; 4 an approval rejected, unconfirmed or not given in time (nothing changed); 1 anything
+unexpected. Errors are printed as one line each, never as a stack trace.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def run(
     each phase stands).
 
     Exit 0 on success, 3 when a verification gate finds a difference, 2 for bad input (runbook,
-    environment, a server that refused), 1 for anything unexpected."""
+    environment, a server that refused), 4 when an approval was rejected, left unconfirmed or not given in
+    time (nothing changed), 1 for anything unexpected."""
     keys = all_flows()[flow.value].summaries
     try:
         run_flow(flow, runbook, dry_run)

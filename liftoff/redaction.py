@@ -99,6 +99,13 @@ def one_line(text: object, empty: str = "failed without a message") -> str:
     return " ".join(redact(str(text)).split()) or empty
 
 
+def first_line(text: object, empty: str = "failed without a message") -> str:
+    """The first line of ``text``, redacted: what a caller keeps of an error that lists details on the lines
+    after (a gate's failure names its first differences on its first line)."""
+    lines = redact(str(text)).strip().splitlines()
+    return lines[0].strip() if lines else empty
+
+
 def redact_value(value, key: str | None = None):
     """Redacts strings inside nested dicts, lists and tuples; a string under a credential key (``password``,
     ``secret_access_key``, ...) is masked whole."""

@@ -1,7 +1,8 @@
 """The cutover and its rollback against real servers: the Supabase-shaped source and a target (PostgreSQL),
 a real sshd standing in for the VPS, on which a small app reads its env file and reports through its health
 endpoint which database it is connected to, and a real Prefect server through which the test approves or
-rejects the paused run, as an operator does in the UI."""
+rejects the paused run, as an operator does in the UI (also while the `liftoff` CLI waits). The resync, the way
+back to a cutover after a failed one, runs against the same servers."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import psycopg
 import pytest
 import yaml
 
+from conftest import run_cli
 from flows.cutover import cutover
 from flows.database import migrate_database
 from flows.options import RunOptions
+from flows.resync import resync
 from flows.rollback import rollback
-from liftoff.errors import GateFailed, StepFailed
+from flows.verify import verify_database
+from liftoff.errors import EXIT_NOT_APPROVED, GateFailed, NotApproved, StepFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
 from liftoff.sandbox.crm_app import CrmApp
@@ -61,6 +65,23 @@ def _writes(stack, password: str) -> str | None:
         return None
     except psycopg.Error as exc:
         return exc.sqlstate
+
+
+def _api_privileges(server, dbname: str = "postgres") -> dict[tuple[str, str, str], bool]:
+    """Per (table, API role, privilege): whether the role may SELECT/INSERT/UPDATE/DELETE the table or view of
+    ``public``, as PostgreSQL itself answers it (has_table_privilege)."""
+    rows = server.execute(
+        """SELECT n.nspname || '.' || c.relname, r.rolname, p.priv, has_table_privilege(r.oid, c.oid, p.priv)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             CROSS JOIN pg_roles r CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p(priv)
+            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v')
+              AND r.rolname IN ('anon', 'authenticated', 'service_role')""", dbname=dbname)
+    return {(table, role, privilege): has for table, role, privilege, has in rows}
+
+
+def _events(runbook, what: str) -> int:
+    """How many events of kind ``what`` the runbook's ledger holds (the cutover's log)."""
+    return sum(e.what == what for e in Ledger(load_runbook(runbook).state_dir).events("cutover"))
 
 
 @pytest.fixture(scope="module")
@@ -114,51 +135,142 @@ def _variant(runbook, ssh: dict | None = None, **cutover_changes):
 def test_cutover_switches_the_app_and_rollback_puts_it_back(stack, writer, cutover_setup):
     runbook, app, name = cutover_setup
     assert _writes(stack, writer) is None
+    before_freeze = _api_privileges(stack.source)
+    assert any(has for (_, _, privilege), has in before_freeze.items() if privilege == "INSERT")
     resumer = answer_when_paused("cutover", APPROVE)
     result = cutover(RunOptions(runbook=str(runbook)))
     resumer.join(5)
     assert app.database() == name  # the app now runs on the target
     assert _writes(stack, writer) == "25006"  # read_only_sql_transaction: the source takes no app writes
-    assert 0 < result["downtime_s"] and set(result["steps"]) == {"freeze", "final sync", "switch", "smoke test"}
+    assert 0 < result["downtime_s"] and {"freeze", "final sync", "switch", "smoke test"} <= set(result["steps"])
     assert "Downtime" in last_markdown("cutover-downtime")
     ledger = Ledger(load_runbook(runbook).state_dir)
     audit = [e for e in ledger.events("cutover") if e.what == "cutover.approval"]
     assert audit[-1].after["input"]["approver"] == "Ada (ops)" and audit[-1].before["checklist"]
     assert ledger.latest_gate("cutover").passed
 
-    # the app wrote on the target since the switch: the rollback shows it and asks first
+    # The final sync exported the frozen source, yet the target's API roles hold the source's access as it was
+    # before the freeze (INSERT/UPDATE/DELETE included), while the source's stay frozen.
+    assert _api_privileges(stack.target, name) == before_freeze
+    frozen = _api_privileges(stack.source)
+    assert not any(has for (_, _, privilege), has in frozen.items() if privilege != "SELECT")
+    assert {k: v for k, v in frozen.items() if k[2] == "SELECT"} == {
+        k: v for k, v in before_freeze.items() if k[2] == "SELECT"}
+
+    # the app wrote on the target since the switch: a resync, which reloads every table, is refused
     stack.target.execute("INSERT INTO public.notes (owner_id, body) VALUES (gen_random_uuid(), 'after the switch')",
                          dbname=name)
-    resumer = answer_when_paused("rollback", {"approver": "Ada (ops)", "approve": True, "reason": "app broken"})
+    with pytest.raises(StepFailed, match="no rollback followed.*run `liftoff run rollback` first") as refused:
+        resync(RunOptions(runbook=str(runbook)))
+    assert "\n" not in str(refused.value)
+    assert stack.target.execute("SELECT count(*) FROM public.notes WHERE body = 'after the switch'",
+                                dbname=name) == [(1,)]
+
+    # the rollback shows the app's write on the target and asks first; "file" leaves the shared source as it was
+    resumer = answer_when_paused("rollback", {"approver": "Ada (ops)", "approve": True, "reason": "app broken",
+                                              "carry": "file"})
     undone = rollback(RunOptions(runbook=str(runbook)))
     resumer.join(5)
-    assert any(r["where"].startswith("public.notes") for r in undone["stranded"])
     assert "public.notes" in last_markdown("rollback-plan")
     assert undone["unfreeze"]["lifted"] and undone["switch"]["switched_back"]
     assert app.database() == "postgres"  # back on the source
     assert _writes(stack, writer) is None  # and the source takes writes again
+    assert _api_privileges(stack.source) == before_freeze  # with exactly the grants it had
     with pytest.raises(StepFailed, match="nothing to roll back"):
         rollback(RunOptions(runbook=str(runbook)))
+
+    # rolled back, the target is brought up to the source again before the next attempt
+    synced = resync(RunOptions(runbook=str(runbook)))
+    assert synced["database"]["verify"]["tables"] > 0
+    assert Ledger(load_runbook(runbook).state_dir).latest_gate("database").passed
+    assert stack.target.execute("SELECT count(*) FROM public.notes WHERE body = 'after the switch'",
+                                dbname=name) == [(0,)]
+    assert _api_privileges(stack.target, name) == before_freeze
+
+
+REJECT = {**APPROVE, "approve": False, "reason": "payments team not ready"}
+REJECTED = ("cutover rejected by Ada (ops): payments team not ready; nothing changed, the source is writable and "
+            "the apps stay on it")
 
 
 def test_a_rejection_ends_the_run_and_changes_nothing(stack, writer, cutover_setup):
     runbook, app, _ = cutover_setup
-    resumer = answer_when_paused("cutover", {**APPROVE, "approve": False, "reason": "payments team not ready"})
-    result = cutover(RunOptions(runbook=str(runbook)))
+    freezes, starts = _events(runbook, "cutover.freeze"), _events(runbook, "cutover.started")
+    resumer = answer_when_paused("cutover", REJECT)
+    with pytest.raises(NotApproved) as rejected:
+        cutover(RunOptions(runbook=str(runbook)))
     resumer.join(5)
-    assert result["rejected"] and result["reason"] == "payments team not ready"
+    assert str(rejected.value) == REJECTED
+    assert rejected.value.exit_code == EXIT_NOT_APPROVED == 4
     assert app.database() == "postgres" and _writes(stack, writer) is None
+    assert (_events(runbook, "cutover.freeze"), _events(runbook, "cutover.started")) == (freezes, starts)
     audit = [e for e in Ledger(load_runbook(runbook).state_dir).events("cutover") if e.what == "cutover.approval"]
     assert audit[-1].after["outcome"] == "rejected"
 
 
+def test_a_rejection_from_the_cli_exits_4_with_one_line_naming_who_rejected(stack, writer, cutover_setup):
+    runbook, app, _ = cutover_setup
+    resumer = answer_when_paused("cutover", REJECT)  # the operator answers in the UI while the CLI waits
+    done = run_cli("run", "cutover", "--runbook", str(runbook), timeout=180)
+    resumer.join(5)
+    assert done.returncode == EXIT_NOT_APPROVED, done.stdout[-2000:] + done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if line.startswith(("error:", "unexpected error:"))]
+    assert said == [f"error: {REJECTED}"], done.stderr[-2000:]
+    assert app.database() == "postgres" and _writes(stack, writer) is None
+
+
 def test_an_approval_without_every_manual_line_confirmed_changes_nothing(stack, writer, cutover_setup):
     runbook, app, _ = cutover_setup
+    freezes = _events(runbook, "cutover.freeze")
     resumer = answer_when_paused("cutover", {**APPROVE, "confirm_1": False})
-    with pytest.raises(StepFailed, match="without confirming: Team notified"):
+    with pytest.raises(NotApproved, match=r"^approved by Ada \(ops\) without confirming: Team notified of the "
+                                          r"maintenance window; nothing changed") as unconfirmed:
         cutover(RunOptions(runbook=str(runbook)))
     resumer.join(5)
+    assert unconfirmed.value.exit_code == EXIT_NOT_APPROVED
     assert app.database() == "postgres" and _writes(stack, writer) is None
+    assert _events(runbook, "cutover.freeze") == freezes
+
+
+def test_a_final_sync_whose_gate_fails_is_rolled_back_and_resync_brings_the_target_up_to_the_source(
+        stack, writer, cutover_setup):
+    runbook, app, name = cutover_setup
+    before_freeze = _api_privileges(stack.source)
+    # a policy on the target only: the reload leaves it, so the final sync's gate fails after the freeze
+    stack.target.execute("CREATE POLICY everyone ON public.payments FOR SELECT TO public USING (true)", dbname=name)
+    try:
+        resumer = answer_when_paused("cutover", APPROVE)
+        with pytest.raises(StepFailed) as failed:
+            cutover(RunOptions(runbook=str(runbook)))
+        resumer.join(5)
+    finally:
+        stack.target.execute("DROP POLICY everyone ON public.payments", dbname=name)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "cutover failed at the final sync (database gate failed: policy public.payments.everyone:" in message
+    assert "rolled back automatically" in message and f"`liftoff run resync --runbook {runbook}`" in message
+    assert app.database() == "postgres" and _writes(stack, writer) is None
+    assert _api_privileges(stack.source) == before_freeze
+
+    # the source takes writes again, which the failed final sync's export does not hold
+    stack.source.execute(
+        "INSERT INTO public.customers (full_name, email) VALUES ('Resync Probe', 'resync@example.com')")
+    try:
+        with pytest.raises(GateFailed) as stale:
+            verify_database(RunOptions(runbook=str(runbook)))
+        first = str(stale.value).splitlines()[0]
+        assert first.startswith("database gate failed: table public.customers: row count differs"), first
+        resync(RunOptions(runbook=str(runbook)))
+        assert Ledger(load_runbook(runbook).state_dir).latest_gate("database").passed
+        assert stack.target.execute("SELECT full_name FROM public.customers WHERE email = 'resync@example.com'",
+                                    dbname=name) == [("Resync Probe",)]
+    finally:  # the source is shared with other tests: as it was (customers has no sequence to move back)
+        stack.source.execute("DELETE FROM public.customers WHERE email = 'resync@example.com'")
+
+    # The reason is the gate's first line (its first differences), once: not every difference folded after it.
+    # Checked last: the steps above leave the shared runbook with a passed gate for the tests after this one.
+    assert ("cutover failed at the final sync (database gate failed: policy public.payments.everyone: on the target "
+            "only, not on the source); rolled back automatically") in message, message
 
 
 def test_a_failed_smoke_test_rolls_back_by_itself(stack, writer, cutover_setup):
@@ -183,9 +295,15 @@ def test_the_checklist_stops_a_cutover_whose_database_gate_is_stale(stack, write
 
 def test_no_approval_in_time_changes_nothing(stack, writer, cutover_setup):
     runbook, app, _ = cutover_setup
-    with pytest.raises(StepFailed, match=r"no approval within 3 s \(cutover.approval_timeout_s\)"):
+    freezes = _events(runbook, "cutover.freeze")
+    with pytest.raises(NotApproved, match=r"^no approval within 3 s \(cutover.approval_timeout_s\); nothing "
+                                          r"changed") as timed_out:
         cutover(RunOptions(runbook=str(_variant(runbook, approval_timeout_s=3))))
+    assert timed_out.value.exit_code == EXIT_NOT_APPROVED
     assert app.database() == "postgres" and _writes(stack, writer) is None
+    assert _events(runbook, "cutover.freeze") == freezes
+    audit = [e for e in Ledger(load_runbook(runbook).state_dir).events("cutover") if e.what == "cutover.approval"]
+    assert audit[-1].after["outcome"] == "timed out"
 
 
 def test_an_unknown_host_key_stops_the_switch_and_the_rollback_leaves_the_source_writable(stack, writer,

@@ -200,6 +200,31 @@ def test_role_freeze_does_not_stop_a_transaction_begun_read_write_as_postgrest_b
     _lift(source, lifted, record)
 
 
+def test_role_freeze_refuses_begin_read_write_and_its_lift_ends_the_sessions_that_logged_in_during_it(source,
+                                                                                                      lifted):
+    acls = source.acls()
+    record = _freeze(source, lifted, Freeze(method="role", roles=[APP]))
+    revoked = {(g["table"], g["column"], g["grantee"], g["privilege"], g["grantable"]) for g in record["revoked"]}
+    assert {("bookings", None, APP, "INSERT", False), ("bookings", None, APP, "UPDATE", True)} <= revoked
+
+    during = source.as_role(APP)  # an app's pool reconnecting while the freeze stands
+    elsewhere = source.as_role(APP, db="postgres")  # the same role in a database not frozen
+    assert _sqlstate(during, "INSERT INTO public.bookings (note) VALUES ('default mode')") == "25006"
+    during.execute("BEGIN READ WRITE")  # what the read-only default cannot stop: the revoke does
+    assert _sqlstate(during, "INSERT INTO public.bookings (note) VALUES ('read write')") == "42501"
+    during.execute("ROLLBACK")
+    with source.as_postgres() as conn:
+        assert freeze_holes(conn, record) == []
+
+    _lift(source, lifted, record)
+    with pytest.raises(psycopg.OperationalError):  # read-only for as long as it lived: ended by the lift
+        during.execute("SELECT 1")
+    assert elsewhere.execute("SELECT 1").fetchone() == (1,)
+    assert source.app_insert() is None  # a new connection writes
+    assert source.acls() == acls  # the grants back, grant option included
+    elsewhere.close()
+
+
 def test_revoke_freeze_stops_the_api_roles_as_postgrest_uses_them_and_lift_restores_the_exact_acls(source, lifted):
     before = source.acls()
     assert source.api_insert("anon") is None
