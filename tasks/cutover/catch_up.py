@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +34,7 @@ from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
 from liftoff.steps import recorded
 from runbooks.model import Runbook
-from tasks import changes, postgres, supabase
+from tasks import changes, postgres, supabase, supabase_storage
 from tasks.cutover.common import COMPLETED, FROZEN, SWITCHED, log, since_last_rollback
 from tasks.cutover.freeze import grants_withheld
 from tasks.database.common import assess_source, export_done, exported_catalog, read_shim
@@ -57,18 +58,45 @@ def catch_up_pending(rb: Runbook) -> float | None:
     return frozen.after.get("frozen_at")
 
 
+# Supabase's own services write these schemas as their own admin roles, which no freeze reaches.
+SUPABASE_WRITERS = ("auth", "storage")
+
+
 def unfrozen_tables(rb: Runbook, source) -> list[Table]:
-    """The migrated tables writers the freeze cannot stop write on the source: ``cutover.unfrozen_tables``,
-    and ``auth.users`` when the auth shim carries it (Supabase Auth writes it as its own admin role)."""
+    """The migrated tables writers the freeze cannot stop write on the source: ``cutover.unfrozen_tables``;
+    ``auth.users`` when the auth shim carries it (Supabase Auth writes it as its own admin role); and every
+    migrated table a trigger on Supabase's tables writes (the profile-on-sign-up pattern), found by the
+    trigger functions' bodies naming it, transitively (a trigger on such a table counts too). Naming a table
+    that is in fact frozen costs nothing: its changes are told apart from a baseline all the same."""
     names = set(rb.cutover.unfrozen_tables)
     schemas = sorted({n.split(".", 1)[0] for n in names} | set(rb.database.schemas))
-    tables = [t for t in postgres.list_tables(source, schemas) if t.qualified in names]
-    unknown = names - {t.qualified for t in tables}
+    every = postgres.list_tables(source, schemas)
+    unknown = names - {t.qualified for t in every}
     if unknown:
         raise StepFailed(f"cutover.unfrozen_tables: {', '.join(sorted(unknown))} is not a table of the source")
+    names |= written_by_triggers(source, [t for t in every if t.schema in rb.database.schemas])
+    tables = [t for t in every if t.qualified in names]
     if read_shim(rb, source):
         tables += [t for t in postgres.list_tables(source, ["auth"]) if t.name == "users"]
     return tables
+
+
+def written_by_triggers(source, candidates: list[Table]) -> set[str]:
+    """Which of ``candidates`` a trigger function on a table of Supabase's schemas (or, transitively, on one
+    of those found) names in its body."""
+    found: set[str] = set()
+    watched = {(s, None) for s in SUPABASE_WRITERS}
+    while True:
+        bodies = [body for schema, table, body in source.execute(
+            """SELECT n.nspname, c.relname, p.prosrc FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = g.tgfoid
+               WHERE NOT g.tgisinternal""") if (schema, None) in watched or (schema, table) in watched]
+        more = {t.qualified for t in candidates if t.qualified not in found
+                and any(re.search(rf"(?<![\w$]){re.escape(t.name)}(?![\w$])", body, re.IGNORECASE) for body in bodies)}
+        if not more:
+            return found
+        found |= more
+        watched |= {tuple(name.split(".", 1)) for name in more}
 
 
 @task(name="record the catch-up's baseline", cache_policy=NO_CACHE)
@@ -142,12 +170,13 @@ def catch_up(rb: Runbook) -> CatchUpReport:
         # trigger wrote are carried together or not at all, and everything committed before ``until`` is in.
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         src.read_only = True
-        tables, splits, read = unfrozen_tables(rb, src), {}, {}
+        tables, splits, read, moved = unfrozen_tables(rb, src), {}, {}, {}
         for table in tables:
-            read[table.qualified] = changes.row_hashes(src, table)
-            split = changes.three_way(table, baseline(ledger, table), read[table.qualified],
-                                      changes.row_hashes(tgt, table))
+            base, read[table.qualified] = baseline(ledger, table), changes.row_hashes(src, table)
+            before = changes.row_hashes(tgt, table)
+            split = changes.three_way(table, base, read[table.qualified], before)
             splits[table.qualified] = split
+            moved[table.qualified] = {k for k in base.keys() | before.keys() if base.get(k) != before.get(k)}
             report.conflicts += [f"{table.qualified} key {changes.key_label(k)}: changed on both sides since the "
                                  "last catch-up; the target's row kept" for k in split.both]
             report.tables.append({"table": table.qualified, "inserts": len(split.source.inserts),
@@ -156,14 +185,16 @@ def catch_up(rb: Runbook) -> CatchUpReport:
         # all tables at once: foreign-key order across them (auth.users before the profiles that point at it)
         applied = changes.apply_changes(tgt, src, tables, {name: split.source for name, split in splits.items()})
         report.conflicts += applied.conflicts
-        after = {t.qualified: changes.row_hashes(tgt, t) for t in tables if splits[t.qualified].source.total}
-        for table in tables:  # the gate over what it carried: each row now as the source's
-            split, now_source = splits[table.qualified], read[table.qualified]
-            keys = split.source.inserts + split.source.updates + split.source.deletes
-            wrong = [k for k in keys if after[table.qualified].get(k) != now_source.get(k)] if keys else []
+        for table in tables:
+            # The gate over the whole table: every row the apps did not change on the target since the
+            # baseline is the source's now (carried, or never changed). The baseline is the target's own copy,
+            # so a row the final sync missed shows here as one the source has and the baseline lacks: carried.
+            now_source, after = read[table.qualified], changes.row_hashes(tgt, table)
+            wrong = [k for k in now_source.keys() | after.keys()
+                     if k not in moved[table.qualified] and after.get(k) != now_source.get(k)]
             if wrong:
-                report.differences.append(f"table {table.qualified}: {len(wrong)} carried row(s) differ on the "
-                                          f"target, first key {changes.key_label(wrong[0])}")
+                report.differences.append(f"table {table.qualified}: {len(wrong)} row(s) differ from the source "
+                                          f"on the target, first key {changes.key_label(sorted(wrong, key=str)[0])}")
             replace_baseline(ledger, table, now_source)
     report.differences += _definitions_and_access(rb)
     if rb.storage.buckets and rb.storage.source is not None and rb.storage.target is not None:
@@ -203,9 +234,11 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str]]:
     from tasks.storage.plan import pending
 
     ledger = Ledger(rb.state_dir)
-    buckets, failed = [], []
+    buckets, failed, seen = [], [], {}
     with postgres.session(rb.source, "source") as conn:
         for b in rb.storage.buckets:
+            # What the inventory holds now is what this catch-up answers for; what arrives later, the next one.
+            seen[b.name] = {obj.key: obj.updated_at for obj in supabase_storage.inventory(conn, b.name)}
             names = [obj.key for obj in pending(rb, conn, ledger, b.name)]
             for start in range(0, len(names), rb.storage.batch_size):
                 failed += copy_object_batch(rb, b.name, names[start:start + rb.storage.batch_size])["failed"]
@@ -215,7 +248,8 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str]]:
         report = compare_storage(
             conn, target_client(rb), [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
             lambda bucket: ((k, md5) for k, _, _, md5 in ledger.items(STORAGE, item_kind(bucket), status="copied")),
-            endpoint_url=rb.storage.target.endpoint_url, concurrency=rb.storage.concurrency, extra_allowed=True)
+            endpoint_url=rb.storage.target.endpoint_url, concurrency=rb.storage.concurrency, extra_allowed=True,
+            include=lambda bucket, obj: obj.key in seen[bucket] and seen[bucket][obj.key] == obj.updated_at)
     for check, row in zip(report.buckets, buckets):
         row["uploaded on the target"] = check.target_only_count
     return buckets, [f"objects that failed to copy: {'; '.join(failed[:3])}"] * bool(failed) + report.failures()

@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from prefect import task
@@ -98,22 +97,28 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
                     copied_md5: Callable[[str], Iterator[tuple[str, str]]], *, endpoint_url: str,
                     deep: bool = False, concurrency: int = 8,
                     on_bucket_done: Callable[[BucketCheck], None] | None = None,
-                    until: datetime | None = None, extra_allowed: bool = False) -> StorageReport:
+                    include: Callable[[str, Any], bool] | None = None, extra_allowed: bool = False) -> StorageReport:
     """Compares each (source bucket, target bucket, public) of the inventory in ``conn`` with the target S3
     server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). ``copied_md5(bucket)``
     streams (key, MD5 the copy computed) in key order: the reference where the source's eTag is no MD5.
-    Reads only; holds at most ``2 * concurrency`` objects at a time, whatever the bucket's size. ``until``:
-    only objects the source wrote by then (a cutover's final sync: later uploads are the catch-up's);
-    ``extra_allowed``: objects only on the target are counted as the apps' uploads, not failed (after the
+    Reads only; holds at most ``2 * concurrency`` objects at a time, whatever the bucket's size.
+    ``include(bucket, object)``: only the inventory objects it accepts are compared, the others may be on
+    the target or not (a cutover's final sync: uploads after the freeze are the catch-up's; the catch-up:
+    uploads after it read the inventory); ``extra_allowed``: objects only on the target are counted as the apps' uploads, not failed (after the
     switch)."""
     report = StorageReport()
     for bucket, tbucket, public in buckets:
-        def inventory(bucket=bucket):
-            objects = supabase_storage.inventory(conn, bucket)
-            return objects if until is None else (o for o in objects if o.updated_at is None or o.updated_at <= until)
+        late: set[str] = set()  # not compared: the copy may have carried them already, or not
+
+        def inventory(bucket=bucket, late=late):
+            for obj in supabase_storage.inventory(conn, bucket):
+                if include is not None and not include(bucket, obj):
+                    late.add(obj.key)
+                else:
+                    yield obj
 
         check = compare_bucket(target, bucket, tbucket, inventory, copied_md5(bucket), deep=deep,
-                               concurrency=concurrency, extra_allowed=extra_allowed)
+                               concurrency=concurrency, extra_allowed=extra_allowed, tolerated=late)
         if check.first_key is not None:
             proof = s3.prove_bucket_access(endpoint_url, tbucket, check.first_key, public)
             check.access = "; ".join(proof.problems)
@@ -125,7 +130,8 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
 
 def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], Iterator[Any]],
                    copied_md5: Iterator[tuple[str, str]], *, deep: bool = False,
-                   concurrency: int = 8, extra_allowed: bool = False) -> BucketCheck:
+                   concurrency: int = 8, extra_allowed: bool = False,
+                   tolerated: set[str] = frozenset()) -> BucketCheck:
     """One bucket's objects: ``inventory()`` streams the source's objects in byte order of the key (each with
     ``key``, ``size``, ``md5``, ``mimetype``, as ``supabase_storage.SourceObject``; called twice), ``copied_md5``
     the MD5s the copy computed, in the same order.
@@ -135,7 +141,8 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
     plain-MD5 ETag) too. Each HEAD is a plain signed request (``tasks.s3.head``), not a boto3 call: the CPU
     per object, not the server, bounds a verification of many small objects. Then the target is listed to
     count objects and bytes; what the source lacks is looked for, and named, only when the counts say there
-    is some."""
+    is some. ``tolerated``: keys only on the target that are not wrong there (filled while ``inventory`` is
+    read: objects the source wrote after a cutover's freeze, which the final sync's copy may have carried)."""
     check = BucketCheck(bucket, tbucket, extra_allowed=extra_allowed)
     missing: list[str] = []  # appended to from the pool's threads; only whether it is empty is read
 
@@ -169,7 +176,8 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
                 check.problem_count += 1
                 if len(check.problems) < MAX_NAMED:
                     check.problems.append(p)
-    _count_target(target, tbucket, lambda: (o.key for o in inventory()), check, all_found=not missing)
+    _count_target(target, tbucket, lambda: (o.key for o in inventory()), check, all_found=not missing,
+                  tolerated=tolerated)
     return check
 
 
@@ -195,7 +203,7 @@ def _windowed(pool: ThreadPoolExecutor, fn: Callable, items, window: int):
 
 
 def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]], check: BucketCheck,
-                  all_found: bool) -> None:
+                  all_found: bool, tolerated: set[str] = frozenset()) -> None:
     """Counts the target bucket's objects and bytes (one flat listing, in whatever order the server lists).
     When every source object was found on the target (``all_found``) and the counts are equal, the target
     holds nothing else. Otherwise objects the source's inventory lacks are named: both are streamed in byte
@@ -213,7 +221,7 @@ def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]
         check.target_bytes += listed.size
         while current is not None and current.encode() < listed.key.encode():
             current = next(names, None)
-        if current != listed.key and check.extra_allowed:
+        if current != listed.key and (check.extra_allowed or listed.key in tolerated):
             check.target_only_count += 1
             check.target_only_bytes += listed.size
             if len(check.target_only) < MAX_NAMED:
@@ -231,6 +239,7 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
 
     require_storage(rb)
     ledger = Ledger(rb.state_dir)
+    frozen_at = frozen_at_datetime(catch_up_pending(rb))
 
     def copied_md5(bucket: str) -> Iterator[tuple[str, str]]:
         return ((key, md5) for key, _, _, md5 in ledger.items(PHASE, item_kind(bucket), status="copied"))
@@ -243,4 +252,5 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
             deep=rb.storage.deep_verify if deep is None else deep, concurrency=rb.storage.concurrency,
             on_bucket_done=lambda c: progress.advance(f"{c.bucket}: {'match' if c.ok else 'differs'}"),
             # during a cutover's final sync, uploads after the freeze are the catch-up's
-            until=frozen_at_datetime(catch_up_pending(rb)))
+            include=None if frozen_at is None else (
+                lambda bucket, obj: obj.updated_at is None or obj.updated_at <= frozen_at))
