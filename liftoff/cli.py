@@ -294,6 +294,9 @@ def _demo_cutover(stack) -> None:
     confirmations = {f"confirm_{i}": True for i in range(1, len(_manual_lines(stack.runbook_path)) + 1)}
     operator = answer_when_paused("cutover", {"approver": "liftoff demo (as the operator)", "approve": True,
                                               "reason": "demo", **confirmations})
+    # What the freeze cannot stop keeps going through the cutover, as on a live project: Supabase Auth signs
+    # users up (its trigger writes their profiles) and Supabase Storage stores uploads. The catch-up carries them.
+    supabase_writers = _supabase_writers(stack)
     def where() -> str:
         port = app.server_port()
         side = {stack.source.port: "the source", stack.target.port: "the target"}.get(port, "neither server")
@@ -306,15 +309,56 @@ def _demo_cutover(stack) -> None:
     except Exception as exc:
         _print_summaries(all_flows()["cutover"].summaries)
         raise _fail(exc) from None
+    finally:
+        for writer in supabase_writers:
+            writer.stop()
     operator.join(5)
     out.print(_markdown(last_markdown("cutover-downtime")))
-    out.print(f"cutover: the app is now connected to {where()}; rolling back ...")
+    out.print(_markdown(last_markdown("cutover-catch-up")))
+    signed_up = sum(len(w.acked()) for w in supabase_writers)
+    out.print(f"cutover: the app is now connected to {where()}; {signed_up} sign-ups and uploads were "
+              "acknowledged on Supabase meanwhile. The app writes on the target (2 notes, 1 changed, 1 deleted); "
+              "rolling back, carrying them to the source ...")
+    _demo_app_writes(stack, database)
+    rollback = answer_when_paused("rollback", {"approver": "liftoff demo (as the operator)", "approve": True,
+                                               "reason": "demo", "carry": "apply"})
     try:
         run_flow(FlowName("rollback"), stack.runbook_path, dry_run=False)
     except Exception as exc:
         _print_summaries(all_flows()["rollback"].summaries)
         raise _fail(exc) from None
+    rollback.join(5)
+    out.print(_markdown(last_markdown("rollback-changes")))
     out.print(f"[green]rollback: the app is connected to {where()} again, which takes writes again.[/green]")
+
+
+def _supabase_writers(stack) -> list:
+    """Supabase Auth's sign-ups and Supabase Storage's uploads on the source, running until stopped."""
+    import secrets as _secrets
+
+    from liftoff.sandbox.writers import SignupWriter, Uploader
+
+    auth, storage = _secrets.token_urlsafe(12), _secrets.token_urlsafe(12)
+    stack.source.execute(f"ALTER ROLE supabase_auth_admin LOGIN PASSWORD '{auth}'; "
+                         f"ALTER ROLE supabase_storage_admin LOGIN PASSWORD '{storage}'")
+    writers = [SignupWriter(stack.source.conninfo("postgres", "supabase_auth_admin", auth), interval_s=0.05)]
+    if stack.supabase_s3 is not None:
+        writers.append(Uploader(stack.supabase_s3.client(), stack.source.conninfo("postgres", "supabase_storage_admin",
+                                                                                  storage), "waivers",
+                                interval_s=0.05))
+    for writer in writers:
+        writer.start()
+    return writers
+
+
+def _demo_app_writes(stack, database: str) -> None:
+    """What the app does on the target after the switch: two notes added, one changed, one deleted."""
+    stack.target.execute(
+        "INSERT INTO public.notes (owner_id, body) SELECT owner_id, 'written on the target after the switch' "
+        "FROM public.notes LIMIT 2; "
+        "UPDATE public.notes SET body = 'changed on the target' WHERE id = (SELECT min(id) FROM public.notes); "
+        "DELETE FROM public.notes WHERE id = (SELECT max(id) FROM public.notes WHERE body NOT LIKE '%target%')",
+        dbname=database)
 
 
 def _manual_lines(path: Path) -> list[str]:
