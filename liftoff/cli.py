@@ -333,19 +333,14 @@ def _demo_cutover(stack) -> None:
 
 
 def _supabase_writers(stack) -> list:
-    """Supabase Auth's sign-ups and Supabase Storage's uploads on the source, running until stopped."""
-    import secrets as _secrets
-
+    """Supabase Auth's sign-ups and Supabase Storage's uploads on the source, as their admin roles, running
+    until stopped."""
     from liftoff.sandbox.writers import SignupWriter, Uploader
 
-    auth, storage = _secrets.token_urlsafe(12), _secrets.token_urlsafe(12)
-    stack.source.execute(f"ALTER ROLE supabase_auth_admin LOGIN PASSWORD '{auth}'; "
-                         f"ALTER ROLE supabase_storage_admin LOGIN PASSWORD '{storage}'")
-    writers = [SignupWriter(stack.source.conninfo("postgres", "supabase_auth_admin", auth), interval_s=0.05)]
+    writers = [SignupWriter(stack.source.conninfo("postgres"), role="supabase_auth_admin", interval_s=0.05)]
     if stack.supabase_s3 is not None:
-        writers.append(Uploader(stack.supabase_s3.client(), stack.source.conninfo("postgres", "supabase_storage_admin",
-                                                                                  storage), "waivers",
-                                interval_s=0.05))
+        writers.append(Uploader(stack.supabase_s3.client(), stack.source.conninfo("postgres"), "waivers",
+                                role="supabase_storage_admin", interval_s=0.05))
     for writer in writers:
         writer.start()
     return writers

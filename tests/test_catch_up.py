@@ -6,11 +6,9 @@ the target, the sshd standing in for the VPS, the Prefect server through which t
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
-import psycopg
 import pytest
 
 from flows.catch_up import catch_up_after_switch
@@ -21,38 +19,17 @@ from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
 from liftoff.sandbox.operator import answer_when_paused
+from liftoff.sandbox.writers import SignupWriter
 from runbooks.model import load_runbook
 from tests.test_cutover import APPROVE, _variant, cutover_setup, vps, writer  # noqa: F401 - module fixtures
 
 
-class SignUps:
+def sign_ups(stack) -> SignupWriter:
     """Supabase Auth as the source sees it: users inserted into auth.users as supabase_auth_admin every
     ~20 ms (the app's trigger writes each one's profile), each recorded once its COMMIT returned."""
-
-    def __init__(self, stack):
-        self.conninfo = stack.source.conninfo("postgres")
-        self.acked: list[tuple[str, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 120
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            conn.execute("SET ROLE supabase_auth_admin")
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                user = str(uuid.uuid4())
-                conn.execute("INSERT INTO auth.users (id, email, raw_user_meta_data) VALUES (%s, %s, %s)",
-                             (user, f"{user[:8]}@signup.test", '{"full_name": "Signed Up"}'))
-                self.acked.append((user, time.time()))
-                time.sleep(0.02)
-
-    def __enter__(self) -> "SignUps":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    writer = SignupWriter(stack.source.conninfo("postgres"), role="supabase_auth_admin", max_s=120)
+    writer.start()
+    return writer
 
 
 def _on_target(stack, database: str, ids: list[str]) -> tuple[set[str], dict[str, int]]:
@@ -76,14 +53,17 @@ def unfrozen(cutover_setup):
 def test_sign_ups_during_the_freeze_are_carried_after_the_switch_and_later_ones_by_catch_up(stack, unfrozen):
     runbook, app, name = unfrozen
     resumer = answer_when_paused("cutover", APPROVE)
-    with SignUps(stack) as signups:
+    signups = sign_ups(stack)
+    try:
         time.sleep(0.3)
         result = cutover(RunOptions(runbook=str(runbook)))
         resumer.join(5)
         carried = {t["table"]: t for t in result["catch_up"]["tables"]}
         until = result["catch_up"]["until"]
-        before = [u for u, at in signups.acked if at < until]
+        before = [str(w.key[0]) for w in signups.acked() if w.acked_at < until]
         time.sleep(0.3)  # sign-ups keep coming after the cutover: Supabase Auth stays on Supabase
+    finally:
+        signups.stop()
     assert app.database() == name
     # the final sync's gate passed although auth.users and profiles changed under it
     ledger = Ledger(load_runbook(runbook).state_dir)
@@ -96,7 +76,7 @@ def test_sign_ups_during_the_freeze_are_carried_after_the_switch_and_later_ones_
     assert "auth.users" in last_markdown("cutover-catch-up")
 
     # later sign-ups, an e-mail changed and a user deleted (its profile goes with it), by `catch-up`
-    everyone = [u for u, _ in signups.acked]
+    everyone = [str(w.key[0]) for w in signups.acked()]
     changed, gone = before[0], before[1]
     stack.source.execute(f"SET ROLE supabase_auth_admin; UPDATE auth.users SET email = 'new@signup.test' "
                          f"WHERE id = '{changed}'; DELETE FROM auth.users WHERE id = '{gone}'")

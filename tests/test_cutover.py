@@ -7,8 +7,13 @@ back to a cutover after a failed one, runs against the same servers."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import secrets
+import threading
+import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -321,16 +326,40 @@ def test_an_unknown_host_key_stops_the_switch_and_the_rollback_leaves_the_source
 
 
 def test_an_app_never_healthy_on_the_target_is_rolled_back_onto_the_source(stack, writer, cutover_setup):
-    runbook, app, _ = cutover_setup
+    """Something wrote on the target between the switch and the failed smoke test (another app, a worker):
+    the automatic rollback finds it with the target frozen, writes it to its file, says where, and leaves
+    the source as it was."""
+    runbook, app, name = cutover_setup
     broken = {"DATABASE_URL": {"template": f"postgresql://crm_app:${{password}}@{stack.target.host}:"
                                            f"{stack.target.port}/no_such_database",
                                "secrets": {"password": {"env": "LIFTOFF_TEST_APP_PASSWORD"}}}}
     data = yaml.safe_load(runbook.read_text())
     switch = {**data["cutover"]["switch"], "env": broken}
+    ledger = Ledger(load_runbook(runbook).state_dir)
+    switches = len([e for e in ledger.events("cutover") if e.what == "cutover.switch"])
+    body = f"written during the smoke test {secrets.token_hex(4)}"
+
+    def write_after_the_switch():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if len([e for e in ledger.events("cutover") if e.what == "cutover.switch"]) > switches:
+                stack.target.execute(f"INSERT INTO public.notes (owner_id, body) VALUES (gen_random_uuid(), '{body}')",
+                                     dbname=name)
+                return
+            time.sleep(0.05)
+
+    other_app = threading.Thread(target=write_after_the_switch, daemon=True)
+    other_app.start()
     resumer = answer_when_paused("cutover", APPROVE)
     with pytest.raises(StepFailed) as failed:
         cutover(RunOptions(runbook=str(_variant(runbook, switch=switch, health_timeout_s=4))))
     resumer.join(5)
+    other_app.join(5)
     message = str(failed.value)
     assert "app crm is not healthy" in message and "after 4 s" in message and "rolled back automatically" in message
     assert app.database() == "postgres" and _writes(stack, writer) is None
+    where = re.search(r"1 change\(s\) the apps made on the target were written to (\S+\.jsonl)", message)
+    assert where, message
+    lines = [json.loads(line) for line in Path(where.group(1)).read_text().splitlines()]
+    assert [(c["table"], c["op"], c["row"]["body"]) for c in lines] == [("public.notes", "insert", body)]
+    assert stack.source.execute(f"SELECT count(*) FROM public.notes WHERE body = '{body}'") == [(0,)]

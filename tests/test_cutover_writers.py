@@ -13,6 +13,7 @@ The sign-up trigger's table (public.profiles) is not listed in the runbook: Lift
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -241,12 +242,20 @@ def test_the_cutover_and_its_rollback_lose_no_acknowledged_write(stack, storage_
         # --- the apps write on the target, then the rollback carries it all back --------------------------
         assert _wait_for(lambda: len(writers.acked(where=w.TARGET)) >= 20, 10), {
             x.kind: (x.outcomes, x.errors) for x in writers.writers}
+        # and the app stores a file on the target's S3 server, as it does once it runs there
+        app_file = f"app-uploads/{secrets.token_hex(6)}.pdf"
+        target_s3.client().put_object(Bucket=UPLOAD_BUCKET, Key=app_file, Body=b"%PDF uploaded on the target")
         time.sleep(ON_TARGET_S)
         resumer = answer_when_paused("rollback", ROLL_BACK)
         try:
             undone = rollback(RunOptions(runbook=str(runbook)))
         finally:
             resumer.join(5)
+        # the file is a change the rollback names (in its file; it stays on the target's S3 server)
+        named = [json.loads(line) for line in open(undone["changes"]["file"]) if '"object"' in line]
+        if undone["changes"]["objects"] != 1 or [o["object"]["key"] for o in named] != [app_file]:
+            problems.append(f"the rollback named {undone['changes']['objects']} object change(s) "
+                            f"({[o['object']['key'] for o in named]}), expected the app's upload {app_file}")
         rolled_back = time.time()
         assert app.database() == "postgres"  # back on the source
         login = writers["login"]
@@ -320,7 +329,7 @@ def test_the_cutover_and_its_rollback_lose_no_acknowledged_write(stack, storage_
             problems.append("the rollback's reported changes differ from the true ones beyond the writes in "
                             "doubt: " + "; ".join(f"{c['table']} {c['op']}: reported {c['reported']}, true "
                                                   f"{c['true']}" for c in beyond))
-    total_true = sum(sum(c.values()) for c in truth.values())
+    total_true = sum(sum(c.values()) for c in truth.values()) + 1  # and the app's upload on the target
     if (undone.get("changes") or {}).get("total") != total_true and not in_doubt:
         problems.append(f"the rollback reported {(undone.get('changes') or {}).get('total')} change(s) in all; "
                         f"the writers made {total_true} on the target")

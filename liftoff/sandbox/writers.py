@@ -199,6 +199,7 @@ class _Writer(threading.Thread):
     connections, failed connects); ``errors`` keeps the first lines of unexpected errors."""
 
     kind = "writer"
+    role: str | None = None  # SET ROLE after logging in (``_connected``)
 
     def __init__(self, name: str, interval_s: float = 0.02, max_s: float = 180):
         super().__init__(name=name, daemon=True)
@@ -273,6 +274,21 @@ class _Writer(threading.Thread):
             except Exception:  # noqa: BLE001 - closing a dead connection
                 pass
             self.conn = None
+
+    def _connected(self) -> bool:
+        """Opens ``self.conninfo`` if no connection is open (then ``SET ROLE self.role`` when given: a
+        superuser's session standing in for a role with no password); False when that failed."""
+        if self.conn is not None:
+            return True
+        try:
+            self.conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+            if self.role:
+                self.conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.role)))
+            return True
+        except psycopg.OperationalError:
+            self.outcomes["connect failed"] += 1
+            self._close()
+            return False
 
     def _rollback_quietly(self) -> None:
         if self.conn is None or self.conn.broken or self.conn.closed:
@@ -392,18 +408,14 @@ class SignupWriter(_Writer):
 
     kind = "signup"
 
-    def __init__(self, conninfo: str, **options):
+    def __init__(self, conninfo: str, role: str | None = None, **options):
         super().__init__(name="writer-signup", **options)
-        self.conninfo = conninfo
+        self.conninfo, self.role = conninfo, role
         self._serial = itertools.count(1)
 
     def step(self) -> None:
-        if self.conn is None:
-            try:
-                self.conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
-            except psycopg.OperationalError:
-                self.outcomes["connect failed"] += 1
-                return
+        if not self._connected():
+            return
         user = uuid.uuid4()
         email = f"signup-{next(self._serial)}-{user.hex[:8]}@writers.example"
         meta = json.dumps({"full_name": f"Signup {user.hex[:8]}"})
@@ -435,19 +447,16 @@ class Uploader(_Writer):
 
     kind = "upload"
 
-    def __init__(self, s3_client, conninfo: str, bucket: str, prefix: str = "writers/", **options):
+    def __init__(self, s3_client, conninfo: str, bucket: str, prefix: str = "writers/", role: str | None = None,
+                 **options):
         super().__init__(name="writer-upload", **options)
-        self.s3, self.conninfo, self.bucket, self.prefix = s3_client, conninfo, bucket, prefix
+        self.s3, self.conninfo, self.bucket, self.prefix, self.role = s3_client, conninfo, bucket, prefix, role
 
     def step(self) -> None:
         from liftoff.sandbox.supabase_source import storage_object_bytes
 
-        if self.conn is None:
-            try:
-                self.conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
-            except psycopg.OperationalError:
-                self.outcomes["connect failed"] += 1
-                return
+        if not self._connected():
+            return
         name = f"{self.prefix}{uuid.uuid4()}.pdf"
         body = storage_object_bytes(self.bucket, name)
         md5 = hashlib.md5(body).hexdigest()
