@@ -273,23 +273,10 @@ def _demo_cutover(stack) -> None:
     app = CrmApp(stack.workdir, f"postgresql://crm_writer:{writer_password}@{stack.source.host}:"
                                 f"{stack.source.port}/postgres").start()
     stack.stop_later(app)
-    os.environ.update({"LIFTOFF_LOCAL_SSH_KEY": vps.client_key_text, "LIFTOFF_LOCAL_APP_PASSWORD": stack.passwords["app"]})
     data = yaml.safe_load(stack.runbook_path.read_text())
     database = data["target"]["direct"]["database"]
-    data["ssh"] = {"host": vps.host, "port": vps.port, "user": vps.user,
-                   "private_key": {"env": "LIFTOFF_LOCAL_SSH_KEY"}, "known_hosts": str(vps.known_hosts_path)}
-    data["cutover"] = {
-        "freeze": [{"method": "revoke", "roles": ["anon", "authenticated", "service_role"]},
-                   {"method": "role", "roles": ["crm_writer"]}],
-        "switch": {"driver": "ssh", "ssh": {"env_file": str(app.env_file), "restart": app.restart_command},
-                   "env": {"DATABASE_URL": {"template": f"postgresql://crm_app:${{password}}@{stack.target.host}:"
-                                                        f"{stack.target.port}/{database}",
-                                            "secrets": {"password": {"env": "LIFTOFF_LOCAL_APP_PASSWORD"}}}}},
-        "apps": [{"name": "crm", "health_url": app.health_url}],
-        "health_timeout_s": 60,
-        "smoke_queries": ["SELECT count(*) FROM public.bookings"],
-        "approval_timeout_s": 300,
-    }
+    data.update(stack.cutover_sections(vps, app, database, "crm_writer", env_prefix="LIFTOFF_LOCAL",
+                                       health_timeout_s=60, approval_timeout_s=300))
     stack.runbook_path.write_text(yaml.safe_dump(data, sort_keys=False))
     confirmations = {f"confirm_{i}": True for i in range(1, len(_manual_lines(stack.runbook_path)) + 1)}
     operator = answer_when_paused("cutover", {"approver": "liftoff demo (as the operator)", "approve": True,

@@ -116,23 +116,10 @@ def cutover_setup(stack, vps, storage_servers, source_roles):
     source_url = (f"postgresql://{LOGIN_ROLE}:{passwords[LOGIN_ROLE]}@{stack.source.host}:{stack.source.port}"
                   "/postgres")
     app = CrmApp(stack.workdir, source_url).start()
-    data["ssh"] = {"host": vps.host, "port": vps.port, "user": vps.user,
-                   "private_key": {"env": "LIFTOFF_TEST_SSH_KEY"}, "known_hosts": str(vps.known_hosts_path)}
-    data["cutover"] = {
-        "checklist": {"manual": ["Team notified of the maintenance window"]},
-        "freeze": [{"method": "revoke", "roles": ["anon", "authenticated", "service_role"]},
-                   {"method": "role", "roles": [LOGIN_ROLE]}],
-        "switch": {"driver": "ssh", "ssh": {"env_file": str(app.env_file), "restart": app.restart_command},
-                   "env": {"DATABASE_URL": {
-                       "template": f"postgresql://crm_app:${{password}}@{stack.target.host}:{stack.target.port}/{name}",
-                       "secrets": {"password": {"env": "LIFTOFF_TEST_APP_PASSWORD"}}}}},
-        "apps": [{"name": "crm", "health_url": app.health_url}],
-        "health_timeout_s": 30,
-        "smoke_queries": ["SELECT count(*) FROM public.bookings"],
-        "approval_timeout_s": 120,
-        # No cutover.unfrozen_tables: the sign-up trigger on auth.users writes public.profiles, and Liftoff
-        # finds that table from the trigger's function (a rollback that missed it deleted 116 profiles)
-    }
+    data.update(stack.cutover_sections(vps, app, name, LOGIN_ROLE, env_prefix="LIFTOFF_TEST",
+                                       manual=["Team notified of the maintenance window"]))
+    # No cutover.unfrozen_tables: the sign-up trigger on auth.users writes public.profiles, and Liftoff finds
+    # that table from the trigger's function (a rollback that missed it deleted 116 profiles)
     path = stack.workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     migrate_database(RunOptions(runbook=str(path)))

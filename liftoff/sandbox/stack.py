@@ -122,6 +122,35 @@ class LocalStack:
         self.target.execute(f"CREATE DATABASE {name}{clause}")
         return name
 
+    def cutover_sections(self, vps, app, database: str, login_role: str, *, env_prefix: str,
+                         manual: list[str] | None = None, health_timeout_s: int = 30,
+                         approval_timeout_s: int = 120) -> dict:
+        """The runbook's ``ssh`` and ``cutover`` sections for a cutover of ``app`` (a ``CrmApp`` on the 'VPS'
+        ``vps``, an ``SshServer``) from the source, where it logs in as ``login_role``, to ``database`` on the
+        target as the app role: the API roles revoked and ``login_role`` frozen with ``role``, the switch
+        through the env file over SSH. Their secrets go to ``{env_prefix}_SSH_KEY`` and
+        ``{env_prefix}_APP_PASSWORD`` in this process's environment."""
+        os.environ.update({f"{env_prefix}_SSH_KEY": vps.client_key_text,
+                           f"{env_prefix}_APP_PASSWORD": self.passwords["app"]})
+        cutover = {
+            "freeze": [{"method": "revoke", "roles": ["anon", "authenticated", "service_role"]},
+                       {"method": "role", "roles": [login_role]}],
+            "switch": {"driver": "ssh", "ssh": {"env_file": str(app.env_file), "restart": app.restart_command},
+                       "env": {"DATABASE_URL": {
+                           "template": f"postgresql://{APP_ROLE}:${{password}}@{self.target.host}:"
+                                       f"{self.target.port}/{database}",
+                           "secrets": {"password": {"env": f"{env_prefix}_APP_PASSWORD"}}}}},
+            "apps": [{"name": "crm", "health_url": app.health_url}],
+            "health_timeout_s": health_timeout_s,
+            "smoke_queries": ["SELECT count(*) FROM public.bookings"],
+            "approval_timeout_s": approval_timeout_s,
+        }
+        if manual is not None:
+            cutover["checklist"] = {"manual": manual}
+        return {"ssh": {"host": vps.host, "port": vps.port, "user": vps.user,
+                        "private_key": {"env": f"{env_prefix}_SSH_KEY"}, "known_hosts": str(vps.known_hosts_path)},
+                "cutover": cutover}
+
     def stop_later(self, service) -> None:
         """Stops ``service`` (anything with ``stop()``: an sshd, an app) with the stack, before its servers."""
         self._extra.append(service)
