@@ -117,3 +117,24 @@ def fresh_runbook(stack, name: str, template: str | None = None, **database) -> 
     """A new target database (empty, or a copy of ``template``) and a runbook with its own state dir."""
     stack.new_target_database(name, template)
     return stack.write_runbook(f"{name}.yaml", state_dir=f"state-{name}", target_database=name, **database)
+
+
+@contextmanager
+def seeded_storage(stack, env_prefix: str):
+    """Two S3 servers for a module: Supabase Storage's backend seeded with the bytes of every
+    ``storage.objects`` row of the stack's source, and the target's; their keys in
+    ``{env_prefix}_{SUPABASE,TARGET}_S3_{KEY,SECRET}``. Yields (supabase_s3, target, seeded objects)."""
+    from liftoff.sandbox.s3 import S3Server
+    from liftoff.sandbox.storage_api import seed_objects
+
+    supabase_s3, target = S3Server().start(), S3Server().start()
+    try:
+        seeded = seed_objects(supabase_s3.client(), stack.source.conninfo())
+        os.environ.update({f"{env_prefix}_SUPABASE_S3_KEY": supabase_s3.access_key,
+                           f"{env_prefix}_SUPABASE_S3_SECRET": supabase_s3.secret_key,
+                           f"{env_prefix}_TARGET_S3_KEY": target.access_key,
+                           f"{env_prefix}_TARGET_S3_SECRET": target.secret_key})
+        yield supabase_s3, target, seeded
+    finally:
+        supabase_s3.stop()
+        target.stop()

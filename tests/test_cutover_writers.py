@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import yaml
 
+from conftest import seeded_storage
 from flows.cutover import cutover
 from flows.database import migrate_database
 from flows.options import RunOptions
@@ -31,6 +32,7 @@ from liftoff.sandbox import writers as w
 from liftoff.sandbox.crm_app import CrmApp
 from liftoff.sandbox.operator import answer_when_paused
 from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
+from tests.test_cutover import vps  # noqa: F401 - the module's sshd standing in for the VPS
 
 LOGIN_ROLE = "acked_writer"  # the app's LOGIN role on the source (the freeze's ``role`` method)
 PLATFORM_ROLES = ("authenticator", "supabase_auth_admin", "supabase_storage_admin")  # no password in the sandbox
@@ -42,33 +44,11 @@ ROLL_BACK = {"approver": "Ada (ops)", "approve": True, "reason": "writers accept
 
 
 @pytest.fixture(scope="module")
-def vps():
-    from liftoff.sandbox.ssh import SshServer
-
-    server = SshServer().start()
-    os.environ["LIFTOFF_TEST_SSH_KEY"] = server.client_key_text
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def storage_servers(stack):
     """Supabase Storage's S3 backend, seeded with the bytes of every ``storage.objects`` row of the source, and
     the target's S3 server (the session stack has neither)."""
-    from liftoff.sandbox.s3 import S3Server
-    from liftoff.sandbox.storage_api import seed_objects
-
-    supabase_s3, target = S3Server().start(), S3Server().start()
-    try:
-        seed_objects(supabase_s3.client(), stack.source.conninfo())
-        os.environ.update({"LIFTOFF_WRITERS_SUPABASE_S3_KEY": supabase_s3.access_key,
-                           "LIFTOFF_WRITERS_SUPABASE_S3_SECRET": supabase_s3.secret_key,
-                           "LIFTOFF_WRITERS_TARGET_S3_KEY": target.access_key,
-                           "LIFTOFF_WRITERS_TARGET_S3_SECRET": target.secret_key})
+    with seeded_storage(stack, "LIFTOFF_WRITERS") as (supabase_s3, target, _):
         yield supabase_s3, target
-    finally:
-        supabase_s3.stop()
-        target.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import os
 import pytest
 import yaml
 
+from conftest import seeded_storage
 from flows.options import RunOptions
 from flows.rehearsal import rehearse
 from liftoff.errors import PreflightFailed, RunbookInvalid, StepFailed
@@ -24,20 +25,8 @@ _n = itertools.count()
 
 @pytest.fixture(scope="module")
 def servers(stack):
-    from liftoff.sandbox.s3 import S3Server
-    from liftoff.sandbox.storage_api import seed_objects
-
-    supabase_s3, target = S3Server().start(), S3Server().start()
-    try:
-        seed_objects(supabase_s3.client(), stack.source.conninfo())
-        os.environ.update({"LIFTOFF_REHEARSAL_SOURCE_S3_KEY": supabase_s3.access_key,
-                           "LIFTOFF_REHEARSAL_SOURCE_S3_SECRET": supabase_s3.secret_key,
-                           "LIFTOFF_REHEARSAL_TARGET_S3_KEY": target.access_key,
-                           "LIFTOFF_REHEARSAL_TARGET_S3_SECRET": target.secret_key})
+    with seeded_storage(stack, "LIFTOFF_REHEARSAL") as (supabase_s3, target, _):
         yield supabase_s3, target
-    finally:
-        supabase_s3.stop()
-        target.stop()
 
 
 def rehearsal_runbook(stack, servers=None, **database):
@@ -53,8 +42,8 @@ def rehearsal_runbook(stack, servers=None, **database):
             bucket_prefix=f"{name}-",
             source={"project_url": SUPABASE_PROJECT_URL,
                     "s3": {"endpoint_url": supabase_s3.endpoint_url,
-                           "access_key_id": {"env": "LIFTOFF_REHEARSAL_SOURCE_S3_KEY"},
-                           "secret_access_key": {"env": "LIFTOFF_REHEARSAL_SOURCE_S3_SECRET"}}},
+                           "access_key_id": {"env": "LIFTOFF_REHEARSAL_SUPABASE_S3_KEY"},
+                           "secret_access_key": {"env": "LIFTOFF_REHEARSAL_SUPABASE_S3_SECRET"}}},
             target={"endpoint_url": target.endpoint_url, "access_key_id": {"env": "LIFTOFF_REHEARSAL_TARGET_S3_KEY"},
                     "secret_access_key": {"env": "LIFTOFF_REHEARSAL_TARGET_S3_SECRET"},
                     "public_url": "https://files.example.com"})

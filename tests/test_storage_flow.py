@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import seeded_storage
 from flows.options import RunOptions
 from flows.storage import migrate_storage
 from flows.storage_verify import verify_storage
@@ -31,19 +32,8 @@ _n = itertools.count()
 
 @pytest.fixture(scope="module")
 def servers(stack):
-    from liftoff.sandbox.s3 import S3Server
-    from liftoff.sandbox.storage_api import seed_objects
-
-    supabase_s3, target = S3Server().start(), S3Server().start()
-    try:
-        seeded = seed_objects(supabase_s3.client(), stack.source.conninfo())
-        os.environ.update({"LIFTOFF_SUPABASE_S3_KEY": supabase_s3.access_key,
-                           "LIFTOFF_SUPABASE_S3_SECRET": supabase_s3.secret_key,
-                           "LIFTOFF_TARGET_S3_KEY": target.access_key, "LIFTOFF_TARGET_S3_SECRET": target.secret_key})
-        yield supabase_s3, target, seeded
-    finally:
-        supabase_s3.stop()
-        target.stop()
+    with seeded_storage(stack, "LIFTOFF") as servers:
+        yield servers
 
 
 def storage_runbook(stack, servers, *, target_url: str | None = None, target_database: str = "postgres",
