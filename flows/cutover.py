@@ -25,6 +25,7 @@ from tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
 from tasks.cutover.freeze import freeze_source, lift_target_freeze
 from tasks.cutover.gate import check_before_cutover
 from tasks.cutover.smoke import smoke_test
+from tasks.cutover.sync import refuse_while_changes_stranded
 from tasks.cutover.switch import switch_apps
 from tasks.notify import notify_on_failure
 
@@ -41,6 +42,7 @@ def cutover(options: RunOptions) -> dict:
     and fails the run with the reason."""
     runbook = open_runbook(options, PHASE)
     require_switch(runbook)
+    refuse_while_changes_stranded(runbook)  # the final sync reloads the target: nothing of the apps' may be there
     checklist = check_before_cutover(runbook)
     publish_checklist(checklist)
     if not checklist.ok:
@@ -94,18 +96,11 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
     try:
         lift_target_freeze(runbook)  # a rollback's freeze of the target; the final sync makes its grants exact
         synced = timed("final sync", STRATEGIES["full"].run, runbook, options)
-        record_baseline(runbook)  # what the unfrozen writers' tables held when both sides last agreed
+        timed("baseline", record_baseline, runbook)  # the unfrozen tables as both sides now agree on them
         step = "switch"
         timed("switch", switch_apps, runbook)
         step = "smoke test"
         timed("smoke test", smoke_test, runbook)
-        healthy_at = time.time()  # the downtime ends here; the catch-up runs while the apps work
-        step = "catch-up"
-        caught_up = catch_up(runbook)
-        catch_up_s = round(time.time() - healthy_at, 2)
-        publish_catch_up(caught_up)
-        if not caught_up.ok:
-            raise GateFailed.of("catch-up", caught_up.failures())
     except BaseException as exc:
         reason = first_line(exc, type(exc).__name__)
         try:
@@ -116,11 +111,22 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
                              "once the cause is fixed") from None
         raise StepFailed(f"cutover failed at the {step} ({reason}); rolled back automatically: the source is "
                          f"writable and the apps are back on it{_stranded_line(undone)}{recovery(options)}") from None
+    healthy_at = time.time()  # the downtime ends here; the catch-up runs while the apps work on the target
     downtime = round(healthy_at - frozen["frozen_at"], 2)
-    ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations, "catch_up_s": catch_up_s},
+    ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations},
                         flow_run_id=current_run_id())
     publish_downtime(downtime, durations)
-    return {"downtime_s": downtime, "steps": durations, "final_sync": synced, "catch_up_s": catch_up_s,
+    # The apps work on the target from here: a catch-up that cannot carry everything does not roll them back
+    # (what it could not carry stays on the source, named); it fails the run and is run again once fixed.
+    caught_up = catch_up(runbook)
+    publish_catch_up(caught_up)
+    if not caught_up.ok:
+        failed = GateFailed.of("catch-up", caught_up.failures())
+        raise GateFailed(f"{str(failed).splitlines()[0]}; the cutover stands (the apps run on the target) and what "
+                         f"was not carried is still on the source: fix the cause, then run `liftoff run catch-up "
+                         f"--runbook {options.runbook}`")
+    return {"downtime_s": downtime, "steps": durations, "final_sync": synced,
+            "catch_up_s": round(time.time() - healthy_at, 2),
             "catch_up": {"since": caught_up.since, "until": caught_up.until, "tables": caught_up.tables,
                          "buckets": caught_up.buckets, "conflicts": caught_up.conflicts}}
 

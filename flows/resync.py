@@ -3,15 +3,13 @@ export, before the next attempt."""
 
 from __future__ import annotations
 
-import contextlib
-
 from prefect import flow
 
 from flows.final_sync import STRATEGIES
 from flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import publish_markdown
-from tasks.cutover.sync import refuse_after_switch
+from tasks.cutover.sync import refuse_after_switch, refuse_while_changes_stranded
 from tasks.notify import notify_on_failure
 
 
@@ -23,6 +21,7 @@ def resync(options: RunOptions) -> dict:
     Refuses while a cutover's switch stands (the apps' writes on the target would be overwritten)."""
     runbook = open_runbook(options, "resync")
     refuse_after_switch(runbook)
+    refuse_while_changes_stranded(runbook)
     if options.dry_run:
         publish_markdown("resync-plan", "# Resync (dry run: nothing changed)\n\nWould forget the last export and "
                          "the gates, export the source again, reload every table, run the database gate, then copy "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import psycopg
 from prefect import flow
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -12,11 +11,12 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from flows.options import RunOptions, open_runbook
-from liftoff.errors import LiftoffError, NotApproved, StepFailed
+from liftoff.errors import NotApproved, StepFailed
 from liftoff.ledger import exclusive
 from liftoff.redaction import one_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from runbooks.model import Runbook
+from tasks.changes import key_label
 from tasks.cutover.approval import safe_text
 from tasks.cutover.freeze import freeze_target, lift_target_freeze
 from tasks.cutover.rollback import (
@@ -81,15 +81,15 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
             with exclusive(runbook.state_dir):
                 freeze_target(runbook)
                 found = changes_on_target(runbook)
-        except (LiftoffError, psycopg.Error) as exc:  # the target may be what failed: the apps must still get back to the source
-            found = ChangeSet(unknown=one_line(exc))
+        except Exception as exc:  # noqa: BLE001 - the target may be what failed: the apps must still get back
+            found = ChangeSet(unknown=one_line(exc, type(exc).__name__))
     text = publish_rollback_plan(plan, found, False)
     how = "file"
-    if (found.total or found.unknown) and ask:
+    if (found.total or found.both or found.unknown) and ask:
         how = _approve_changes(runbook, text, found).carry
     with exclusive(runbook.state_dir):
         done: dict = {}
-        if found.total:
+        if found.total or found.both:
             done["changes"] = carry_changes(runbook, found, how)
         done["unfreeze"] = lift_source_freeze(runbook, plan)
         done["switch"] = switch_apps_back(runbook, plan)
@@ -98,7 +98,8 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
         if plan.switch is not None:
             done["health"] = wait_healthy_again(runbook)
         if found.unknown:
-            done["changes"] = {"total": None, "unknown": found.unknown}
+            done["changes"] = {**done.get("changes", {}), "unknown": found.unknown}
+            done["changes"].setdefault("total", None)
         finish_rollback(runbook, plan, done)
     publish_changes_carried(done.get("changes"))
     return done
@@ -132,16 +133,17 @@ def publish_rollback_plan(plan: RollbackPlan, found: ChangeSet, dry_run: bool) -
                "Choose **apply** to write them to the source, or **file** to keep them in a file in state_dir "
                "and leave the source as it was.", "", markdown_table(found.rows())]
         if found.objects:
-            md += ["", f"{len(found.objects)} object change(s) in the target's buckets: either way they are listed "
-                   "in the file and stay on the target's S3 server; Liftoff does not write to Supabase Storage."]
-        if found.both:
-            md += ["", "## Changed on both sides since the catch-up (not carried; in the file)",
-                   *[f"- {key}" for key in found.both[:20]]]
-    elif found.unknown:
-        md += ["", "## Changes on the target since the switch: NOT COUNTED",
-               f"The target could not be frozen or read ({found.unknown}). Whatever the apps wrote there since the "
-               "switch stays on the target only; approving rolls back without it."]
-    elif plan.switch:
+            md += ["", f"{len(found.objects)} object change(s) in the target's buckets (the bucket rows above): "
+                   "**apply** uploads them to (or deletes them from) Supabase Storage; either way they are listed "
+                   "in the file and stay on the target's S3 server."]
+    if found.both:
+        md += ["", "## Changed on both sides since the catch-up (not carried; in the file, with the target's row)",
+               *[f"- {name} key {key_label(key)}" for name, key in found.both[:20]]]
+    if found.unknown:
+        md += ["", "## Changes on the target since the switch: NOT (ALL) COUNTED",
+               f"The target could not be frozen or read ({found.unknown}). Whatever the apps wrote there (in those "
+               "tables) since the switch stays on the target only; approving rolls back without it."]
+    elif plan.switch and not found.total and not found.both:
         md += ["", "## Changes on the target since the switch", "None: every migrated table equals the source."]
     text = "\n".join(md)
     publish_markdown("rollback-plan", text)

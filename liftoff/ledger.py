@@ -371,6 +371,19 @@ class Ledger:
             db.execute("COMMIT")
             return cur.rowcount
 
+    def replace_items(self, phase: str, kind: str, rows: Iterable[tuple]) -> int:
+        """All (key, status, size, checksum) rows of ``phase``/``kind`` replaced by ``rows`` in one transaction:
+        a crash leaves the old set or the new one, never a part of either."""
+        now = time.time()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM items WHERE phase = ? AND kind = ?", (phase, kind))
+            cur = db.executemany(
+                "INSERT INTO items (phase, kind, key, status, size, checksum, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((phase, kind, key, status, size, checksum, now) for key, status, size, checksum in rows))
+            db.execute("COMMIT")
+            return cur.rowcount
+
     def items(self, phase: str, kind: str, status: str | None = None) -> Iterator[tuple]:
         """(key, status, size, checksum) in key order, streamed (never the whole table in a list)."""
         with self._db() as db:

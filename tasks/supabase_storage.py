@@ -320,6 +320,17 @@ class StorageSource(ABC):
     def check(self, bucket: str | None = None) -> None:
         """One cheap authenticated request; a refused key raises ConnectionRefused at once."""
 
+    @abstractmethod
+    def put(self, bucket: str, key: str, opener: Callable[[], Any], size: int, content_type: str | None,
+            cache_control: str | None) -> None:
+        """Stores the bytes ``opener()`` reads (a file-like object, opened anew for each attempt) as ``key``,
+        replacing what is there: Storage writes the ``storage.objects`` row itself (the rollback carrying an
+        app's upload back)."""
+
+    @abstractmethod
+    def remove(self, bucket: str, key: str) -> None:
+        """Deletes ``key`` (its row and its bytes); a key that is not there raises ObjectMissing."""
+
     def close(self) -> None:
         """Releases what the source holds open (nothing, unless a subclass says otherwise)."""
 
@@ -428,6 +439,19 @@ class S3Source(StorageSource):
             s3.call(self.retry, "list buckets", self.client.list_buckets, self.client, "(all buckets)")
         else:
             next(iter(s3.list_objects(self.client, bucket, page_size=1, retry=self.retry)), None)
+
+    def put(self, bucket: str, key: str, opener: Callable[[], Any], size: int, content_type: str | None,
+            cache_control: str | None) -> None:
+        extra = {k: v for k, v in (("ContentType", content_type), ("CacheControl", cache_control)) if v}
+        s3.call(self.retry, "upload", lambda: self.client.upload_fileobj(opener(), bucket, key, ExtraArgs=extra),
+                self.client, bucket, key)
+
+    def remove(self, bucket: str, key: str) -> None:
+        if self.head(bucket, key) is None:
+            raise ObjectMissing(f"Supabase Storage {self.endpoint} bucket '{bucket}' key {key!r}: not there to "
+                                "delete", bucket=bucket, key=key)
+        s3.call(self.retry, "delete", lambda: self.client.delete_object(Bucket=bucket, Key=key), self.client, bucket,
+                key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,10 +603,11 @@ class RestSource(StorageSource):
         except StorageApiError as exc:
             raise _RestAnswer.of_storage3(exc) from None
 
-    def _object_url(self, bucket: str, key: str) -> str:
+    def _object_url(self, bucket: str, key: str, prefix: str = "authenticated/") -> str:
         # /object/authenticated/ is the same download as storage3's /object/, with strict auth: a refused key
         # is an AccessDenied there, where /object/ would take it for anon and answer "Bucket not found".
-        return (f"{self.endpoint}/object/authenticated/{quote(bucket, safe='')}/"
+        # Uploads and deletes are /object/{bucket}/{key} (``prefix=""``).
+        return (f"{self.endpoint}/object/{prefix}{quote(bucket, safe='')}/"
                 + "/".join(quote(segment, safe="") for segment in key.split("/")))
 
     def _get(self, bucket: str, key: str) -> httpx.Response:
@@ -647,6 +672,28 @@ class RestSource(StorageSource):
                              md5=s3.md5_of(etag, {}), etag=etag, content_type=response.headers.get("content-type"),
                              cache_control=response.headers.get("cache-control"),
                              content_disposition=response.headers.get("content-disposition"))
+
+    def put(self, bucket: str, key: str, opener: Callable[[], Any], size: int, content_type: str | None,
+            cache_control: str | None) -> None:
+        def upload():
+            body = opener()
+            response = self._http.post(
+                self._object_url(bucket, key, prefix=""), content=iter(lambda: body.read(_CHUNK), b""),
+                headers={"x-upsert": "true", "Content-Length": str(size),
+                         "Content-Type": content_type or "application/octet-stream",
+                         **({"Cache-Control": cache_control} if cache_control else {})})
+            if response.status_code >= 300:
+                raise _RestAnswer.of(response)
+
+        self._run("upload", upload, bucket, key)
+
+    def remove(self, bucket: str, key: str) -> None:
+        def delete():
+            response = self._http.delete(self._object_url(bucket, key, prefix=""))
+            if response.status_code >= 300:
+                raise _RestAnswer.of(response)
+
+        self._run("delete", delete, bucket, key)
 
     def open(self, bucket: str, key: str) -> SourceStream:
         response = self._run("download", lambda: self._get(bucket, key), bucket, key)

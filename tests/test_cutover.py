@@ -171,6 +171,16 @@ def test_cutover_switches_the_app_and_rollback_puts_it_back(stack, writer, cutov
     with pytest.raises(StepFailed, match="nothing to roll back"):
         rollback(RunOptions(runbook=str(runbook)))
 
+    # the app's note is only on the target and in the rollback's file: nothing reloads the target until the
+    # operator says it was dealt with
+    changes_file = Path(undone["changes"]["file"])
+    assert json.loads(changes_file.read_text().splitlines()[0])["row"]["body"] == "after the switch"
+    assert changes_file.stat().st_mode & 0o077 == 0  # the apps' data: the owner's only
+    with pytest.raises(StepFailed, match=r"left the apps' changes on the target 1 change\(s\) only in .*touch (\S+)") \
+            as stranded:
+        resync(RunOptions(runbook=str(runbook)))
+    Path(re.search(r"touch (\S+?)` and run again", str(stranded.value)).group(1)).touch()
+
     # rolled back, the target is brought up to the source again before the next attempt
     synced = resync(RunOptions(runbook=str(runbook)))
     assert synced["database"]["verify"]["tables"] > 0
@@ -350,3 +360,6 @@ def test_an_app_never_healthy_on_the_target_is_rolled_back_onto_the_source(stack
     lines = [json.loads(line) for line in Path(where.group(1)).read_text().splitlines()]
     assert [(c["table"], c["op"], c["row"]["body"]) for c in lines] == [("public.notes", "insert", body)]
     assert stack.source.execute(f"SELECT count(*) FROM public.notes WHERE body = '{body}'") == [(0,)]
+    # the next cutover would reload the target over that row: refused, before anything is asked or changed
+    with pytest.raises(StepFailed, match=r"only in \S+\.jsonl; reloading the target would destroy them"):
+        cutover(RunOptions(runbook=str(runbook)))

@@ -150,7 +150,7 @@ def _wait_for(condition, timeout: float) -> bool:
 def test_the_cutover_and_its_rollback_lose_no_acknowledged_write(stack, storage_servers, source_roles,
                                                                    cutover_setup):
     runbook, app, name = cutover_setup
-    _, target_s3 = storage_servers
+    supabase_s3, target_s3 = storage_servers
     before_freeze = _api_privileges(stack.source)
     assert any(before_freeze.values())
     writers = _writers(stack, app, storage_servers, source_roles).start()
@@ -218,11 +218,15 @@ def test_the_cutover_and_its_rollback_lose_no_acknowledged_write(stack, storage_
             undone = rollback(RunOptions(runbook=str(runbook)))
         finally:
             resumer.join(5)
-        # the file is a change the rollback names (in its file; it stays on the target's S3 server)
+        # the file is a change the rollback names in its file and, with apply, uploads to Supabase Storage
+        # (here its S3 endpoint: the sandbox's SeaweedFS stands in for it)
         named = [json.loads(line) for line in open(undone["changes"]["file"]) if '"object"' in line]
         if undone["changes"]["objects"] != 1 or [o["object"]["key"] for o in named] != [app_file]:
             problems.append(f"the rollback named {undone['changes']['objects']} object change(s) "
                             f"({[o['object']['key'] for o in named]}), expected the app's upload {app_file}")
+        carried_back = supabase_s3.client().get_object(Bucket=UPLOAD_BUCKET, Key=app_file)["Body"].read()
+        if carried_back != b"%PDF uploaded on the target":
+            problems.append("the app's upload on the target is not on Supabase Storage after the rollback")
         rolled_back = time.time()
         assert app.database() == "postgres"  # back on the source
         login = writers["login"]

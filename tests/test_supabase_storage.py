@@ -373,3 +373,38 @@ def test_a_wrong_s3_secret_fails_at_once_with_one_line_naming_the_endpoint_not_t
         assert time.monotonic() - started < 3
         assert s3_server.endpoint_url in message and s3_server.access_key in message
         assert "\n" not in message and wrong not in message
+
+
+def test_rest_source_uploads_replaces_and_deletes_through_storages_own_routes(rest_source, fake, source):
+    """What the rollback does with a file the app stored on the target: Storage's upload route writes the bytes
+    and the row (x-upsert replaces), its delete route removes both; a second upload without x-upsert is
+    Storage's KeyAlreadyExists, a second delete its not-found."""
+    import io
+
+    import httpx
+
+    key = "rollback/carried back.pdf"
+    first, second = b"%PDF first version", b"%PDF second, longer version"
+    for body in (first, second):
+        rest_source.put(EDGE, key, lambda body=body: io.BytesIO(body), len(body), "application/pdf", "max-age=60")
+        (size, etag, mimetype, cache), = _rows(source, "select (metadata->>'size')::int, metadata->>'eTag', "
+                                                       "metadata->>'mimetype', metadata->>'cacheControl' "
+                                                       "from storage.objects where bucket_id = %s and name = %s",
+                                               [EDGE, key])
+        assert (size, etag.strip('"'), mimetype, cache) == (len(body), hashlib.md5(body).hexdigest(),
+                                                            "application/pdf", "max-age=60")
+        with rest_source.open(EDGE, key) as stream:
+            assert stream.read() == body
+    refused = httpx.post(f"{fake.storage_url}/object/{EDGE}/rollback/x.pdf", content=b"x",
+                         headers={"Authorization": f"Bearer {fake.service_role_key}"})
+    again = httpx.post(f"{fake.storage_url}/object/{EDGE}/rollback/x.pdf", content=b"x",
+                       headers={"Authorization": f"Bearer {fake.service_role_key}"})
+    assert refused.status_code == 200 and refused.json()["Key"] == f"{EDGE}/rollback/x.pdf"
+    assert again.status_code == 400 and again.json()["statusCode"] == "409" and again.json()["error"] == "Duplicate"
+    rest_source.remove(EDGE, "rollback/x.pdf")
+    rest_source.remove(EDGE, key)
+    assert _rows(source, "select count(*) from storage.objects where bucket_id = %s and name like 'rollback/%%'",
+                 [EDGE]) == [(0,)]
+    assert rest_source.head(EDGE, key) is None
+    with pytest.raises(ObjectMissing):
+        rest_source.remove(EDGE, key)

@@ -20,8 +20,12 @@ MACHINE-NOTES was checked against; github:supabase/storage-py = PyPI storage3 2.
   0.12.1), ``GET /bucket/{id}``, ``POST /object/list/{bucket}``, ``GET /object/authenticated/{bucket}/{key}``,
   ``GET /object/{bucket}/{key}``, ``GET /object/public/{bucket}/{key}``, ``GET /object/info/authenticated/...``,
   ``GET /object/info/public/...``, ``GET /object/info/{bucket}/{key}``, ``HEAD /object/authenticated/...``,
-  ``HEAD /object/public/...``, ``HEAD /object/{bucket}/{key}``; everything under ``/storage/v1``. Any other
-  route (uploads, moves, signed URLs, list-v2 ...) gets the real not-found answer
+  ``HEAD /object/public/...``, ``HEAD /object/{bucket}/{key}``; and, from ``createObject.ts`` and
+  ``deleteObject.ts``, ``POST /object/{bucket}/{key}`` (a raw body, not multipart; ``x-upsert: true`` to
+  replace; ``{"Id", "Key"}``; an existing key without it is ``KeyAlreadyExists``, 409 in the body) and
+  ``DELETE /object/{bucket}/{key}`` (``{"message": "Successfully deleted"}``), both needing the service key,
+  which write the bytes to the S3 server and the row with Storage's metadata. Any other
+  route (moves, signed URLs, list-v2 ...) gets the real not-found answer
   (``src/http/not-found-handler.ts``): 404 ``Route GET:/object/... not found``. Outside ``/storage/v1`` the
   gateway's 404 ``no Route matched with those values``.
 - Auth (``src/http/plugins/jwt.ts``, ``src/internal/auth/jwt.ts``): the bearer token of ``Authorization`` is
@@ -148,6 +152,10 @@ class StorageError(Exception):
     @classmethod
     def validation(cls, message: str) -> "StorageError":
         return cls(400, "400", "Error", message, "InvalidRequest")
+
+    @classmethod
+    def key_exists(cls) -> "StorageError":
+        return cls(400, "409", "Duplicate", "The resource already exists", "KeyAlreadyExists")
 
     @classmethod
     def internal(cls) -> "StorageError":
@@ -525,6 +533,11 @@ class _Handler(TrackedHandler):
                 target = wildcard(2 if mode else 1)
                 if target:
                     return self._info(*target, mode=mode or "optional", head=False)
+            if method in ("POST", "DELETE") and rest[:1] not in (["sign"], ["move"], ["copy"], ["upload"],
+                                                                 ["list-v2"], ["info"]):
+                target = wildcard(0)
+                if target:
+                    return self._upload(*target, body) if method == "POST" else self._delete(*target)
             if method in ("GET", "HEAD"):
                 mode = rest[0] if rest and rest[0] in ("authenticated", "public") else None
                 target = wildcard(1 if mode else 0)
@@ -633,6 +646,46 @@ class _Handler(TrackedHandler):
         if found is None:
             raise StorageError.no_such_key()
         return found
+
+    def _upload(self, bucket: str, key: str, body: bytes) -> None:
+        """createObject.ts: the bytes to the S3 server, then the row, with the metadata Storage writes."""
+        self.service._count("object.upload")
+        self._caller("strict")
+        upsert = self.headers.get("x-upsert") == "true"
+        mimetype = self.headers.get("Content-Type") or "application/octet-stream"
+        cache_control = self.headers.get("Cache-Control") or "no-cache"
+        with self.service.connect() as conn:
+            if conn.execute("select 1 from storage.buckets where id = %s", [bucket]).fetchone() is None:
+                raise StorageError.no_such_bucket()
+            if not _VALID_KEY.match(key):
+                raise StorageError.invalid_key(key)
+            existing = conn.execute("select id from storage.objects where bucket_id = %s and name = %s",
+                                    [bucket, key]).fetchone()
+            if existing is not None and not upsert:
+                raise StorageError.key_exists()
+            self.service.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=mimetype,
+                                       CacheControl=cache_control)
+            now = datetime.now(timezone.utc)
+            metadata = json.dumps({"eTag": f'"{hashlib.md5(body).hexdigest()}"', "size": len(body),
+                                   "mimetype": mimetype, "cacheControl": cache_control,
+                                   "lastModified": now.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                                   "contentLength": len(body), "httpStatusCode": 200})
+            row = conn.execute(
+                "insert into storage.objects (bucket_id, name, metadata, version) values (%s, %s, %s, %s) "
+                "on conflict (bucket_id, name) do update set metadata = excluded.metadata, "
+                "version = excluded.version, updated_at = now() returning id",
+                [bucket, key, metadata, secrets.token_hex(16)]).fetchone()
+        self._send_json(200, {"Id": str(row[0]), "Key": f"{bucket}/{key}"})
+
+    def _delete(self, bucket: str, key: str) -> None:
+        """deleteObject.ts: the row and its bytes."""
+        self.service._count("object.delete")
+        caller = self._caller("strict")
+        with self.service.connect() as conn:
+            self._find(conn, bucket, key, caller)
+            conn.execute("delete from storage.objects where bucket_id = %s and name = %s", [bucket, key])
+        self.service.s3.delete_object(Bucket=bucket, Key=key)
+        self._send_json(200, {"message": "Successfully deleted"})
 
     def _find_public(self, conn: psycopg.Connection, bucket: str, key: str) -> dict[str, Any]:
         """getPublicObject.ts: the key check fails first (it throws before any query), then the bucket."""

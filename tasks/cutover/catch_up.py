@@ -19,7 +19,6 @@ apps uploaded to the target since the switch are counted as theirs).
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import time
@@ -28,6 +27,7 @@ from datetime import datetime, timezone
 
 import psycopg
 from prefect import task
+from psycopg import sql
 from prefect.cache_policies import NO_CACHE
 
 from liftoff.errors import StepFailed
@@ -39,6 +39,7 @@ from tasks.cutover.common import COMPLETED, FROZEN, SWITCHED, log, since_last_ro
 from tasks.cutover.freeze import grants_withheld
 from tasks.database.common import assess_source, export_done, exported_catalog, read_shim
 from tasks.postgres import Table
+from tasks.storage.urls import rewritten_url_columns
 from tasks.verify import compare_databases
 
 BASELINE = "catch-up.baseline"  # ledger items: kind "schema.table", key: the row's key (JSON), checksum: its hash
@@ -82,42 +83,76 @@ def unfrozen_tables(rb: Runbook, source) -> list[Table]:
 
 
 def written_by_triggers(source, candidates: list[Table]) -> set[str]:
-    """Which of ``candidates`` a trigger function on a table of Supabase's schemas (or, transitively, on one
-    of those found) names in its body."""
+    """Which of ``candidates`` Supabase's services write through the database itself: a trigger function on a
+    table of Supabase's schemas names it in its body, or a foreign key to such a table cascades into it (ON
+    DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT); transitively, from each table found."""
     found: set[str] = set()
     watched = {(s, None) for s in SUPABASE_WRITERS}
+    triggers = source.execute(
+        """SELECT n.nspname, c.relname, p.prosrc FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = g.tgfoid
+           WHERE NOT g.tgisinternal""").fetchall()
+    cascades = source.execute(
+        """SELECT cn.nspname || '.' || c.relname, fn.nspname, f.relname FROM pg_constraint k
+           JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+           JOIN pg_class f ON f.oid = k.confrelid JOIN pg_namespace fn ON fn.oid = f.relnamespace
+           WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))"""
+    ).fetchall()
+    names = {t.qualified for t in candidates}
     while True:
-        bodies = [body for schema, table, body in source.execute(
-            """SELECT n.nspname, c.relname, p.prosrc FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = g.tgfoid
-               WHERE NOT g.tgisinternal""") if (schema, None) in watched or (schema, table) in watched]
+        bodies = [body for schema, table, body in triggers if (schema, None) in watched or (schema, table) in watched]
         more = {t.qualified for t in candidates if t.qualified not in found
                 and any(re.search(rf"(?<![\w$]){re.escape(t.name)}(?![\w$])", body, re.IGNORECASE) for body in bodies)}
+        more |= {child for child, schema, table in cascades if child in names and child not in found
+                 and ((schema, None) in watched or (schema, table) in watched)}
         if not more:
             return found
         found |= more
         watched |= {tuple(name.split(".", 1)) for name in more}
 
 
+def hashing(source, table, rewrites: dict) -> tuple[list[str], dict]:
+    """The columns a row's hash covers on both sides (the source's, in its order) and the table's rewritten
+    storage URL columns (column -> the rewrite of a source value), which the hash leaves out."""
+    columns = [c[0] for c in changes.table_columns(source, table)]
+    rewritten = {r.column: r.expected for r in rewrites.get(table.qualified, [])} if table.pk else {}
+    return columns, rewritten
+
+
+# A table both the source's unfrozen writers and the apps insert into would hand out the same ids on both
+# sides from the final sync on: the target's sequences of those tables jump this far ahead at the switch.
+SEQUENCE_GAP = 1_000_000
+
+
 @task(name="record the catch-up's baseline", cache_policy=NO_CACHE)
 @recorded("cutover.baseline")
 def record_baseline(rb: Runbook) -> dict:
-    """The target's rows of the unfrozen tables right after the final sync (what both sides then shared)."""
+    """The target's rows of the unfrozen tables right after the final sync (what both sides then shared),
+    hashed over the source's columns; and their sequences on the target moved ``SEQUENCE_GAP`` ahead, so a
+    row the apps insert on the target never takes an id the source's writers hand out meanwhile."""
     ledger = Ledger(rb.state_dir)
     ledger.forget_items(BASELINE)
-    counted = {}
+    counted, moved = {}, {}
+    rewrites = rewritten_url_columns(rb)
     with postgres.session(rb.source, "source") as src, postgres.session(rb.target.direct, "target.direct") as tgt:
-        for table in unfrozen_tables(rb, src):
-            counted[table.qualified] = _store(ledger, table, changes.row_hashes(tgt, table))
-    return {"tables": counted}
+        tables = unfrozen_tables(rb, src)
+        for table in tables:
+            columns, rewritten = hashing(src, table, rewrites)
+            counted[table.qualified] = _store(ledger, table, changes.row_hashes(tgt, table, set(rewritten), columns))
+        owned = {s.table: s.sequence for s in postgres.sequence_states(tgt, sorted({t.schema for t in tables}))}
+        for table in tables:
+            if table.qualified in owned:
+                sequence = owned[table.qualified]
+                moved[sequence] = tgt.execute(
+                    sql.SQL("SELECT setval(%s::regclass, (SELECT last_value FROM {}) + %s)").format(
+                        sql.Identifier(*sequence.split(".", 1))), (sequence, SEQUENCE_GAP)).fetchone()[0]
+    return {"tables": counted, "sequences moved ahead": moved}
 
 
 def _store(ledger: Ledger, table: Table, hashes: dict[tuple, str]) -> int:
-    rows = ((json.dumps(list(k)), "baseline", None, h) for k, h in hashes.items())
-    total = 0
-    while batch := list(itertools.islice(rows, 10_000)):
-        total += ledger.set_items(BASELINE, table.qualified, batch)
-    return total
+    """The table's baseline replaced whole, in one ledger transaction (never a part of it)."""
+    return ledger.replace_items(BASELINE, table.qualified,
+                                ((json.dumps(list(k)), "baseline", None, h) for k, h in hashes.items()))
 
 
 def baseline(ledger: Ledger, table: Table) -> dict[tuple, str]:
@@ -146,7 +181,7 @@ class CatchUpReport:
 
     def summary(self) -> str:
         rows = sum(t["inserts"] + t["updates"] + t["deletes"] for t in self.tables)
-        objects = sum(b["objects"] for b in self.buckets)
+        objects = sum(b["objects"] + b.get("deleted", 0) for b in self.buckets)
         head = (f"carried {rows} row change(s) in {len(self.tables)} table(s) and {objects} object(s), "
                 f"{len(self.conflicts)} conflict(s)")
         return (f"passed: {head}" if self.ok else f"{head}; " + "; ".join(self.differences[:3]))
@@ -154,8 +189,8 @@ class CatchUpReport:
     def rows(self) -> list[dict]:
         return ([{"what": f"table {t['table']}", "inserts": t["inserts"], "updates": t["updates"],
                   "deletes": t["deletes"], "keys": t["keys"]} for t in self.tables]
-                + [{"what": f"bucket {b['bucket']}", "inserts": b["objects"], "updates": "", "deletes": "",
-                    "keys": b["keys"]} for b in self.buckets])
+                + [{"what": f"bucket {b['bucket']}", "inserts": b["objects"], "updates": "",
+                    "deletes": b.get("deleted", 0), "keys": b["keys"]} for b in self.buckets])
 
 
 @task(name="catch up what the freeze could not stop", cache_policy=NO_CACHE)
@@ -170,36 +205,54 @@ def catch_up(rb: Runbook) -> CatchUpReport:
         # trigger wrote are carried together or not at all, and everything committed before ``until`` is in.
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         src.read_only = True
-        tables, splits, read, moved = unfrozen_tables(rb, src), {}, {}, {}
+        tables, splits, read, base, how = unfrozen_tables(rb, src), {}, {}, {}, {}
+        rewrites = rewritten_url_columns(rb)
         for table in tables:
-            base, read[table.qualified] = baseline(ledger, table), changes.row_hashes(src, table)
-            before = changes.row_hashes(tgt, table)
-            split = changes.three_way(table, base, read[table.qualified], before)
+            columns, rewritten = hashing(src, table, rewrites)
+            how[table.qualified] = changes.Carry(columns, rewritten=rewritten, to_target=True)
+            base[table.qualified] = baseline(ledger, table)
+            read[table.qualified] = changes.row_hashes(src, table, set(rewritten), columns)
+            split = changes.three_way(table, base[table.qualified], read[table.qualified],
+                                      changes.row_hashes(tgt, table, set(rewritten), columns))
             splits[table.qualified] = split
-            moved[table.qualified] = {k for k in base.keys() | before.keys() if base.get(k) != before.get(k)}
             report.conflicts += [f"{table.qualified} key {changes.key_label(k)}: changed on both sides since the "
                                  "last catch-up; the target's row kept" for k in split.both]
-            report.tables.append({"table": table.qualified, "inserts": len(split.source.inserts),
-                                  "updates": len(split.source.updates), "deletes": len(split.source.deletes),
-                                  "keys": changes.sample(split.source)})
         # all tables at once: foreign-key order across them (auth.users before the profiles that point at it)
-        applied = changes.apply_changes(tgt, src, tables, {name: split.source for name, split in splits.items()})
-        report.conflicts += applied.conflicts
+        applied = changes.apply_changes(tgt, src, tables, {name: split.source for name, split in splits.items()}, how)
+        failed = applied.failed
+        if applied.conflicts:
+            report.differences.append(f"{len(applied.conflicts)} row change(s) of the source not carried (they stay on "
+                                      f"the source; the next catch-up tries them again): "
+                                      + "; ".join(applied.conflicts[:3]))
         for table in tables:
-            # The gate over the whole table: every row the apps did not change on the target since the
-            # baseline is the source's now (carried, or never changed). The baseline is the target's own copy,
-            # so a row the final sync missed shows here as one the source has and the baseline lacks: carried.
-            now_source, after = read[table.qualified], changes.row_hashes(tgt, table)
-            wrong = [k for k in now_source.keys() | after.keys()
-                     if k not in moved[table.qualified] and after.get(k) != now_source.get(k)]
-            if wrong:
-                report.differences.append(f"table {table.qualified}: {len(wrong)} row(s) differ from the source "
-                                          f"on the target, first key {changes.key_label(sorted(wrong, key=str)[0])}")
-            replace_baseline(ledger, table, now_source)
+            name, split = table.qualified, splits[table.qualified]
+            report.tables.append({"table": name, "inserts": len(split.source.inserts),
+                                  "updates": len(split.source.updates), "deletes": len(split.source.deletes),
+                                  "carried": applied.carried.get(name, 0), "keys": changes.sample(split.source)})
+            # The gate over the whole table: no row the source changed since the baseline is left as the
+            # baseline on the target, unless named above (the apps' own writes, during this step too, are
+            # theirs). The baseline is the target's own copy, so a row the final sync missed shows as one the
+            # source has and the baseline lacks: carried, then proven here.
+            after = changes.row_hashes(tgt, table, set(how[name].rewritten), how[name].columns)
+            old, now_source = base[name], read[name]
+            missed = [k for k in old.keys() | now_source.keys() if old.get(k) != now_source.get(k)
+                      and after.get(k) == old.get(k) and k not in failed.get(name, set())]
+            if missed:
+                report.differences.append(f"table {name}: {len(missed)} row(s) the source changed are not on the "
+                                          f"target, first key {changes.key_label(sorted(missed, key=str)[0])}")
+            # the next baseline: the source as read, but where a carry failed, what was agreed before
+            agreed = dict(now_source)
+            for k in failed.get(name, set()) | set(missed):
+                if k in old:
+                    agreed[k] = old[k]
+                else:
+                    agreed.pop(k, None)
+            _store(ledger, table, agreed)
     report.differences += _definitions_and_access(rb)
     if rb.storage.buckets and rb.storage.source is not None and rb.storage.target is not None:
-        report.buckets, differences = _catch_up_objects(rb)
+        report.buckets, differences, clashes = _catch_up_objects(rb)
         report.differences += differences
+        report.conflicts += clashes
     log.info("catch-up done", tables=len(report.tables), conflicts=len(report.conflicts), ok=report.ok)
     return report
 
@@ -224,35 +277,61 @@ def _definitions_and_access(rb: Runbook) -> list[str]:
     return report.failures()
 
 
-def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str]]:
+def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:
     """Copies the objects new or changed in the source's inventory since the storage phase recorded them,
-    then checks every inventory object is on the target (objects only there are the apps' uploads)."""
+    unless the apps wrote that key on the target since (theirs is kept, the clash named), then checks every
+    other inventory object is on the target (objects only there are the apps' uploads). Returns the per
+    bucket rows, what the check found, and the clashes."""
+    from tasks import s3
     from tasks.storage.common import PHASE as STORAGE
     from tasks.storage.common import item_kind, target_bucket, target_client
     from tasks.storage.copy import copy_object_batch
     from tasks.storage.gate import compare_storage
     from tasks.storage.plan import pending
 
-    ledger = Ledger(rb.state_dir)
-    buckets, failed, seen = [], [], {}
+    ledger, target = Ledger(rb.state_dir), target_client(rb)
+    buckets, failed, seen, clashes = [], [], {}, {}
     with postgres.session(rb.source, "source") as conn:
         for b in rb.storage.buckets:
             # What the inventory holds now is what this catch-up answers for; what arrives later, the next one.
             seen[b.name] = {obj.key: obj.updated_at for obj in supabase_storage.inventory(conn, b.name)}
-            names = [obj.key for obj in pending(rb, conn, ledger, b.name)]
+            copied = {k: md5 for k, _, _, md5 in ledger.items(STORAGE, item_kind(b.name), status="copied")}
+            names, clashes[b.name] = [], set()
+            for obj in pending(rb, conn, ledger, b.name):
+                there = s3.head(target, target_bucket(rb, b.name), obj.key)
+                if there is not None and (obj.key not in copied or there.md5 != copied[obj.key]):
+                    clashes[b.name].add(obj.key)
+                else:
+                    names.append(obj.key)
             for start in range(0, len(names), rb.storage.batch_size):
                 failed += copy_object_batch(rb, b.name, names[start:start + rb.storage.batch_size])["failed"]
-            buckets.append({"bucket": b.name, "objects": len(names),
+            # deleted on Supabase since the copy: deleted on the target too, where the apps left it as copied
+            deleted = []
+            for key in sorted(copied.keys() - seen[b.name].keys()):
+                there = s3.head(target, target_bucket(rb, b.name), key)
+                if there is not None and there.md5 != copied[key]:
+                    clashes[b.name].add(key)
+                    continue
+                if there is not None:
+                    s3.call(s3.RetryPolicy(), "delete", lambda key=key: target.delete_object(
+                        Bucket=target_bucket(rb, b.name), Key=key), target, target_bucket(rb, b.name), key)
+                deleted.append(key)
+            ledger.set_items(STORAGE, item_kind(b.name), [(key, "deleted", None, None) for key in deleted])
+            buckets.append({"bucket": b.name, "objects": len(names), "deleted": len(deleted),
                             "keys": ", ".join(names[:SHOWN_KEYS]) + (f" (+{len(names) - SHOWN_KEYS})"
                                                                      if len(names) > SHOWN_KEYS else "")})
         report = compare_storage(
-            conn, target_client(rb), [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
+            conn, target, [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
             lambda bucket: ((k, md5) for k, _, _, md5 in ledger.items(STORAGE, item_kind(bucket), status="copied")),
             endpoint_url=rb.storage.target.endpoint_url, concurrency=rb.storage.concurrency, extra_allowed=True,
-            include=lambda bucket, obj: obj.key in seen[bucket] and seen[bucket][obj.key] == obj.updated_at)
+            include=lambda bucket, obj: (obj.key not in clashes[bucket] and obj.key in seen[bucket]
+                                         and seen[bucket][obj.key] == obj.updated_at))
     for check, row in zip(report.buckets, buckets):
         row["uploaded on the target"] = check.target_only_count
-    return buckets, [f"objects that failed to copy: {'; '.join(failed[:3])}"] * bool(failed) + report.failures()
+    named = [f"object {bucket}/{key}: changed on Supabase and written by the apps on the target since; the "
+             "target's kept" for bucket, keys in clashes.items() for key in sorted(keys)]
+    return (buckets, [f"objects that failed to copy: {'; '.join(failed[:3])}"] * bool(failed) + report.failures(),
+            named)
 
 
 def switched_and_kept(rb: Runbook) -> bool:

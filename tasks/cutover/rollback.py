@@ -13,17 +13,20 @@ from dataclasses import dataclass, field
 
 import time
 
+import psycopg
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from liftoff.errors import LiftoffError, StepFailed
 from liftoff.ledger import Event, Ledger, current_run_id
+from liftoff.redaction import first_line
 from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import changes, postgres
 from tasks.changes import TableChanges
 from tasks.cutover import freeze as freeze_step
 from tasks.cutover import switch as switch_step
-from tasks.cutover.catch_up import baseline, unfrozen_tables
+from tasks.cutover.catch_up import baseline, hashing, unfrozen_tables
 from tasks.cutover.common import FROZEN, PHASE, ROLLED_BACK, SWITCHED, log, since_last_rollback
 from tasks.cutover.smoke import wait_apps_healthy
 from tasks.storage.urls import pending_rewrites, restore_storage_urls, rewritten_url_columns
@@ -42,6 +45,10 @@ class RollbackPlan:
 
     def lines(self) -> list[str]:
         out = []
+        if self.switch:
+            out += ["freeze writes on the target (the apps stop writing there), so the count below is final",
+                    "carry every change the apps made on the target since the switch to the source (apply) or to a "
+                    "file in state_dir (file), as you choose"]
         if self.freeze:
             out.append(f"lift the source's write freeze ({', '.join(self.freeze.after.get('methods', []))}) recorded at event "
                        f"{self.freeze.id}")
@@ -69,7 +76,7 @@ class ChangeSet:
 
     tables: dict[str, TableChanges] = field(default_factory=dict)
     frozen: bool = False  # counted with the target frozen (the count is final), or not (a dry run's estimate)
-    both: list[str] = field(default_factory=list)  # keys changed on both sides (unfrozen tables): not carried
+    both: list[tuple[str, tuple]] = field(default_factory=list)  # (table, key) changed on both sides: not carried
     objects: list[dict] = field(default_factory=list)  # bucket, key, op (upload/overwrite/delete), size
     unknown: str | None = None  # why the changes could not be counted (the target down or not freezable)
 
@@ -103,23 +110,111 @@ def changes_on_target(rb: Runbook, frozen: bool = True) -> ChangeSet:
     """Compares every migrated table of the target with the frozen source, row by row: the final sync's gate
     proved them equal at the switch and the source took no app writes since, so every difference is a
     change the apps made on the target (``tasks.changes``). The storage URL rewrite counts only where a row
-    holds something else than the rewrite of the source's value."""
-    rewritten = {name: {r.column: r.expected for r in columns} for name, columns in rewritten_url_columns(rb).items()}
+    holds something else than the rewrite of the source's value. A table the source kept writing (the
+    unfrozen ones) is compared with the baseline both sides last agreed on, so only the target's changes
+    count, and a row both changed is named. A table that cannot be read is named, not skipped silently."""
+    rewrites = rewritten_url_columns(rb)
     found = ChangeSet(frozen=frozen)
     ledger = Ledger(rb.state_dir)
+    unreadable = []
     with postgres.session(rb.source, "source") as src, postgres.session(rb.target.direct, "target.direct") as tgt:
         unfrozen = {t.qualified for t in unfrozen_tables(rb, src)}
         for table in postgres.list_tables(src, rb.database.schemas):
-            if table.qualified in unfrozen:  # the source took writes too: only the target's side is carried
-                split = changes.three_way(table, baseline(ledger, table), changes.row_hashes(src, table),
-                                          changes.row_hashes(tgt, table))
-                found.tables[table.qualified] = split.target
-                found.both += [f"{table.qualified} key {changes.key_label(k)}" for k in split.both]
-            else:
-                found.tables[table.qualified] = changes.diff_table(src, tgt, table, rewritten.get(table.qualified))
+            columns, rewritten = hashing(src, table, rewrites)
+            try:
+                if table.qualified in unfrozen:  # the source took writes too: only the target's side is carried
+                    split = changes.three_way(table, baseline(ledger, table),
+                                              changes.row_hashes(src, table, set(rewritten), columns),
+                                              changes.row_hashes(tgt, table, set(rewritten), columns))
+                    found.tables[table.qualified] = split.target
+                    found.both += [(table.qualified, k) for k in split.both]
+                else:
+                    found.tables[table.qualified] = changes.diff_table(src, tgt, table, rewritten)
+            except psycopg.Error as exc:
+                unreadable.append(f"{table.qualified}: {first_line(exc)}")
+    if unreadable:
+        found.unknown = "tables not compared: " + "; ".join(unreadable)
     found.objects = object_changes(rb)
-    log.info("changes on the target since the switch", total=found.total, tables=len(found.rows()))
+    log.info("changes on the target since the switch", total=found.total, tables=len(found.rows()),
+             both=len(found.both), unreadable=len(unreadable))
     return found
+
+
+@task(name="carry the target's changes", cache_policy=NO_CACHE)
+@recorded("rollback.carry")
+def carry_changes(rb: Runbook, found: ChangeSet, how: str) -> dict:
+    """``apply``: the changes written to the source (one transaction per table, foreign-key order, a row the
+    source refuses or changed since the count named by its key, sequences moved past the carried ids, the
+    objects uploaded to Supabase Storage), and also to the file, so what was carried stays on record.
+    ``file``: only the file, the source left as it was. Either way every change, and every row changed on
+    both sides with the target's values, is in the file (``state_dir/rollback-changes-<time>-<run>.jsonl``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = rb.state_dir / f"rollback-changes-{stamp}-{(current_run_id() or 'local')[:8]}.jsonl"
+    rewrites = rewritten_url_columns(rb)
+    with postgres.session(rb.source, "source") as src, postgres.session(rb.target.direct, "target.direct") as tgt:
+        tables = changes.foreign_key_order(src, postgres.list_tables(src, rb.database.schemas))
+        how_each = {}
+        for t in tables:
+            columns, rewritten = hashing(src, t, rewrites)
+            how_each[t.qualified] = changes.Carry(columns, rewritten=rewritten, to_target=False)
+        by_name = {t.qualified: t for t in tables}
+        both_rows = [{"conflict": {"table": name, "key": changes.key_label(key),
+                                   "row on the target": dict(changes.read_rows(tgt, by_name[name], [key],
+                                                                               how_each[name].columns)).get(key)},
+                      "why": "changed on both sides since the catch-up; not carried"} for name, key in found.both]
+        # Objects are named here either way, with where they are (the rollback leaves the target's buckets as
+        # they are); ``apply`` also uploads them to Supabase Storage (or deletes them there).
+        extra = [{"object": o, "where": f"target bucket {o['target_bucket']} (kept there)"} for o in found.objects]
+        lines = changes.write_changes(path, tgt, tables, found.tables, extra + both_rows,
+                                      hashed={name: c.columns for name, c in how_each.items()})
+        done = {"total": found.total, "file": str(path), "lines": lines, "how": how, "tables": found.counts(),
+                "objects": len(found.objects), "both": [f"{n} key {changes.key_label(k)}" for n, k in found.both]}
+        if how == "apply":
+            applied = changes.apply_changes(src, tgt, tables, found.tables, how_each)
+            objects, refused = carry_objects(rb, found.objects)
+            done.update(carried=sum(applied.carried.values()) + objects, conflicts=applied.conflicts + refused,
+                        sequences=applied.sequences, triggers_fired=applied.triggers_fired)
+            log.info("target's changes applied to the source", carried=done["carried"],
+                     conflicts=len(done["conflicts"]), file=str(path))
+        else:
+            log.info("target's changes written to a file; the source left as it was", total=found.total,
+                     file=str(path))
+    return done
+
+
+def carry_objects(rb: Runbook, objects: list[dict]) -> tuple[int, list[str]]:
+    """The apps' object changes on the target made on Supabase Storage too, through the runbook's source
+    protocol (Storage writes its own rows): an upload or overwrite streamed from the target, a delete
+    deleted. Returns how many were carried and, one line each, those Storage refused."""
+    if not objects:
+        return 0, []
+    from tasks.storage.common import storage_source, target_client
+
+    target, carried, refused = target_client(rb), 0, []
+    with storage_source(rb) as source:
+        for o in objects:
+            try:
+                if o["op"] == "delete":
+                    source.remove(o["bucket"], o["key"])
+                else:
+                    info = s3_head(target, o["target_bucket"], o["key"])
+                    source.put(o["bucket"], o["key"],
+                               lambda o=o: target.get_object(Bucket=o["target_bucket"], Key=o["key"])["Body"],
+                               info.size, info.content_type, info.cache_control)
+                carried += 1
+            except LiftoffError as exc:
+                refused.append(f"object {o['bucket']}/{o['key']}: {o['op']}: {first_line(exc)}")
+    log.info("objects carried to Supabase Storage", carried=carried, refused=len(refused))
+    return carried, refused
+
+
+def s3_head(client, bucket: str, key: str):
+    from tasks import s3
+
+    info = s3.head(client, bucket, key)
+    if info is None:
+        raise StepFailed(f"target bucket {bucket} key {key!r}: gone since the rollback counted it")
+    return info
 
 
 def object_changes(rb: Runbook) -> list[dict]:
@@ -149,36 +244,6 @@ def object_changes(rb: Runbook) -> list[dict]:
         out += [{"bucket": b.name, "target_bucket": tbucket, "key": key, "op": "delete", "size": copied[key][0]}
                 for key in sorted(copied.keys() - listed)]
     return out
-
-
-@task(name="carry the target's changes", cache_policy=NO_CACHE)
-@recorded("rollback.carry")
-def carry_changes(rb: Runbook, found: ChangeSet, how: str) -> dict:
-    """``apply``: the changes written to the source (one transaction per table, foreign-key order, conflicts
-    named by key, sequences moved past the carried ids), and also to the file, so what was carried stays on
-    record. ``file``: only the file (``state_dir/rollback-changes-<time>.jsonl``), the source left as it
-    was. Either way every change is named in the file."""
-    path = rb.state_dir / f"rollback-changes-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl"
-    with postgres.session(rb.source, "source") as src, postgres.session(rb.target.direct, "target.direct") as tgt:
-        tables = changes.foreign_key_order(src, postgres.list_tables(src, rb.database.schemas))
-        # Objects stay on the target's S3 server (the rollback does not touch its buckets): named here, with
-        # where they are, for the operator to upload to Supabase Storage where the app needs them.
-        extra = ([{"object": o, "where": f"target bucket {o['target_bucket']} (kept there)"} for o in found.objects]
-                 + [{"conflict": key, "why": "changed on both sides since the catch-up; not carried"}
-                    for key in found.both])
-        lines = changes.write_changes(path, tgt, tables, found.tables, extra)
-        done = {"total": found.total, "file": str(path), "lines": lines, "how": how, "tables": found.counts(),
-                "objects": len(found.objects), "both": found.both}
-        if how == "apply":
-            applied = changes.apply_changes(src, tgt, tables, found.tables)
-            done.update(carried=sum(applied.carried.values()), conflicts=applied.conflicts,
-                        sequences=applied.sequences, triggers_fired=applied.triggers_fired)
-            log.info("target's changes applied to the source", carried=done["carried"],
-                     conflicts=len(applied.conflicts), file=str(path))
-        else:
-            log.info("target's changes written to a file; the source left as it was", total=found.total,
-                     file=str(path))
-    return done
 
 
 @task(name="lift the source's write freeze", cache_policy=NO_CACHE)

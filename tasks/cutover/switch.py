@@ -12,7 +12,6 @@ from prefect.cache_policies import NO_CACHE
 from liftoff.ledger import Event, Ledger, current_run_id
 from liftoff.steps import recorded
 from runbooks.model import Runbook
-from tasks import postgres
 from tasks.cutover.common import PHASE, SWITCHED, log, require_switch, resolve_env, since_last_rollback
 from tasks.switch import SwitchDriver
 
@@ -29,14 +28,6 @@ def switch_driver(rb: Runbook) -> SwitchDriver:
     return CoolifySwitch(switch.coolify)
 
 
-def target_sequences(rb: Runbook) -> dict[str, int | None]:
-    """Each sequence's position on the target: the rollback tells from them what the apps wrote since."""
-    with postgres.session(rb.target.direct, "target.direct") as conn:
-        return {name: value for name, value in conn.execute(
-            "SELECT schemaname || '.' || sequencename, last_value FROM pg_sequences WHERE schemaname = ANY(%s)",
-            (rb.database.schemas,))}
-
-
 @task(name="switch the apps to the target", cache_policy=NO_CACHE)
 @recorded("cutover.switch")
 def switch_apps(rb: Runbook) -> dict:
@@ -45,14 +36,13 @@ def switch_apps(rb: Runbook) -> dict:
     ledger = Ledger(rb.state_dir)
     env = resolve_env(rb)
     earlier = [e for e in since_last_rollback(ledger) if e.what == SWITCHED]
-    sequences = target_sequences(rb)
     with switch_driver(rb) as driver:
         undo = driver.apply_env(env)
         if not earlier:
             try:
                 ledger.record_event(PHASE, SWITCHED, before=undo,
-                                    after={"at": time.time(), "where": driver.where, "keys": sorted(env),
-                                           "sequences": sequences}, flow_run_id=current_run_id())
+                                    after={"at": time.time(), "where": driver.where, "keys": sorted(env)},
+                                    flow_run_id=current_run_id())
             except Exception:
                 driver.restore_env(undo)  # without its undo record in the ledger, the switch must not stand
                 raise

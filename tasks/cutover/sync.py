@@ -38,3 +38,31 @@ def refuse_after_switch(rb: Runbook) -> None:
         raise StepFailed(f"runbook {rb.name}: the apps were switched to the target (ledger event {switched[0].id}) "
                          "and no rollback followed: a resync would overwrite what they wrote there; run "
                          "`liftoff run rollback` first")
+
+
+def refuse_while_changes_stranded(rb: Runbook) -> None:
+    """A resync or a new cutover reloads every table of the target. When the last rollback left changes the
+    apps made there only on the target (written to its file, refused by the source, or not counted), that
+    would destroy them: refuses until the operator says they were dealt with (a marker file it names)."""
+    from liftoff.errors import StepFailed
+    from tasks.cutover.common import PHASE, ROLLED_BACK
+
+    if not (rb.state_dir / "ledger.sqlite").exists():
+        return
+    rollbacks = [e for e in Ledger(rb.state_dir).events(PHASE) if e.what == ROLLED_BACK]
+    if not rollbacks:
+        return
+    last = rollbacks[-1]
+    carried = (last.after or {}).get("changes") or {}
+    left = ("uncounted (" + carried["unknown"] + ")" if carried.get("unknown") else
+            f"{carried.get('total')} change(s) only in {carried.get('file')}" if carried.get("how") == "file"
+            and carried.get("total") else
+            f"{len(carried.get('conflicts') or [])} change(s) the source refused, in {carried.get('file')}"
+            if carried.get("conflicts") else
+            f"{len(carried.get('both') or [])} row(s) changed on both sides, in {carried.get('file')}"
+            if carried.get("both") else None)
+    marker = rb.state_dir / f"rollback-{last.id}.handled"
+    if left and not marker.exists():
+        raise StepFailed(f"runbook {rb.name}: the last rollback (ledger event {last.id}) left the apps' changes on "
+                         f"the target {left}; reloading the target would destroy them: carry them to the source, "
+                         f"then `touch {marker}` and run again")

@@ -186,8 +186,12 @@ def lift_freeze(conn: psycopg.Connection, previous: dict, *, wait_s: float = 30.
             me = conn.execute("SELECT current_user").fetchone()[0]
             roles = [r for r in previous["roles"] if r != me]
             ended = [pid for _, pid in _sessions(conn, roles)]
-            if ended:
-                _end_sessions(conn, roles, ended, wait_s)
+            try:
+                if ended:
+                    _end_sessions(conn, roles, ended, wait_s)
+            except StepFailed as exc:  # the freeze is lifted; a session left read-only must not stop a rollback
+                log.warning("sessions from the freeze not ended; they stay read-only until they reconnect",
+                            reason=str(exc))
     log.info("source freeze lifted", method=method, database=database, ended_sessions=len(ended))
 
 

@@ -97,18 +97,21 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
                     copied_md5: Callable[[str], Iterator[tuple[str, str]]], *, endpoint_url: str,
                     deep: bool = False, concurrency: int = 8,
                     on_bucket_done: Callable[[BucketCheck], None] | None = None,
-                    include: Callable[[str, Any], bool] | None = None, extra_allowed: bool = False) -> StorageReport:
+                    include: Callable[[str, Any], bool] | None = None, extra_allowed: bool = False,
+                    tolerate: Callable[[str], set[str]] | None = None) -> StorageReport:
     """Compares each (source bucket, target bucket, public) of the inventory in ``conn`` with the target S3
     server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). ``copied_md5(bucket)``
     streams (key, MD5 the copy computed) in key order: the reference where the source's eTag is no MD5.
     Reads only; holds at most ``2 * concurrency`` objects at a time, whatever the bucket's size.
     ``include(bucket, object)``: only the inventory objects it accepts are compared, the others may be on
     the target or not (a cutover's final sync: uploads after the freeze are the catch-up's; the catch-up:
-    uploads after it read the inventory); ``extra_allowed``: objects only on the target are counted as the apps' uploads, not failed (after the
+    uploads after it read the inventory); ``tolerate(bucket)``: keys that may be on the target only (deleted
+    on the source after the freeze: the catch-up's); ``extra_allowed``: objects only on the target are counted as the apps' uploads, not failed (after the
     switch)."""
     report = StorageReport()
     for bucket, tbucket, public in buckets:
-        late: set[str] = set()  # not compared: the copy may have carried them already, or not
+        # not compared: the copy may have carried them already, or not (and ``tolerate``'s: deleted since)
+        late: set[str] = set(tolerate(bucket)) if tolerate is not None else set()
 
         def inventory(bucket=bucket, late=late):
             for obj in supabase_storage.inventory(conn, bucket):
@@ -253,4 +256,6 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
             on_bucket_done=lambda c: progress.advance(f"{c.bucket}: {'match' if c.ok else 'differs'}"),
             # during a cutover's final sync, uploads after the freeze are the catch-up's
             include=None if frozen_at is None else (
-                lambda bucket, obj: obj.updated_at is None or obj.updated_at <= frozen_at))
+                lambda bucket, obj: obj.updated_at is None or obj.updated_at <= frozen_at),
+            tolerate=None if frozen_at is None else (
+                lambda bucket: {key for key, *_ in ledger.items(PHASE, item_kind(bucket), status="copied")}))
