@@ -79,8 +79,9 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
     if plan.switch:
         try:
             with exclusive(runbook.state_dir):
-                freeze_target(runbook)
-                found = changes_on_target(runbook)
+                unstoppable = freeze_target(runbook).get("unstoppable") or []
+                found = changes_on_target(runbook, frozen=not unstoppable)
+                found.unstoppable = unstoppable
         except Exception as exc:  # noqa: BLE001 - the target may be what failed: the apps must still get back
             found = ChangeSet(unknown=one_line(exc, type(exc).__name__))
     text = publish_rollback_plan(plan, found, False)
@@ -128,7 +129,9 @@ def publish_rollback_plan(plan: RollbackPlan, found: ChangeSet, dry_run: bool) -
     if found.total:
         md += ["", f"## Changes the apps made on the target since the switch: {found.total}",
                ("Counted with the target frozen: this is all of them." if found.frozen else
-                "Counted while the apps still write there (a dry run): the rollback freezes the target first "
+                f"Roles {', '.join(found.unstoppable)} still write on the target (a superuser, or Liftoff's own "
+                "user: no freeze stops them): what they write after this count is not carried." if found.unstoppable
+                else "Counted while the apps still write there (a dry run): the rollback freezes the target first "
                 "and counts again."),
                "Choose **apply** to write them to the source, or **file** to keep them in a file in state_dir "
                "and leave the source as it was.", "", markdown_table(found.rows())]

@@ -21,7 +21,7 @@ from liftoff.reports import last_markdown
 from liftoff.sandbox.operator import answer_when_paused
 from liftoff.sandbox.writers import SignupWriter
 from runbooks.model import load_runbook
-from tests.test_cutover import APPROVE, _variant, cutover_setup, vps, writer  # noqa: F401 - module fixtures
+from test_cutover import APPROVE, _variant, cutover_setup, vps, writer  # noqa: F401 - module fixtures
 
 
 def sign_ups(stack) -> SignupWriter:

@@ -94,7 +94,7 @@ def cutover_setup(stack, vps, writer):
     """A runbook whose target database its own ledger migrated (as an operator's would be), the app running on
     the source, and the switch pointing it at the target. Shared by the tests below: each leaves the app on
     the source and the source writable, as it found them (which each asserts)."""
-    name = f"cut{next(_n)}"
+    name = f"cut{os.getpid()}_{next(_n)}"  # unique across the modules (and xdist workers) that share this fixture
     stack.new_target_database(name)
     data = stack.runbook_data(state_dir=f"state-{name}", target_database=name)
     data["storage"] = {}

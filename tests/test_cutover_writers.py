@@ -32,7 +32,7 @@ from liftoff.sandbox import writers as w
 from liftoff.sandbox.crm_app import CrmApp
 from liftoff.sandbox.operator import answer_when_paused
 from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
-from tests.test_cutover import vps  # noqa: F401 - the module's sshd standing in for the VPS
+from test_cutover import vps  # noqa: F401 - the module's sshd standing in for the VPS
 
 LOGIN_ROLE = "acked_writer"  # the app's LOGIN role on the source (the freeze's ``role`` method)
 PLATFORM_ROLES = ("authenticator", "supabase_auth_admin", "supabase_storage_admin")  # no password in the sandbox

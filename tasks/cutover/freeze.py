@@ -64,19 +64,34 @@ def grants_withheld(rb: Runbook) -> list[dict]:
     return [g for record in frozen[0].before["freezes"] for g in record.get("revoked", [])]
 
 
-def target_freezes(rb: Runbook, conn) -> list[Freeze]:
+def target_freezes(rb: Runbook, conn) -> tuple[list[Freeze], list[str]]:
     """How the target stops taking the apps' writes before a rollback counts them: each ``cutover.freeze``
     method for those of its roles the target has (the API roles are created there), and ``role`` for the
-    runbook's ``database.app_roles`` (the login roles the apps use on the target)."""
-    names = {r for m in rb.cutover.freeze for r in m.roles} | {a.name for a in rb.database.app_roles}
-    present = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) AND NOT rolsuper "
-                                          "AND rolname <> current_user", (sorted(names),))}
+    runbook's ``database.app_roles`` and the user of every PostgreSQL URL in the apps' new environment (the
+    login roles the apps use on the target). Also returns the roles the apps use that no freeze can stop (a
+    superuser, or the user Liftoff connects as): their writes after the count are not in it."""
+    app_users = {a.name for a in rb.database.app_roles} | _url_users(rb)
+    names = {r for m in rb.cutover.freeze for r in m.roles} | app_users
+    rows = conn.execute("SELECT rolname, rolsuper OR rolname = current_user FROM pg_roles WHERE rolname = ANY(%s)",
+                        (sorted(names),)).fetchall()
+    present = {r for r, unstoppable in rows if not unstoppable}
+    unstoppable = sorted(r for r, cannot in rows if cannot and r in app_users)
     freezes = [Freeze(method=m.method if m.method != "database" else "role", roles=[r for r in m.roles if r in present])
                for m in rb.cutover.freeze]
     listed = {r for f in freezes for r in f.roles}
-    freezes.append(Freeze(method="role", roles=[a.name for a in rb.database.app_roles
-                                                if a.name in present and a.name not in listed]))
-    return [f for f in freezes if f.roles]
+    freezes.append(Freeze(method="role", roles=sorted(r for r in app_users if r in present and r not in listed)))
+    return [f for f in freezes if f.roles], unstoppable
+
+
+def _url_users(rb: Runbook) -> set[str]:
+    from urllib.parse import urlsplit
+
+    from tasks.cutover.common import resolve_env
+
+    if rb.cutover.switch is None:
+        return set()
+    return {urlsplit(v).username for v in resolve_env(rb).values()
+            if v.startswith(("postgres://", "postgresql://")) and urlsplit(v).username}
 
 
 @task(name="freeze writes on the target", cache_policy=NO_CACHE)
@@ -86,22 +101,23 @@ def freeze_target(rb: Runbook) -> dict:
     changes it counts are all there will be; recorded, lifted by a rejected rollback or the next cutover. A
     freeze of the target already in force is kept."""
     ledger = Ledger(rb.state_dir)
-    if target_freeze_in_force(ledger) is not None:
-        return {"kept": True}
+    if (kept := target_freeze_in_force(ledger)) is not None:
+        return {"kept": True, "roles": kept.after.get("roles", []), "unstoppable": kept.after.get("unstoppable", [])}
     applied: list[dict] = []
     with postgres.session(rb.target.direct, "target.direct") as conn:
+        freezes, unstoppable = target_freezes(rb, conn)
         try:
-            for method in target_freezes(rb, conn):
+            for method in freezes:
                 applied.append(freeze.freeze_writes(conn, method, rb.database.schemas))
             ledger.record_event(PHASE, TARGET_FROZEN, before={"freezes": applied},
-                                after={"frozen_at": time.time(), "roles": sorted({r for a in applied for r in a["roles"]})},
-                                flow_run_id=current_run_id())
+                                after={"frozen_at": time.time(), "roles": sorted({r for a in applied for r in a["roles"]}),
+                                       "unstoppable": unstoppable}, flow_run_id=current_run_id())
         except BaseException:
             for previous in reversed(applied):
                 freeze.lift_freeze(conn, previous)
             raise
-    log.info("target frozen", roles=sorted({r for a in applied for r in a["roles"]}))
-    return {"roles": sorted({r for a in applied for r in a["roles"]})}
+    log.info("target frozen", roles=sorted({r for a in applied for r in a["roles"]}), unstoppable=unstoppable)
+    return {"roles": sorted({r for a in applied for r in a["roles"]}), "unstoppable": unstoppable}
 
 
 def lift_target_freeze(rb: Runbook) -> dict:

@@ -79,6 +79,7 @@ class ChangeSet:
     both: list[tuple[str, tuple]] = field(default_factory=list)  # (table, key) changed on both sides: not carried
     objects: list[dict] = field(default_factory=list)  # bucket, key, op (upload/overwrite/delete), size
     unknown: str | None = None  # why the changes could not be counted (the target down or not freezable)
+    unstoppable: list[str] = field(default_factory=list)  # app roles no freeze stops on the target
 
     @property
     def total(self) -> int:
