@@ -72,10 +72,12 @@ def prefect_api():
 
 @pytest.fixture(scope="session")
 def stack(prefect_api):
-    """A Supabase-shaped PostgreSQL 15 source with a small CRM dataset, and an empty PostgreSQL 15 target."""
+    """A Supabase-shaped PostgreSQL 15 source with a small CRM dataset, and an empty PostgreSQL 15 target.
+    ``LIFTOFF_TEST_BOOKINGS`` sizes it otherwise (the acceptance test at the demo's 2,000, say); the suite's
+    own figures assume the default."""
     from liftoff.sandbox.stack import LocalStack
 
-    s = LocalStack(bookings=400).start()
+    s = LocalStack(bookings=int(os.environ.get("LIFTOFF_TEST_BOOKINGS", "400"))).start()
     yield s
     s.stop()
 
