@@ -110,7 +110,7 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
                              f"({first_line(undo_failed, type(undo_failed).__name__)}): run `liftoff run rollback` "
                              "once the cause is fixed") from None
         raise StepFailed(f"cutover failed at the {step} ({reason}); rolled back automatically: the source is "
-                         f"writable and the apps are back on it{_stranded_line(undone)}{recovery(options)}") from None
+                         f"writable and the apps are back on it{_changes_line(undone)}{recovery(options)}") from None
     healthy_at = time.time()  # the downtime ends here; the catch-up runs while the apps work on the target
     downtime = round(healthy_at - frozen["frozen_at"], 2)
     ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations},
@@ -138,7 +138,7 @@ def recovery(options: RunOptions) -> str:
             f"--runbook {options.runbook}` (a fresh export, every table reloaded, both gates)")
 
 
-def _stranded_line(undone: dict | None) -> str:
+def _changes_line(undone: dict | None) -> str:
     carried = (undone or {}).get("changes") or {}
     if carried.get("unknown"):
         return f"; the changes the apps made on the target could not be counted ({carried['unknown']})"

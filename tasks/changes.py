@@ -10,12 +10,15 @@ target: no replication slot (``wal_level=logical`` and a restart), no trigger on
 gate would see). What it cannot tell: a table that something else also wrote on the source since the
 switch (the runbook's writers the freeze cannot stop): its differences have two authors.
 
-``apply_changes`` writes a change set to the source: each table in one transaction, in foreign-key order
-(inserts and updates parents first, then deletes children first), each row in a savepoint, so a row the
-source refuses (a key taken since, a constraint) is a conflict named by its key and the others still go;
-then the source's sequences are moved past the target's (carried rows bring their ids). Values travel as
-text and are cast to each column's type on the source; generated columns are left to the source.
-``write_changes`` writes the same change set, values included, as JSON lines to a file instead.
+``three_way`` tells two sides' changes apart from a baseline they shared (a table the source kept writing).
+
+``apply_changes`` writes a change set to the other side (the rollback: to the source; the catch-up: to the
+target): each table in one transaction, in foreign-key order (inserts and updates parents first, then
+deletes children first), each row in a savepoint, so a row the destination refuses (a key taken since, a
+constraint, a row changed there since it was counted) is a conflict named by its key and the others still
+go; then the destination's sequences are moved past the origin's (carried rows bring their ids). Values
+travel as text and are cast to each column's type; generated columns are left to the destination.
+``write_changes`` writes the same change set, values included, as JSON lines to a file.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from liftoff.redaction import one_line
 from tasks.postgres import Table
 
 SAMPLE_KEYS = 5

@@ -34,13 +34,11 @@ from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
 from liftoff.steps import recorded
 from runbooks.model import Runbook
-from tasks import changes, postgres, supabase, supabase_storage
+from tasks import changes, postgres, supabase_storage
 from tasks.cutover.common import COMPLETED, FROZEN, SWITCHED, log, since_last_rollback
-from tasks.cutover.freeze import grants_withheld
-from tasks.database.common import assess_source, export_done, exported_catalog, read_shim
+from tasks.database.common import read_shim
 from tasks.postgres import Table
 from tasks.storage.urls import rewritten_url_columns
-from tasks.verify import compare_databases
 
 BASELINE = "catch-up.baseline"  # ledger items: kind "schema.table", key: the row's key (JSON), checksum: its hash
 SHOWN_KEYS = 10
@@ -267,14 +265,11 @@ def _definitions_and_access(rb: Runbook) -> list[str]:
     """The database gate's checks of every migrated object's definition and every mapped role's access
     (against the source's grants as before its freeze), and sequences not behind the source's. Table data
     is left out: the apps write to the target now."""
+    from tasks.database.gate import compare_as_restored, restored_assessment  # the gate imports this module
+
     with postgres.session(rb.source, "source") as src:
-        assessment = exported_catalog(rb).assessment if export_done(rb) else assess_source(rb, src)
-    report = compare_databases(
-        lambda: postgres.connect(rb.source, "source"), lambda: postgres.connect(rb.target.direct, "target.direct"),
-        [], rb.database.schemas, left_out=assessment.gate_left_out(), roles=assessment.role_map,
-        ignored_extensions=supabase.MANAGED_EXTENSIONS | set(assessment.extensions_unused),
-        outside_triggers=[("auth", "users", t.name) for t in assessment.auth_triggers], withheld=grants_withheld(rb))
-    return report.failures()
+        assessment = restored_assessment(rb, src)
+    return compare_as_restored(rb, [], assessment).failures()
 
 
 def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:

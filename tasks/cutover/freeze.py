@@ -28,28 +28,41 @@ def freeze_source(rb: Runbook) -> dict:
     earlier = [e for e in since_last_rollback(ledger) if e.what == FROZEN]
     if earlier:
         return {"frozen_at": earlier[0].after["frozen_at"], "kept": True}
-    applied: list[dict] = []
+    methods = [m.method for m in rb.cutover.freeze]
     with postgres.session(rb.source, "source") as conn:
-        try:
-            for method in rb.cutover.freeze:
-                applied.append(freeze.freeze_writes(conn, method, rb.database.schemas))
-            frozen_at = max((a.get("frozen_at") or 0 for a in applied), default=0) or time.time()
-            ledger.record_event(PHASE, FROZEN, before={"freezes": applied},
-                                after={"frozen_at": frozen_at, "methods": [m.method for m in rb.cutover.freeze]},
-                                flow_run_id=current_run_id())
-        except BaseException:
-            for previous in reversed(applied):  # never a freeze the ledger cannot undo
-                freeze.lift_freeze(conn, previous)
-            raise
+        recorded = _freeze_recorded(conn, rb, rb.cutover.freeze, FROZEN, lambda applied: {
+            "frozen_at": max((a.get("frozen_at") or 0 for a in applied), default=0) or time.time(),
+            "methods": methods})
     log.info("source frozen", methods=[f"{m.method}: {', '.join(m.roles)}" for m in rb.cutover.freeze])
-    return {"frozen_at": frozen_at, "methods": [m.method for m in rb.cutover.freeze]}
+    return {"frozen_at": recorded["frozen_at"], "methods": methods}
+
+
+def _freeze_recorded(conn, rb: Runbook, freezes: list[Freeze], what: str, after) -> dict:
+    """Applies each freeze in order and records them as one ``what`` event, whose after is
+    ``after(applied)`` (returned); if anything fails, what was applied is lifted again: never a freeze the
+    ledger cannot undo."""
+    applied: list[dict] = []
+    try:
+        for method in freezes:
+            applied.append(freeze.freeze_writes(conn, method, rb.database.schemas))
+        recorded = after(applied)
+        Ledger(rb.state_dir).record_event(PHASE, what, before={"freezes": applied}, after=recorded,
+                                          flow_run_id=current_run_id())
+    except BaseException:
+        _lift_all(conn, applied)
+        raise
+    return recorded
+
+
+def _lift_all(conn, records: list[dict]) -> None:
+    for previous in reversed(records):  # last applied first
+        freeze.lift_freeze(conn, previous)
 
 
 def lift(rb: Runbook, event: Event) -> None:
     """Lifts the freezes recorded by ``event``, last applied first (the rollback's step)."""
     with postgres.session(rb.source, "source") as conn:
-        for previous in reversed(event.before["freezes"]):
-            freeze.lift_freeze(conn, previous)
+        _lift_all(conn, event.before["freezes"])
 
 
 def grants_withheld(rb: Runbook) -> list[dict]:
@@ -103,21 +116,13 @@ def freeze_target(rb: Runbook) -> dict:
     ledger = Ledger(rb.state_dir)
     if (kept := target_freeze_in_force(ledger)) is not None:
         return {"kept": True, "roles": kept.after.get("roles", []), "unstoppable": kept.after.get("unstoppable", [])}
-    applied: list[dict] = []
     with postgres.session(rb.target.direct, "target.direct") as conn:
         freezes, unstoppable = target_freezes(rb, conn)
-        try:
-            for method in freezes:
-                applied.append(freeze.freeze_writes(conn, method, rb.database.schemas))
-            ledger.record_event(PHASE, TARGET_FROZEN, before={"freezes": applied},
-                                after={"frozen_at": time.time(), "roles": sorted({r for a in applied for r in a["roles"]}),
-                                       "unstoppable": unstoppable}, flow_run_id=current_run_id())
-        except BaseException:
-            for previous in reversed(applied):
-                freeze.lift_freeze(conn, previous)
-            raise
-    log.info("target frozen", roles=sorted({r for a in applied for r in a["roles"]}), unstoppable=unstoppable)
-    return {"roles": sorted({r for a in applied for r in a["roles"]}), "unstoppable": unstoppable}
+        roles = sorted({r for f in freezes for r in f.roles})
+        _freeze_recorded(conn, rb, freezes, TARGET_FROZEN, lambda _: {
+            "frozen_at": time.time(), "roles": roles, "unstoppable": unstoppable})
+    log.info("target frozen", roles=roles, unstoppable=unstoppable)
+    return {"roles": roles, "unstoppable": unstoppable}
 
 
 def lift_target_freeze(rb: Runbook) -> dict:
@@ -130,8 +135,7 @@ def lift_target_freeze(rb: Runbook) -> dict:
     if event is None:
         return {"lifted": False}
     with postgres.session(rb.target.direct, "target.direct") as conn:
-        for previous in reversed(event.before["freezes"]):
-            freeze.lift_freeze(conn, previous)
+        _lift_all(conn, event.before["freezes"])
     ledger.record_event(PHASE, TARGET_LIFTED, before={"event": event.id}, flow_run_id=current_run_id())
     log.info("target freeze lifted")
     return {"lifted": True}

@@ -6,9 +6,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
 from runbooks.model import Runbook
-from tasks.cutover.common import log
+from tasks.cutover.common import PHASE, ROLLED_BACK, SWITCHED, log, since_last_rollback
 
 
 @task(name="reset the phases for the final sync", cache_policy=NO_CACHE)
@@ -28,8 +29,6 @@ def forget_for_full_resync(rb: Runbook) -> dict:
 def refuse_after_switch(rb: Runbook) -> None:
     """A resync reloads every table from the source: after a switch that stands, the apps' writes on the target
     would be overwritten. Refuses then, naming what to do."""
-    from liftoff.errors import StepFailed
-    from tasks.cutover.common import SWITCHED, since_last_rollback
 
     if not (rb.state_dir / "ledger.sqlite").exists():
         return
@@ -44,8 +43,6 @@ def refuse_while_changes_stranded(rb: Runbook) -> None:
     """A resync or a new cutover reloads every table of the target. When the last rollback left changes the
     apps made there only on the target (written to its file, refused by the source, or not counted), that
     would destroy them: refuses until the operator says they were dealt with (a marker file it names)."""
-    from liftoff.errors import StepFailed
-    from tasks.cutover.common import PHASE, ROLLED_BACK
 
     if not (rb.state_dir / "ledger.sqlite").exists():
         return

@@ -22,9 +22,7 @@ from tasks.verify import DatabaseReport, compare_databases
 def run_gate(rb: Runbook) -> DatabaseReport:
     with postgres.session(rb.source, "source") as src:
         tables = postgres.list_tables(src, rb.database.schemas)
-        # The decisions the restore applied, as the export recorded them; read afresh when the gate runs
-        # alone against a target this state_dir did not restore.
-        assessment = exported_catalog(rb).assessment if export_done(rb) else assess_source(rb, src)
+        assessment = restored_assessment(rb, src)
         if read_shim(rb, src):  # the shim's copy of the users is compared like a migrated table
             tables += [t for t in postgres.list_tables(src, ["auth"]) if t.name == "users"]
         # During a cutover's final sync, what the freeze cannot stop keeps writing some tables: their rows
@@ -32,20 +30,33 @@ def run_gate(rb: Runbook) -> DatabaseReport:
         deferred = ({t.qualified for t in unfrozen_tables(rb, src)} if catch_up_pending(rb) is not None
                     else set())
         tables = [t for t in tables if t.qualified not in deferred]
-    left_out = assessment.gate_left_out()
     progress = Progress("verify: comparing tables", len(tables))
-    report = compare_databases(
-        lambda: postgres.connect(rb.source, "source"),
-        lambda: postgres.connect(rb.target.direct, "target.direct"),
-        tables, rb.database.schemas, left_out=left_out, roles=assessment.role_map,
-        ignored_extensions=supabase.MANAGED_EXTENSIONS | set(assessment.extensions_unused),
-        jobs=rb.database.jobs, on_table_done=lambda c: progress.advance(f"{c.table}: {c.status}"),
-        outside_triggers=[("auth", "users", t.name) for t in assessment.auth_triggers],
-        rewritten=rewritten_url_columns(rb), withheld=grants_withheld(rb),
-    )
+    report = compare_as_restored(rb, tables, assessment,
+                                 on_table_done=lambda c: progress.advance(f"{c.table}: {c.status}"))
     if deferred:
         report.defer(deferred)
     return report
+
+
+def restored_assessment(rb: Runbook, src):
+    """The decisions the restore applied, as the export recorded them; read afresh when the gate runs alone
+    against a target this state_dir did not restore."""
+    return exported_catalog(rb).assessment if export_done(rb) else assess_source(rb, src)
+
+
+def compare_as_restored(rb: Runbook, tables: list, assessment, on_table_done=None) -> DatabaseReport:
+    """The gate's comparison of the runbook's two databases under the restore's decisions: ``tables`` row by
+    row, and every definition, sequence and mapped role's access (the source's grants as before a freeze in
+    force)."""
+    return compare_databases(
+        lambda: postgres.connect(rb.source, "source"),
+        lambda: postgres.connect(rb.target.direct, "target.direct"),
+        tables, rb.database.schemas, left_out=assessment.gate_left_out(), roles=assessment.role_map,
+        ignored_extensions=supabase.MANAGED_EXTENSIONS | set(assessment.extensions_unused),
+        jobs=rb.database.jobs, on_table_done=on_table_done,
+        outside_triggers=[("auth", "users", t.name) for t in assessment.auth_triggers],
+        rewritten=rewritten_url_columns(rb), withheld=grants_withheld(rb),
+    )
 
 
 def report_rows(report: DatabaseReport, exported: dict[str, int] | None = None) -> list[dict]:
