@@ -280,7 +280,7 @@ def _demo_cutover(stack) -> None:
     stack.runbook_path.write_text(yaml.safe_dump(data, sort_keys=False))
     confirmations = {f"confirm_{i}": True for i in range(1, len(_manual_lines(stack.runbook_path)) + 1)}
     operator = answer_when_paused("cutover", {"approver": "liftoff demo (as the operator)", "approve": True,
-                                              "reason": "demo", **confirmations})
+                                              "reason": "demo", **confirmations}, under=stack.workdir)
     # What the freeze cannot stop keeps going through the cutover, as on a live project: Supabase Auth signs
     # users up (its trigger writes their profiles) and Supabase Storage stores uploads. The catch-up carries them.
     supabase_writers = _supabase_writers(stack)
@@ -308,7 +308,7 @@ def _demo_cutover(stack) -> None:
               "rolling back, carrying them to the source ...")
     _demo_app_writes(stack, database)
     rollback = answer_when_paused("rollback", {"approver": "liftoff demo (as the operator)", "approve": True,
-                                               "reason": "demo", "carry": "apply"})
+                                               "reason": "demo", "carry": "apply"}, under=stack.workdir)
     try:
         run_flow(FlowName("rollback"), stack.runbook_path, dry_run=False)
     except Exception as exc:

@@ -52,7 +52,7 @@ def unfrozen(cutover_setup):
 
 def test_sign_ups_during_the_freeze_are_carried_after_the_switch_and_later_ones_by_catch_up(stack, unfrozen):
     runbook, app, name = unfrozen
-    resumer = answer_when_paused("cutover", APPROVE)
+    resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
     signups = sign_ups(stack)
     try:
         time.sleep(0.3)
@@ -111,7 +111,7 @@ def test_sign_ups_during_the_freeze_are_carried_after_the_switch_and_later_ones_
     stack.source.execute(f"SET ROLE supabase_auth_admin; INSERT INTO auth.users (id, email) VALUES "
                          f"('{late}', 'late@signup.test')")  # its profile is written on the source only
     resumer = answer_when_paused("rollback", {"approver": "Ada (ops)", "approve": True, "reason": "test",
-                                              "carry": "apply"})
+                                              "carry": "apply"}, under=stack.workdir)
     undone = rollback(RunOptions(runbook=str(runbook)))
     resumer.join(5)
     tables = undone["changes"]["tables"]

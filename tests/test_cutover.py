@@ -129,7 +129,7 @@ def test_cutover_switches_the_app_and_rollback_puts_it_back(stack, writer, cutov
     assert _writes(stack, writer) is None
     before_freeze = _api_privileges(stack.source)
     assert any(has for (_, _, privilege), has in before_freeze.items() if privilege == "INSERT")
-    resumer = answer_when_paused("cutover", APPROVE)
+    resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
     result = cutover(RunOptions(runbook=str(runbook)))
     resumer.join(5)
     assert app.database() == name  # the app now runs on the target
@@ -160,7 +160,7 @@ def test_cutover_switches_the_app_and_rollback_puts_it_back(stack, writer, cutov
 
     # the rollback shows the app's write on the target and asks first; "file" leaves the shared source as it was
     resumer = answer_when_paused("rollback", {"approver": "Ada (ops)", "approve": True, "reason": "app broken",
-                                              "carry": "file"})
+                                              "carry": "file"}, under=stack.workdir)
     undone = rollback(RunOptions(runbook=str(runbook)))
     resumer.join(5)
     assert "public.notes" in last_markdown("rollback-plan")
@@ -198,7 +198,7 @@ REJECTED = ("cutover rejected by Ada (ops): payments team not ready; nothing cha
 def test_a_rejection_ends_the_run_and_changes_nothing(stack, writer, cutover_setup):
     runbook, app, _ = cutover_setup
     freezes, starts = _events(runbook, "cutover.freeze"), _events(runbook, "cutover.started")
-    resumer = answer_when_paused("cutover", REJECT)
+    resumer = answer_when_paused("cutover", REJECT, under=stack.workdir)
     with pytest.raises(NotApproved) as rejected:
         cutover(RunOptions(runbook=str(runbook)))
     resumer.join(5)
@@ -212,7 +212,7 @@ def test_a_rejection_ends_the_run_and_changes_nothing(stack, writer, cutover_set
 
 def test_a_rejection_from_the_cli_exits_4_with_one_line_naming_who_rejected(stack, writer, cutover_setup):
     runbook, app, _ = cutover_setup
-    resumer = answer_when_paused("cutover", REJECT)  # the operator answers in the UI while the CLI waits
+    resumer = answer_when_paused("cutover", REJECT, under=stack.workdir)  # the operator answers in the UI while the CLI waits
     done = run_cli("run", "cutover", "--runbook", str(runbook), timeout=180)
     resumer.join(5)
     assert done.returncode == EXIT_NOT_APPROVED, done.stdout[-2000:] + done.stderr[-2000:]
@@ -224,7 +224,7 @@ def test_a_rejection_from_the_cli_exits_4_with_one_line_naming_who_rejected(stac
 def test_an_approval_without_every_manual_line_confirmed_changes_nothing(stack, writer, cutover_setup):
     runbook, app, _ = cutover_setup
     freezes = _events(runbook, "cutover.freeze")
-    resumer = answer_when_paused("cutover", {**APPROVE, "confirm_1": False})
+    resumer = answer_when_paused("cutover", {**APPROVE, "confirm_1": False}, under=stack.workdir)
     with pytest.raises(NotApproved, match=r"^approved by Ada \(ops\) without confirming: Team notified of the "
                                           r"maintenance window; nothing changed") as unconfirmed:
         cutover(RunOptions(runbook=str(runbook)))
@@ -241,7 +241,7 @@ def test_a_final_sync_whose_gate_fails_is_rolled_back_and_resync_brings_the_targ
     # a policy on the target only: the reload leaves it, so the final sync's gate fails after the freeze
     stack.target.execute("CREATE POLICY everyone ON public.payments FOR SELECT TO public USING (true)", dbname=name)
     try:
-        resumer = answer_when_paused("cutover", APPROVE)
+        resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
         with pytest.raises(StepFailed) as failed:
             cutover(RunOptions(runbook=str(runbook)))
         resumer.join(5)
@@ -278,7 +278,7 @@ def test_a_final_sync_whose_gate_fails_is_rolled_back_and_resync_brings_the_targ
 def test_a_failed_smoke_test_rolls_back_by_itself(stack, writer, cutover_setup):
     runbook, app, name = cutover_setup
     runbook = _variant(runbook, smoke_queries=["SELECT count(*) FROM public.no_such_table"])
-    resumer = answer_when_paused("cutover", APPROVE)
+    resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
     with pytest.raises(StepFailed) as failed:
         cutover(RunOptions(runbook=str(runbook)))
     resumer.join(5)
@@ -313,7 +313,7 @@ def test_an_unknown_host_key_stops_the_switch_and_the_rollback_leaves_the_source
     runbook, app, _ = cutover_setup
     stranger = runbook.with_name("empty_known_hosts")
     stranger.write_text("")
-    resumer = answer_when_paused("cutover", APPROVE)
+    resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
     with pytest.raises(StepFailed) as failed:
         cutover(RunOptions(runbook=str(_variant(runbook, ssh={"known_hosts": str(stranger)}))))
     resumer.join(5)
@@ -347,7 +347,7 @@ def test_an_app_never_healthy_on_the_target_is_rolled_back_onto_the_source(stack
 
     other_app = threading.Thread(target=write_after_the_switch, daemon=True)
     other_app.start()
-    resumer = answer_when_paused("cutover", APPROVE)
+    resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
     with pytest.raises(StepFailed) as failed:
         cutover(RunOptions(runbook=str(_variant(runbook, switch=switch, health_timeout_s=4))))
     resumer.join(5)

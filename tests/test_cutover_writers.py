@@ -160,7 +160,7 @@ def test_the_cutover_and_its_rollback_lose_no_acknowledged_write(stack, storage_
         assert _wait_for(lambda: all(x.acked() for x in writers.writers), 10), {
             x.kind: (x.outcomes, x.errors) for x in writers.writers}
 
-        resumer = answer_when_paused("cutover", APPROVE)
+        resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
         started = time.time()
         try:
             result = cutover(RunOptions(runbook=str(runbook)))
@@ -213,7 +213,7 @@ def test_the_cutover_and_its_rollback_lose_no_acknowledged_write(stack, storage_
         app_file = f"app-uploads/{secrets.token_hex(6)}.pdf"
         target_s3.client().put_object(Bucket=UPLOAD_BUCKET, Key=app_file, Body=b"%PDF uploaded on the target")
         time.sleep(ON_TARGET_S)
-        resumer = answer_when_paused("rollback", ROLL_BACK)
+        resumer = answer_when_paused("rollback", ROLL_BACK, under=stack.workdir)
         try:
             undone = rollback(RunOptions(runbook=str(runbook)))
         finally:

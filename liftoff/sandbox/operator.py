@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 
-def answer_when_paused(flow_name: str, run_input: dict, timeout: float = 300) -> threading.Thread:
+def answer_when_paused(flow_name: str, run_input: dict, timeout: float = 300, *,
+                       under: str | Path | None = None) -> threading.Thread:
     """Starts a thread that waits for a run of ``flow_name`` to pause (one not paused already) and resumes it
-    with ``run_input``; join it after the flow returned."""
+    with ``run_input``; join it after the flow returned. ``under``: only a run whose runbook is in that
+    folder (several test workers, or the demo, may share one Prefect server and pause runs of one flow)."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
         FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
@@ -21,7 +24,7 @@ def answer_when_paused(flow_name: str, run_input: dict, timeout: float = 300) ->
         runs = await client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-        return {r.id for r in runs}
+        return {r.id for r in runs if under is None or _runbook_under(r.parameters, Path(under))}
 
     async def before() -> set:
         async with get_client() as client:
@@ -41,3 +44,8 @@ def answer_when_paused(flow_name: str, run_input: dict, timeout: float = 300) ->
     thread = threading.Thread(target=lambda: asyncio.run(resume(seen)), name=f"answer-{flow_name}", daemon=True)
     thread.start()
     return thread
+
+
+def _runbook_under(parameters: dict, folder: Path) -> bool:
+    runbook = ((parameters or {}).get("options") or {}).get("runbook")
+    return bool(runbook) and Path(runbook).resolve().is_relative_to(folder.resolve())
