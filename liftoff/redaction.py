@@ -36,8 +36,9 @@ _KEY = r"[\w.-]*(?:password|passwd|secret|token|secret_access_key)"
 _CREDENTIAL_KEY = re.compile(rf"^{_KEY}$", re.I)
 
 _PATTERNS = [
-    # scheme://user:password@host
-    re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<tail>@)", re.I),
+    # scheme://user:password@host; the userinfo ends before the first "/", "?" or "#" (RFC 3986), so an "@"
+    # in a path (a key like a@2x.png) is not taken for one
+    re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)(?P<secret>[^@\s/?#]+)(?P<tail>@)", re.I),
     # conninfo / env / query-string style: password=..., PGPASSWORD=..., secret_access_key=...
     re.compile(rf"(?P<head>\b{_KEY}\s*=\s*['\"]?)(?P<secret>[^'\"\s,;&]+)(?P<tail>)", re.I),
     # JSON / Python dict style: "password": "...", 'secret_access_key': '...'

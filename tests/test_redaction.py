@@ -73,3 +73,11 @@ def test_wrong_weak_password_error_names_user_postgres_and_never_shows_the_passw
     assert "source.password: the password is weak" in re.sub(r"\s+", " ", done.stdout)
     credential = re.compile(r"(password\s*[=:]\s*['\"]?|PGPASSWORD=|://[^:/@\s]*:|--password[= ])postgres", re.I)
     assert not credential.search(output)
+
+
+def test_an_at_sign_in_a_urls_path_is_no_password():
+    """Object keys like logo@2x.png: the userinfo of a URL ends at the first '/', so its path is left whole."""
+    for text in ("http://127.0.0.1:9000/gallery/icons/logo@2x.png",
+                 "https://files.example.com/b/a:b@c.png", "s3://bucket/x/y:z@w"):
+        assert redact(text) == text
+    assert redact("http://user:s3cr3t-word@host:9000/b/k@2x.png") == "http://user:***@host:9000/b/k@2x.png"
