@@ -30,6 +30,7 @@ def publish_url_preview(previews: list[ColumnPreview], dry_run: bool) -> None:
     """The rewrite's preview: rows per column, three examples, and what it cannot map, with why."""
     rows = [{"column": p.name, "kind": p.kind, "rows": p.rows_total, "to rewrite": p.rows_mapped,
              "cannot map": p.rows_unmappable, "already rewritten": p.rows_already_rewritten,
+             "bucket not moved": p.rows_not_moved, "no bytes on the source": p.rows_no_bytes,
              "not Storage URLs": p.rows_other, "null": p.rows_null} for p in previews]
     publish_table("storage-urls-preview", rows, "Storage URL rewrite: rows per column")
     md = [f"# Storage URL rewrite{' (dry run: nothing written)' if dry_run else ''}", ""]
@@ -43,4 +44,11 @@ def publish_url_preview(previews: list[ColumnPreview], dry_run: bool) -> None:
         if p.unmappable_examples:
             md += ["", f"## {p.name}: left as they are (the app must change these)",
                    *[f"- `{value}`: {why}" for value, why in p.unmappable_examples]]
+        if p.not_moved_examples:
+            md += ["", f"## {p.name}: {p.rows_not_moved} URLs of buckets the runbook does not move, left as they "
+                   "are (the target has no such bucket)", *[f"- `{value}`" for value in p.not_moved_examples]]
+        if p.no_bytes_values:
+            more = f" (the first {len(p.no_bytes_values)})" if p.rows_no_bytes > len(p.no_bytes_values) else ""
+            md += ["", f"## {p.name}: {p.rows_no_bytes} URLs of files whose bytes are gone on the source, left as "
+                   f"they are{more}", *[f"- `{value}`" for value in p.no_bytes_values]]
     publish_markdown("storage-urls-preview", "\n".join(md))

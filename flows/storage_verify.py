@@ -16,7 +16,9 @@ def verify_storage(options: RunOptions, deep: bool = False) -> dict:
     """Succeeds only when, per bucket, object count and total bytes are equal on both sides, every object of
     the source's inventory (storage.objects) is on the target with the same size, MD5 and Content-Type,
     nothing extra is on the target, and anonymous access is as the runbook says (public buckets readable,
-    private ones refused, listing refused). ``deep`` re-reads and hashes every target object. Reads only."""
+    private ones refused, listing refused); rows whose bytes are gone on the source too are listed as not
+    migrated, and pass only under ``storage.missing_source_bytes: skip``. ``deep`` re-reads and hashes every
+    target object. Reads only."""
     runbook = open_runbook(options, "storage")
     if options.dry_run:
         publish_markdown("verify-storage-plan", "# Storage gate (dry run)\n\nWould compare counts, bytes, sizes, "
@@ -27,7 +29,7 @@ def verify_storage(options: RunOptions, deep: bool = False) -> dict:
     if not report.ok:
         raise GateFailed.of("storage", report.failures())
     return {"buckets": len(report.buckets), "objects": sum(b.target_objects for b in report.buckets),
-            "bytes": sum(b.target_bytes for b in report.buckets)}
+            "bytes": sum(b.target_bytes for b in report.buckets), "not_migrated": report.not_migrated}
 
 
 def publish_storage_gate(report: StorageReport) -> None:
@@ -36,5 +38,8 @@ def publish_storage_gate(report: StorageReport) -> None:
     md = [f"# Storage gate {'PASSED' if report.ok else 'FAILED'}", ""]
     if not report.ok:
         md += ["## What differs", *[f"- {line}" for line in report.failures()], ""]
+    if report.notes():
+        md += ["## No bytes on the source, not migrated (storage.missing_source_bytes: skip)",
+               *[f"- {line}" for line in report.notes()], ""]
     md += ["## Buckets", markdown_table(rows)]
     publish_markdown("verify-storage-summary", "\n".join(md))

@@ -458,6 +458,10 @@ class Storage(_Strict):
     batch_size: int = Field(500, ge=1, le=10000, description="objects per Prefect task (one ledger write each)")
     deep_verify: bool = Field(False, description="the gate re-reads and hashes every target object")
     rewrite: list[UrlColumn] = Field(default_factory=list, description="app columns whose storage URLs move")
+    missing_source_bytes: Literal["fail", "skip"] = Field(
+        "fail", description="storage.objects rows whose bytes are gone on the source (a download answers not "
+        "found or 500): fail (the plan stops and names them) or skip (not copied; the gate lists them as not "
+        "migrated and passes; the URL rewrite leaves their URLs as they are)")
 
 
 class S3Target(_Strict):

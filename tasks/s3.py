@@ -171,14 +171,21 @@ class RetryPolicy:
     initial_wait: float = 0.2
     max_wait: float = 10.0
 
-    def retrying(self, retry_on: Callable[[BaseException], bool], **context) -> Retrying:
+    def retrying(self, retry_on: Callable[[BaseException], bool], *, give_up: Callable[[], bool] | None = None,
+                 **context) -> Retrying:
+        """``give_up()``: true when what was seen so far says another attempt would not help (stops early)."""
+        stop = stop_after_attempt(self.attempts) | stop_after_delay(self.max_seconds)
         def before_sleep(state):
-            log.warning("s3 retry", attempt=state.attempt_number, error=_reason(state.outcome.exception()),
-                        **context)
+            exc = state.outcome.exception()
+            where = dict(context)
+            at = getattr(exc, "liftoff_s3_at", None)  # the server that failed, when it is not the call's own
+            if at is not None:
+                where.update(endpoint=_endpoint_url(at[0]), bucket=at[1])
+            log.warning("s3 retry", attempt=state.attempt_number, error=_reason(exc), **where)
 
         return Retrying(
             retry=retry_if_exception(retry_on),
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_seconds),
+            stop=stop if give_up is None else (lambda state: stop(state) or give_up()),
             wait=wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
             before_sleep=before_sleep,
             reraise=True,
@@ -266,9 +273,10 @@ def _refused(exc: ClientError, s3, bucket: str) -> ConnectionRefused:
 
 
 def call(policy: RetryPolicy, what: str, fn: Callable, s3, bucket: str, key: str | None = None, *,
-         retry_on: Callable[[BaseException], bool] = _is_transient):
+         retry_on: Callable[[BaseException], bool] = _is_transient, give_up: Callable[[], bool] | None = None):
     """Runs ``fn`` under the policy; any failure leaves as one LiftoffError line naming where and why."""
-    retrying = policy.retrying(retry_on, op=what, endpoint=_endpoint_url(s3), bucket=bucket, key=key)
+    retrying = policy.retrying(retry_on, give_up=give_up, op=what, endpoint=_endpoint_url(s3), bucket=bucket,
+                               key=key)
     try:
         return retrying(fn)
     except LiftoffError:
@@ -703,6 +711,79 @@ def head(s3, bucket: str, key: str, *, retry: RetryPolicy = RetryPolicy()) -> Ob
     return found[0] if found else None
 
 
+# A row whose bytes are gone answers HTTP 500 every time (Supabase Storage's file backend): this many in a row
+# tell it from a passing fault, which throttling and dropped connections are retried as usual around.
+GONE_AFTER_500S = 3
+
+
+def gone_after_500s(statuses: list[int]) -> bool:
+    """The statuses of a key's reads so far end with GONE_AFTER_500S answers of HTTP 500."""
+    return len(statuses) >= GONE_AFTER_500S and set(statuses[-GONE_AFTER_500S:]) == {500}
+
+
+@dataclass(frozen=True)
+class BytesProbe:
+    """What reading an object's first byte showed: its whole ``size`` (from Content-Range) and ``etag`` when
+    the bytes are there; ``missing`` says why there are none."""
+
+    key: str
+    size: int | None = None
+    etag: str | None = None
+    missing: str | None = None
+
+
+def total_size(headers: list[tuple[str, str]], status: int) -> int | None:
+    """The whole object's size from a GET's headers: Content-Range's total for a 206, else Content-Length."""
+    found = {name.lower(): value for name, value in headers}
+    if status == 206 and "/" in found.get("content-range", ""):
+        total = found["content-range"].rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    length = found.get("content-length", "")
+    return int(length) if length.isdigit() else None
+
+
+def _first_byte(s3, bucket: str, key: str, whole: bool) -> BytesProbe:
+    try:
+        with tagged_with(s3, bucket):
+            response = _send(s3, "GET", bucket, key, "GetObject", headers=None if whole else {"Range": "bytes=0-0"})
+    except ClientError as exc:
+        if http_status(exc) == 404:
+            return BytesProbe(key, missing=f"not found ({error_code(exc)})")
+        raise
+    etag = dict((n.lower(), v) for n, v in response.headers).get("etag", "").strip('"') or None
+    size = total_size(response.headers, response.status)
+    with contextlib.closing(response.body):
+        if response.status == 206 or whole:
+            response.body.read()  # one byte, or none: read to its end, the connection is reused
+    return BytesProbe(key, size=size, etag=etag)
+
+
+def probe_bytes(s3, bucket: str, key: str, *, size: int | None = None,
+                retry: RetryPolicy = RetryPolicy()) -> BytesProbe:
+    """Whether ``key`` has bytes behind it, by reading its first byte (a ranged GET; a whole GET when ``size``
+    says it is empty, which a range cannot address). A HEAD would not do: Supabase Storage answers HEAD from
+    its ``storage.objects`` row, and only a read reaches the bytes. Not found, or HTTP 500 on
+    GONE_AFTER_500S reads in a row (Supabase Storage's file backend answers so for a row whose bytes are
+    gone), is ``missing``; a refused key raises ConnectionRefused, anything else StepFailed once ``retry`` is
+    spent, as ``call`` does."""
+    errors: list[int] = []
+
+    def attempt() -> BytesProbe:
+        try:
+            return _first_byte(s3, bucket, key, whole=size == 0)
+        except ClientError as exc:
+            errors.append(http_status(exc))
+            raise
+
+    try:
+        return call(retry, "read the first byte", attempt, s3, bucket, key, give_up=lambda: gone_after_500s(errors))
+    except StepFailed:
+        if gone_after_500s(errors):
+            return BytesProbe(key, missing=f"HTTP 500 on {GONE_AFTER_500S} reads in a row, as Supabase Storage "
+                                           "answers for a row whose bytes are gone")
+        raise
+
+
 def deep_md5(s3, bucket: str, key: str, *, if_match: str | None = None,
              retry: RetryPolicy = RetryPolicy()) -> str:
     """Reads the object through and returns its MD5 in hex (a retry starts the hash over)."""
@@ -834,14 +915,16 @@ def _part_size_for(size: int, part_size: int) -> int:
 
 def copy_object(src_client, src_bucket: str, key: str, dst_client, dst_bucket: str, *,
                 part_size: int = DEFAULT_PART_SIZE, dry_run: bool = False,
-                retry: RetryPolicy = RetryPolicy()) -> CopiedObject:
+                retry: RetryPolicy = RetryPolicy(), stored: dict[str, str] | None = None) -> CopiedObject:
     """Copies one object by streaming, keeping its headers and user metadata and adding its MD5.
 
     A single PUT up to ``part_size``, a multipart upload above it (each part read by range and streamed);
     never the whole object in memory. Succeeds when the target holds the source's bytes, checked by MD5
     (``_put``: Content-MD5, then the target's ETag or the MD5 of the bytes as they streamed; a multipart
-    upload: the MD5 of the parts as they streamed). A multipart upload that fails is aborted on the server. Raises ConnectionRefused for a
-    refused key, StepFailed (one line, naming endpoint, bucket and key) once the retries are spent.
+    upload: the MD5 of the parts as they streamed). A multipart upload that fails is aborted on the server.
+    ``stored`` headers (ContentType, CacheControl ...) replace the source's answer's where given: how the source's own
+    records say the object is stored. Raises ConnectionRefused for a refused key, StepFailed (one line,
+    naming endpoint, bucket and key) once the retries are spent.
     """
     part_size = _part_size_for(0, part_size)
     state = {"trust_claim": True}
@@ -864,7 +947,7 @@ def copy_object(src_client, src_bucket: str, key: str, dst_client, dst_bucket: s
             if md5_hex is None:  # nothing to claim up front: hash the source once, pinned to this version
                 md5_hex = _inner_retry(retry, "hashing the source", lambda: _hash_object(
                     src_client, src_bucket, key, info.etag), _is_transient, bucket=src_bucket, key=key)
-            headers = _target_headers(answer, md5_hex)
+            headers = _target_headers({**answer, **(stored or {})}, md5_hex)
             if info.size <= part_size:
                 etag = _single_put(src_client, src_bucket, key, dst_client, dst_bucket, info, md5_hex, headers,
                                    source)
@@ -1183,16 +1266,18 @@ class BatchResult:
 
 def copy_batch(keys: Iterable[str], src_client, src_bucket: str, dst_client, dst_bucket: str, *,
                part_size: int = DEFAULT_PART_SIZE, concurrency: int = 8, dry_run: bool = False,
-               retry: RetryPolicy = RetryPolicy(),
+               retry: RetryPolicy = RetryPolicy(), stored: Callable[[str], dict[str, str]] | None = None,
                on_done: Callable[[CopiedObject | ObjectFailure], None] | None = None) -> BatchResult:
-    """Copies ``keys`` with at most ``concurrency`` objects in flight, on the two shared clients.
+    """Copies ``keys`` with at most ``concurrency`` objects in flight, on the two shared clients;
+    ``stored(key)``: the headers the source's own records give the object (``copy_object``'s ``stored``).
 
     One object's failure is recorded (``failed``) and the others go on. ``on_done`` is called once per
     object, in the calling thread (so it may write to a SQLite ledger), as each finishes. A refused key
     (ConnectionRefused) stops the batch: what is in flight finishes and is reported, then it is raised.
     """
     return _batch(keys, lambda key: copy_object(src_client, src_bucket, key, dst_client, dst_bucket,
-                                                part_size=part_size, dry_run=dry_run, retry=retry),
+                                                part_size=part_size, dry_run=dry_run, retry=retry,
+                                                stored=stored(key) if stored else None),
                   concurrency, on_done)
 
 

@@ -12,7 +12,9 @@ serves (storage-api's routes, as storage-js builds them with ``encodeURI``)::
 
 Only the public form (with no query string) and bare keys of a known bucket have an equivalent on the
 target: ``{public_base}/<bucket>/<key>``. The others are left as they are and counted, with the reason, so
-the operator sees what the app must change (presigned URLs from the target; no image renderer there).
+the operator sees what the app must change (presigned URLs from the target; no image renderer there). So
+are URLs of a bucket the migration does not move (the target has no such bucket) and of files whose bytes
+are gone on the source (not migrated, so not on the target either): each counted, the latter listed.
 
 The key keeps its encoding: the URL's path is copied as it was, and only what a URL path cannot carry
 unambiguously is escaped (a literal ``+``, which some S3 servers read as a space, a space, a bare ``%``,
@@ -26,7 +28,7 @@ can put back exactly the old values later, only where the value is still what th
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
@@ -192,13 +194,20 @@ def unmappable_reason(parsed: ParsedUrl) -> str | None:
 # One value of a column: what the rewrite does with it
 
 MAPPED, UNMAPPABLE_ROW, REWRITTEN, OTHER, NULL = "mapped", "unmappable", "already rewritten", "other", "null"
+NOT_MOVED, NO_BYTES = "bucket not moved", "no bytes on the source"
+LISTED = 20  # values of files with no bytes that a preview or a rewrite names
 
 
 @dataclass(frozen=True)
 class UrlMapping:
+    """``moved``: the source buckets the migration moves (None: any); ``gone``: per bucket, the keys whose
+    bytes are gone on the source, which are not migrated."""
+
     project_url: str
     public_base: str
     bucket_prefix: str = ""
+    moved: frozenset[str] | None = None
+    gone: Mapping[str, frozenset[str]] = field(default_factory=dict, hash=False)
 
     def classify(self, value: str | None, spec: ColumnSpec) -> tuple[str, str | None]:
         """(status, the new value for mapped, the reason for unmappable, else None)."""
@@ -212,9 +221,13 @@ class UrlMapping:
             parsed = parse_supabase_url(value, self.project_url)
             if parsed is None:
                 return OTHER, None
+        if self.moved is not None and parsed.bucket and parsed.bucket not in self.moved:
+            return NOT_MOVED, None
         reason = unmappable_reason(parsed)
         if reason is not None:
             return UNMAPPABLE_ROW, reason
+        if parsed.key in self.gone.get(parsed.bucket, ()):
+            return NO_BYTES, None
         return MAPPED, new_url(parsed, self.public_base, self.bucket_prefix)
 
     def expected(self, value: str | None, spec: ColumnSpec) -> str | None:
@@ -332,9 +345,13 @@ class ColumnPreview:
     rows_already_rewritten: int = 0
     rows_other: int = 0
     rows_null: int = 0
+    rows_not_moved: int = 0
+    rows_no_bytes: int = 0
     examples: list[tuple[str, str]] = field(default_factory=list)
     unmappable_examples: list[tuple[str, str]] = field(default_factory=list)
     other_examples: list[str] = field(default_factory=list)
+    not_moved_examples: list[str] = field(default_factory=list)
+    no_bytes_values: list[str] = field(default_factory=list)  # the first LISTED of them
 
     @property
     def name(self) -> str:
@@ -342,11 +359,13 @@ class ColumnPreview:
 
 
 def preview_rewrite(conn: psycopg.Connection, specs: Iterable[ColumnSpec], project_url: str, public_base: str,
-                    examples: int = 3, bucket_prefix: str = "") -> list[ColumnPreview]:
+                    examples: int = 3, bucket_prefix: str = "", *, moved: Iterable[str] | None = None,
+                    gone: Mapping[str, Iterable[str]] | None = None) -> list[ColumnPreview]:
     """Per column: rows in all, rows the rewrite would change, rows it cannot map (and why), rows already
-    rewritten, values that are not this project's Storage URLs, NULLs, with a few examples of each.
-    Reads only (in a read-only transaction when the connection is idle)."""
-    mapping = UrlMapping(project_url, public_base, bucket_prefix)
+    rewritten, values that are not this project's Storage URLs, URLs of buckets not moved, URLs of files
+    without bytes, NULLs, with a few examples of each. Reads only (in a read-only transaction when the
+    connection is idle)."""
+    mapping = _mapping(project_url, public_base, bucket_prefix, moved, gone)
     previews = []
     with _in_transaction(conn, read_only=True):
         for spec in specs:
@@ -369,6 +388,14 @@ def preview_rewrite(conn: psycopg.Connection, specs: Iterable[ColumnSpec], proje
                     p.rows_other += 1
                     if len(p.other_examples) < examples:
                         p.other_examples.append(value)
+                elif status == NOT_MOVED:
+                    p.rows_not_moved += 1
+                    if len(p.not_moved_examples) < examples:
+                        p.not_moved_examples.append(value)
+                elif status == NO_BYTES:
+                    p.rows_no_bytes += 1
+                    if len(p.no_bytes_values) < LISTED:
+                        p.no_bytes_values.append(value)
                 else:
                     p.rows_null += 1
             previews.append(p)
@@ -414,25 +441,36 @@ def _update(conn: psycopg.Connection, table: sql.Composable, column: sql.Identif
     return {tuple(r) for r in conn.execute(query, params).fetchall()}
 
 
+def _mapping(project_url: str, public_base: str, bucket_prefix: str, moved: Iterable[str] | None,
+             gone: Mapping[str, Iterable[str]] | None) -> UrlMapping:
+    return UrlMapping(project_url, public_base, bucket_prefix, None if moved is None else frozenset(moved),
+                      {bucket: frozenset(keys) for bucket, keys in (gone or {}).items()})
+
+
 def rewrite(conn: psycopg.Connection, specs: Iterable[ColumnSpec], project_url: str, public_base: str,
-            bucket_prefix: str = "") -> RewriteResult:
+            bucket_prefix: str = "", *, moved: Iterable[str] | None = None,
+            gone: Mapping[str, Iterable[str]] | None = None) -> RewriteResult:
     """Rewrites every column of ``specs`` in one transaction (all or nothing; committed at the end unless
     the caller holds a transaction of its own). Idempotent: values already on the public base are
     recognised and left alone, as are values it cannot map; a row the app changed between the read and the
-    write is left alone too (the UPDATE matches the value read). Returns every row it changed."""
-    mapping = UrlMapping(project_url, public_base, bucket_prefix)
+    write is left alone too (the UPDATE matches the value read); so are URLs of buckets not in ``moved`` and
+    of ``gone``'s files (bytes gone on the source), counted. Returns every row it changed."""
+    mapping = _mapping(project_url, public_base, bucket_prefix, moved, gone)
     specs = list(specs)
     changes = []
     with _in_transaction(conn):
         columns = [_resolve(conn, spec) for spec in specs]
         for col in columns:
-            planned, unmappable, rewritten = [], 0, 0
+            planned, unmappable, rewritten, not_moved, no_bytes = [], 0, 0, 0, []
             for keys, value in _values(conn, col):
                 status, detail = mapping.classify(value, col.spec)
                 if status == MAPPED:
                     planned.append([keys, value, detail])
+                elif status == NO_BYTES:
+                    no_bytes.append(value)
                 unmappable += status == UNMAPPABLE_ROW
                 rewritten += status == REWRITTEN
+                not_moved += status == NOT_MOVED
             done = []
             try:
                 for start in range(0, len(planned), BATCH_ROWS):
@@ -443,7 +481,8 @@ def rewrite(conn: psycopg.Connection, specs: Iterable[ColumnSpec], project_url: 
             except psycopg.Error as exc:
                 raise _failed("rewrite", col.spec, exc) from None
             changes.append({"table": col.spec.table, "column": col.spec.column, "key_columns": col.key_columns,
-                            "rows": done, "unmappable": unmappable, "already_rewritten": rewritten})
+                            "rows": done, "unmappable": unmappable, "already_rewritten": rewritten,
+                            "not_moved": not_moved, "no_bytes": len(no_bytes), "no_bytes_values": no_bytes[:LISTED]})
     return RewriteResult(changes)
 
 

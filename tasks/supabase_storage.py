@@ -317,6 +317,14 @@ class StorageSource(ABC):
         """The object's bytes, streamed; raises ObjectMissing when there are none."""
 
     @abstractmethod
+    def probe(self, bucket: str, key: str, size: int | None = None) -> ListedFile:
+        """Whether the bytes of ``key`` are there, by reading its first byte (Supabase Storage answers HEAD
+        and info from the row): the entry with the bytes' own size and ETag, or with ``error`` saying why
+        there are none (not found; or HTTP 500 on ``tasks.s3.GONE_AFTER_500S`` reads in a row, as Storage's
+        file backend answers; throttling and dropped connections are retried as any call is). ``size`` is the row's: 0 reads the whole (empty) object, as a range cannot address it.
+        A refused key raises ConnectionRefused; any other failure StepFailed, never a guess."""
+
+    @abstractmethod
     def check(self, bucket: str | None = None) -> None:
         """One cheap authenticated request; a refused key raises ConnectionRefused at once."""
 
@@ -416,6 +424,10 @@ class S3Source(StorageSource):
 
     def head(self, bucket: str, key: str) -> s3.ObjectInfo | None:
         return s3.head(self.client, bucket, key, retry=self.retry)
+
+    def probe(self, bucket: str, key: str, size: int | None = None) -> ListedFile:
+        found = s3.probe_bytes(self.client, bucket, key, size=size, retry=self.retry)
+        return ListedFile(bucket, key, found.size, found.etag, error=found.missing)
 
     def open(self, bucket: str, key: str) -> SourceStream:
         def get():
@@ -553,8 +565,10 @@ class RestSource(StorageSource):
         return (f"Supabase Storage {self.endpoint}" + (f" bucket '{bucket}'" if bucket else "")
                 + (f" key {key!r}" if key is not None else ""))
 
-    def _run(self, what: str, fn: Callable, bucket: str | None = None, key: str | None = None):
-        retrying = self.retry.retrying(_rest_transient, op=what, endpoint=self.endpoint, bucket=bucket, key=key)
+    def _run(self, what: str, fn: Callable, bucket: str | None = None, key: str | None = None, *,
+             give_up: Callable[[], bool] | None = None):
+        retrying = self.retry.retrying(_rest_transient, give_up=give_up, op=what, endpoint=self.endpoint,
+                                       bucket=bucket, key=key)
         try:
             return retrying(fn)
         except LiftoffError:
@@ -610,9 +624,10 @@ class RestSource(StorageSource):
         return (f"{self.endpoint}/object/{prefix}{quote(bucket, safe='')}/"
                 + "/".join(quote(segment, safe="") for segment in key.split("/")))
 
-    def _get(self, bucket: str, key: str) -> httpx.Response:
+    def _get(self, bucket: str, key: str, headers: dict[str, str] | None = None) -> httpx.Response:
         """An open streamed GET of the object (status 2xx); the caller closes it."""
-        response = self._http.send(self._http.build_request("GET", self._object_url(bucket, key)), stream=True)
+        response = self._http.send(self._http.build_request("GET", self._object_url(bucket, key), headers=headers),
+                                   stream=True)
         if response.status_code >= 300:
             try:
                 response.read()
@@ -673,6 +688,35 @@ class RestSource(StorageSource):
                              cache_control=response.headers.get("cache-control"),
                              content_disposition=response.headers.get("content-disposition"))
 
+    def probe(self, bucket: str, key: str, size: int | None = None) -> ListedFile:
+        statuses: list[int] = []
+        answers: list[str] = []
+
+        def first_byte() -> httpx.Response:
+            try:
+                return self._get(bucket, key, None if size == 0 else {"Range": "bytes=0-0"})
+            except _RestAnswer as answer:
+                statuses.append(answer.status)
+                answers.append(str(answer))
+                raise
+
+        try:
+            response = self._run("read the first byte", first_byte, bucket, key,
+                                 give_up=lambda: s3.gone_after_500s(statuses))
+        except ObjectMissing:
+            return ListedFile(bucket, key, None, None, error=f"not found ({answers[-1] if answers else 404})")
+        except StepFailed:
+            if s3.gone_after_500s(statuses):
+                return ListedFile(bucket, key, None, None, error=f"HTTP 500 on {s3.GONE_AFTER_500S} reads in a row, "
+                                  "as Supabase Storage answers for a row whose bytes are gone")
+            raise
+        with contextlib.closing(response):
+            if response.status_code == 206 or size == 0:
+                response.read()  # one byte, or none
+            etag = (response.headers.get("etag") or "").strip('"') or None
+            return ListedFile(bucket, key, s3.total_size(list(response.headers.items()), response.status_code),
+                              etag)
+
     def put(self, bucket: str, key: str, opener: Callable[[], Any], size: int, content_type: str | None,
             cache_control: str | None) -> None:
         def upload():
@@ -707,27 +751,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(redact(text).split())
 
 
-def check_bytes(source: StorageSource, listed: Iterable[ListedFile], *,
-                concurrency: int = 8) -> Iterator[ListedFile]:
-    """The listed entries, in order, each replaced by what its bytes say (size and ETag from ``head``), or
-    with ``error`` set when there are none or they cannot be read. For a listing read from the rows (REST),
-    this is what proves the bytes. At most ``2 * concurrency`` entries are in flight; a refused key stops it.
+def check_bytes(source: StorageSource, listed: Iterable[ListedFile], *, concurrency: int = 8,
+                proven: Callable[[ListedFile], bool] | None = None) -> Iterator[ListedFile]:
+    """The listed entries, in order, each replaced by what reading its first byte says (``probe``: the
+    bytes' own size and ETag, or ``error`` saying why there are none). A listing does not prove bytes:
+    the REST listing is read from the rows, and so is Supabase Storage's S3 listing. Entries ``proven``
+    accepts (the ledger's copied ones) pass unread. At most ``2 * concurrency`` entries are in flight; a
+    refused key, or a read that fails other than as a missing file, stops it (never taken for no bytes).
     """
     def settle(item: ListedFile, future) -> ListedFile:
-        try:
-            info = future.result()
-        except ConnectionRefused:
-            raise
-        except LiftoffError as exc:
-            return replace(item, error=str(exc))
-        if info is None:
-            return replace(item, error="no bytes (the download answered not found)")
-        return replace(item, size=info.size, etag=info.etag or None)
+        if future is None:
+            return item
+        found = future.result()
+        return replace(item, size=found.size if found.size is not None else item.size,
+                       etag=found.etag or item.etag, error=found.error)
 
     window: deque = deque()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="storage-head") as pool:
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="storage-probe") as pool:
         for item in listed:
-            window.append((item, pool.submit(source.head, item.bucket, item.key)))
+            read = None if proven is not None and proven(item) else pool.submit(source.probe, item.bucket, item.key,
+                                                                                 item.size)
+            window.append((item, read))
             if len(window) >= 2 * concurrency:
                 yield settle(*window.popleft())
         while window:
@@ -786,6 +830,8 @@ class Reconciliation:
     size_differs: Finding = field(default_factory=lambda: Finding("objects whose size differs from the row's"))
     rows_without_size: Finding = field(default_factory=lambda: Finding("rows without a size in their metadata"))
     listed_twice: Finding = field(default_factory=lambda: Finding("keys listed more than once"))
+    #: every row without bytes, not only the examples: (bucket, key, the row's size, why), for the decision
+    gone: list[tuple[str, str, int | None, str]] = field(default_factory=list)
 
     def tally(self, bucket: str) -> BucketTally:
         if bucket not in self.buckets:
@@ -872,6 +918,7 @@ def reconcile(inventory_rows: Iterable[SourceObject], listed: Iterable, *, bucke
         if ik is None or (rk is not None and rk < ik):
             count_row(row).problems += 1
             rec.rows_without_bytes.add(f"{row.bucket}/{row.key} (not listed)", row.size, examples)
+            rec.gone.append((row.bucket, row.key, row.size, "not listed"))
             next_row()
         elif rk is None or ik < rk:
             count_item(item).problems += 1
@@ -884,6 +931,7 @@ def reconcile(inventory_rows: Iterable[SourceObject], listed: Iterable, *, bucke
             if error:
                 tally.problems += 1
                 rec.rows_without_bytes.add(f"{row.bucket}/{row.key} ({error})", row.size, examples)
+                rec.gone.append((row.bucket, row.key, row.size, error))
             elif row.size is None:
                 tally.problems += 1
                 listed_size = f"listed with {item.size} bytes" if item.size is not None else "no size listed either"

@@ -480,3 +480,19 @@ def test_list_objects_is_a_generator_that_pages_through_a_prefix(src, buckets):
     assert [o.size for o in listed] == list(range(25))
     assert listed[3].etag == md5(b"xxx")
     assert count(src, buckets) == 26
+
+
+def test_a_retry_warning_names_the_server_that_failed_not_the_one_written_to(source_server, src, dst, buckets):
+    """A copy's retries run around the whole object (the target's call); a source that answers SlowDown is the
+    source's fault, and its warning says so."""
+    from structlog.testing import capture_logs
+
+    src.put_object(Bucket=buckets, Key="warned.bin", Body=b"w" * 1000)
+    with FaultProxy(source_server.endpoint_url, slowdown={"GET": 0.6}, seed=2) as source_proxy:
+        flaky_src = s3tasks.client(endpoint(source_server, source_proxy.url))
+        with capture_logs() as logs:
+            copy_batch(["warned.bin"], flaky_src, buckets, dst, buckets, retry=FAST)
+        assert source_proxy.slowdowns["GET"] > 0
+        failed_at = source_proxy.url
+    retries = [e for e in logs if e["event"] == "s3 retry"]
+    assert retries and {e["endpoint"] for e in retries} == {failed_at}

@@ -23,7 +23,7 @@ from conftest import seeded_storage
 from flows.options import RunOptions
 from flows.storage import migrate_storage
 from flows.storage_verify import verify_storage
-from liftoff.errors import GateFailed
+from liftoff.errors import GateFailed, PreflightFailed
 from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
 from runbooks.model import load_runbook
 
@@ -222,7 +222,8 @@ def test_the_plan_lists_storage_policies_and_rows_without_bytes(stack, servers):
         "'{\"size\": 10, \"mimetype\": \"application/pdf\"}')")
     try:
         runbook = storage_runbook(stack, servers)
-        migrate_storage(RunOptions(runbook=str(runbook), dry_run=True))
+        with pytest.raises(PreflightFailed, match="zz-nobytes/w.pdf"):  # the dry run stops where the run would
+            migrate_storage(RunOptions(runbook=str(runbook), dry_run=True))
         plan = last_markdown("storage-plan")
         assert "zz-nobytes/w.pdf" in plan  # reconciled with the source's listing, never skipped
         policies = [r[0] for r in stack.source.execute(

@@ -408,3 +408,46 @@ def test_rest_source_uploads_replaces_and_deletes_through_storages_own_routes(re
     assert rest_source.head(EDGE, key) is None
     with pytest.raises(ObjectMissing):
         rest_source.remove(EDGE, key)
+
+
+# -- reading a row's first byte: rows whose bytes are gone ---------------------------------------------------
+
+
+def test_probing_tells_a_row_without_bytes_after_three_500s_not_a_whole_retry_budget(fake, broken):
+    """Storage's file backend answers 500 for a row whose bytes are gone: three in a row classify it, where
+    the source's retry policy would have tried eight times."""
+    bucket = broken["bucket"]
+    patient = s3.RetryPolicy(attempts=8, max_seconds=60, initial_wait=0.01, max_wait=0.05)
+    with RestSource(fake.url, fake.service_role_key, retry=patient) as rest:
+        before = fake.requests["object.get"]
+        lost = rest.probe(bucket, "lost.pdf", 1000)
+        assert fake.requests["object.get"] - before == s3.GONE_AFTER_500S == 3
+        assert lost.error.startswith("HTTP 500 on 3 reads in a row") and lost.size is None
+        good = rest.probe(bucket, "good.pdf")
+        short = rest.probe(bucket, "short.pdf")
+    assert good.error is None and good.size == len(storage_object_bytes(bucket, "good.pdf"))
+    assert short.error is None and short.size == 100  # the bytes' own size (Content-Range), not the row's
+
+
+def test_probing_through_a_hosted_shaped_storage_reads_no_such_key_once(source, s3_server, broken):
+    bucket = broken["bucket"]
+    with StorageApiFake(source.conninfo(), s3_server.client(), missing_bytes="s3") as hosted, \
+            RestSource(hosted.url, hosted.service_role_key, retry=FAST) as rest:
+        lost = rest.probe(bucket, "lost.pdf", 1000)
+        assert hosted.requests["object.get"] == 1
+    assert lost.error.startswith("not found") and "Not found" in lost.error
+
+
+def test_probing_over_s3_finds_missing_empty_and_whole_objects(s3_source, broken):
+    bucket = broken["bucket"]
+    assert s3_source.probe(bucket, "lost.pdf", 1000).error == "not found (NoSuchKey)"
+    assert s3_source.probe(bucket, "good.pdf").size == len(storage_object_bytes(bucket, "good.pdf"))
+    empty = s3_source.probe(EDGE, "empty.txt", 0)  # a range cannot address an empty object: read whole
+    assert (empty.size, empty.error) == (0, None)
+
+
+def test_a_read_that_fails_otherwise_is_an_error_never_a_missing_file(fake, broken):
+    with FaultProxy(fake.url, slowdown=1.0) as throttled, \
+            RestSource(throttled.url, fake.service_role_key, retry=FAST) as rest:
+        with pytest.raises(StepFailed, match="503"):
+            rest.probe(broken["bucket"], "good.pdf")

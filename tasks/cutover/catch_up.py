@@ -279,10 +279,10 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:
     bucket rows, what the check found, and the clashes."""
     from tasks import s3
     from tasks.storage.common import PHASE as STORAGE
-    from tasks.storage.common import item_kind, target_bucket, target_client
+    from tasks.storage.common import item_kind, storage_source, target_bucket, target_client
     from tasks.storage.copy import copy_object_batch
     from tasks.storage.gate import compare_storage
-    from tasks.storage.plan import pending
+    from tasks.storage.plan import pending, recorded_gone
 
     ledger, target = Ledger(rb.state_dir), target_client(rb)
     buckets, failed, seen, clashes = [], [], {}, {}
@@ -291,15 +291,19 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:
             # What the inventory holds now is what this catch-up answers for; what arrives later, the next one.
             seen[b.name] = {obj.key: obj.updated_at for obj in supabase_storage.inventory(conn, b.name)}
             copied = {k: md5 for k, _, _, md5 in ledger.items(STORAGE, item_kind(b.name), status="copied")}
-            names, clashes[b.name] = [], set()
+            names, objects, clashes[b.name] = [], [], set()
+            gone = recorded_gone(ledger, b.name)  # rows without bytes the storage phase left out (skip)
             for obj in pending(rb, conn, ledger, b.name):
+                if obj.key in gone:
+                    continue
                 there = s3.head(target, target_bucket(rb, b.name), obj.key)
                 if there is not None and (obj.key not in copied or there.md5 != copied[obj.key]):
                     clashes[b.name].add(obj.key)
                 else:
                     names.append(obj.key)
-            for start in range(0, len(names), rb.storage.batch_size):
-                failed += copy_object_batch(rb, b.name, names[start:start + rb.storage.batch_size])["failed"]
+                    objects.append([obj.key, obj.mimetype, obj.cache_control])
+            for start in range(0, len(objects), rb.storage.batch_size):
+                failed += copy_object_batch(rb, b.name, objects[start:start + rb.storage.batch_size])["failed"]
             # deleted on Supabase since the copy: deleted on the target too, where the apps left it as copied
             deleted = []
             for key in sorted(copied.keys() - seen[b.name].keys()):
@@ -315,12 +319,15 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:
             buckets.append({"bucket": b.name, "objects": len(names), "deleted": len(deleted),
                             "keys": ", ".join(names[:SHOWN_KEYS]) + (f" (+{len(names) - SHOWN_KEYS})"
                                                                      if len(names) > SHOWN_KEYS else "")})
-        report = compare_storage(
-            conn, target, [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
-            lambda bucket: ((k, md5) for k, _, _, md5 in ledger.items(STORAGE, item_kind(bucket), status="copied")),
-            endpoint_url=rb.storage.target.endpoint_url, concurrency=rb.storage.concurrency, extra_allowed=True,
-            include=lambda bucket, obj: (obj.key not in clashes[bucket] and obj.key in seen[bucket]
-                                         and seen[bucket][obj.key] == obj.updated_at))
+        with storage_source(rb) as src:
+            report = compare_storage(
+                conn, target, [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
+                lambda bucket: ((k, md5) for k, _, _, md5 in ledger.items(STORAGE, item_kind(bucket),
+                                                                          status="copied")),
+                endpoint_url=rb.storage.target.endpoint_url, concurrency=rb.storage.concurrency, extra_allowed=True,
+                include=lambda bucket, obj: (obj.key not in clashes[bucket] and obj.key in seen[bucket]
+                                             and seen[bucket][obj.key] == obj.updated_at),
+                probe_source=src.probe, skip_gone=rb.storage.missing_source_bytes == "skip")
     for check, row in zip(report.buckets, buckets):
         row["uploaded on the target"] = check.target_only_count
     named = [f"object {bucket}/{key}: changed on Supabase and written by the apps on the target since; the "

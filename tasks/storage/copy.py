@@ -23,7 +23,7 @@ from tasks import postgres, s3
 from tasks.storage.common import (
     PHASE, item_kind, log, source_client, storage_source, target_bucket, target_client,
 )
-from tasks.storage.plan import StoragePlan, pending
+from tasks.storage.plan import StoragePlan, pending, record_gone
 
 LEDGER_EVERY = 50  # objects between two ledger writes: what a kill can make us copy twice
 
@@ -49,8 +49,14 @@ def ledger_row(outcome: s3.CopiedObject | s3.ObjectFailure) -> tuple:
 
 
 @task(name="copy objects (one batch)", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
+def copy_object_batch(rb: Runbook, bucket: str, objects: list[list]) -> dict:
+    """``objects``: [key, Content-Type, Cache-Control] as the source's row stores them (either may be None)."""
     ledger = Ledger(rb.state_dir)
+    names = [key for key, _, _ in objects]
+    # The row's metadata is how Supabase stored each object; the download's headers are not (Storage's REST
+    # API serves text/html as text/plain, and its Cache-Control is the backend's).
+    stored = {key: {k: v for k, v in (("ContentType", content_type), ("CacheControl", cache_control)) if v}
+              for key, content_type, cache_control in objects}
     dst = target_client(rb)
     buffer: list[tuple] = []
 
@@ -64,10 +70,16 @@ def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
     try:
         if rb.storage.source.protocol == "rest":  # downloads streamed into single PUTs or sequential parts
             with storage_source(rb) as src:
-                result = s3.copy_batch_from(names, lambda key: src.open(bucket, key), dst, target_bucket(rb, bucket),
-                                            **options)
+                def open_source(key: str):
+                    stream = src.open(bucket, key)
+                    stream.content_type = stored[key].get("ContentType", stream.content_type)
+                    stream.cache_control = stored[key].get("CacheControl", stream.cache_control)
+                    return stream
+
+                result = s3.copy_batch_from(names, open_source, dst, target_bucket(rb, bucket), **options)
         else:  # S3 to S3: the large objects' parts are read by range, each retried on its own
-            result = s3.copy_batch(names, source_client(rb), bucket, dst, target_bucket(rb, bucket), **options)
+            result = s3.copy_batch(names, source_client(rb), bucket, dst, target_bucket(rb, bucket),
+                                   stored=stored.get, **options)
     finally:
         if buffer:
             ledger.set_items(PHASE, item_kind(bucket), buffer)
@@ -78,9 +90,12 @@ def copy_object_batch(rb: Runbook, bucket: str, names: list[str]) -> dict:
 @task(name="copy objects", cache_policy=NO_CACHE)
 @recorded("storage.copy")
 def copy_objects(rb: Runbook, plan: StoragePlan) -> dict:
-    """Copies every object the ledger does not record as copied, bucket by bucket, in batches. Succeeds when
-    none failed; a failed object is named and a re-run copies only the failed and the missing ones."""
+    """Copies every object the ledger does not record as copied, bucket by bucket, in batches, except the
+    plan's rows whose bytes are gone (recorded in the ledger for the gate and the URL rewrite; only under
+    ``storage.missing_source_bytes: skip`` does a plan with such rows get here). Succeeds when none failed;
+    a failed object is named and a re-run copies only the failed and the missing ones."""
     ledger = Ledger(rb.state_dir)
+    record_gone(rb, plan)
     total = sum(b.to_copy for b in plan.buckets)
     total_bytes = sum(b.to_copy_bytes for b in plan.buckets)
     progress = Progress("storage: copying objects", total)
@@ -89,8 +104,10 @@ def copy_objects(rb: Runbook, plan: StoragePlan) -> dict:
     started = time.monotonic()
     with postgres.session(rb.source, "source") as conn:
         for b in plan.buckets:
-            names = (obj.key for obj in pending(rb, conn, ledger, b.name))
-            while batch := list(itertools.islice(names, rb.storage.batch_size)):
+            gone = b.gone_keys
+            objects = ([obj.key, obj.mimetype, obj.cache_control] for obj in pending(rb, conn, ledger, b.name)
+                       if obj.key not in gone)
+            while batch := list(itertools.islice(objects, rb.storage.batch_size)):
                 done = copy_object_batch(rb, b.name, batch)
                 copied += done["copied"]
                 copied_bytes += done["bytes"]
@@ -102,4 +119,5 @@ def copy_objects(rb: Runbook, plan: StoragePlan) -> dict:
     if failed:
         raise StepFailed(f"{len(failed)} objects failed to copy ({'; '.join(failed[:3])}"
                          f"{' ...' if len(failed) > 3 else ''}); re-run: only those and the missing ones are copied")
-    return {"copied": copied, "bytes": copied_bytes, "seconds": round(time.monotonic() - started, 2)}
+    return {"copied": copied, "bytes": copied_bytes, "seconds": round(time.monotonic() - started, 2),
+            "not_migrated": len(plan.gone)}

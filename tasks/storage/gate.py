@@ -7,6 +7,10 @@ while the bytes streamed, against the source row's eTag when that is an MD5, els
 computed from the source's bytes), same Content-Type; objects on the target the source does not have are
 named; with ``deep`` every target object is read back and hashed. Access: an anonymous GET works in a
 public bucket and is refused in a private one, and anonymous listing is refused.
+
+An object missing on the target has the source's first byte read: a row whose bytes are gone on the source
+too is said to be so ("no bytes on the source"), never blamed on the target; under
+``storage.missing_source_bytes: skip`` such rows are listed as not migrated and do not fail the gate.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from liftoff.errors import LiftoffError
 from liftoff.ledger import Ledger
 from liftoff.reports import Progress
 from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import postgres, s3, supabase_storage
-from tasks.storage.common import PHASE, item_kind, require_storage, target_bucket, target_client
+from tasks.storage.common import PHASE, item_kind, require_storage, storage_source, target_bucket, target_client
 
 MAX_NAMED = 5
 
@@ -47,19 +52,36 @@ class BucketCheck:
     target_only: list[str] = field(default_factory=list)  # the first few of them
     target_only_count: int = 0
     target_only_bytes: int = 0
+    # Rows whose bytes are gone on the source, left out (missing_source_bytes: skip): every one, as
+    # "key (N bytes; why)", and their rows' bytes
+    not_migrated: list[str] = field(default_factory=list)
+    not_migrated_bytes: int = 0
+
+    @property
+    def expected(self) -> tuple[int, int]:
+        """Objects and bytes the target should hold of the source's."""
+        return self.source_objects - len(self.not_migrated), self.source_bytes - self.not_migrated_bytes
 
     @property
     def ok(self) -> bool:
         return (not self.problem_count and not self.access
-                and self.source_objects == self.target_objects - self.target_only_count
-                and self.source_bytes == self.target_bytes - self.target_only_bytes)
+                and self.expected == (self.target_objects - self.target_only_count,
+                                      self.target_bytes - self.target_only_bytes))
+
+    def notes(self) -> list[str]:
+        """What passes but an operator must know: the rows not migrated."""
+        if not self.not_migrated:
+            return []
+        return [f"bucket {self.bucket}: {len(self.not_migrated)} objects have no bytes on the source, not migrated: "
+                + "; ".join(self.not_migrated)]
 
     def summary(self) -> list[str]:
         lines = []
-        if (self.source_objects, self.source_bytes) != (self.target_objects - self.target_only_count,
-                                                        self.target_bytes - self.target_only_bytes):
+        if self.expected != (self.target_objects - self.target_only_count, self.target_bytes - self.target_only_bytes):
+            gone = (f", {len(self.not_migrated)} of them with no bytes on the source" if self.not_migrated else "")
             lines.append(f"bucket {self.bucket}: target {self.target} holds {self.target_objects} objects "
-                         f"({self.target_bytes:,} bytes), the source {self.source_objects} ({self.source_bytes:,})")
+                         f"({self.target_bytes:,} bytes), the source {self.source_objects} ({self.source_bytes:,}"
+                         f"{gone})")
         if self.problem_count:
             more = f" and {self.problem_count - len(self.problems)} more" if self.problem_count > len(self.problems) else ""
             lines.append(f"bucket {self.bucket}: " + "; ".join(self.problems) + more)
@@ -79,17 +101,27 @@ class StorageReport:
     def failures(self) -> list[str]:
         return [line for b in self.buckets for line in b.summary()]
 
+    def notes(self) -> list[str]:
+        return [line for b in self.buckets for line in b.notes()]
+
+    @property
+    def not_migrated(self) -> int:
+        return sum(len(b.not_migrated) for b in self.buckets)
+
     def summary(self) -> str:
         if self.ok:
+            gone = (f"; {self.not_migrated} objects with no bytes on the source not migrated"
+                    if self.not_migrated else "")
             return (f"passed: {len(self.buckets)} buckets, {sum(b.target_objects for b in self.buckets)} objects, "
-                    f"{sum(b.target_bytes for b in self.buckets):,} bytes, sizes and MD5s equal")
+                    f"{sum(b.target_bytes for b in self.buckets):,} bytes, sizes and MD5s equal{gone}")
         failures = self.failures()
         return "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
 
     def rows(self) -> list[dict]:
         return [{"bucket": b.bucket, "target bucket": b.target, "source objects": b.source_objects,
                  "target objects": b.target_objects, "source bytes": b.source_bytes, "target bytes": b.target_bytes,
-                 "differences": b.problem_count, "access": b.access or "as the runbook says",
+                 "differences": b.problem_count, "no bytes on the source, not migrated": len(b.not_migrated),
+                 "access": b.access or "as the runbook says",
                  "status": "match" if b.ok else "DIFFERS"} for b in self.buckets]
 
 
@@ -98,7 +130,9 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
                     deep: bool = False, concurrency: int = 8,
                     on_bucket_done: Callable[[BucketCheck], None] | None = None,
                     include: Callable[[str, Any], bool] | None = None, extra_allowed: bool = False,
-                    tolerate: Callable[[str], set[str]] | None = None) -> StorageReport:
+                    tolerate: Callable[[str], set[str]] | None = None,
+                    probe_source: Callable[[str, str, int | None], Any] | None = None,
+                    skip_gone: bool = False) -> StorageReport:
     """Compares each (source bucket, target bucket, public) of the inventory in ``conn`` with the target S3
     server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). ``copied_md5(bucket)``
     streams (key, MD5 the copy computed) in key order: the reference where the source's eTag is no MD5.
@@ -106,8 +140,10 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
     ``include(bucket, object)``: only the inventory objects it accepts are compared, the others may be on
     the target or not (a cutover's final sync: uploads after the freeze are the catch-up's; the catch-up:
     uploads after it read the inventory); ``tolerate(bucket)``: keys that may be on the target only (deleted
-    on the source after the freeze: the catch-up's); ``extra_allowed``: objects only on the target are counted as the apps' uploads, not failed (after the
-    switch)."""
+    on the source after the freeze: the catch-up's); ``extra_allowed``: objects only on the target are counted
+    as the apps' uploads, not failed (after the switch). ``probe_source(bucket, key, size)``: reads the
+    source's first byte of an object missing on the target (``StorageSource.probe``): when the source has
+    none either, that is said, and with ``skip_gone`` the object is listed as not migrated, not failed."""
     report = StorageReport()
     for bucket, tbucket, public in buckets:
         # not compared: the copy may have carried them already, or not (and ``tolerate``'s: deleted since)
@@ -120,8 +156,10 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
                 else:
                     yield obj
 
+        probe = None if probe_source is None else (lambda key, size, bucket=bucket: probe_source(bucket, key, size))
         check = compare_bucket(target, bucket, tbucket, inventory, copied_md5(bucket), deep=deep,
-                               concurrency=concurrency, extra_allowed=extra_allowed, tolerated=late)
+                               concurrency=concurrency, extra_allowed=extra_allowed, tolerated=late,
+                               probe_source=probe, skip_gone=skip_gone)
         if check.first_key is not None:
             proof = s3.prove_bucket_access(endpoint_url, tbucket, check.first_key, public)
             check.access = "; ".join(proof.problems)
@@ -134,7 +172,9 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
 def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], Iterator[Any]],
                    copied_md5: Iterator[tuple[str, str]], *, deep: bool = False,
                    concurrency: int = 8, extra_allowed: bool = False,
-                   tolerated: set[str] = frozenset()) -> BucketCheck:
+                   tolerated: set[str] = frozenset(),
+                   probe_source: Callable[[str, int | None], Any] | None = None,
+                   skip_gone: bool = False) -> BucketCheck:
     """One bucket's objects: ``inventory()`` streams the source's objects in byte order of the key (each with
     ``key``, ``size``, ``md5``, ``mimetype``, as ``supabase_storage.SourceObject``; called twice), ``copied_md5``
     the MD5s the copy computed, in the same order.
@@ -145,15 +185,23 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
     per object, not the server, bounds a verification of many small objects. Then the target is listed to
     count objects and bytes; what the source lacks is looked for, and named, only when the counts say there
     is some. ``tolerated``: keys only on the target that are not wrong there (filled while ``inventory`` is
-    read: objects the source wrote after a cutover's freeze, which the final sync's copy may have carried)."""
+    read: objects the source wrote after a cutover's freeze, which the final sync's copy may have carried).
+    ``probe_source(key, size)`` and ``skip_gone``: as ``compare_storage``'s."""
     check = BucketCheck(bucket, tbucket, extra_allowed=extra_allowed)
     missing: list[str] = []  # appended to from the pool's threads; only whether it is empty is read
-
-    def one(obj, copied: str | None) -> list[str]:
+    def one(obj, copied: str | None) -> tuple[list[str], tuple[str, int] | None]:
+        """(what differs, (the line, the row's bytes) of an object not migrated for want of source bytes)."""
         info = s3.head(target, tbucket, obj.key)
         if info is None:
+            why = _source_gone(probe_source, obj)
+            if why is not None and skip_gone:
+                size = obj.size if obj.size is not None else "unknown"
+                return [], (f"{obj.key} ({size} bytes; {why})", obj.size or 0)
             missing.append(obj.key)
-            return [f"{obj.key}: missing on target"]
+            if why is not None:
+                return [f"{obj.key}: missing on target, and no bytes on the source either ({why}): a row whose "
+                        "file is gone; decide with storage.missing_source_bytes"], None
+            return [f"{obj.key}: missing on target"], None
         problems = []
         if obj.size is not None and info.size != obj.size:
             problems.append(f"{obj.key}: size differs (source {obj.size}, target {info.size})")
@@ -163,7 +211,7 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
             problems.append(f"{obj.key}: MD5 differs (source {want}, target {got})")
         if obj.mimetype and info.content_type != obj.mimetype:
             problems.append(f"{obj.key}: Content-Type differs (source {obj.mimetype}, target {info.content_type})")
-        return problems
+        return problems, None
 
     def counted():
         for obj, copied in _with_copied_md5(inventory(), copied_md5):
@@ -174,7 +222,10 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
             yield obj, copied
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="storage-gate") as pool:
-        for problems in _windowed(pool, one, counted(), 2 * concurrency):
+        for problems, gone in _windowed(pool, one, counted(), 2 * concurrency):
+            if gone is not None:
+                check.not_migrated.append(gone[0])
+                check.not_migrated_bytes += gone[1]
             for p in problems:
                 check.problem_count += 1
                 if len(check.problems) < MAX_NAMED:
@@ -182,6 +233,18 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
     _count_target(target, tbucket, lambda: (o.key for o in inventory()), check, all_found=not missing,
                   tolerated=tolerated)
     return check
+
+
+def _source_gone(probe_source: Callable[[str, int | None], Any] | None, obj) -> str | None:
+    """Why the source has no bytes for ``obj`` (its first byte read), or None: it has them, or it could not
+    be read (then the object is only missing on the target, which is what the gate can prove)."""
+    if probe_source is None:
+        return None
+    try:
+        found = probe_source(obj.key, obj.size)
+    except LiftoffError:
+        return None
+    return found.error
 
 
 def _with_copied_md5(inventory, copied: Iterator[tuple[str, str]]):
@@ -214,7 +277,7 @@ def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]
     for listed in s3.list_objects(target, tbucket):
         check.target_objects += 1
         check.target_bytes += listed.size
-    if all_found and check.target_objects == check.source_objects:
+    if all_found and check.target_objects == check.expected[0]:
         return
     check.target_objects = check.target_bytes = 0
     names = source_names()
@@ -248,7 +311,7 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
         return ((key, md5) for key, _, _, md5 in ledger.items(PHASE, item_kind(bucket), status="copied"))
 
     progress = Progress("storage gate: comparing buckets", len(rb.storage.buckets))
-    with postgres.session(rb.source, "source") as conn:
+    with postgres.session(rb.source, "source") as conn, storage_source(rb) as src:
         return compare_storage(
             conn, target_client(rb), [(b.name, target_bucket(rb, b.name), b.public) for b in rb.storage.buckets],
             copied_md5, endpoint_url=rb.storage.target.endpoint_url,
@@ -258,4 +321,5 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
             include=None if frozen_at is None else (
                 lambda bucket, obj: obj.updated_at is None or obj.updated_at <= frozen_at),
             tolerate=None if frozen_at is None else (
-                lambda bucket: {key for key, *_ in ledger.items(PHASE, item_kind(bucket), status="copied")}))
+                lambda bucket: {key for key, *_ in ledger.items(PHASE, item_kind(bucket), status="copied")}),
+            probe_source=src.probe, skip_gone=rb.storage.missing_source_bytes == "skip")

@@ -18,6 +18,7 @@ from liftoff.steps import recorded
 from runbooks.model import Runbook
 from tasks import postgres, storage_urls
 from tasks.storage.common import PHASE, log
+from tasks.storage.plan import recorded_gone
 from tasks.verify import RewrittenColumn
 
 REWRITE_EVENT = "storage.rewrite-urls"
@@ -28,20 +29,28 @@ def url_columns(rb: Runbook) -> list[storage_urls.ColumnSpec]:
     return [storage_urls.ColumnSpec(c.table, c.column, c.kind, c.bucket) for c in rb.storage.rewrite]
 
 
-def url_mapping(rb: Runbook) -> storage_urls.UrlMapping:
+def url_mapping(rb: Runbook, gone: dict[str, set[str]] | None = None) -> storage_urls.UrlMapping:
+    """The rewrite's mapping: only the runbook's buckets move, and files whose bytes are gone on the source
+    (``gone``, else as the storage plan last recorded them in the ledger) keep their URLs."""
+    if gone is None:
+        ledger = Ledger(rb.state_dir) if (rb.state_dir / "ledger.sqlite").exists() else None
+        gone = {b.name: recorded_gone(ledger, b.name) for b in rb.storage.buckets} if ledger else {}
     return storage_urls.UrlMapping(rb.storage.source.project_url, rb.storage.target.public_url,
-                                   rb.storage.bucket_prefix)
+                                   rb.storage.bucket_prefix, frozenset(b.name for b in rb.storage.buckets),
+                                   {bucket: frozenset(keys) for bucket, keys in gone.items()})
 
 
 @task(name="preview storage URL rewrite", cache_policy=NO_CACHE)
-def preview_storage_urls(rb: Runbook) -> list[storage_urls.ColumnPreview]:
-    """Per column of ``storage.rewrite``: rows it would change, rows it cannot map and why, examples. Reads only."""
+def preview_storage_urls(rb: Runbook, gone: dict[str, set[str]] | None = None) -> list[storage_urls.ColumnPreview]:
+    """Per column of ``storage.rewrite``: rows it would change, rows it cannot map and why, rows it leaves
+    (a bucket not moved, a file with no bytes on the source: ``gone``, else the ledger's), examples. Reads
+    only."""
     if not rb.storage.rewrite:
         return []
-    m = url_mapping(rb)
+    m = url_mapping(rb, gone)
     with postgres.session(rb.target.direct, "target.direct") as conn:
         return storage_urls.preview_rewrite(conn, url_columns(rb), m.project_url, m.public_base,
-                                            bucket_prefix=m.bucket_prefix)
+                                            bucket_prefix=m.bucket_prefix, moved=m.moved, gone=m.gone)
 
 
 def _require_storage_gate(ledger: Ledger) -> None:
@@ -64,13 +73,18 @@ def rewrite_storage_urls(rb: Runbook) -> dict:
     m = url_mapping(rb)
     with postgres.session(rb.target.direct, "target.direct") as conn:
         with conn.transaction():  # commits after the events are in the ledger, or not at all
-            result = storage_urls.rewrite(conn, url_columns(rb), m.project_url, m.public_base, m.bucket_prefix)
+            result = storage_urls.rewrite(conn, url_columns(rb), m.project_url, m.public_base, m.bucket_prefix,
+                                          moved=m.moved, gone=m.gone)
             for change in result.changes:
                 if change["rows"]:
                     ledger.record_event(PHASE, REWRITE_EVENT, before=None, after=change, flow_run_id=current_run_id())
     columns = {f"{c['table']}.{c['column']}": {"rows_changed": len(c["rows"]), "unmappable": c["unmappable"],
-                                              "already_rewritten": c["already_rewritten"]} for c in result.changes}
-    log.info("storage URLs rewritten", rows=result.rows_changed, columns=len(columns))
+                                              "already_rewritten": c["already_rewritten"],
+                                              "bucket_not_moved": c["not_moved"], "no_bytes_on_source": c["no_bytes"],
+                                              "no_bytes_values": c["no_bytes_values"]} for c in result.changes}
+    log.info("storage URLs rewritten", rows=result.rows_changed, columns=len(columns),
+             bucket_not_moved=sum(c["not_moved"] for c in result.changes),
+             no_bytes_on_source=sum(c["no_bytes"] for c in result.changes))
     return {"columns": columns, "rows_changed": result.rows_changed}
 
 
