@@ -54,7 +54,7 @@ def backup(options: RunOptions) -> dict:
         f"- **retention**: {retention['summary']}",
     ]))
     if not report.ok:
-        raise GateFailed("backup restore test failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("backup restore test", report.failures())
     return {"backup": made, "files": files, "restore_test": {"key": report.key, "rto_s": report.rto_s},
             "retention": retention}
 
@@ -76,7 +76,7 @@ def restore_test(options: RunOptions) -> dict:
         report = run_restore_test(runbook)
     publish_restore_test(report)
     if not report.ok:
-        raise GateFailed("backup restore test failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("backup restore test", report.failures())
     return {"key": report.key, "rto_s": report.rto_s, "download_s": report.download_s,
             "restore_s": report.restore_s, "bytes": report.bytes, "tables": len(report.tables)}
 

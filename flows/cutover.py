@@ -47,7 +47,7 @@ def cutover(options: RunOptions) -> dict:
     checklist = check_before_cutover(runbook)
     publish_checklist(checklist)
     if not checklist.ok:
-        raise GateFailed("cutover checklist failed: " + "; ".join(checklist.failures()))
+        raise GateFailed.of("cutover checklist", checklist.failures())
     form_text, shown = approval.evidence(runbook, checklist.rows(), Ledger(runbook.state_dir))
     if options.dry_run:
         publish_markdown("cutover-approval", form_text)

@@ -49,7 +49,7 @@ def check_health(options: RunOptions) -> dict:
     report = run_health_gate(runbook)
     publish_health(report, runbook, monitors)
     if not report.ok:
-        raise GateFailed("health failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("health", report.failures())
     return {"summary": report.summary(), "warnings": report.warnings(), "uptime_kuma": str(export)}
 
 

@@ -17,7 +17,7 @@ from flows.options import RunOptions, open_runbook
 from liftoff.ledger import Ledger, current_run_id
 from liftoff.logs import get_logger
 from liftoff.phases import PHASES, all_flows
-from liftoff.redaction import redact
+from liftoff.redaction import first_line, redact
 from liftoff.reports import for_runbook, markdown_table, publish_markdown
 from runbooks.model import Runbook
 from tasks import postgres
@@ -85,19 +85,19 @@ def rehearse(options: RunOptions) -> dict:
             run_phase(phase, scratch_options, measured)
     except BaseException as exc:  # a failed phase, or the run stopped: tear down all the same
         error = exc
-        measured.failed = _one_line(exc)
+        measured.failed = first_line(exc, type(exc).__name__)
     finally:
         for_runbook(real.name)  # the phase flows published under the scratch runbook's name
         try:
             teardown = scratch_tasks.tear_down_scratch(plan.scratch, real)
         except Exception as exc:
-            teardown = {"problems": [_one_line(exc)]}
+            teardown = {"problems": [first_line(exc, type(exc).__name__)]}
             if error is None:
-                error, measured.failed = exc, _one_line(exc)
+                error, measured.failed = exc, first_line(exc, type(exc).__name__)
     try:
         measure(real, plan, measured)
     except Exception as exc:  # the rehearsal is still recorded, with what could be measured
-        log.warning("rehearsal measurements incomplete", reason=_one_line(exc))
+        log.warning("rehearsal measurements incomplete", reason=first_line(exc, type(exc).__name__))
     outcome = record(real, plan, measured, teardown)
     publish_report(real)
     notify_if_needed(real, measured)
@@ -121,7 +121,7 @@ def run_phase(phase: RehearsedPhase, options: RunOptions, measured: Measured) ->
         entry["result"] = all_flows()[phase.flow].load()(options)
         entry["ok"] = True
     except BaseException as exc:
-        entry.update(ok=False, error=_one_line(exc))
+        entry.update(ok=False, error=first_line(exc, type(exc).__name__))
         raise
     finally:
         entry["seconds"] = round(time.monotonic() - started, 2)
@@ -163,7 +163,7 @@ def measure(real: Runbook, plan: RehearsalPlan, measured: Measured) -> None:
             share, share_note = scratch_tasks.changed_share(real)
         except Exception as exc:  # the estimate is still useful with the whole copy counted
             share = 1.0
-            share_note = f"the real storage progress could not be read ({_one_line(exc)}): whole copy counted"
+            share_note = f"the real storage progress could not be read ({first_line(exc, type(exc).__name__)}): whole copy counted"
     switch = None
     if (real.state_dir / "ledger.sqlite").exists():
         switch = scratch_tasks.last_cutover_switch(Ledger(real.state_dir).events("cutover"))
@@ -260,9 +260,4 @@ def notify_if_needed(real: Runbook, measured: Measured) -> None:
 
         notify(real, redact(text), flow_run_url=flow_run.ui_url)
     except Exception as exc:  # no webhook module yet, or the webhook refused: the report still says it
-        log.warning("rehearsal notification not sent", reason=_one_line(exc))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return redact(text.splitlines()[0] if text else type(exc).__name__)
+        log.warning("rehearsal notification not sent", reason=first_line(exc, type(exc).__name__))

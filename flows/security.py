@@ -34,7 +34,7 @@ def check_security(options: RunOptions) -> dict:
     report = security_gate(runbook)
     publish_security_report(report)
     if not report.ok:
-        raise GateFailed("security checks failed:\n" + "\n".join(report.failures()))
+        raise GateFailed.of("security", report.failures())
     return {"lines": len(report.lines), "passed": sum(1 for line in report.lines if line.status == "passed")}
 
 

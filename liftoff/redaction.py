@@ -95,9 +95,17 @@ def redact(text: str) -> str:
     return text
 
 
-def one_line(text: object, empty: str = "failed without a message") -> str:
-    """``text`` redacted and folded onto one line (whitespace runs become one space), for a report's line."""
-    return " ".join(redact(str(text)).split()) or empty
+def one_line(text: object, empty: str = "failed without a message", *, limit: int | None = None) -> str:
+    """``text`` redacted and folded onto one line (whitespace runs become one space), for a report's line;
+    with ``limit``, cut to that many characters (the last one an ellipsis)."""
+    folded = " ".join(redact(str(text)).split()) or empty
+    return folded if limit is None or len(folded) <= limit else folded[: limit - 1] + "…"
+
+
+def error_line(exc: BaseException, *, limit: int | None = None) -> str:
+    """An error on one line as ``Type: message`` (its type alone when it has no message), redacted: for an
+    error whose type says what happened (a ``ConnectError``, a ``ReadTimeout``)."""
+    return one_line(f"{type(exc).__name__}: {exc}" if str(exc).strip() else type(exc).__name__, limit=limit)
 
 
 def first_line(text: object, empty: str = "failed without a message") -> str:

@@ -21,7 +21,7 @@ from typing import Literal
 from liftoff.errors import ConnectionRefused, LiftoffError
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
-from liftoff.redaction import one_line, redact
+from liftoff.redaction import error_line, one_line, redact
 from liftoff.reports import check_rows, check_table, md_cell
 from runbooks.model import App, RedisEndpoint, Runbook
 from tasks import dns, health, postgres, s3
@@ -116,7 +116,7 @@ def _checked(name: str, check: Callable[[], CheckLine]) -> CheckLine:
     except LiftoffError as exc:
         line = CheckLine(name, FAILED, one_line(str(exc)), _FIXES.get(name, ""))
     except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the checklist's
-        line = CheckLine(name, FAILED, one_line(f"{type(exc).__name__}: {exc}"), _FIXES.get(name, ""))
+        line = CheckLine(name, FAILED, error_line(exc), _FIXES.get(name, ""))
     return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix))
 
 

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from liftoff.redaction import redact, redact_value
+from liftoff.redaction import error_line, one_line, redact, redact_value
 
 _MAX_BODY = 1024 * 1024  # a health answer is small; never read an endless one whole
 _MAX_MESSAGE = 120  # characters of a failing check's own message kept in the detail
@@ -31,17 +31,12 @@ class HealthResult:
     detail: str  # one line: why healthy or why not
 
 
-def _one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
-    text = " ".join(redact(str(text)).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _check_message(check: object) -> str:
     if not isinstance(check, dict):
         return ""
     for key in ("error", "message", "detail", "reason"):
         if check.get(key):
-            return _one_line(check[key])
+            return one_line(check[key], limit=_MAX_MESSAGE)
     return ""
 
 
@@ -95,14 +90,16 @@ def check_health(url: str, timeout: float = 5) -> HealthResult:
         why = getattr(reason, "strerror", None) or str(reason)
         if isinstance(reason, TimeoutError):
             why = f"no answer within {timeout:g} s"
-        return HealthResult(url, False, None, None, f"{redact(url)}: cannot reach it ({_one_line(why)})")
+        return HealthResult(url, False, None, None,
+                            f"{redact(url)}: cannot reach it ({one_line(why, limit=_MAX_MESSAGE)})")
     except (OSError, ValueError) as exc:  # a connection reset mid-answer, a malformed URL
-        return HealthResult(url, False, None, None, f"{redact(url)}: {type(exc).__name__}: {_one_line(exc)}")
+        return HealthResult(url, False, None, None, f"{redact(url)}: {error_line(exc, limit=_MAX_MESSAGE)}")
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return HealthResult(url, False, code, None, f"HTTP {code}, but the body is not JSON "
-                                                     f"({_one_line(raw[:60].decode('utf-8', 'replace')) or 'empty'})")
+        start = raw[:60].decode("utf-8", "replace")
+        return HealthResult(url, False, code, None,
+                            f"HTTP {code}, but the body is not JSON ({one_line(start, 'empty', limit=_MAX_MESSAGE)})")
     body = redact_value(body)
     healthy, detail = judge(code, body)
     return HealthResult(url, healthy, code, body if isinstance(body, dict) else None, detail)

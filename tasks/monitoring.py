@@ -30,7 +30,7 @@ import yaml
 
 from liftoff.errors import LiftoffError
 from liftoff.logs import get_logger
-from liftoff.redaction import one_line, redact
+from liftoff.redaction import error_line, one_line, redact
 from liftoff.reports import check_rows, check_table
 from runbooks.model import Endpoint, Runbook
 from tasks import health as app_health
@@ -103,7 +103,7 @@ def _checked(service: str, fix: str, check: Callable[[], HealthLine | list[Healt
     except LiftoffError as exc:
         result = HealthLine(service, CRITICAL, one_line(exc), fix)
     except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the report's
-        result = HealthLine(service, CRITICAL, one_line(f"{type(exc).__name__}: {exc}"), fix)
+        result = HealthLine(service, CRITICAL, error_line(exc), fix)
     lines = result if isinstance(result, list) else [result]
     return [HealthLine(x.service, x.status, redact(x.detail), redact(x.fix)) for x in lines]
 

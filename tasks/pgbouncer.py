@@ -528,7 +528,7 @@ def _hint(message: str) -> str:
     return ""
 
 
-def _one_line(exc: BaseException) -> str:
+def _server_line(exc: BaseException) -> str:
     text = redact(str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = next((ln for ln in lines if "FATAL" in ln or "ERROR" in ln), lines[-1] if lines else type(exc).__name__)
@@ -579,7 +579,7 @@ def run_load(plan: PoolerPlan, report: PoolerReport) -> None:
                 connected[0] += 1
         except psycopg.Error as exc:
             with lock:
-                report.errors[_one_line(exc)] += 1
+                report.errors[_server_line(exc)] += 1
         with contextlib.suppress(threading.BrokenBarrierError):
             everyone_connected.wait()  # a client that failed waits too, so the others do not time out
         if conn is None:
@@ -592,7 +592,7 @@ def run_load(plan: PoolerPlan, report: PoolerReport) -> None:
                     committed[0] += 1
         except psycopg.Error as exc:
             with lock:
-                report.errors[_one_line(exc)] += 1
+                report.errors[_server_line(exc)] += 1
         finally:
             conn.close()
 
@@ -635,7 +635,7 @@ def check_database_url(rb: Runbook) -> str:
                 conn.execute("SELECT 1").fetchone()
             host, port = conn.info.host, conn.info.port
     except psycopg.Error as exc:
-        return f"cannot connect through it: {_one_line(exc)}"
+        return f"cannot connect through it: {_server_line(exc)}"
     if (host, port) != (pooled.host, pooled.port):
         return f"does not use PgBouncer: it points at {host}:{port}, target.pooled is {pooled.host}:{pooled.port}"
     return "works through PgBouncer (prepare_threshold=None)"

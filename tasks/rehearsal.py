@@ -24,7 +24,7 @@ from psycopg import sql
 from liftoff.errors import RunbookInvalid, StepFailed
 from liftoff.ledger import Event, StepRecord
 from liftoff.logs import get_logger
-from liftoff.redaction import redact
+from liftoff.redaction import first_line, redact
 from liftoff.steps import recorded
 from runbooks.model import Endpoint, Runbook
 from tasks import postgres
@@ -292,21 +292,16 @@ def tear_down_scratch(scratch: Runbook, real: Runbook) -> dict:
     try:
         done["database_dropped"] = drop_scratch_database(real)
     except Exception as exc:  # keep tearing down; the error is reported below
-        done["problems"].append(_one_line(exc))
+        done["problems"].append(first_line(exc, type(exc).__name__))
     if storage_configured(real):
         try:
             done["buckets"] = delete_scratch_buckets(real)
         except Exception as exc:
-            done["problems"].append(_one_line(exc))
+            done["problems"].append(first_line(exc, type(exc).__name__))
     done["archive_removed"] = remove_archive(scratch.state_dir)
     if done["problems"]:
         raise StepFailed("rehearsal teardown left scratch resources behind: " + "; ".join(done["problems"]))
     return done
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return redact(text.splitlines()[0] if text else type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------

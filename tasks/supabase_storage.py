@@ -52,7 +52,7 @@ from botocore.exceptions import ClientError
 
 from liftoff.errors import ConnectionRefused, LiftoffError, StepFailed
 from liftoff.logs import get_logger
-from liftoff.redaction import redact, register_secret
+from liftoff.redaction import error_line, register_secret
 from tasks import s3
 
 log = get_logger(system="supabase_storage")
@@ -590,9 +590,9 @@ class RestSource(StorageSource):
                                     key=key) from None
             if isinstance(exc, httpx.ConnectError):
                 raise ConnectionRefused(f"{self._where(None, None)}: cannot connect{tries} "
-                                        f"({_one_line(exc)}); check the project URL and the network",
+                                        f"({error_line(exc)}); check the project URL and the network",
                                         endpoint=self.endpoint) from None
-            reason = str(answer) if answer is not None else _one_line(exc)
+            reason = str(answer) if answer is not None else error_line(exc)
             hint = ("; Storage answers so for a row whose bytes are gone"
                     if answer is not None and answer.status == 500 and key is not None else "")
             raise StepFailed(f"{self._where(bucket, key)}: {what} failed{tries} ({reason}){hint}",
@@ -744,11 +744,6 @@ class RestSource(StorageSource):
         info = self._info(key, response)
         return SourceStream(f"Supabase Storage {self.endpoint}", bucket, key, info.size, info.etag or None,
                             info.content_type, info.cache_control, response.iter_bytes(_CHUNK), response.close)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return " ".join(redact(text).split())
 
 
 def check_bytes(source: StorageSource, listed: Iterable[ListedFile], *, concurrency: int = 8,
