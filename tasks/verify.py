@@ -7,8 +7,9 @@ when a chunk differs, the rows of that key range are compared to name the first 
 owned sequences at or above their column's max, every schema object of the source present on the
 target, and for objects on both sides the same definition (``tasks.definitions``: function bodies and
 attributes, triggers and their enabled state, constraints, indexes, views, columns, policies, row-level
-security flags, sequence parameters); with a role map, the same effective privileges per mapped role. Both
-sides run with the same text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
+security flags and replica identities, sequence parameters, enum values in order, domains with their
+constraints); with a role map, the same effective privileges per mapped role. Both sides run with the same
+text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -331,8 +332,9 @@ _EXTRA_ON_TARGET_MATTERS = ("policy", "trigger", "constraint", "column")
 
 def compare_definitions(source: Definitions, target: Definitions, *, left_out: set[str] = frozenset(),
                         roles: dict[str, str | None] = {}) -> list[DefinitionDiff]:
-    """For each object on both sides (and not ``left_out``), each field that differs; policies' roles are
-    compared through ``roles`` (see ``map_policy_roles``). Objects on the target only, of the kinds in
+    """For each object on both sides (and not ``left_out``), each field that differs, either side's (a field
+    one side lacks, like a domain's constraint, is "(none)" there); policies' roles are compared through
+    ``roles`` (see ``map_policy_roles``). Objects on the target only, of the kinds in
     ``_EXTRA_ON_TARGET_MATTERS``, are differences too. Missing objects are ``compare_objects``' business."""
     diffs = []
     for kind, src_objects in source.items():
@@ -343,10 +345,11 @@ def compare_definitions(source: Definitions, target: Definitions, *, left_out: s
             src, tgt = dict(src_objects[ident]), tgt_objects[ident]
             if kind == "policy":
                 src["roles"] = map_policy_roles(src["roles"], roles)
-            for what, value in src.items():
-                if value != tgt.get(what):
-                    diffs.append(DefinitionDiff(kind, _display(ident), what, _shown(value, tgt.get(what)),
-                                                _shown(tgt.get(what), value)))
+            for what in [*src, *(w for w in tgt if w not in src)]:
+                value, other = src.get(what), tgt.get(what)
+                if value != other:
+                    diffs.append(DefinitionDiff(kind, _display(ident), what, _shown(value, other),
+                                                _shown(other, value)))
         if kind in _EXTRA_ON_TARGET_MATTERS:
             tables_of_source = source.get("table", {})
             for ident in sorted(tgt_objects.keys() - src_objects.keys()):
