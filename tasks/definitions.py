@@ -89,13 +89,22 @@ def _constraints(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity,
     return {(s, t, k): {"type": typ, "definition": d} for s, t, k, typ, d in rows}
 
 
+# Fields that place an object rather than define it: read for the comparison, never compared themselves.
+PLACEMENT = ("on table", "backs constraint")
+
+
 def _indexes(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dict]:
+    # The definition names the table already; "on table" and "backs constraint" (the primary key, unique or
+    # exclusion constraint the index belongs to) say whether an index on the target only matters.
     rows = conn.execute(f"""
-        SELECT n.nspname, c.relname, pg_catalog.pg_get_indexdef(c.oid)
+        SELECT n.nspname, c.relname, pg_catalog.pg_get_indexdef(c.oid), t.relname,
+               (SELECT k.conname FROM pg_catalog.pg_constraint k WHERE k.conindid = c.oid AND k.conrelid = t.oid
+                  AND k.contype IN ('p', 'u', 'x'))
         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_catalog.pg_index x ON x.indexrelid = c.oid JOIN pg_catalog.pg_class t ON t.oid = x.indrelid
         WHERE c.relkind IN ('i', 'I') AND n.nspname = ANY(%(s)s) AND {_not_member('c.oid', 'pg_catalog.pg_class')}
     """, {"s": schemas}).fetchall()
-    return {(s, i): {"definition": d} for s, i, d in rows}
+    return {(s, i): {"definition": d, "on table": t, "backs constraint": k} for s, i, d, t, k in rows}
 
 
 def _views(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dict]:

@@ -8,8 +8,9 @@ owned sequences at or above their column's max, every schema object of the sourc
 target, and for objects on both sides the same definition (``tasks.definitions``: function bodies and
 attributes, triggers and their enabled state, constraints, indexes, views, columns, policies, row-level
 security flags and replica identities, sequence parameters, enum values in order, domains with their
-constraints); with a role map, the same effective privileges per mapped role. Both sides run with the same
-text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
+constraints); policies, triggers, constraints, columns and indexes on the target only are differences too;
+with a role map, the same effective privileges per mapped role. Both sides run with the same text-shaping
+session settings (``tasks.postgres.TEXT_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 import psycopg
 
 from tasks.definitions import (
-    Definitions, Identity, columns_with_acl, qualified_names, read_definitions, read_privileges,
+    PLACEMENT, Definitions, Identity, columns_with_acl, qualified_names, read_definitions, read_privileges,
 )
 from tasks.postgres import (
     CHUNK_ROWS, TYPED_DIGEST_SINCE, Chunk, Table, chunk_bounds, chunk_digest_in_range, column_names,
@@ -112,7 +113,8 @@ class DefinitionDiff:
                         f"(access widened)")
             return f"privilege {self.object}: the source grants {self.source}, the target does not (access narrowed)"
         if self.what == "exists":
-            return f"{self.kind} {self.object}: on the target only, not on the source"
+            shown = "" if self.target == "present" else f" ({self.target})"
+            return f"{self.kind} {self.object}: on the target only, not on the source{shown}"
         if self.what in _VALUES_NOT_SHOWN:
             return f"{self.kind} {self.object}: {self.what} differs"
         return f"{self.kind} {self.object}: {self.what} differs (source {self.source}, target {self.target})"
@@ -325,9 +327,17 @@ def policies_without_roles(source: Definitions, role_map: dict[str, str | None])
 
 
 # Kinds where an object the source does not have, on a table the source has, changes what the app sees or
-# may do (a permissive policy widens access, a trigger or constraint changes writes, a column changes rows);
-# extra functions, views, indexes or sequences on the target are left alone.
-_EXTRA_ON_TARGET_MATTERS = ("policy", "trigger", "constraint", "column")
+# may do (a permissive policy widens access, a trigger or constraint changes writes, a column changes rows,
+# an index changes plans and write cost, and a unique one refuses writes the source accepts); extra
+# functions, views or sequences on the target are left alone. No extra index is accepted: one wanted on the
+# new server is created after the cutover, or first on the source.
+_EXTRA_ON_TARGET_MATTERS = ("policy", "trigger", "constraint", "column", "index")
+
+
+def _on_table(kind: str, ident: Identity, fields: dict) -> Identity:
+    """(schema, table) of an object that belongs to a table: its identity's first two parts, or for an index
+    (named schema.index) the table it indexes."""
+    return (ident[0], fields["on table"]) if kind == "index" else ident[:2]
 
 
 def compare_definitions(source: Definitions, target: Definitions, *, left_out: set[str] = frozenset(),
@@ -335,7 +345,8 @@ def compare_definitions(source: Definitions, target: Definitions, *, left_out: s
     """For each object on both sides (and not ``left_out``), each field that differs, either side's (a field
     one side lacks, like a domain's constraint, is "(none)" there); policies' roles are compared through
     ``roles`` (see ``map_policy_roles``). Objects on the target only, of the kinds in
-    ``_EXTRA_ON_TARGET_MATTERS``, are differences too. Missing objects are ``compare_objects``' business."""
+    ``_EXTRA_ON_TARGET_MATTERS``, are differences too (an index that backs a constraint is reported as the
+    constraint). Missing objects are ``compare_objects``' business."""
     diffs = []
     for kind, src_objects in source.items():
         tgt_objects = target.get(kind, {})
@@ -347,15 +358,20 @@ def compare_definitions(source: Definitions, target: Definitions, *, left_out: s
                 src["roles"] = map_policy_roles(src["roles"], roles)
             for what in [*src, *(w for w in tgt if w not in src)]:
                 value, other = src.get(what), tgt.get(what)
-                if value != other:
+                if what not in PLACEMENT and value != other:
                     diffs.append(DefinitionDiff(kind, _display(ident), what, _shown(value, other),
                                                 _shown(other, value)))
         if kind in _EXTRA_ON_TARGET_MATTERS:
             tables_of_source = source.get("table", {})
             for ident in sorted(tgt_objects.keys() - src_objects.keys()):
-                if ident[:2] not in tables_of_source:  # on a table the source does not have
+                fields = tgt_objects[ident]
+                if _on_table(kind, ident, fields) not in tables_of_source:  # on a table the source does not have
                     continue
-                diffs.append(DefinitionDiff(kind, _display(ident), "exists", None, "present"))
+                if fields.get("backs constraint"):  # the constraint's own line says it
+                    continue
+                # An index's line shows its definition: whether it is unique is what the operator needs first.
+                diffs.append(DefinitionDiff(kind, _display(ident), "exists", None,
+                                            fields["definition"] if kind == "index" else "present"))
     return sorted(diffs, key=lambda d: (d.kind, d.object, d.what))
 
 

@@ -163,6 +163,26 @@ def test_changed_replica_identities_are_caught(stack, copy_of_migrated):
     ]
 
 
+def test_extra_unique_index_on_the_target_is_caught_with_its_definition(stack, copy_of_migrated):
+    # Two tours may share a title on the source; the target would refuse the second.
+    line = _only_failure(stack, copy_of_migrated, "CREATE UNIQUE INDEX tours_title_key ON public.tours (title)")
+    assert line == ("index public.tours_title_key: on the target only, not on the source "
+                    "(CREATE UNIQUE INDEX tours_title_key ON public.tours USING btree (title))")
+
+
+def test_extra_unique_constraint_is_one_line_not_two(stack, copy_of_migrated):
+    line = _only_failure(stack, copy_of_migrated,
+                         "ALTER TABLE public.tours ADD CONSTRAINT tours_title_key UNIQUE (title)")
+    assert line == "constraint public.tours.tours_title_key: on the target only, not on the source"
+
+
+def test_index_on_a_table_only_the_target_has_is_not_a_difference(stack, copy_of_migrated):
+    db, runbook = copy_of_migrated
+    stack.target.execute("CREATE TABLE public.scratch (id int); CREATE INDEX scratch_id_idx ON public.scratch (id)",
+                         dbname=db)
+    verify_database(RunOptions(runbook=str(runbook)))
+
+
 def test_enum_values_added_on_the_target_are_caught(stack, copy_of_migrated):
     statuses = "'pending', 'confirmed', 'cancelled', 'completed'"
     assert _failures(stack, copy_of_migrated, """
