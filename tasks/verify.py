@@ -9,8 +9,8 @@ target, and for objects on both sides the same definition (``tasks.definitions``
 attributes, triggers and their enabled state, constraints, indexes, views, columns, policies, row-level
 security flags and replica identities, sequence parameters, enum values in order, domains with their
 constraints); policies, triggers, constraints, columns and indexes on the target only are differences too;
-with a role map, the same effective privileges per mapped role. Both sides run with the same text-shaping
-session settings (``tasks.postgres.TEXT_SETTINGS``).
+with a role map, the same effective privileges per mapped role and the same default privileges for objects
+created later. Both sides run with the same text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tasks.postgres import (
     CHUNK_ROWS, TYPED_DIGEST_SINCE, Chunk, Table, chunk_bounds, chunk_digest_in_range, column_names,
     column_values_in_range, digest_columns, row_hashes_in_range, schema_objects, sequence_states,
 )
+from tasks.privileges import PUBLIC, DefaultPrivilege, read_default_privileges, restored_default_grantee
 
 MAX_KEYS_REPORTED = 5
 
@@ -97,8 +98,8 @@ _VALUES_NOT_SHOWN = {"body"}  # function bodies are code: a line only says that 
 @dataclass
 class DefinitionDiff:
     """One way an object present on both sides differs, or an object that exists on the target only
-    (``what`` "exists"); for kind "privilege", ``what`` is "access widened" or "access narrowed" and the values
-    are the privileges one side grants and the other does not."""
+    (``what`` "exists"); for kinds "privilege" and "default privileges", ``what`` is "access widened" or
+    "access narrowed" and the values are the privileges one side grants and the other does not."""
 
     kind: str
     object: str
@@ -107,11 +108,12 @@ class DefinitionDiff:
     target: str | None
 
     def summary(self) -> str:
-        if self.kind == "privilege":
+        if self.kind in ("privilege", "default privileges"):
             if self.what == "access widened":
-                return (f"privilege {self.object}: target grants {self.target}, the source does not "
+                return (f"{self.kind} {self.object}: target grants {self.target}, the source does not "
                         f"(access widened)")
-            return f"privilege {self.object}: the source grants {self.source}, the target does not (access narrowed)"
+            return (f"{self.kind} {self.object}: the source grants {self.source}, the target does not "
+                    f"(access narrowed)")
         if self.what == "exists":
             shown = "" if self.target == "present" else f" ({self.target})"
             return f"{self.kind} {self.object}: on the target only, not on the source{shown}"
@@ -402,6 +404,47 @@ def compare_privileges(source: psycopg.Connection, target: psycopg.Connection, s
     return diffs
 
 
+def compare_default_privileges(source: psycopg.Connection, target: psycopg.Connection, schemas: list[str],
+                               roles: dict[str, str | None]) -> list[DefinitionDiff]:
+    """What objects created later will grant (``privileges.read_default_privileges``: in the schemas, and
+    global), compared as the restore gives them (``privileges.restored_default_grantee``: the source's owners'
+    go to the restoring user, the connected user on ``target``, grantees through the role map): on the target,
+    every owner's towards PUBLIC and the mapped roles. More on the target is "access widened", less "access
+    narrowed". Roles mapped to None are not compared; an empty map compares nothing (as ``compare_privileges``).
+    Global entries are compared though the restore carries only the schemas' (``plan_default_grants``): a
+    source's global entry shows as a difference until the same is given on the target."""
+    mapped = {t for t in roles.values() if t is not None}
+    if not mapped:
+        return []
+    owner = target.execute("SELECT current_user").fetchone()[0]
+    in_scope = ({PUBLIC} | mapped) - {owner}
+
+    def by_entry(rows: list[DefaultPrivilege]) -> dict[DefaultPrivilege, set[str]]:
+        """{entry (its privilege left blank): privileges}, for the grantees in scope."""
+        out: dict[DefaultPrivilege, set[str]] = {}
+        for d in rows:
+            if d.grantee in in_scope:
+                out.setdefault(replace(d, privilege=""), set()).add(d.privilege)
+        return out
+
+    as_restored = [replace(d, owner=owner, grantee=grantee) for d in read_default_privileges(source, schemas)
+                   if (grantee := restored_default_grantee(d.owner, d.grantee, roles, owner))]
+    want, have = by_entry(as_restored), by_entry(read_default_privileges(target, schemas))
+    diffs = []
+    for key in sorted(want.keys() | have.keys(), key=lambda k: (k.owner, k.schema or "", k.objects, k.grantee,
+                                                                    k.granted)):
+        more, fewer = have.get(key, set()) - want.get(key, set()), want.get(key, set()) - have.get(key, set())
+        if not key.granted:  # what the built-in default gives and a global entry takes away
+            more, fewer = fewer, more
+        if more:
+            diffs.append(DefinitionDiff("default privileges", key.label, "access widened", None,
+                                        ", ".join(sorted(more))))
+        if fewer:
+            diffs.append(DefinitionDiff("default privileges", key.label, "access narrowed",
+                                        ", ".join(sorted(fewer)), None))
+    return diffs
+
+
 def give_back(privileges: dict[str, dict[str, set[str]]], withheld: list[dict]) -> None:
     """Adds back to effective privileges read on a frozen source the grants its freeze revoked: a table grant
     on the table (or view) and, for INSERT and UPDATE, on each of its columns compared; a column grant on
@@ -439,11 +482,12 @@ def compare_databases(
 
     ``left_out``: "kind schema.table.name" entries the runbook chose not to migrate (neither their presence
     nor their definition is compared). ``roles``: source role -> target role, or None for a role whose
-    references the runbook drops; the effective privileges of the mapped roles are compared, and policies'
-    TO-lists are compared through it (a policy whose every role is dropped is expected absent). Empty:
-    privileges are not compared and policy roles are compared by name. ``rewritten``: per table, columns the
-    migration changed on purpose (``RewrittenColumn``). ``withheld``: write grants a freeze in force took
-    from the source (``compare_privileges``)."""
+    references the runbook drops; the effective privileges of the mapped roles and their default privileges
+    (``compare_default_privileges``) are compared, and policies' TO-lists are compared through it (a policy
+    whose every role is dropped is expected absent). Empty: privileges are not compared and policy roles are
+    compared by name. ``rewritten``: per table, columns the migration changed on purpose
+    (``RewrittenColumn``). ``withheld``: write grants a freeze in force took from the source
+    (``compare_privileges``)."""
 
     def one(table: Table) -> TableCheck:
         with open_source() as s, open_target() as t:
@@ -463,6 +507,7 @@ def compare_databases(
         report.missing_objects = compare_objects(s, t, schemas, left, ignored_extensions)
         report.definitions = compare_definitions(src_defs, tgt_defs, left_out=left, roles=roles)
         report.definitions += compare_privileges(s, t, schemas, roles, withheld)
+        report.definitions += compare_default_privileges(s, t, schemas, roles)
         report.definitions += compare_outside_triggers(s, t, list(outside_triggers))
     return report
 

@@ -220,6 +220,25 @@ def test_domain_check_dropped_or_added_on_the_target_is_caught(stack, copy_of_mi
     ]
 
 
+def test_changed_default_privileges_are_caught(stack, copy_of_migrated):
+    assert _failures(stack, copy_of_migrated, """
+        -- the issue's case: tables the app role creates later would be writable by anon
+        ALTER DEFAULT PRIVILEGES FOR ROLE crm_app IN SCHEMA public GRANT INSERT, UPDATE, DELETE ON TABLES TO anon;
+        ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT INSERT ON TABLES TO PUBLIC;
+        ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public REVOKE DELETE ON TABLES FROM anon;
+        -- a global entry replaces the built-in EXECUTE to PUBLIC on functions
+        ALTER DEFAULT PRIVILEGES FOR ROLE postgres REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC""") == [
+        "default privileges for role crm_app in schema public on tables to anon: target grants DELETE, INSERT, "
+        "UPDATE, the source does not (access widened)",
+        "default privileges for role postgres in every schema on functions to PUBLIC: the source grants EXECUTE, "
+        "the target does not (access narrowed)",
+        "default privileges for role postgres in every schema on tables to PUBLIC: target grants INSERT, the source "
+        "does not (access widened)",
+        "default privileges for role postgres in schema public on tables to anon: the source grants DELETE, the "
+        "target does not (access narrowed)",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Access, through a role map: two databases on one server (roles are the server's, grants the database's)
 
