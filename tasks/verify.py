@@ -332,7 +332,7 @@ def policies_without_roles(source: Definitions, role_map: dict[str, str | None])
 # may do (a permissive policy widens access, a trigger or constraint changes writes, a column changes rows,
 # an index changes plans and write cost, and a unique one refuses writes the source accepts); extra
 # functions, views or sequences on the target are left alone. No extra index is accepted: one wanted on the
-# new server is created after the cutover, or first on the source.
+# new server is created first on the source, or after the cutover's last catch-up (README, "Extra objects").
 _EXTRA_ON_TARGET_MATTERS = ("policy", "trigger", "constraint", "column", "index")
 
 
