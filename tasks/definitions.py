@@ -11,8 +11,8 @@ the same on both sides whatever the connected role's search_path is.
 
 Between PostgreSQL 15 and 16 (the production pair), the catalog functions used here print the same text for
 the same object; the only normalisation needed is for newer majors: PostgreSQL 18 stores NOT NULL as
-constraints (contype 'n'), which are left out of the constraints here because the columns' NOT NULL is
-compared already.
+constraints (contype 'n'), which are left out of the constraints here (tables' and domains') because the
+columns' and domains' NOT NULL is compared already.
 """
 
 from __future__ import annotations
@@ -89,13 +89,22 @@ def _constraints(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity,
     return {(s, t, k): {"type": typ, "definition": d} for s, t, k, typ, d in rows}
 
 
+# Fields that place an object rather than define it: read for the comparison, never compared themselves.
+PLACEMENT = ("on table", "backs constraint")
+
+
 def _indexes(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dict]:
+    # The definition names the table already; "on table" and "backs constraint" (the primary key, unique or
+    # exclusion constraint the index belongs to) say whether an index on the target only matters.
     rows = conn.execute(f"""
-        SELECT n.nspname, c.relname, pg_catalog.pg_get_indexdef(c.oid)
+        SELECT n.nspname, c.relname, pg_catalog.pg_get_indexdef(c.oid), t.relname,
+               (SELECT k.conname FROM pg_catalog.pg_constraint k WHERE k.conindid = c.oid AND k.conrelid = t.oid
+                  AND k.contype IN ('p', 'u', 'x'))
         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_catalog.pg_index x ON x.indexrelid = c.oid JOIN pg_catalog.pg_class t ON t.oid = x.indrelid
         WHERE c.relkind IN ('i', 'I') AND n.nspname = ANY(%(s)s) AND {_not_member('c.oid', 'pg_catalog.pg_class')}
     """, {"s": schemas}).fetchall()
-    return {(s, i): {"definition": d} for s, i, d in rows}
+    return {(s, i): {"definition": d, "on table": t, "backs constraint": k} for s, i, d, t, k in rows}
 
 
 def _views(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dict]:
@@ -131,12 +140,42 @@ def _columns(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dic
 
 
 def _tables(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dict]:
+    # Replica identity: what an UPDATE or DELETE writes to the WAL to find the row again, which logical
+    # replication (the cutover's catch-up) depends on; "index NAME" for USING INDEX.
     rows = conn.execute(f"""
-        SELECT n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity
+        SELECT n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity,
+               CASE c.relreplident WHEN 'd' THEN 'default' WHEN 'f' THEN 'full' WHEN 'n' THEN 'nothing'
+                    ELSE 'index ' || coalesce((SELECT i.relname FROM pg_catalog.pg_index x
+                                               JOIN pg_catalog.pg_class i ON i.oid = x.indexrelid
+                                               WHERE x.indrelid = c.oid AND x.indisreplident), '(none)') END
         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE {_TABLES} AND {_not_member('c.oid', 'pg_catalog.pg_class')}
     """, {"s": schemas}).fetchall()
-    return {(s, t): {"row level security": rls, "force row level security": force} for s, t, rls, force in rows}
+    return {(s, t): {"row level security": rls, "force row level security": force, "replica identity": ident}
+            for s, t, rls, force, ident in rows}
+
+
+def _types(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dict]:
+    """Enums (their labels, in order) and domains (base type, default, NOT NULL, and each CHECK constraint as a
+    field "constraint NAME" whose value ends in NOT VALID when it was added without checking existing rows)."""
+    rows = conn.execute(f"""
+        SELECT n.nspname, t.typname, CASE t.typtype WHEN 'e' THEN 'enum' ELSE 'domain' END,
+               CASE WHEN t.typtype = 'e' THEN pg_catalog.array_to_string(ARRAY(
+                   SELECT pg_catalog.quote_literal(e.enumlabel) FROM pg_catalog.pg_enum e
+                   WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder), ', ') END,
+               CASE WHEN t.typtype = 'd' THEN pg_catalog.format_type(t.typbasetype, t.typtypmod) END,
+               t.typdefault, CASE WHEN t.typtype = 'd' THEN t.typnotnull END,
+               ARRAY(SELECT ARRAY[k.conname::text, pg_catalog.pg_get_constraintdef(k.oid)]
+                     FROM pg_catalog.pg_constraint k WHERE k.contypid = t.oid AND k.contype <> 'n')
+        FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+        WHERE t.typtype IN ('e', 'd') AND n.nspname = ANY(%(s)s) AND {_not_member('t.oid', 'pg_catalog.pg_type')}
+    """, {"s": schemas}).fetchall()
+    types = {}
+    for s, name, kind, labels, base, default, notnull, constraints in rows:
+        fields = {"kind": kind, "values": labels, "base type": base, "default": default, "not null": notnull}
+        fields |= {f"constraint {con}": definition for con, definition in constraints}
+        types[(s, name)] = fields
+    return types
 
 
 def _policies(conn: psycopg.Connection, schemas: list[str]) -> dict[Identity, dict]:
@@ -181,6 +220,7 @@ _READERS = {
     "table": _tables,
     "policy": _policies,
     "sequence": _sequences,
+    "type": _types,
 }
 
 

@@ -127,6 +127,68 @@ def read_default_grants(conn: psycopg.Connection, schemas: list[str]) -> list[De
     return [DefaultGrant(*row) for row in conn.execute(_DEFAULT_ACLS, {"s": schemas})]
 
 
+# What objects a role creates later get, as the gate compares it: the schemas' entries, and the global ones
+# (``ALTER DEFAULT PRIVILEGES FOR ROLE r`` without IN SCHEMA, which apply in every schema). A global entry
+# replaces PostgreSQL's built-in default for its owner and kind (``acldefault``: EXECUTE on functions and
+# USAGE on types to PUBLIC), so it is read as what it grants beyond that default and what of that default it
+# takes away (``granted`` false): a global REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC shows.
+_DEFAULT_PRIVILEGES = """
+WITH d AS (SELECT d.defaclrole, d.defaclobjtype, d.defaclacl, n.nspname
+             FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+            WHERE d.defaclnamespace = 0 OR n.nspname = ANY(%(s)s)),
+builtin AS (SELECT d.defaclrole, d.defaclobjtype, d.defaclacl, b.grantee, b.privilege_type FROM d
+             CROSS JOIN LATERAL aclexplode(acldefault(
+                 (CASE d.defaclobjtype WHEN 'S' THEN 's' ELSE d.defaclobjtype END)::"char", d.defaclrole)) b
+            WHERE d.nspname IS NULL AND b.grantee <> d.defaclrole)
+SELECT o.rolname, d.nspname, d.defaclobjtype, coalesce(r.rolname, 'PUBLIC'), a.privilege_type, true
+  FROM d CROSS JOIN LATERAL aclexplode(d.defaclacl) a
+  JOIN pg_roles o ON o.oid = d.defaclrole LEFT JOIN pg_roles r ON r.oid = a.grantee
+ WHERE a.grantee <> d.defaclrole
+   AND NOT (d.nspname IS NULL AND EXISTS (SELECT 1 FROM builtin b WHERE b.defaclrole = d.defaclrole
+            AND b.defaclobjtype = d.defaclobjtype AND b.grantee = a.grantee AND b.privilege_type = a.privilege_type))
+UNION ALL
+SELECT o.rolname, NULL, b.defaclobjtype, coalesce(r.rolname, 'PUBLIC'), b.privilege_type, false
+  FROM builtin b JOIN pg_roles o ON o.oid = b.defaclrole LEFT JOIN pg_roles r ON r.oid = b.grantee
+ WHERE NOT EXISTS (SELECT 1 FROM aclexplode(b.defaclacl) a
+                    WHERE a.grantee = b.grantee AND a.privilege_type = b.privilege_type)
+"""
+
+
+@dataclass(frozen=True)
+class DefaultPrivilege:
+    """What an object ``owner`` creates later in ``schema`` (None: any schema, a global entry) gets: ``grantee``
+    is given ``privilege``, or (``granted`` false, global entries only) denied one PostgreSQL gives by default."""
+
+    owner: str
+    schema: str | None
+    objects: str  # r S f T n (L), as pg_default_acl.defaclobjtype
+    grantee: str
+    privilege: str
+    granted: bool = True
+
+    @property
+    def label(self) -> str:
+        where = f"in schema {self.schema}" if self.schema else "in every schema"
+        objects = {**_DEFAULT_OBJECTS, "L": "LARGE OBJECTS"}.get(self.objects, self.objects).lower()
+        return f"for role {self.owner} {where} on {objects} to {self.grantee}"
+
+
+def read_default_privileges(conn: psycopg.Connection, schemas: list[str]) -> list[DefaultPrivilege]:
+    """Every role's default privileges in ``schemas`` and its global ones (``_DEFAULT_PRIVILEGES``)."""
+    return [DefaultPrivilege(*row) for row in conn.execute(_DEFAULT_PRIVILEGES, {"s": schemas})]
+
+
+def restored_default_grantee(source_owner: str, grantee: str, roles: dict[str, str | None],
+                             owner: str) -> str | None:
+    """Whom the restore gives, on the target, a default privilege the source's ``source_owner`` gives
+    ``grantee``: the grantee through the role map (PUBLIC stays PUBLIC), as a default privilege of ``owner``
+    (the restoring user) when the map sends ``source_owner`` to it or does not name it. None: not restored
+    (the map drops the grantee, or sends the owner to another role)."""
+    if roles.get(source_owner, owner) != owner:
+        return None
+    return _target_of(grantee, roles)
+
+
 def _target_of(grantee: str, roles: dict[str, str | None]) -> str | None:
     return PUBLIC if grantee == PUBLIC else roles.get(grantee)
 
@@ -188,8 +250,8 @@ def plan_default_grants(source: list[DefaultGrant], target: list[DefaultGrant], 
                         owner: str) -> list[sql.Composable]:
     """Default privileges of the source's object owners, given to the target's owner (``owner``, the
     restoring user) for the mapped roles; those of the target beyond them are revoked."""
-    wanted = {(d.schema, d.objects, _target_of(d.grantee, roles), d.privilege) for d in source
-              if _target_of(d.grantee, roles) and roles.get(d.owner, owner) == owner}
+    wanted = {(d.schema, d.objects, grantee, d.privilege) for d in source
+              if (grantee := restored_default_grantee(d.owner, d.grantee, roles, owner))}
     in_scope = {PUBLIC} | {r for r in roles.values() if r}
     have = {(d.schema, d.objects, d.grantee, d.privilege) for d in target if d.owner == owner and d.grantee in in_scope}
     statements = []

@@ -7,8 +7,10 @@ when a chunk differs, the rows of that key range are compared to name the first 
 owned sequences at or above their column's max, every schema object of the source present on the
 target, and for objects on both sides the same definition (``tasks.definitions``: function bodies and
 attributes, triggers and their enabled state, constraints, indexes, views, columns, policies, row-level
-security flags, sequence parameters); with a role map, the same effective privileges per mapped role. Both
-sides run with the same text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
+security flags and replica identities, sequence parameters, enum values in order, domains with their
+constraints); policies, triggers, constraints, columns and indexes on the target only are differences too;
+with a role map, the same effective privileges per mapped role and the same default privileges for objects
+created later. Both sides run with the same text-shaping session settings (``tasks.postgres.TEXT_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from typing import Callable
 import psycopg
 
 from tasks.definitions import (
-    Definitions, Identity, columns_with_acl, qualified_names, read_definitions, read_privileges,
+    PLACEMENT, Definitions, Identity, columns_with_acl, qualified_names, read_definitions, read_privileges,
 )
 from tasks.postgres import (
     CHUNK_ROWS, TYPED_DIGEST_SINCE, Chunk, Table, chunk_bounds, chunk_digest_in_range, column_names,
     column_values_in_range, digest_columns, row_hashes_in_range, schema_objects, sequence_states,
 )
+from tasks.privileges import PUBLIC, DefaultPrivilege, read_default_privileges, restored_default_grantee
 
 MAX_KEYS_REPORTED = 5
 
@@ -95,8 +98,8 @@ _VALUES_NOT_SHOWN = {"body"}  # function bodies are code: a line only says that 
 @dataclass
 class DefinitionDiff:
     """One way an object present on both sides differs, or an object that exists on the target only
-    (``what`` "exists"); for kind "privilege", ``what`` is "access widened" or "access narrowed" and the values
-    are the privileges one side grants and the other does not."""
+    (``what`` "exists"); for kinds "privilege" and "default privileges", ``what`` is "access widened" or
+    "access narrowed" and the values are the privileges one side grants and the other does not."""
 
     kind: str
     object: str
@@ -105,13 +108,15 @@ class DefinitionDiff:
     target: str | None
 
     def summary(self) -> str:
-        if self.kind == "privilege":
+        if self.kind in ("privilege", "default privileges"):
             if self.what == "access widened":
-                return (f"privilege {self.object}: target grants {self.target}, the source does not "
+                return (f"{self.kind} {self.object}: target grants {self.target}, the source does not "
                         f"(access widened)")
-            return f"privilege {self.object}: the source grants {self.source}, the target does not (access narrowed)"
+            return (f"{self.kind} {self.object}: the source grants {self.source}, the target does not "
+                    f"(access narrowed)")
         if self.what == "exists":
-            return f"{self.kind} {self.object}: on the target only, not on the source"
+            shown = "" if self.target == "present" else f" ({self.target})"
+            return f"{self.kind} {self.object}: on the target only, not on the source{shown}"
         if self.what in _VALUES_NOT_SHOWN:
             return f"{self.kind} {self.object}: {self.what} differs"
         return f"{self.kind} {self.object}: {self.what} differs (source {self.source}, target {self.target})"
@@ -324,16 +329,26 @@ def policies_without_roles(source: Definitions, role_map: dict[str, str | None])
 
 
 # Kinds where an object the source does not have, on a table the source has, changes what the app sees or
-# may do (a permissive policy widens access, a trigger or constraint changes writes, a column changes rows);
-# extra functions, views, indexes or sequences on the target are left alone.
-_EXTRA_ON_TARGET_MATTERS = ("policy", "trigger", "constraint", "column")
+# may do (a permissive policy widens access, a trigger or constraint changes writes, a column changes rows,
+# an index changes plans and write cost, and a unique one refuses writes the source accepts); extra
+# functions, views or sequences on the target are left alone. No extra index is accepted: one wanted on the
+# new server is created first on the source, or after the cutover's last catch-up (README, "Extra objects").
+_EXTRA_ON_TARGET_MATTERS = ("policy", "trigger", "constraint", "column", "index")
+
+
+def _on_table(kind: str, ident: Identity, fields: dict) -> Identity:
+    """(schema, table) of an object that belongs to a table: its identity's first two parts, or for an index
+    (named schema.index) the table it indexes."""
+    return (ident[0], fields["on table"]) if kind == "index" else ident[:2]
 
 
 def compare_definitions(source: Definitions, target: Definitions, *, left_out: set[str] = frozenset(),
                         roles: dict[str, str | None] = {}) -> list[DefinitionDiff]:
-    """For each object on both sides (and not ``left_out``), each field that differs; policies' roles are
-    compared through ``roles`` (see ``map_policy_roles``). Objects on the target only, of the kinds in
-    ``_EXTRA_ON_TARGET_MATTERS``, are differences too. Missing objects are ``compare_objects``' business."""
+    """For each object on both sides (and not ``left_out``), each field that differs, either side's (a field
+    one side lacks, like a domain's constraint, is "(none)" there); policies' roles are compared through
+    ``roles`` (see ``map_policy_roles``). Objects on the target only, of the kinds in
+    ``_EXTRA_ON_TARGET_MATTERS``, are differences too (an index that backs a constraint is reported as the
+    constraint). Missing objects are ``compare_objects``' business."""
     diffs = []
     for kind, src_objects in source.items():
         tgt_objects = target.get(kind, {})
@@ -343,16 +358,22 @@ def compare_definitions(source: Definitions, target: Definitions, *, left_out: s
             src, tgt = dict(src_objects[ident]), tgt_objects[ident]
             if kind == "policy":
                 src["roles"] = map_policy_roles(src["roles"], roles)
-            for what, value in src.items():
-                if value != tgt.get(what):
-                    diffs.append(DefinitionDiff(kind, _display(ident), what, _shown(value, tgt.get(what)),
-                                                _shown(tgt.get(what), value)))
+            for what in [*src, *(w for w in tgt if w not in src)]:
+                value, other = src.get(what), tgt.get(what)
+                if what not in PLACEMENT and value != other:
+                    diffs.append(DefinitionDiff(kind, _display(ident), what, _shown(value, other),
+                                                _shown(other, value)))
         if kind in _EXTRA_ON_TARGET_MATTERS:
             tables_of_source = source.get("table", {})
             for ident in sorted(tgt_objects.keys() - src_objects.keys()):
-                if ident[:2] not in tables_of_source:  # on a table the source does not have
+                fields = tgt_objects[ident]
+                if _on_table(kind, ident, fields) not in tables_of_source:  # on a table the source does not have
                     continue
-                diffs.append(DefinitionDiff(kind, _display(ident), "exists", None, "present"))
+                if fields.get("backs constraint"):  # the constraint's own line says it
+                    continue
+                # An index's line shows its definition: whether it is unique is what the operator needs first.
+                diffs.append(DefinitionDiff(kind, _display(ident), "exists", None,
+                                            fields["definition"] if kind == "index" else "present"))
     return sorted(diffs, key=lambda d: (d.kind, d.object, d.what))
 
 
@@ -380,6 +401,47 @@ def compare_privileges(source: psycopg.Connection, target: psycopg.Connection, s
             if allowed - granted:
                 diffs.append(DefinitionDiff("privilege", f"{who} on {obj}", "access narrowed",
                                             ", ".join(sorted(allowed - granted)), None))
+    return diffs
+
+
+def compare_default_privileges(source: psycopg.Connection, target: psycopg.Connection, schemas: list[str],
+                               roles: dict[str, str | None]) -> list[DefinitionDiff]:
+    """What objects created later will grant (``privileges.read_default_privileges``: in the schemas, and
+    global), compared as the restore gives them (``privileges.restored_default_grantee``: the source's owners'
+    go to the restoring user, the connected user on ``target``, grantees through the role map): on the target,
+    every owner's towards PUBLIC and the mapped roles. More on the target is "access widened", less "access
+    narrowed". Roles mapped to None are not compared; an empty map compares nothing (as ``compare_privileges``).
+    Global entries are compared though the restore carries only the schemas' (``plan_default_grants``): a
+    source's global entry shows as a difference until the same is given on the target."""
+    mapped = {t for t in roles.values() if t is not None}
+    if not mapped:
+        return []
+    owner = target.execute("SELECT current_user").fetchone()[0]
+    in_scope = ({PUBLIC} | mapped) - {owner}
+
+    def by_entry(rows: list[DefaultPrivilege]) -> dict[DefaultPrivilege, set[str]]:
+        """{entry (its privilege left blank): privileges}, for the grantees in scope."""
+        out: dict[DefaultPrivilege, set[str]] = {}
+        for d in rows:
+            if d.grantee in in_scope:
+                out.setdefault(replace(d, privilege=""), set()).add(d.privilege)
+        return out
+
+    as_restored = [replace(d, owner=owner, grantee=grantee) for d in read_default_privileges(source, schemas)
+                   if (grantee := restored_default_grantee(d.owner, d.grantee, roles, owner))]
+    want, have = by_entry(as_restored), by_entry(read_default_privileges(target, schemas))
+    diffs = []
+    for key in sorted(want.keys() | have.keys(), key=lambda k: (k.owner, k.schema or "", k.objects, k.grantee,
+                                                                    k.granted)):
+        more, fewer = have.get(key, set()) - want.get(key, set()), want.get(key, set()) - have.get(key, set())
+        if not key.granted:  # what the built-in default gives and a global entry takes away
+            more, fewer = fewer, more
+        if more:
+            diffs.append(DefinitionDiff("default privileges", key.label, "access widened", None,
+                                        ", ".join(sorted(more))))
+        if fewer:
+            diffs.append(DefinitionDiff("default privileges", key.label, "access narrowed",
+                                        ", ".join(sorted(fewer)), None))
     return diffs
 
 
@@ -420,11 +482,12 @@ def compare_databases(
 
     ``left_out``: "kind schema.table.name" entries the runbook chose not to migrate (neither their presence
     nor their definition is compared). ``roles``: source role -> target role, or None for a role whose
-    references the runbook drops; the effective privileges of the mapped roles are compared, and policies'
-    TO-lists are compared through it (a policy whose every role is dropped is expected absent). Empty:
-    privileges are not compared and policy roles are compared by name. ``rewritten``: per table, columns the
-    migration changed on purpose (``RewrittenColumn``). ``withheld``: write grants a freeze in force took
-    from the source (``compare_privileges``)."""
+    references the runbook drops; the effective privileges of the mapped roles and their default privileges
+    (``compare_default_privileges``) are compared, and policies' TO-lists are compared through it (a policy
+    whose every role is dropped is expected absent). Empty: privileges are not compared and policy roles are
+    compared by name. ``rewritten``: per table, columns the migration changed on purpose
+    (``RewrittenColumn``). ``withheld``: write grants a freeze in force took from the source
+    (``compare_privileges``)."""
 
     def one(table: Table) -> TableCheck:
         with open_source() as s, open_target() as t:
@@ -444,6 +507,7 @@ def compare_databases(
         report.missing_objects = compare_objects(s, t, schemas, left, ignored_extensions)
         report.definitions = compare_definitions(src_defs, tgt_defs, left_out=left, roles=roles)
         report.definitions += compare_privileges(s, t, schemas, roles, withheld)
+        report.definitions += compare_default_privileges(s, t, schemas, roles)
         report.definitions += compare_outside_triggers(s, t, list(outside_triggers))
     return report
 

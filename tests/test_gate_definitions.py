@@ -143,6 +143,102 @@ def test_sequence_increment_changed_is_caught(stack, copy_of_migrated):
     assert line == "sequence public.tours_id_seq: increment differs (source 1, target 5)"
 
 
+# Kinds that change several ways are changed on different objects of one copy, one gate run for all: each
+# line must still name its object and both values, and nothing else may differ.
+
+def _failures(stack, copy_of_migrated, change: str) -> list[str]:
+    db, runbook = copy_of_migrated
+    stack.target.execute(change, dbname=db)
+    return sorted(_gate(runbook))
+
+
+def test_changed_replica_identities_are_caught(stack, copy_of_migrated):
+    assert _failures(stack, copy_of_migrated, """
+        ALTER TABLE public.payments REPLICA IDENTITY FULL;
+        ALTER TABLE public.guides REPLICA IDENTITY NOTHING;
+        ALTER TABLE public.tours REPLICA IDENTITY USING INDEX tours_slug_key""") == [
+        "table public.guides: replica identity differs (source default, target nothing)",
+        "table public.payments: replica identity differs (source default, target full)",
+        "table public.tours: replica identity differs (source default, target index tours_slug_key)",
+    ]
+
+
+def test_extra_unique_index_on_the_target_is_caught_with_its_definition(stack, copy_of_migrated):
+    # Two tours may share a title on the source; the target would refuse the second.
+    line = _only_failure(stack, copy_of_migrated, "CREATE UNIQUE INDEX tours_title_key ON public.tours (title)")
+    assert line == ("index public.tours_title_key: on the target only, not on the source "
+                    "(CREATE UNIQUE INDEX tours_title_key ON public.tours USING btree (title))")
+
+
+def test_extra_unique_constraint_is_one_line_not_two(stack, copy_of_migrated):
+    line = _only_failure(stack, copy_of_migrated,
+                         "ALTER TABLE public.tours ADD CONSTRAINT tours_title_key UNIQUE (title)")
+    assert line == "constraint public.tours.tours_title_key: on the target only, not on the source"
+
+
+def test_index_on_a_table_only_the_target_has_is_not_a_difference(stack, copy_of_migrated):
+    db, runbook = copy_of_migrated
+    stack.target.execute("CREATE TABLE public.scratch (id int); CREATE INDEX scratch_id_idx ON public.scratch (id)",
+                         dbname=db)
+    verify_database(RunOptions(runbook=str(runbook)))
+
+
+def test_enum_values_added_on_the_target_are_caught(stack, copy_of_migrated):
+    statuses = "'pending', 'confirmed', 'cancelled', 'completed'"
+    assert _failures(stack, copy_of_migrated, """
+        ALTER TYPE public.booking_status ADD VALUE 'refunded';
+        ALTER TYPE public.app_role ADD VALUE 'owner' BEFORE 'admin'""") == [
+        "type public.app_role: values differs (source 'admin', 'guide', target 'owner', 'admin', 'guide')",
+        f"type public.booking_status: values differs (source {statuses}, target {statuses}, 'refunded')",
+    ]
+
+
+_CURRENCY_CHECK = "CHECK ((VALUE ~ '^[A-Z]{3}$'::text))"
+
+
+def test_domain_check_re_added_not_valid_and_its_default_and_not_null_are_caught(stack, copy_of_migrated):
+    assert _failures(stack, copy_of_migrated, """
+        ALTER DOMAIN public.currency_code DROP CONSTRAINT currency_code_check;
+        ALTER DOMAIN public.currency_code ADD CONSTRAINT currency_code_check CHECK (VALUE ~ '^[A-Z]{3}$') NOT VALID;
+        ALTER DOMAIN public.currency_code SET DEFAULT 'EUR';
+        ALTER DOMAIN public.currency_code SET NOT NULL""") == [
+        f"type public.currency_code: constraint currency_code_check differs (source {_CURRENCY_CHECK}, target "
+        f"{_CURRENCY_CHECK} NOT VALID)",
+        "type public.currency_code: default differs (source (none), target 'EUR'::bpchar)",
+        "type public.currency_code: not null differs (source false, target true)",
+    ]
+
+
+def test_domain_check_dropped_or_added_on_the_target_is_caught(stack, copy_of_migrated):
+    assert _failures(stack, copy_of_migrated, """
+        ALTER DOMAIN public.currency_code DROP CONSTRAINT currency_code_check;
+        ALTER DOMAIN public.currency_code ADD CONSTRAINT currency_code_not_test CHECK (VALUE <> 'XTS')""") == [
+        "type public.currency_code: constraint currency_code_check differs (source "
+        f"{_CURRENCY_CHECK}, target (none))",
+        "type public.currency_code: constraint currency_code_not_test differs (source (none), target "
+        "CHECK ((VALUE <> 'XTS'::bpchar)))",
+    ]
+
+
+def test_changed_default_privileges_are_caught(stack, copy_of_migrated):
+    assert _failures(stack, copy_of_migrated, """
+        -- the issue's case: tables the app role creates later would be writable by anon
+        ALTER DEFAULT PRIVILEGES FOR ROLE crm_app IN SCHEMA public GRANT INSERT, UPDATE, DELETE ON TABLES TO anon;
+        ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT INSERT ON TABLES TO PUBLIC;
+        ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public REVOKE DELETE ON TABLES FROM anon;
+        -- a global entry replaces the built-in EXECUTE to PUBLIC on functions
+        ALTER DEFAULT PRIVILEGES FOR ROLE postgres REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC""") == [
+        "default privileges for role crm_app in schema public on tables to anon: target grants DELETE, INSERT, "
+        "UPDATE, the source does not (access widened)",
+        "default privileges for role postgres in every schema on functions to PUBLIC: the source grants EXECUTE, "
+        "the target does not (access narrowed)",
+        "default privileges for role postgres in every schema on tables to PUBLIC: target grants INSERT, the source "
+        "does not (access widened)",
+        "default privileges for role postgres in schema public on tables to anon: the source grants DELETE, the "
+        "target does not (access narrowed)",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Access, through a role map: two databases on one server (roles are the server's, grants the database's)
 
@@ -270,4 +366,17 @@ def test_generated_expression_identity_collation_and_volatility_are_compared(two
         'column public.items.id: identity differs (source always, target by default)',
         'column public.items.label: collation differs (source C, target POSIX)',
         'function public.net(p integer): volatility differs (source immutable, target volatile)',
+    ]
+
+
+def test_enum_values_missing_or_reordered_on_the_target_are_caught(two_databases):
+    (source, target), _ = two_databases
+    source.execute("CREATE TYPE public.tier AS ENUM ('bronze', 'silver', 'gold');"
+                   "CREATE TYPE public.size AS ENUM ('s', 'm', 'l')")
+    target.execute("CREATE TYPE public.tier AS ENUM ('bronze', 'gold');"
+                   "CREATE TYPE public.size AS ENUM ('s', 'l', 'm')")
+    diffs = compare_definitions(read_definitions(source, ["public"]), read_definitions(target, ["public"]))
+    assert [d.summary() for d in diffs] == [
+        "type public.size: values differs (source 's', 'm', 'l', target 's', 'l', 'm')",
+        "type public.tier: values differs (source 'bronze', 'silver', 'gold', target 'bronze', 'gold')",
     ]
