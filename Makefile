@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test setup system bench bench-objects clean
+.PHONY: demo test setup system bench bench-objects clean wheel-check
 
 demo: setup
 	$(BIN)/liftoff demo
@@ -14,6 +14,11 @@ demo: setup
 # worker starts its own session stack, all report to the one Prefect server the controller starts.
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# The wheel installs and works on its own (every package and data file in it): scripts/check-wheel.sh.
+# .ci/run runs it after the tests.
+wheel-check: system
+	@bash scripts/check-wheel.sh
 
 bench: setup
 	$(BIN)/python bench/db_copy.py

@@ -1,11 +1,11 @@
 """Benchmark: Liftoff's object copy and verify against rclone, between two S3 servers on loopback.
 
-One invocation starts two SeaweedFS servers (``liftoff.sandbox.s3.S3Server``: a source and a target), writes
+One invocation starts two SeaweedFS servers (``liftoff_sandbox.s3.S3Server``: a source and a target), writes
 N objects with deterministic content to the source (default 10,000: sizes 10 KiB to 8 MiB, log-normal around
 150 KiB, plus one 50 MiB object per thousand, uploaded multipart so its ETag is no MD5, as a hosted Supabase
 Storage gives for large files; about 4 GB), then runs each contender at the same concurrency:
 
-  liftoff copy         ``tasks.s3.copy_batch`` over the streamed source listing, batches of ``--batch`` keys,
+  liftoff copy         ``liftoff.systems.s3.copy_batch`` over the streamed source listing, batches of ``--batch`` keys,
                        the outcome written to a SQLite ledger every 50 objects (as ``tasks/storage/copy.py``)
   liftoff verify       the storage gate's ``compare_bucket``: per object one HEAD of the target (size, MD5 from
                        our ``md5chksum`` metadata, Content-Type; no download; the ledger's MD5 where the source
@@ -62,12 +62,12 @@ sys.path.insert(0, str(REPO))
 import prefect  # noqa: F401 - loaded as in the storage flow's process, so the RSS baseline is that one's
 
 from liftoff.ledger import Ledger
-from liftoff.sandbox.s3 import S3Server, weed_binary
-from tasks import s3
-from tasks.storage.common import PHASE, item_kind
-from tasks.storage.copy import LEDGER_EVERY, ledger_row
-from tasks.storage.gate import compare_bucket
-from tasks.supabase_storage import SourceObject
+from liftoff_sandbox.s3 import S3Server, weed_binary
+from liftoff.systems import s3
+from liftoff.tasks.storage.common import PHASE, item_kind
+from liftoff.tasks.storage.copy import LEDGER_EVERY, ledger_row
+from liftoff.tasks.storage.gate import compare_bucket
+from liftoff.systems.supabase_storage import SourceObject
 
 KiB, MiB = 2**10, 2**20
 MB = 10**6
@@ -357,7 +357,7 @@ def liftoff_copy(result: Result, src, dst, ledger: Ledger, concurrency: int, bat
 
 
 def liftoff_verify(result: Result, src, dst, ledger: Ledger, concurrency: int, deep: bool) -> None:
-    """The storage gate's own per-bucket comparison (``tasks.storage.gate.compare_bucket``): per object one
+    """The storage gate's own per-bucket comparison (``liftoff.tasks.storage.gate.compare_bucket``): per object one
     HEAD of the target (size, MD5 from our md5chksum metadata, Content-Type), with ``deep`` the target
     re-read and hashed; the ledger's MD5 where the source claims none; then the target listed to count
     objects and bytes and find extras. The gate reads the source's side from ``storage.objects``; here it

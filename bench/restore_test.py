@@ -29,9 +29,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from liftoff.sandbox.prefect_server import PrefectServer  # noqa: E402
-from liftoff.sandbox.s3 import S3Server  # noqa: E402
-from liftoff.sandbox.stack import LocalStack  # noqa: E402
+from liftoff.prefect_server import PrefectServer  # noqa: E402
+from liftoff_sandbox.s3 import S3Server  # noqa: E402
+from liftoff_sandbox.stack import LocalStack  # noqa: E402
 
 MIB = 2**20
 

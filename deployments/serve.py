@@ -2,7 +2,7 @@
 a form rendered from ``RunOptions`` (runbook path, dry run), and this process runs it.
 
     liftoff serve [--runbook R]      # starts a local Prefect server too; see liftoff/cli.py
-    liftoff-serve [--runbook R]      # against $PREFECT_API_URL (or: python -m deployments.serve)
+    liftoff-serve [--runbook R]      # against $PREFECT_API_URL (or: python -m liftoff.deployments.serve)
 
 One deployment per flow of every phase in the registry (named as in ``liftoff run NAME``; ``database`` keeps
 its deployment's old name, ``migrate-database``), plus ``migrate`` (every phase in order), ``rehearsal`` (on
@@ -47,7 +47,7 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
     """The RunnerDeployments to serve. With ``runbook`` every form starts filled with that runbook and the
     rehearsal runs on its ``rehearsal.schedule`` in ``rehearsal.timezone``; without it the rehearsal has no
     schedule (a scheduled run needs a runbook)."""
-    from flows.options import resolve_runbook_path
+    from liftoff.runbooks.model import resolve_runbook_path
 
     path = str(resolve_runbook_path(runbook)) if runbook else None
     result = []
@@ -81,7 +81,7 @@ def describe(name: str, flow) -> str:
 def rehearsal_schedules(runbook_path: str | None) -> list:
     from prefect.schedules import Cron
 
-    from runbooks.model import load_runbook
+    from liftoff.runbooks.model import load_runbook
 
     if runbook_path is None:
         warn("rehearsal: not scheduled: start with --runbook R to run it on R's rehearsal.schedule")
@@ -105,7 +105,7 @@ def backup_schedules(runbook_path: str | None) -> list:
     without a ``backups`` section."""
     from prefect.schedules import Cron
 
-    from runbooks.model import load_runbook
+    from liftoff.runbooks.model import load_runbook
 
     if runbook_path is None:
         return []
@@ -135,7 +135,7 @@ def start_local_server(port: int, home: Path):
     """A ``prefect server start`` on 127.0.0.1:``port`` with its embedded SQLite in ``home`` (kept between
     starts: the UI's run history), or the database $PREFECT_API_DATABASE_CONNECTION_URL names (the server
     inherits the environment), analytics off, the UI pointed at this port's API."""
-    from liftoff.sandbox.prefect_server import PrefectServer
+    from liftoff.prefect_server import PrefectServer
 
     class KeptHome(PrefectServer):
         def stop(self, remove: bool = False) -> None:  # the sandbox's default removes its temp home

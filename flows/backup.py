@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.backup.steps import (
+from liftoff.tasks.backup.steps import (
     BackupPlan,
     RestoreTestReport,
     apply_retention,
@@ -21,7 +21,7 @@ from tasks.backup.steps import (
     require_backups,
     run_restore_test,
 )
-from tasks.notify import notify_on_failure
+from liftoff.tasks.notify import notify_on_failure
 
 
 @flow(name="backup", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.cutover import publish_catch_up
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.cutover import publish_catch_up
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed, StepFailed
 from liftoff.ledger import exclusive
 from liftoff.reports import publish_markdown
-from tasks.cutover.catch_up import catch_up, switched_and_kept
-from tasks.notify import notify_on_failure
+from liftoff.tasks.cutover.catch_up import catch_up, switched_and_kept
+from liftoff.tasks.notify import notify_on_failure
 
 
 @flow(name="catch-up", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -10,25 +10,25 @@ from prefect import flow
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 
-from flows.final_sync import STRATEGIES
-from flows.options import RunOptions, open_runbook
-from flows.rollback import automatic_rollback
+from liftoff.flows.final_sync import STRATEGIES
+from liftoff.flows.options import RunOptions, open_runbook
+from liftoff.flows.rollback import automatic_rollback
 from liftoff.errors import GateFailed, NotApproved, StepFailed
 from liftoff.ledger import Ledger, current_run_id, exclusive
 from liftoff.redaction import first_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from runbooks.model import Runbook
-from tasks.checklist import ChecklistReport
-from tasks.cutover import approval
-from tasks.cutover.catch_up import CatchUpReport, catch_up, record_baseline
-from tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
-from tasks.cutover.freeze import freeze_source, lift_target_freeze
-from tasks.cutover.gate import check_before_cutover
-from tasks.cutover.smoke import smoke_test
-from tasks.cutover.sync import refuse_while_changes_stranded
-from tasks.cutover.switch import switch_apps
-from tasks.notify import notify_on_failure
-from tasks.storage.plan import not_migrated
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.cutover.checklist import ChecklistReport
+from liftoff.tasks.cutover import approval
+from liftoff.tasks.cutover.catch_up import CatchUpReport, catch_up, record_baseline
+from liftoff.tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
+from liftoff.tasks.cutover.freeze import freeze_source, lift_target_freeze
+from liftoff.tasks.cutover.gate import check_before_cutover
+from liftoff.tasks.cutover.smoke import smoke_test
+from liftoff.tasks.cutover.sync import refuse_while_changes_stranded
+from liftoff.tasks.cutover.switch import switch_apps
+from liftoff.tasks.notify import notify_on_failure
+from liftoff.tasks.storage.plan import not_migrated
 
 APPROVAL_POLL_S = 2
 

@@ -6,13 +6,13 @@ import contextlib
 
 from prefect import flow
 
-from flows.export import export_database
-from flows.options import RunOptions, open_runbook
-from flows.preflight import preflight
-from flows.restore import restore_database
-from flows.verify import verify_database
+from liftoff.flows.export import export_database
+from liftoff.flows.options import RunOptions, open_runbook
+from liftoff.flows.preflight import preflight
+from liftoff.flows.restore import restore_database
+from liftoff.flows.verify import verify_database
 from liftoff.ledger import exclusive
-from tasks.notify import notify_on_failure
+from liftoff.tasks.notify import notify_on_failure
 
 
 @flow(name="migrate-database", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

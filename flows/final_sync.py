@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from flows.database import migrate_database
-from flows.options import RunOptions
-from flows.storage import migrate_storage
-from runbooks.model import Runbook
-from tasks.cutover.sync import forget_for_full_resync
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.storage import migrate_storage
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.cutover.sync import forget_for_full_resync
 
 
 class FinalSync(Protocol):

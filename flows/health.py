@@ -6,18 +6,18 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.reports import publish_markdown, publish_table
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks.monitoring import (
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.health.monitoring import (
     HealthReport,
     check_platform_health,
     uptime_kuma_monitors,
     uptime_kuma_yaml,
 )
-from tasks.notify import notify_on_failure
+from liftoff.tasks.notify import notify_on_failure
 
 
 @task(name="check health (gate)", cache_policy=NO_CACHE)

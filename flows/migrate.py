@@ -7,15 +7,15 @@ import contextlib
 
 from prefect import flow
 
-from flows.cutover import cutover
-from flows.database import migrate_database
-from flows.options import RunOptions, open_runbook
-from flows.storage import migrate_storage
+from liftoff.flows.cutover import cutover
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions, open_runbook
+from liftoff.flows.storage import migrate_storage
 from liftoff.ledger import exclusive
 from liftoff.phases import PHASES
 from liftoff.reports import markdown_table, publish_markdown
-from runbooks.model import Runbook
-from tasks.notify import notify_on_failure
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.notify import notify_on_failure
 
 
 @flow(name="migrate", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

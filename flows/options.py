@@ -5,14 +5,11 @@ Prefect renders this model as the form an operator fills in when starting a run 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, Field
 
 from liftoff.logs import bind_run, get_logger
-from runbooks.model import Runbook, load_runbook
+from liftoff.runbooks.model import Runbook, load_runbook, resolve_runbook_path
 
-RUNBOOKS_DIR = Path(__file__).resolve().parent.parent / "runbooks"
 
 
 class RunOptions(BaseModel):
@@ -24,22 +21,12 @@ class RunOptions(BaseModel):
     dry_run: bool = Field(False, description="Plan and report only: write nothing anywhere.")
 
 
-def resolve_runbook_path(path: str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    for base in (RUNBOOKS_DIR, RUNBOOKS_DIR.parent):
-        if (base / p).exists():
-            return (base / p).resolve()
-    return p.resolve()
-
-
 def open_runbook(options: RunOptions, phase: str) -> Runbook:
     """Loads the runbook and binds run context (flow run id, phase, runbook) to every later log line."""
     from prefect.runtime import flow_run
 
     from liftoff.reports import for_runbook
-    from runbooks.model import forget_resolved_secrets
+    from liftoff.runbooks.model import forget_resolved_secrets
 
     forget_resolved_secrets()
     runbook = load_runbook(resolve_runbook_path(options.runbook))

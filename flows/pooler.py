@@ -5,13 +5,13 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed, PreflightFailed
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from runbooks.model import Runbook
-from tasks.notify import notify_on_failure
-from tasks.pgbouncer import (
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.notify import notify_on_failure
+from liftoff.tasks.pgbouncer import (
     PoolerConfig,
     PoolerPlan,
     PoolerPreflight,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.database.preflight import PreflightReport, require, run_preflight
-from tasks.notify import notify_on_failure
+from liftoff.tasks.database.preflight import PreflightReport, require, run_preflight
+from liftoff.tasks.notify import notify_on_failure
 
 
 @flow(name="preflight", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

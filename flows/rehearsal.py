@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import Ledger, current_run_id
 from liftoff.logs import get_logger
 from liftoff.phases import PHASES, all_flows
 from liftoff.redaction import first_line, redact
 from liftoff.reports import for_runbook, markdown_table, publish_markdown
-from runbooks.model import Runbook
-from tasks import postgres
-from tasks import rehearsal as scratch_tasks
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres
+from liftoff.tasks import rehearsal as scratch_tasks
 
 log = get_logger(phase="rehearsal")
 
@@ -256,7 +256,7 @@ def notify_if_needed(real: Runbook, measured: Measured) -> None:
     try:
         from prefect.runtime import flow_run
 
-        from tasks.notify import notify
+        from liftoff.tasks.notify import notify
 
         notify(real, redact(text), flow_run_url=flow_run.ui_url)
     except Exception as exc:  # no webhook module yet, or the webhook refused: the report still says it

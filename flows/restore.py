@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown
-from tasks.database.common import export_done
-from tasks.database.restore import (
+from liftoff.tasks.database.common import export_done
+from liftoff.tasks.database.restore import (
     RestorePlan,
     plan_restore,
     prepare_target,
@@ -17,7 +17,7 @@ from tasks.database.restore import (
     restore_post_data,
     restore_pre_data,
 )
-from tasks.notify import notify_on_failure
+from liftoff.tasks.notify import notify_on_failure
 
 
 @flow(name="restore", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

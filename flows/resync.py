@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.final_sync import STRATEGIES
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.final_sync import STRATEGIES
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import publish_markdown
-from tasks.cutover.sync import refuse_after_switch, refuse_while_changes_stranded
-from tasks.notify import notify_on_failure
+from liftoff.tasks.cutover.sync import refuse_after_switch, refuse_while_changes_stranded
+from liftoff.tasks.notify import notify_on_failure
 
 
 @flow(name="resync", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -10,16 +10,16 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import NotApproved, StepFailed
 from liftoff.ledger import exclusive
 from liftoff.redaction import one_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from runbooks.model import Runbook
-from tasks.changes import key_label
-from tasks.cutover.approval import safe_text
-from tasks.cutover.freeze import freeze_target, lift_target_freeze
-from tasks.cutover.rollback import (
+from liftoff.runbooks.model import Runbook
+from liftoff.systems.pg_changes import key_label
+from liftoff.tasks.cutover.approval import safe_text
+from liftoff.tasks.cutover.freeze import freeze_target, lift_target_freeze
+from liftoff.tasks.cutover.rollback import (
     ChangeSet,
     RollbackPlan,
     carry_changes,
@@ -31,7 +31,7 @@ from tasks.cutover.rollback import (
     switch_apps_back,
     wait_healthy_again,
 )
-from tasks.notify import notify_on_failure
+from liftoff.tasks.notify import notify_on_failure
 
 APPROVAL_POLL_S = 2
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.reports import publish_markdown, publish_table
-from tasks.notify import notify_on_failure
-from tasks.security import SecurityReport, internal_services, require_ssh, security_gate
+from liftoff.tasks.notify import notify_on_failure
+from liftoff.tasks.security import SecurityReport, internal_services, require_ssh, security_gate
 
 
 @flow(name="check-security", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

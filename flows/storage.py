@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
-from flows.storage_urls import publish_url_preview
-from flows.storage_verify import verify_storage
+from liftoff.flows.options import RunOptions, open_runbook
+from liftoff.flows.storage_urls import publish_url_preview
+from liftoff.flows.storage_verify import verify_storage
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.notify import notify_on_failure
-from tasks.storage.copy import copy_objects, prepare_buckets
-from tasks.storage.plan import StoragePlan, plan_storage, require_source_bytes
-from tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
+from liftoff.tasks.notify import notify_on_failure
+from liftoff.tasks.storage.copy import copy_objects, prepare_buckets
+from liftoff.tasks.storage.plan import StoragePlan, plan_storage, require_source_bytes
+from liftoff.tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
 
 
 @flow(name="migrate-storage", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

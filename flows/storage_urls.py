@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.notify import notify_on_failure
-from tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
-from tasks.storage_urls import ColumnPreview
+from liftoff.tasks.notify import notify_on_failure
+from liftoff.tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
+from liftoff.systems.storage_urls import ColumnPreview
 
 
 @flow(name="rewrite-storage-urls", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.notify import notify_on_failure
-from tasks.storage.gate import StorageReport, run_storage_gate
+from liftoff.tasks.notify import notify_on_failure
+from liftoff.tasks.storage.gate import StorageReport, run_storage_gate
 
 
 @flow(name="verify-storage", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

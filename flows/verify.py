@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.options import RunOptions, open_runbook
+from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from tasks.database.gate import report_rows, run_gate
-from tasks.notify import notify_on_failure
-from tasks.verify import DatabaseReport
+from liftoff.tasks.database.gate import report_rows, run_gate
+from liftoff.tasks.notify import notify_on_failure
+from liftoff.systems.pg_compare import DatabaseReport
 
 
 @flow(name="verify-database", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

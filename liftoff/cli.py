@@ -31,6 +31,15 @@ err = Console(stderr=True, soft_wrap=True)
 
 from liftoff.phases import all_flows  # noqa: E402  (the registry imports no flow)
 
+
+def _load_commands() -> None:
+    """Commands other distributions (or packages) add, by the entry point group ``liftoff.commands``: each
+    is ``register(app)``. The demo is one (``liftoff_sandbox.demo``): the product imports no sandbox."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="liftoff.commands"):
+        entry.load()(app)
+
 # `liftoff run NAME`: every flow of every phase in the registry.
 FlowName = Enum("FlowName", {name: name for name in all_flows()}, type=str)
 
@@ -69,7 +78,7 @@ def _progress_display():
             unsubscribe()
 
 
-def _fail(exc: BaseException) -> "typer.Exit":
+def fail(exc: BaseException) -> "typer.Exit":
     if isinstance(exc, errors.LiftoffError):
         for line in str(exc).splitlines():
             err.print(f"[red]error:[/red] {redact(line)}", highlight=False, markup=True)
@@ -81,9 +90,9 @@ def _fail(exc: BaseException) -> "typer.Exit":
 
 
 def run_flow(name: FlowName, runbook: Path, dry_run: bool) -> dict:
-    from flows.options import RunOptions
+    from liftoff.flows.options import RunOptions
     from liftoff.logs import configure
-    from runbooks.model import load_runbook
+    from liftoff.runbooks.model import load_runbook
 
     configure()
     load_runbook(runbook)  # bad input fails here, before any run starts
@@ -93,7 +102,7 @@ def run_flow(name: FlowName, runbook: Path, dry_run: bool) -> dict:
         return flow(RunOptions(runbook=str(runbook.resolve()), dry_run=dry_run))
 
 
-def _print_summaries(keys=("preflight-summary", "export-plan", "restore-plan", "verify-summary")) -> None:
+def print_summaries(keys=("preflight-summary", "export-plan", "restore-plan", "verify-summary")) -> None:
     """The markdown reports the last run published (the flow's keys in the registry)."""
     from liftoff.reports import last_markdown
 
@@ -121,9 +130,9 @@ def run(
     try:
         run_flow(flow, runbook, dry_run)
     except Exception as exc:  # every error ends as one line and an exit code
-        _print_summaries(keys)
-        raise _fail(exc) from None
-    _print_summaries(keys)
+        print_summaries(keys)
+        raise fail(exc) from None
+    print_summaries(keys)
     out.print(f"[green]{flow.value}: done{' (dry run: nothing written)' if dry_run else ''}[/green]")
 
 
@@ -131,12 +140,12 @@ def run(
 def validate(runbook: Path = typer.Argument(..., help="the runbook file (YAML)")):
     """Check a runbook file: one line per problem, naming the file, the key path and what is expected.
     Exit 0 when valid, 2 otherwise."""
-    from runbooks.model import load_runbook
+    from liftoff.runbooks.model import load_runbook
 
     try:
         rb = load_runbook(runbook)
     except errors.LiftoffError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     out.print(f"{runbook}: valid runbook '{rb.name}' (source {rb.source.where}, target {rb.target.direct.where})")
 
 
@@ -157,12 +166,12 @@ def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runboo
 
     from liftoff.ledger import Ledger
     from liftoff.phases import PHASES
-    from runbooks.model import load_runbook
+    from liftoff.runbooks.model import load_runbook
 
     try:
         rb = load_runbook(runbook)
     except errors.LiftoffError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if not (rb.state_dir / "ledger.sqlite").exists():
         out.print(f"{rb.name}: nothing has run yet (no ledger in {rb.state_dir})")
         return
@@ -195,167 +204,6 @@ def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runboo
 
 
 @app.command()
-def demo(
-    bookings: int = typer.Option(2000, help="scale of the generated CRM dataset"),
-    keep: bool = typer.Option(False, help="leave the servers running afterwards (prints how to stop them)"),
-    storage_protocol: str = typer.Option("rest", help="how the files are read from Supabase Storage: rest (its "
-                                         "REST API, served by the sandbox's fake) or s3 (its S3 endpoint)"),
-    cutover: bool = typer.Option(True, help="then cut over (an app on a local 'VPS' over SSH switched to the "
-                                 "target, approved as an operator would in the UI) and roll back"),
-):
-    """Run a local demo migration end to end: start a Supabase-shaped PostgreSQL 15 source and an empty
-    target on loopback, fill the source with a CRM dataset, Supabase Storage (a SeaweedFS server holding the
-    CRM's files, behind the fake of Storage's REST API, or as its S3 endpoint) and a target S3 server; run
-    migrate-database, then migrate-storage (files, gate, URL rewrite), under Prefect; print both gates'
-    tables; then (unless --no-cutover) cut a small app over to the target and roll it back, printing the
-    measured downtime; and stop what it started. Exit 0 only if every step passed."""
-    from liftoff.sandbox.prefect_server import PrefectServer
-    from liftoff.sandbox.stack import LocalStack
-
-    server = None
-    if storage_protocol not in ("rest", "s3"):
-        raise _fail(errors.RunbookInvalid(f"--storage-protocol: expected rest or s3, got {storage_protocol!r}"))
-    stack = LocalStack(bookings=bookings, files=True, storage_protocol=storage_protocol)
-    try:
-        if not os.environ.get("PREFECT_API_URL"):
-            err.print("starting a local Prefect server ...")
-            server = PrefectServer().start()
-            os.environ.update(server.env())
-        err.print(f"starting source and target (PostgreSQL, S3), generating {bookings} bookings and their files ...")
-        stack.start()
-        err.print(f"runbook: {stack.runbook_path}")
-        for phase in ("database", "storage"):
-            try:
-                run_flow(FlowName(phase), stack.runbook_path, dry_run=False)
-            except Exception as exc:
-                _print_summaries(all_flows()[phase].summaries)
-                raise _fail(exc) from None
-        _print_summaries(("verify-summary", "verify-storage-summary", "storage-urls-preview"))
-        if cutover:
-            _demo_cutover(stack)
-        ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
-        stops = server is not None and not keep
-        did = "the database and storage gates passed" + (", the cutover and its rollback worked" if cutover else "")
-        flows = "'migrate-database', 'migrate-storage'" + (", 'cutover', 'rollback'" if cutover else "")
-        out.print(f"[green]demo: {did}.[/green] Runs, logs and artifacts in the "
-                  f"Prefect UI: {ui}/runs (flows {flows}); `liftoff status --runbook "
-                  f"{stack.runbook_path}` shows every step" +
-                  ("; this demo's Prefect server stops now: run with --keep to browse it, or start "
-                   "`prefect server start` and export PREFECT_API_URL first" if stops else ""))
-        if keep:
-            out.print(f"kept: source {stack.source.root}, target {stack.target.root}, Prefect {server.home if server else ui}"
-                      "; stop them with: pkill -f liftoff-pg- ; pkill -f 'prefect server'")
-    finally:
-        if not keep:
-            stack.stop()
-            if server:
-                server.stop()
-
-
-def _demo_cutover(stack) -> None:
-    """The demo's cutover: a stand-in app on a local 'VPS' (a real sshd on loopback) reads its env file and
-    connects to the source; the cutover's SSH driver points it at the target. The approval is given through
-    the Prefect API as the UI's form would (the demo's operator is this process); then the rollback."""
-    import secrets as _secrets
-
-    import yaml
-
-    from liftoff.reports import last_markdown
-    from liftoff.sandbox.crm_app import CrmApp
-    from liftoff.sandbox.operator import answer_when_paused
-    from liftoff.sandbox.ssh import SshServer
-
-    err.print("cutover: starting a local 'VPS' (sshd on loopback) and the app on the source ...")
-    vps = SshServer().start()
-    stack.stop_later(vps)
-    writer_password = _secrets.token_urlsafe(12)
-    stack.source.execute(f"CREATE ROLE crm_writer LOGIN PASSWORD '{writer_password}'")
-    app = CrmApp(stack.workdir, f"postgresql://crm_writer:{writer_password}@{stack.source.host}:"
-                                f"{stack.source.port}/postgres").start()
-    stack.stop_later(app)
-    data = yaml.safe_load(stack.runbook_path.read_text())
-    database = data["target"]["direct"]["database"]
-    data.update(stack.cutover_sections(vps, app, database, "crm_writer", env_prefix="LIFTOFF_LOCAL",
-                                       health_timeout_s=60, approval_timeout_s=300))
-    stack.runbook_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    confirmations = {f"confirm_{i}": True for i in range(1, len(_manual_lines(stack.runbook_path)) + 1)}
-    operator = answer_when_paused("cutover", {"approver": "liftoff demo (as the operator)", "approve": True,
-                                              "reason": "demo", **confirmations}, under=stack.workdir)
-    # What the freeze cannot stop keeps going through the cutover, as on a live project: Supabase Auth signs
-    # users up (its trigger writes their profiles) and Supabase Storage stores uploads. The catch-up carries them.
-    supabase_writers = _supabase_writers(stack)
-    def where() -> str:
-        port = app.server_port()
-        side = {stack.source.port: "the source", stack.target.port: "the target"}.get(port, "neither server")
-        return f"database {app.database()!r} on port {port} ({side})"
-
-    err.print(f"cutover: the app is connected to {where()}; cutting over (approved through the Prefect API, as "
-              "the UI's form does) ...")
-    try:
-        run_flow(FlowName("cutover"), stack.runbook_path, dry_run=False)
-    except Exception as exc:
-        _print_summaries(all_flows()["cutover"].summaries)
-        raise _fail(exc) from None
-    finally:
-        for writer in supabase_writers:
-            writer.stop()
-    operator.join(5)
-    out.print(_markdown(last_markdown("cutover-downtime")))
-    out.print(_markdown(last_markdown("cutover-catch-up")))
-    signed_up = sum(len(w.acked()) for w in supabase_writers)
-    out.print(f"cutover: the app is now connected to {where()}; {signed_up} sign-ups and uploads were "
-              "acknowledged on Supabase meanwhile. The app writes on the target (2 notes, 1 changed, 1 deleted); "
-              "rolling back, carrying them to the source ...")
-    _demo_app_writes(stack, database)
-    rollback = answer_when_paused("rollback", {"approver": "liftoff demo (as the operator)", "approve": True,
-                                               "reason": "demo", "carry": "apply"}, under=stack.workdir)
-    try:
-        run_flow(FlowName("rollback"), stack.runbook_path, dry_run=False)
-    except Exception as exc:
-        _print_summaries(all_flows()["rollback"].summaries)
-        raise _fail(exc) from None
-    rollback.join(5)
-    out.print(_markdown(last_markdown("rollback-changes")))
-    out.print(f"[green]rollback: the app is connected to {where()} again, which takes writes again.[/green]")
-
-
-def _supabase_writers(stack) -> list:
-    """Supabase Auth's sign-ups and Supabase Storage's uploads on the source, as their admin roles, running
-    until stopped."""
-    from liftoff.sandbox.writers import SignupWriter, Uploader
-
-    writers = [SignupWriter(stack.source.conninfo("postgres"), role="supabase_auth_admin", interval_s=0.05)]
-    if stack.supabase_s3 is not None:
-        writers.append(Uploader(stack.supabase_s3.client(), stack.source.conninfo("postgres"), "waivers",
-                                role="supabase_storage_admin", interval_s=0.05))
-    for writer in writers:
-        writer.start()
-    return writers
-
-
-def _demo_app_writes(stack, database: str) -> None:
-    """What the app does on the target after the switch: two notes added, one changed, one deleted."""
-    stack.target.execute(
-        "INSERT INTO public.notes (owner_id, body) SELECT owner_id, 'written on the target after the switch' "
-        "FROM public.notes LIMIT 2; "
-        "UPDATE public.notes SET body = 'changed on the target' WHERE id = (SELECT min(id) FROM public.notes); "
-        "DELETE FROM public.notes WHERE id = (SELECT max(id) FROM public.notes WHERE body NOT LIKE '%target%')",
-        dbname=database)
-
-
-def _manual_lines(path: Path) -> list[str]:
-    from runbooks.model import load_runbook
-
-    return load_runbook(path).cutover.checklist.manual
-
-
-def _markdown(text: str | None):
-    from rich.markdown import Markdown
-
-    return Markdown(text or "")
-
-
-@app.command()
 def serve(
     runbook: Path = typer.Option(None, "--runbook", "-r", help="fill every form with this runbook and run its "
                                  "rehearsal on rehearsal.schedule"),
@@ -367,7 +215,7 @@ def serve(
     Ctrl-C or SIGTERM stops the runs in progress, then the server it started."""
     import signal
 
-    from deployments.serve import serve_deployments, start_local_server
+    from liftoff.deployments.serve import serve_deployments, start_local_server
 
     def interrupted(*_):
         raise KeyboardInterrupt  # until Prefect's runner takes SIGTERM over, so the server is still stopped
@@ -376,7 +224,7 @@ def serve(
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         if runbook is not None:
-            from runbooks.model import load_runbook
+            from liftoff.runbooks.model import load_runbook
 
             load_runbook(runbook)  # a bad runbook fails here, before a server starts
         if not os.environ.get("PREFECT_API_URL"):
@@ -388,7 +236,7 @@ def serve(
         out.print(f"Prefect UI: {ui}/deployments (Ctrl-C stops the server and the runs it started)", highlight=False)
         serve_deployments(str(runbook.resolve()) if runbook else None)
     except errors.LiftoffError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -397,6 +245,8 @@ def serve(
             err.print("stopping the local Prefect server ...")
             server.stop()
 
+
+_load_commands()
 
 if __name__ == "__main__":
     sys.exit(app())

@@ -1,1 +1,1 @@
-"""The operator's runbook files (YAML) and the model that validates them (``runbooks.model``)."""
+"""The operator's runbook files (YAML) and the model that validates them (``liftoff.runbooks.model``)."""

@@ -225,7 +225,7 @@ class App(_Strict):
 
 class Freeze(_Strict):
     """One way the source stops taking the apps' writes (undone by the rollback); ``cutover.freeze`` lists
-    them, applied in order. See tasks/database/freeze.py for what each does not stop."""
+    them, applied in order. See liftoff/systems/pg_freeze.py for what each does not stop."""
 
     method: Literal["role", "database", "revoke"] = Field(
         "revoke", description="revoke: revoke INSERT/UPDATE/DELETE/TRUNCATE on the migrated schemas from the "
@@ -334,7 +334,7 @@ class DatabasePhase(_Strict):
     roles: dict[str, RoleDecision] = Field(
         default_factory=dict,
         description="what each source role named by the migrated objects (policy TO, grants) becomes on the "
-        "target; Supabase's own roles have defaults (tasks/supabase.py DEFAULT_ROLES), any other role must be "
+        "target; Supabase's own roles have defaults (liftoff/systems/supabase.py DEFAULT_ROLES), any other role must be "
         "listed here or preflight stops",
     )
     auth_triggers: Literal["recreate", "drop"] = Field(
@@ -887,3 +887,17 @@ def load_runbook(path: str | Path) -> Runbook:
         files = [(path.parent / f).resolve() for f in runbook.security.local_secret_files]
         runbook = runbook.model_copy(update={"security": runbook.security.model_copy(update={"local_secret_files": files})})
     return runbook
+
+
+RUNBOOKS_DIR = Path(__file__).resolve().parent
+
+
+def resolve_runbook_path(path: str) -> Path:
+    """A runbook path as given, else found under runbooks/ or the folder above it (the project root)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    for base in (RUNBOOKS_DIR, RUNBOOKS_DIR.parent):
+        if (base / p).exists():
+            return (base / p).resolve()
+    return p.resolve()

@@ -26,7 +26,7 @@ from tenacity import (
 from liftoff.errors import LiftoffError
 from liftoff.logs import get_logger
 from liftoff.redaction import redact, register_secret
-from runbooks.model import Runbook, SecretRef
+from liftoff.runbooks.model import Runbook, SecretRef
 
 WEBHOOK_FIELD = "notifications.webhook"
 # Discord refuses content over 2000 characters; Slack truncates long texts. The link comes on top.
@@ -35,7 +35,7 @@ _ATTEMPTS = 4
 _GIVE_UP_AFTER_S = 6.0  # a notification must not hold up the end of a failed run for long
 _TIMEOUT = httpx.Timeout(4.0, connect=2.0)
 _EXCEPTION_PREFIX = "Flow run encountered an exception: "
-# Resolved only as identifiers, never masked: errors elsewhere name them (runbooks.model SecretRef.resolve).
+# Resolved only as identifiers, never masked: errors elsewhere name them (liftoff.runbooks.model SecretRef.resolve).
 _NOT_SENSITIVE = frozenset({"access_key_id"})
 
 
@@ -170,8 +170,8 @@ def notify_on_failure(flow, flow_run, state) -> None:
     state's message, first line>" with the run's UI link. A subflow's failure is left to the run it belongs
     to (the failure propagates there, and one failure makes one message). Without a readable runbook in the
     run's parameters it gives up quietly."""
-    from flows.options import resolve_runbook_path
-    from runbooks.model import load_runbook
+    from liftoff.runbooks.model import resolve_runbook_path
+    from liftoff.runbooks.model import load_runbook
 
     try:
         if getattr(flow_run, "parent_task_run_id", None) is not None:

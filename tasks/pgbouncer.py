@@ -40,8 +40,8 @@ from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
 from liftoff.redaction import redact, register_secret
 from liftoff.steps import recorded
-from runbooks.model import Endpoint, Pooler, Runbook
-from tasks import postgres
+from liftoff.runbooks.model import Endpoint, Pooler, Runbook
+from liftoff.systems import postgres
 
 log = get_logger(phase="pooler")
 
@@ -347,10 +347,10 @@ class LocalConfigDir:
 
 
 class RemoteConfigDir:
-    """``pooler.config_dir`` on the VPS, over SSH (``tasks/remote.py``)."""
+    """``pooler.config_dir`` on the VPS, over SSH (``liftoff/systems/remote.py``)."""
 
     def __init__(self, plan: PoolerPlan, rb: Runbook):
-        from tasks.remote import Remote
+        from liftoff.systems.remote import Remote
 
         self.plan = plan
         self.remote = Remote(rb.ssh)
@@ -626,7 +626,7 @@ def check_database_url(rb: Runbook) -> str:
     """Connects with the apps' DATABASE_URL (cutover.switch.env) as an app would through PgBouncer."""
     if rb.cutover.switch is None or "DATABASE_URL" not in rb.cutover.switch.env:
         return ""
-    from tasks.cutover.common import resolve_env
+    from liftoff.tasks.cutover.common import resolve_env
 
     url, pooled = resolve_env(rb)["DATABASE_URL"], rb.target.pooled
     try:

@@ -24,8 +24,8 @@ from liftoff.logs import get_logger
 from liftoff.redaction import one_line, redact
 from liftoff.reports import check_rows, check_table
 from liftoff.steps import recorded
-from runbooks.model import Cache, RedisEndpoint, Runbook, redis_memory_bytes
-from tasks.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, redis_ping
+from liftoff.runbooks.model import Cache, RedisEndpoint, Runbook, redis_memory_bytes
+from liftoff.tasks.cutover.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, redis_ping
 
 log = get_logger(phase="cache")
 

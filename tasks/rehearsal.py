@@ -26,9 +26,9 @@ from liftoff.ledger import Event, StepRecord
 from liftoff.logs import get_logger
 from liftoff.redaction import first_line, redact
 from liftoff.steps import recorded
-from runbooks.model import Endpoint, Runbook
-from tasks import postgres
-from tasks.database.common import AUTH_USERS_FILE, DUMP_DIR
+from liftoff.runbooks.model import Endpoint, Runbook
+from liftoff.systems import postgres
+from liftoff.tasks.database.common import AUTH_USERS_FILE, DUMP_DIR
 
 log = get_logger(phase="rehearsal")
 PHASE = "rehearsal"
@@ -188,7 +188,7 @@ def create_scratch_database(rb: Runbook) -> dict:
 
 
 def _target_s3(rb: Runbook):
-    from tasks.storage.common import target_client
+    from liftoff.tasks.storage.common import target_client
 
     return target_client(rb)
 
@@ -343,8 +343,8 @@ def changed_share(real: Runbook) -> tuple[float, str]:
     """The share of the inventory's bytes the real target does not hold yet (not copied, or changed on the
     source since): what the final sync's storage copy would move. Reads the real ledger, never writes it."""
     from liftoff.ledger import Ledger
-    from tasks import supabase_storage
-    from tasks.storage.plan import pending
+    from liftoff.systems import supabase_storage
+    from liftoff.tasks.storage.plan import pending
 
     if not (real.state_dir / "ledger.sqlite").exists():
         return 1.0, "the real storage phase has not run yet: every object counts as changed"

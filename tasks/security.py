@@ -35,9 +35,9 @@ from liftoff.logs import get_logger
 from liftoff.redaction import is_weak_secret, redact
 from liftoff.reports import check_rows, check_table, md_cell
 from liftoff.steps import recorded
-from runbooks.model import Runbook, SecretRef
-from tasks.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, ChecklistReport
-from tasks.remote import Remote, command_head
+from liftoff.runbooks.model import Runbook, SecretRef
+from liftoff.tasks.cutover.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, ChecklistReport
+from liftoff.systems.remote import Remote, command_head
 
 log = get_logger(phase="security")
 

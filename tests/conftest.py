@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from liftoff.sandbox.postgres import stop_started
+from liftoff_sandbox.postgres import stop_started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,8 +29,8 @@ def pytest_configure(config):
     global _server
     if getattr(config, "workerinput", None) is not None:
         return
-    from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir
-    from liftoff.sandbox.prefect_server import PrefectServer
+    from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
+    from liftoff.prefect_server import PrefectServer
 
     # Its records in PostgreSQL, as a production Prefect server keeps them: with SQLite, two workers, serving
     # processes and the browser tests' clicks writing at once got 503s the UI does not retry.
@@ -65,7 +65,7 @@ def prefect_api():
         return _server
     from urllib.parse import urlsplit
 
-    from liftoff.sandbox.prefect_server import PrefectServer
+    from liftoff.prefect_server import PrefectServer
 
     return PrefectServer(home=Path(os.environ["PREFECT_HOME"]), port=urlsplit(os.environ["PREFECT_API_URL"]).port)
 
@@ -75,7 +75,7 @@ def stack(prefect_api):
     """A Supabase-shaped PostgreSQL 15 source with a small CRM dataset, and an empty PostgreSQL 15 target.
     ``LIFTOFF_TEST_BOOKINGS`` sizes it otherwise (the acceptance test at the demo's 2,000, say); the suite's
     own figures assume the default."""
-    from liftoff.sandbox.stack import LocalStack
+    from liftoff_sandbox.stack import LocalStack
 
     s = LocalStack(bookings=int(os.environ.get("LIFTOFF_TEST_BOOKINGS", "400"))).start()
     yield s
@@ -106,8 +106,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 @pytest.fixture(scope="session")
 def migrated(stack):
     """The stack's source migrated once into target database `migrated`; gate tests copy it (TEMPLATE)."""
-    from flows.database import migrate_database
-    from flows.options import RunOptions
+    from liftoff.flows.database import migrate_database
+    from liftoff.flows.options import RunOptions
 
     stack.new_target_database("migrated")
     runbook = stack.write_runbook("migrated.yaml", state_dir="state-migrated", target_database="migrated")
@@ -126,8 +126,8 @@ def seeded_storage(stack, env_prefix: str):
     """Two S3 servers for a module: Supabase Storage's backend seeded with the bytes of every
     ``storage.objects`` row of the stack's source, and the target's; their keys in
     ``{env_prefix}_{SUPABASE,TARGET}_S3_{KEY,SECRET}``. Yields (supabase_s3, target, seeded objects)."""
-    from liftoff.sandbox.s3 import S3Server
-    from liftoff.sandbox.storage_api import seed_objects
+    from liftoff_sandbox.s3 import S3Server
+    from liftoff_sandbox.storage_api import seed_objects
 
     supabase_s3, target = S3Server().start(), S3Server().start()
     try:

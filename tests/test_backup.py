@@ -16,15 +16,15 @@ import pytest
 import yaml
 
 from conftest import run_cli, serving_deployments, stop_process_group
-from flows.backup import backup, restore_test
-from flows.options import RunOptions
+from liftoff.flows.backup import backup, restore_test
+from liftoff.flows.options import RunOptions
 from liftoff.errors import GateFailed, ToolMissing
 from liftoff.ledger import Ledger
-from liftoff.sandbox.postgres import DEBIAN_PG_BIN, PostgresServer, pg16_bin_dir
-from liftoff.sandbox.s3 import S3Server
-from runbooks.model import load_runbook
-from tasks.backup import archive
-from tasks.backup.steps import apply_retention, backup_files, plan_backup
+from liftoff_sandbox.postgres import DEBIAN_PG_BIN, PostgresServer, pg16_bin_dir
+from liftoff_sandbox.s3 import S3Server
+from liftoff.runbooks.model import load_runbook
+from liftoff.systems import backups as archive
+from liftoff.tasks.backup.steps import apply_retention, backup_files, plan_backup
 
 _n = itertools.count()
 SERVE_TIMEOUT_S = 60
@@ -252,7 +252,7 @@ def test_the_served_backup_deployment_runs_on_the_daily_and_hourly_schedules(sta
     log = tmp_path / "serve.log"
     with serving_deployments():  # one serving process at a time on the suite's server (conftest)
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runbook", str(runbook), "--only",
+            proc = subprocess.Popen([sys.executable, "-m", "liftoff.deployments.serve", "--runbook", str(runbook), "--only",
                                      "backup", "restore-test"], cwd="/", env=os.environ.copy(), stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -266,7 +266,7 @@ def test_the_served_backup_deployment_runs_on_the_daily_and_hourly_schedules(sta
                             break
                     except ObjectNotFound:
                         pass
-                    assert proc.poll() is None, f"deployments.serve exited: {log.read_text()[-2000:]}"
+                    assert proc.poll() is None, f"liftoff.deployments.serve exited: {log.read_text()[-2000:]}"
                     assert time.monotonic() < deadline, "the backup deployment never appeared"
                     time.sleep(0.5)
         finally:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cache import setup_cache
-from flows.options import RunOptions
+from liftoff.flows.cache import setup_cache
+from liftoff.flows.options import RunOptions
 from liftoff.errors import ConnectionRefused, GateFailed
 from liftoff.ledger import Ledger
-from liftoff.sandbox.redis import RedisServer
-from runbooks.model import Cache, Runbook, forget_resolved_secrets, redis_memory_bytes
-from tasks.checklist import FAILED, NOT_CHECKED, PASSED
-from tasks.redis_config import ROUND_TRIP_PREFIX, check_cache, read_cache_settings
+from liftoff_sandbox.redis import RedisServer
+from liftoff.runbooks.model import Cache, Runbook, forget_resolved_secrets, redis_memory_bytes
+from liftoff.tasks.cutover.checklist import FAILED, NOT_CHECKED, PASSED
+from liftoff.tasks.redis_config import ROUND_TRIP_PREFIX, check_cache, read_cache_settings
 
 PASSWORD_ENV = "LIFTOFF_TEST_CACHE_REDIS_PASSWORD"
 PLAN = {"appendonly": "yes", "maxmemory": str(512 * 1024 * 1024), "maxmemory-policy": "allkeys-lru"}

@@ -11,16 +11,16 @@ import uuid
 
 import pytest
 
-from flows.catch_up import catch_up_after_switch
-from flows.cutover import cutover
-from flows.options import RunOptions
-from flows.rollback import rollback
+from liftoff.flows.catch_up import catch_up_after_switch
+from liftoff.flows.cutover import cutover
+from liftoff.flows.options import RunOptions
+from liftoff.flows.rollback import rollback
 from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
-from liftoff.sandbox.operator import answer_when_paused
-from liftoff.sandbox.writers import SignupWriter
-from runbooks.model import load_runbook
+from liftoff_sandbox.operator import answer_when_paused
+from liftoff_sandbox.writers import SignupWriter
+from liftoff.runbooks.model import load_runbook
 from test_cutover import APPROVE, _variant, cutover_setup, vps, writer  # noqa: F401 - module fixtures
 
 

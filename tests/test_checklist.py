@@ -13,13 +13,13 @@ import time
 import pytest
 
 from liftoff.ledger import Ledger
-from liftoff.sandbox.dns import DnsServer
-from liftoff.sandbox.health_endpoint import HEALTHY, HealthEndpoint
-from liftoff.sandbox.redis import RedisServer
-from liftoff.sandbox.s3 import S3Server
-from runbooks.model import Runbook, forget_resolved_secrets
-from tasks import dns, health
-from tasks.checklist import (
+from liftoff_sandbox.dns import DnsServer
+from liftoff_sandbox.health_endpoint import HEALTHY, HealthEndpoint
+from liftoff_sandbox.redis import RedisServer
+from liftoff_sandbox.s3 import S3Server
+from liftoff.runbooks.model import Runbook, forget_resolved_secrets
+from liftoff.systems import dns, http_health as health
+from liftoff.tasks.cutover.checklist import (
     FAILED,
     NOT_CHECKED,
     PASSED,

@@ -14,10 +14,10 @@ import pytest
 
 from liftoff.errors import ConnectionRefused, StepFailed
 from liftoff.redaction import redact
-from liftoff.sandbox.coolify_fake import CoolifyFake
-from runbooks.model import CoolifySwitch as CoolifySettings
-from runbooks.model import forget_resolved_secrets
-from tasks.coolify import TOKEN_FIELD, CoolifySwitch
+from liftoff_sandbox.coolify_fake import CoolifyFake
+from liftoff.runbooks.model import CoolifySwitch as CoolifySettings
+from liftoff.runbooks.model import forget_resolved_secrets
+from liftoff.systems.coolify import TOKEN_FIELD, CoolifySwitch
 
 TOKEN = "7|coolify-test-token-Zq8Lw2"
 TOKEN_ENV = "LIFTOFF_TEST_COOLIFY_TOKEN"

@@ -20,18 +20,18 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from flows.cutover import cutover
-from flows.database import migrate_database
-from flows.options import RunOptions
-from flows.resync import resync
-from flows.rollback import rollback
-from flows.verify import verify_database
+from liftoff.flows.cutover import cutover
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.resync import resync
+from liftoff.flows.rollback import rollback
+from liftoff.flows.verify import verify_database
 from liftoff.errors import EXIT_NOT_APPROVED, GateFailed, NotApproved, StepFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
-from liftoff.sandbox.crm_app import CrmApp
-from liftoff.sandbox.operator import answer_when_paused
-from runbooks.model import load_runbook
+from liftoff_sandbox.crm_app import CrmApp
+from liftoff_sandbox.operator import answer_when_paused
+from liftoff.runbooks.model import load_runbook
 
 _n = itertools.count()
 WRITER = "crm_writer"
@@ -39,7 +39,7 @@ WRITER = "crm_writer"
 
 @pytest.fixture(scope="module")
 def vps():
-    from liftoff.sandbox.ssh import SshServer
+    from liftoff_sandbox.ssh import SshServer
 
     server = SshServer().start()
     os.environ["LIFTOFF_TEST_SSH_KEY"] = server.client_key_text

@@ -23,15 +23,15 @@ import pytest
 import yaml
 
 from conftest import seeded_storage
-from flows.cutover import cutover
-from flows.database import migrate_database
-from flows.options import RunOptions
-from flows.rollback import automatic_rollback, rollback
-from flows.storage import migrate_storage
-from liftoff.sandbox import writers as w
-from liftoff.sandbox.crm_app import CrmApp
-from liftoff.sandbox.operator import answer_when_paused
-from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
+from liftoff.flows.cutover import cutover
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.rollback import automatic_rollback, rollback
+from liftoff.flows.storage import migrate_storage
+from liftoff_sandbox import writers as w
+from liftoff_sandbox.crm_app import CrmApp
+from liftoff_sandbox.operator import answer_when_paused
+from liftoff_sandbox.supabase_source import SUPABASE_PROJECT_URL
 from test_cutover import vps  # noqa: F401 - the module's sshd standing in for the VPS
 
 LOGIN_ROLE = "acked_writer"  # the app's LOGIN role on the source (the freeze's ``role`` method)

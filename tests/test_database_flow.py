@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import fresh_runbook
-from flows.database import migrate_database
-from flows.options import RunOptions
-from flows.preflight import preflight
-from flows.verify import verify_database
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.preflight import preflight
+from liftoff.flows.verify import verify_database
 from liftoff.errors import PreflightFailed
-from runbooks.model import load_runbook
+from liftoff.runbooks.model import load_runbook
 
 
 def _tables(server, dbname):
@@ -82,7 +82,7 @@ def test_verify_alone_fails_on_a_target_never_restored(stack):
 @pytest.fixture(scope="module")
 def stack16(prefect_api):
     """A PostgreSQL 15 source without contrib extensions, and a PostgreSQL 16 target (production's version)."""
-    from liftoff.sandbox.stack import LocalStack
+    from liftoff_sandbox.stack import LocalStack
 
     s = LocalStack(bookings=200, target_major=16, contrib=False, env_prefix="LIFTOFF_PG16").start()
     yield s
@@ -120,7 +120,7 @@ def test_preflight_needs_only_the_extensions_migrated_objects_use(stack, stack16
 
 
 def test_stream_strategy_copies_server_to_server_and_keeps_a_schema_archive(stack):
-    from tasks.pg_tools import PgTools, read_toc
+    from liftoff.systems.pg_tools import PgTools, read_toc
 
     runbook = fresh_runbook(stack, "streamed", strategy="stream")
     result = migrate_database(RunOptions(runbook=str(runbook)))

@@ -34,18 +34,18 @@ _stop = stop_process_group
 
 @pytest.fixture(scope="module")
 def served(stack, tmp_path_factory):
-    """`python -m deployments.serve --runbook R` serving every deployment until the module's tests are done."""
+    """`python -m liftoff.deployments.serve --runbook R` serving every deployment until the module's tests are done."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from deployments.serve import deployments
+    from liftoff.deployments.serve import deployments
 
     runbook = _runbook(stack, "deployed", rehearsal={"schedule": "30 4 * * 1", "timezone": "Europe/Berlin"})
     expected = {f"{d.flow_name}/{d.name}" for d in deployments(str(runbook))}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with serving_deployments():  # one serving process at a time on the suite's server (conftest)
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runbook", str(runbook)], cwd="/",
+            proc = subprocess.Popen([sys.executable, "-m", "liftoff.deployments.serve", "--runbook", str(runbook)], cwd="/",
                                     env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             with get_client(sync_client=True) as client:
@@ -59,7 +59,7 @@ def served(stack, tmp_path_factory):
                             break
                     if len(found) == len(expected):
                         break
-                    assert proc.poll() is None, f"deployments.serve exited: {log.read_text()[-2000:]}"
+                    assert proc.poll() is None, f"liftoff.deployments.serve exited: {log.read_text()[-2000:]}"
                     assert time.monotonic() < deadline, f"deployments never all appeared: {sorted(expected - set(found))}"
                     time.sleep(1)
             yield {"runbook": runbook, "deployments": found, "log": log}
@@ -108,7 +108,7 @@ def test_rollback_alone_is_marked_as_the_emergency_deployment(served):
 
 
 def test_a_bad_rehearsal_schedule_is_one_line_naming_the_field(stack):
-    from deployments.serve import rehearsal_schedules
+    from liftoff.deployments.serve import rehearsal_schedules
     from liftoff.errors import RunbookInvalid
 
     runbook = stack.write_runbook("bad-cron.yaml", state_dir="state-bad-cron")
@@ -206,9 +206,9 @@ def test_platform_deployments_run_from_the_api_against_real_pgbouncer_and_redis(
     from prefect.deployments import run_deployment
 
     from liftoff.ledger import Ledger
-    from liftoff.sandbox.pgbouncer import PgBouncerServer
-    from liftoff.sandbox.redis import RedisServer
-    from runbooks.model import load_runbook
+    from liftoff_sandbox.pgbouncer import PgBouncerServer
+    from liftoff_sandbox.redis import RedisServer
+    from liftoff.runbooks.model import load_runbook
 
     path = fresh_runbook(stack, "platform")
     # No Redis password: the serving process's environment (where {env: ...} secrets resolve) was fixed when

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import fresh_runbook, run_cli
-from liftoff.sandbox.postgres import PostgresServer, free_port, pg16_bin_dir
+from liftoff_sandbox.postgres import PostgresServer, free_port, pg16_bin_dir
 
 SOURCE_TABLES = ("bookings", "customers", "payments", "tours")
 
@@ -152,7 +152,7 @@ def test_changing_the_strategy_after_export_is_refused(stack, untouched_source):
 
 def test_a_second_run_of_the_same_runbook_is_refused_while_one_is_writing(stack, untouched_source):
     from liftoff.ledger import exclusive
-    from runbooks.model import load_runbook
+    from liftoff.runbooks.model import load_runbook
 
     runbook = _runbook(stack, _name(), lambda d: None)
     with exclusive(load_runbook(runbook).state_dir):

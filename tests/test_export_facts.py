@@ -10,9 +10,9 @@ import pytest
 from conftest import run_cli
 from liftoff.errors import StepFailed
 from liftoff.ledger import ExportFacts, ExportRecord, Ledger
-from runbooks.model import load_runbook
-from tasks import postgres, privileges
-from tasks.database.common import assess_source, exported_catalog, read_shim
+from liftoff.runbooks.model import load_runbook
+from liftoff.systems import postgres, pg_privileges as privileges
+from liftoff.tasks.database.common import assess_source, exported_catalog, read_shim
 
 
 def _rows(rb, query: str, *args) -> list[tuple]:

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from liftoff.errors import StepFailed
-from runbooks.model import Freeze
-from tasks.database.freeze import (
+from liftoff.runbooks.model import Freeze
+from liftoff.systems.pg_freeze import (
     freeze_holes,
     freeze_problems,
     freeze_writes,

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from conftest import fresh_runbook
-from flows.options import RunOptions
-from flows.verify import verify_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.verify import verify_database
 from liftoff.errors import GateFailed
 
 _names = itertools.count()

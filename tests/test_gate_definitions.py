@@ -12,11 +12,11 @@ import psycopg
 import pytest
 
 from conftest import fresh_runbook
-from flows.options import RunOptions
-from flows.verify import verify_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.verify import verify_database
 from liftoff.errors import GateFailed
-from tasks.definitions import read_definitions
-from tasks.verify import compare_databases, compare_definitions
+from liftoff.systems.pg_definitions import read_definitions
+from liftoff.systems.pg_compare import compare_databases, compare_definitions
 
 _names = itertools.count()
 

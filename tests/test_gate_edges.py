@@ -7,8 +7,8 @@ import itertools
 import psycopg
 import pytest
 
-from tasks.postgres import TEXT_SETTINGS, Table, digest_columns, list_tables
-from tasks.verify import compare_objects, compare_table
+from liftoff.systems.postgres import TEXT_SETTINGS, Table, digest_columns, list_tables
+from liftoff.systems.pg_compare import compare_objects, compare_table
 
 _n = itertools.count()
 

@@ -13,18 +13,18 @@ import psycopg
 import pytest
 import yaml
 
-from flows.health import check_health
-from flows.options import RunOptions
+from liftoff.flows.health import check_health
+from liftoff.flows.options import RunOptions
 from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger
-from liftoff.sandbox.health_endpoint import HealthEndpoint
-from liftoff.sandbox.postgres import free_port
-from liftoff.sandbox.redis import RedisServer
-from liftoff.sandbox.s3 import S3Server
-from liftoff.sandbox.ssh import SshServer
-from runbooks.model import Runbook, forget_resolved_secrets
-from tasks.monitoring import CRITICAL, NOT_CONFIGURED, OK, WARN, check_platform_health
-from tasks.vps import parse_df, parse_ss
+from liftoff_sandbox.health_endpoint import HealthEndpoint
+from liftoff_sandbox.postgres import free_port
+from liftoff_sandbox.redis import RedisServer
+from liftoff_sandbox.s3 import S3Server
+from liftoff_sandbox.ssh import SshServer
+from liftoff.runbooks.model import Runbook, forget_resolved_secrets
+from liftoff.tasks.health.monitoring import CRITICAL, NOT_CONFIGURED, OK, WARN, check_platform_health
+from liftoff.systems.vps import parse_df, parse_ss
 
 KEY_ENV = "LIFTOFF_TEST_HEALTH_SSH_KEY"
 REDIS_ENV = "LIFTOFF_TEST_HEALTH_REDIS_PASSWORD"

@@ -15,12 +15,12 @@ import structlog
 import yaml
 from prefect import flow
 
-from flows.options import RunOptions
+from liftoff.flows.options import RunOptions
 from liftoff import logs
-from liftoff.sandbox.postgres import free_port
-from liftoff.sandbox.webhook import WebhookReceiver
-from runbooks.model import load_runbook
-from tasks.notify import notify, notify_on_failure
+from liftoff_sandbox.postgres import free_port
+from liftoff_sandbox.webhook import WebhookReceiver
+from liftoff.runbooks.model import load_runbook
+from liftoff.tasks.notify import notify, notify_on_failure
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import sys
 import pytest
 
 from conftest import fresh_runbook, run_cli
-from flows.options import RunOptions
-from flows.verify import verify_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.verify import verify_database
 from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger, exclusive
 from liftoff.phases import PHASES, all_flows
-from runbooks.model import load_runbook
+from liftoff.runbooks.model import load_runbook
 
 
 def test_every_step_of_a_run_is_recorded_with_its_flow_run_and_time(migrated):
@@ -57,7 +57,7 @@ def test_status_of_a_runbook_that_never_ran_says_so(stack):
 
 
 def test_the_registry_feeds_the_cli_and_the_deployments():
-    import deployments.serve as serve
+    import liftoff.deployments.serve as serve
 
     names = set(all_flows())
     assert {"preflight", "export", "restore", "verify", "database"} <= names

@@ -15,15 +15,15 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from flows.options import RunOptions
-from flows.pooler import setup_pooler
+from liftoff.flows.options import RunOptions
+from liftoff.flows.pooler import setup_pooler
 from liftoff.errors import GateFailed, PreflightFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
-from liftoff.sandbox.pgbouncer import PgBouncerServer, scram_userlist
-from liftoff.sandbox.stack import APP_ROLE
-from runbooks.model import load_runbook
-from tasks.pgbouncer import plan_pooler, preflight_pooler, read_current, read_server_auth
+from liftoff_sandbox.pgbouncer import PgBouncerServer, scram_userlist
+from liftoff_sandbox.stack import APP_ROLE
+from liftoff.runbooks.model import load_runbook
+from liftoff.tasks.pgbouncer import plan_pooler, preflight_pooler, read_current, read_server_auth
 
 DATABASE = "pooler"
 APP_PASSWORD_ENV = "LIFTOFF_POOLER_APP_PASSWORD"
@@ -190,7 +190,7 @@ def test_the_cli_runs_the_pooler_and_records_its_step_and_gate(target, bouncer):
 
 
 def test_config_written_over_ssh_keeps_the_owner_and_passes_the_gate(target, bouncer):
-    from liftoff.sandbox.ssh import SshServer
+    from liftoff_sandbox.ssh import SshServer
 
     with SshServer() as vps:
         os.environ[SSH_KEY_ENV] = vps.client_key_text

@@ -10,13 +10,13 @@ import psycopg
 import pytest
 
 from conftest import fresh_runbook
-from flows.options import RunOptions
-from flows.preflight import preflight
+from liftoff.flows.options import RunOptions
+from liftoff.flows.preflight import preflight
 from liftoff.errors import PreflightFailed
 from liftoff.reports import last_markdown
-from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
-from tasks import postgres
-from tasks.database.preflight import _create_database_like
+from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
+from liftoff.systems import postgres
+from liftoff.tasks.database.preflight import _create_database_like
 
 
 def _target_with_locale_c(stack, encoding: str = "UTF8", **database):

@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from conftest import seeded_storage
-from flows.options import RunOptions
-from flows.rehearsal import rehearse
+from liftoff.flows.options import RunOptions
+from liftoff.flows.rehearsal import rehearse
 from liftoff.errors import PreflightFailed, RunbookInvalid, StepFailed
 from liftoff.ledger import Event, Ledger
 from liftoff.reports import last_markdown
-from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
-from runbooks.model import load_runbook
-from tasks import rehearsal as scratch
+from liftoff_sandbox.supabase_source import SUPABASE_PROJECT_URL
+from liftoff.runbooks.model import load_runbook
+from liftoff.tasks import rehearsal as scratch
 
 _n = itertools.count()
 
@@ -157,7 +157,7 @@ def test_a_failed_phase_still_tears_down_and_the_report_compares_it_with_the_reh
     data["notifications"] = {"webhook": {"env": "LIFTOFF_TEST_REHEARSAL_WEBHOOK"}}
     failing = first_rehearsal["path"].with_name(f"{rb.target.direct.database}-failing.yaml")
     failing.write_text(yaml.safe_dump(data, sort_keys=False))
-    from liftoff.sandbox.webhook import WebhookReceiver
+    from liftoff_sandbox.webhook import WebhookReceiver
 
     with WebhookReceiver() as receiver:
         os.environ["LIFTOFF_TEST_REHEARSAL_WEBHOOK"] = receiver.url

@@ -17,11 +17,11 @@ import pytest
 
 from liftoff.errors import ConnectionRefused, StepFailed
 from liftoff.redaction import register_secret
-from liftoff.sandbox.crm_app import read_env_file
-from liftoff.sandbox.postgres import PostgresServer, free_port, pg15_bin_dir
-from liftoff.sandbox.ssh import SshServer, new_key_pair
-from runbooks.model import SshAccess, SshSwitch
-from tasks.remote import EnvFileSwitch, Remote, apply_env_changes
+from liftoff_sandbox.crm_app import read_env_file
+from liftoff_sandbox.postgres import PostgresServer, free_port, pg15_bin_dir
+from liftoff_sandbox.ssh import SshServer, new_key_pair
+from liftoff.runbooks.model import SshAccess, SshSwitch
+from liftoff.systems.remote import EnvFileSwitch, Remote, apply_env_changes
 
 _n = itertools.count()
 KEY_ENV = "LIFTOFF_TEST_REMOTE_KEY"
@@ -192,7 +192,7 @@ class CrmApp:
         self.env_file.chmod(0o640)
         self.pid_file = workdir / "crm.pid"
         self.restart = " ".join(shlex.quote(a) for a in [
-            sys.executable, "-m", "liftoff.sandbox.crm_app", "restart", "--env-file", str(self.env_file),
+            sys.executable, "-m", "liftoff_sandbox.crm_app", "restart", "--env-file", str(self.env_file),
             "--port", str(self.port), "--pid-file", str(self.pid_file), "--log-file", str(workdir / "crm.log")])
 
     def health(self) -> tuple[int, dict]:
@@ -208,7 +208,7 @@ class CrmApp:
         return body["checks"]["database"]["database"]
 
     def stop(self) -> None:
-        from liftoff.sandbox.crm_app import stop
+        from liftoff_sandbox.crm_app import stop
 
         stop(self.pid_file)
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.database import migrate_database
-from flows.options import RunOptions
-from runbooks.model import load_runbook
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions
+from liftoff.runbooks.model import load_runbook
 
 
 @pytest.fixture(scope="module")
 def big_stack(prefect_api):
     """Big enough that loading the largest tables takes a moment to interrupt."""
-    from liftoff.sandbox.stack import LocalStack
+    from liftoff_sandbox.stack import LocalStack
 
     s = LocalStack(bookings=60_000, env_prefix="LIFTOFF_RESUME").start()
     yield s

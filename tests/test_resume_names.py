@@ -19,11 +19,11 @@ import psycopg
 import pytest
 import yaml
 
-from flows.database import migrate_database
-from flows.options import RunOptions
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions
 from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
-from runbooks.model import load_runbook
+from liftoff.runbooks.model import load_runbook
 
 ORDER_ITEMS_SCHEMA = r'''
 CREATE TABLE public."Order Items" (id int NOT NULL, sku text NOT NULL, qty int NOT NULL CHECK (qty > 0), note text);

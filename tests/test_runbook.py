@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT, run_cli
 from liftoff.errors import RunbookInvalid
-from runbooks.model import load_runbook
+from liftoff.runbooks.model import load_runbook
 
 GOOD = {
     "name": "crm",

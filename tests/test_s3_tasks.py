@@ -1,4 +1,4 @@
-"""The storage phase's S3 building blocks (tasks/s3.py) against two real SeaweedFS servers, a source and a
+"""The storage phase's S3 building blocks (liftoff/systems/s3.py) against two real SeaweedFS servers, a source and a
 target, with the fault proxy in between where a test needs throttling, dropped connections or a PUT count."""
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from liftoff.errors import ConnectionRefused, StepFailed
-from liftoff.sandbox.faults import FaultProxy
-from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir
-from liftoff.sandbox.s3 import S3Server
-from liftoff.sandbox.storage_api import StorageApiFake
-from liftoff.sandbox.supabase_source import prepare_supabase_source
-from tasks import s3 as s3tasks
-from tasks.s3 import (
+from liftoff_sandbox.faults import FaultProxy
+from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
+from liftoff_sandbox.s3 import S3Server
+from liftoff_sandbox.storage_api import StorageApiFake
+from liftoff_sandbox.supabase_source import prepare_supabase_source
+from liftoff.systems import s3 as s3tasks
+from liftoff.systems.s3 import (
     RetryPolicy, S3Endpoint, compare_object, copy_batch, copy_batch_from, copy_object, deep_md5, ensure_bucket,
     head, list_objects, prove_bucket_access,
 )
-from tasks.supabase_storage import RestSource
+from liftoff.systems.supabase_storage import RestSource
 
 MiB = 1024 * 1024
 FAST = RetryPolicy(attempts=10, max_seconds=60, initial_wait=0.01, max_wait=0.2)

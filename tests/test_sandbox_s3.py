@@ -17,8 +17,8 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError, ConnectionClosedError, IncompleteReadError, ResponseStreamingError
 
-from liftoff.sandbox.faults import FaultProxy
-from liftoff.sandbox.s3 import S3Server
+from liftoff_sandbox.faults import FaultProxy
+from liftoff_sandbox.s3 import S3Server
 
 MiB = 1024 * 1024
 

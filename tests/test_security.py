@@ -19,18 +19,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.options import RunOptions
-from flows.security import check_security as check_security_flow
+from liftoff.flows.options import RunOptions
+from liftoff.flows.security import check_security as check_security_flow
 from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
-from liftoff.sandbox.postgres import free_port
-from liftoff.sandbox.redis import RedisServer
-from liftoff.sandbox.ssh import SshServer
-from runbooks.model import forget_resolved_secrets, load_runbook
-from tasks.checklist import FAILED, NOT_CHECKED, PASSED
-from tasks.remote import Remote
-from tasks.security import (
+from liftoff_sandbox.postgres import free_port
+from liftoff_sandbox.redis import RedisServer
+from liftoff_sandbox.ssh import SshServer
+from liftoff.runbooks.model import forget_resolved_secrets, load_runbook
+from liftoff.tasks.cutover.checklist import FAILED, NOT_CHECKED, PASSED
+from liftoff.systems.remote import Remote
+from liftoff.tasks.security import (
     check_firewall,
     check_security,
     is_internal,

@@ -12,10 +12,10 @@ import pytest
 from storage3.exceptions import StorageApiError
 from supabase import create_client
 
-from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir
-from liftoff.sandbox.s3 import S3Server
-from liftoff.sandbox.storage_api import StorageApiFake, mint_service_role_key, seed_objects
-from liftoff.sandbox.supabase_source import (PRIVATE_BUCKET, PUBLIC_BUCKET, generate_crm, prepare_supabase_source,
+from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
+from liftoff_sandbox.s3 import S3Server
+from liftoff_sandbox.storage_api import StorageApiFake, mint_service_role_key, seed_objects
+from liftoff_sandbox.supabase_source import (PRIVATE_BUCKET, PUBLIC_BUCKET, generate_crm, prepare_supabase_source,
                                              storage_object_bytes)
 
 EDGE_BUCKET = "edge-cases"

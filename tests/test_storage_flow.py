@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from conftest import seeded_storage
-from flows.options import RunOptions
-from flows.storage import migrate_storage
-from flows.storage_verify import verify_storage
+from liftoff.flows.options import RunOptions
+from liftoff.flows.storage import migrate_storage
+from liftoff.flows.storage_verify import verify_storage
 from liftoff.errors import GateFailed, PreflightFailed
-from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
-from runbooks.model import load_runbook
+from liftoff_sandbox.supabase_source import SUPABASE_PROJECT_URL
+from liftoff.runbooks.model import load_runbook
 
 _n = itertools.count()
 
@@ -185,7 +185,7 @@ def _copied(ledger: Path) -> int:
 
 
 def test_sigkill_mid_copy_then_rerun_copies_only_the_remainder(stack, servers):
-    from liftoff.sandbox.faults import FaultProxy
+    from liftoff_sandbox.faults import FaultProxy
 
     _, target, seeded = servers
     total = sum(seeded.values())
@@ -273,7 +273,7 @@ def test_keys_beside_a_folder_of_the_same_stem_are_merged_in_byte_order(stack, s
 
 
 def test_copy_through_throttling_and_dropped_connections_completes_and_verifies(stack, servers):
-    from liftoff.sandbox.faults import FaultProxy
+    from liftoff_sandbox.faults import FaultProxy
 
     _, target, seeded = servers
     with FaultProxy(target.endpoint_url, slowdown=0.2, drop=0.1, seed=11) as flaky:
@@ -289,7 +289,7 @@ def test_copy_through_throttling_and_dropped_connections_completes_and_verifies(
 
 @pytest.fixture(scope="module")
 def rest_api(stack, servers):
-    from liftoff.sandbox.storage_api import StorageApiFake
+    from liftoff_sandbox.storage_api import StorageApiFake
 
     api = StorageApiFake(stack.source.conninfo(), servers[0].client()).start()
     os.environ["LIFTOFF_SUPABASE_SERVICE_KEY"] = api.service_role_key
@@ -321,7 +321,7 @@ def test_rest_source_copies_every_object_once_and_the_gate_passes(stack, servers
 
 def test_rest_source_with_a_wrong_service_key_is_one_line_naming_the_field(stack, servers, rest_api):
     from liftoff.errors import LiftoffError
-    from liftoff.sandbox.storage_api import mint_service_role_key
+    from liftoff_sandbox.storage_api import mint_service_role_key
 
     wrong = mint_service_role_key("another-projects-secret")
     os.environ["LIFTOFF_WRONG_SERVICE_KEY"] = wrong
@@ -345,7 +345,7 @@ def _urls(stack, database: str) -> dict[str, str]:
 
 
 def _db_gate(runbook) -> str | None:
-    from flows.verify import verify_database
+    from liftoff.flows.verify import verify_database
 
     try:
         verify_database(RunOptions(runbook=str(runbook)))
@@ -357,7 +357,7 @@ def _db_gate(runbook) -> str | None:
 def test_rewrite_then_restore_from_the_ledger_gives_back_the_exact_urls(stack, servers, migrated):
     from liftoff.ledger import Ledger
     from liftoff.reports import last_markdown
-    from tasks.storage.urls import REWRITE_EVENT, restore_storage_urls
+    from liftoff.tasks.storage.urls import REWRITE_EVENT, restore_storage_urls
 
     name = f"urls{next(_n)}"
     stack.new_target_database(name, "migrated")
@@ -405,7 +405,7 @@ def test_rewrite_then_restore_from_the_ledger_gives_back_the_exact_urls(stack, s
 
 
 def test_rewrite_refuses_before_the_storage_gate_passed(stack, servers, migrated):
-    from flows.storage_urls import rewrite_urls
+    from liftoff.flows.storage_urls import rewrite_urls
     from liftoff.errors import StepFailed
 
     name = f"urls{next(_n)}"

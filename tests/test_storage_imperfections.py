@@ -26,13 +26,13 @@ import pytest
 import yaml
 
 from conftest import run_cli, seeded_storage
-from flows.options import RunOptions
-from flows.storage import migrate_storage
-from flows.storage_verify import verify_storage
+from liftoff.flows.options import RunOptions
+from liftoff.flows.storage import migrate_storage
+from liftoff.flows.storage_verify import verify_storage
 from liftoff.errors import GateFailed, PreflightFailed
 from liftoff.reports import last_markdown
-from liftoff.sandbox.supabase_source import SUPABASE_PROJECT_URL
-from runbooks.model import load_runbook
+from liftoff_sandbox.supabase_source import SUPABASE_PROJECT_URL
+from liftoff.runbooks.model import load_runbook
 
 GALLERY, AVATARS = "gallery-16", "avatars-16"
 TYPED = {"pages/index.html": "text/html", "icons/logo.svg": "image/svg+xml",
@@ -59,7 +59,7 @@ def _row(conn, bucket: str, key: str, body_size: int, md5: str | None, mimetype:
 def world(stack):
     import psycopg
 
-    from liftoff.sandbox.storage_api import StorageApiFake
+    from liftoff_sandbox.storage_api import StorageApiFake
 
     with seeded_storage(stack, "IMPERFECT") as (supabase_s3, target, _):
         client = supabase_s3.client()
@@ -249,7 +249,7 @@ def _copied(ledger: Path) -> int:
 
 
 def test_a_kill_mid_copy_with_rows_without_bytes_resumes_and_copies_each_object_once(stack, world):
-    from liftoff.sandbox.faults import FaultProxy
+    from liftoff_sandbox.faults import FaultProxy
 
     moved = len(TYPED) + len(PHOTOS)
     with FaultProxy(world["target"].endpoint_url, slowdown={"PUT": 0.5}, seed=5) as slow:

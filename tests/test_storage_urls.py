@@ -1,4 +1,4 @@
-"""Rewriting the app's Supabase Storage URLs in PostgreSQL (tasks/storage_urls.py), against a real
+"""Rewriting the app's Supabase Storage URLs in PostgreSQL (liftoff/systems/storage_urls.py), against a real
 PostgreSQL 15 (scratch databases on the stack's target server) and, for the URLs it writes, a real
 SeaweedFS server answering anonymous GETs."""
 
@@ -15,10 +15,10 @@ import pytest
 
 from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
-from liftoff.sandbox.s3 import S3Server
-from liftoff.sandbox.supabase_source import PUBLIC_BUCKET, SUPABASE_PROJECT_URL
-from tasks import s3 as s3tasks
-from tasks.storage_urls import (
+from liftoff_sandbox.s3 import S3Server
+from liftoff_sandbox.supabase_source import PUBLIC_BUCKET, SUPABASE_PROJECT_URL
+from liftoff.systems import s3 as s3tasks
+from liftoff.systems.storage_urls import (
     ColumnSpec, inverse, new_url, parse_key, parse_supabase_url, parse_target_url, preview_rewrite, rewrite,
 )
 

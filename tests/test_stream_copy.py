@@ -9,8 +9,8 @@ import os
 import pytest
 
 from liftoff.errors import StepFailed, ToolMissing
-from runbooks.model import Endpoint
-from tasks import pg_tools, postgres
+from liftoff.runbooks.model import Endpoint
+from liftoff.systems import pg_tools, postgres
 
 _n = itertools.count()
 

@@ -9,12 +9,12 @@ import psycopg
 import pytest
 
 from conftest import fresh_runbook, run_cli
-from flows.database import migrate_database
-from flows.options import RunOptions
-from flows.preflight import preflight
+from liftoff.flows.database import migrate_database
+from liftoff.flows.options import RunOptions
+from liftoff.flows.preflight import preflight
 from liftoff.errors import PreflightFailed
 from liftoff.ledger import Ledger
-from runbooks.model import load_runbook
+from liftoff.runbooks.model import load_runbook
 
 
 def _as(server, dbname: str, role: str, claims: dict | None, query: str, params=()):
@@ -111,7 +111,7 @@ def test_the_shim_copies_every_column_of_auth_users_and_supabase_auth_functions(
 
 @pytest.fixture(scope="module")
 def own_stack(prefect_api):
-    from liftoff.sandbox.stack import LocalStack
+    from liftoff_sandbox.stack import LocalStack
 
     s = LocalStack(bookings=120, env_prefix="LIFTOFF_ACCESS", apps=False).start()
     yield s
@@ -215,7 +215,7 @@ def test_sign_up_trigger_on_auth_users_is_recreated_and_creates_a_profile_on_the
 
 
 def test_the_gate_catches_a_disabled_sign_up_trigger_on_the_shim(stack, migrated):
-    from flows.verify import verify_database
+    from liftoff.flows.verify import verify_database
     from liftoff.errors import GateFailed
 
     runbook = fresh_runbook(stack, "authtrigger", template="migrated")
@@ -245,9 +245,9 @@ def test_what_the_supabase_choices_touched_is_listed_in_the_plan(stack, migrated
 
 
 def test_stream_strategy_copies_a_user_who_signs_up_between_export_and_restore(own_stack):
-    from flows.export import export_database
-    from flows.restore import restore_database
-    from flows.verify import verify_database
+    from liftoff.flows.export import export_database
+    from liftoff.flows.restore import restore_database
+    from liftoff.flows.verify import verify_database
 
     runbook = fresh_runbook(own_stack, "signup", strategy="stream")
     export_database(RunOptions(runbook=str(runbook)))

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
-from liftoff.sandbox.supabase_source import generate_crm, prepare_supabase_source, storage_object_bytes
+from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir, pg16_bin_dir
+from liftoff_sandbox.supabase_source import generate_crm, prepare_supabase_source, storage_object_bytes
 
 ADMIN_PASSWORD = "s3cret-admin"
 POSTGRES_PASSWORD = "pg-owner-pw"

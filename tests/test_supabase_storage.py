@@ -1,4 +1,4 @@
-"""The storage phase's source side (tasks/supabase_storage.py) against real servers: a Supabase-shaped
+"""The storage phase's source side (liftoff/systems/supabase_storage.py) against real servers: a Supabase-shaped
 PostgreSQL 15 source (its storage.buckets / storage.objects rows and policies), a SeaweedFS S3 server seeded
 with those rows' bytes (Supabase Storage's S3 endpoint stand-in), and the Storage REST fake in front of both."""
 
@@ -12,14 +12,14 @@ import psycopg
 import pytest
 
 from liftoff.errors import ConnectionRefused, StepFailed
-from liftoff.sandbox.faults import FaultProxy
-from liftoff.sandbox.postgres import PostgresServer, pg15_bin_dir
-from liftoff.sandbox.s3 import S3Server
-from liftoff.sandbox.storage_api import StorageApiFake, mint_service_role_key, seed_objects
-from liftoff.sandbox.supabase_source import (PRIVATE_BUCKET, PUBLIC_BUCKET, generate_crm, prepare_supabase_source,
+from liftoff_sandbox.faults import FaultProxy
+from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
+from liftoff_sandbox.s3 import S3Server
+from liftoff_sandbox.storage_api import StorageApiFake, mint_service_role_key, seed_objects
+from liftoff_sandbox.supabase_source import (PRIVATE_BUCKET, PUBLIC_BUCKET, generate_crm, prepare_supabase_source,
                                              storage_object_bytes)
-from tasks import s3
-from tasks.supabase_storage import (ListedFile, ObjectMissing, RestSource, S3Source, SourceStream, check_bytes,
+from liftoff.systems import s3
+from liftoff.systems.supabase_storage import (ListedFile, ObjectMissing, RestSource, S3Source, SourceStream, check_bytes,
                                     inventory, read_buckets, reconcile, storage_policies)
 
 OWNER_PASSWORD = "source-owner-pw-4471"
@@ -273,7 +273,7 @@ def test_a_clean_source_reconciles_clean_through_both_apis(conn, s3_source, rest
         assert rec.ok and rec.lines() == []
         tally = rec.buckets[bucket]
         assert tally.rows == tally.listed == tally.matched > 0 and tally.row_bytes == tally.listed_bytes
-    if bucket != EDGE:  # tasks/s3.py's own listing (no bucket on its entries) merges too
+    if bucket != EDGE:  # liftoff/systems/s3.py's own listing (no bucket on its entries) merges too
         assert reconcile(inventory(conn, bucket), s3.list_objects(s3_source.client, bucket)).ok
 
 

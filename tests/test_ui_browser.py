@@ -20,7 +20,7 @@ from conftest import ROOT, fresh_runbook, serving_deployments, stop_process_grou
 from playwright.sync_api import expect
 
 from liftoff.reports import artifact_key
-from runbooks.model import load_runbook
+from liftoff.runbooks.model import load_runbook
 
 CHROMIUM = Path("/usr/bin/chromium")
 RUN_TIMEOUT_MS = 180_000  # a real migrate-database run of the session stack takes well under a minute

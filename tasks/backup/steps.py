@@ -7,7 +7,7 @@ What is backed up is the migrated database, ``target.direct`` (after the cutover
 the dump (a JSON object next to it, and the step's record in the ledger) so the restore test can hold the
 restored copy against them. The files are the target S3 server's buckets (what the storage phase filled),
 copied to ``<files_prefix><bucket>/`` in the backup bucket by the storage phase's streaming copy
-(``tasks.s3.copy_batch_from``: MD5 proven per object), only what is new or changed since the last run.
+(``liftoff.systems.s3.copy_batch_from``: MD5 proven per object), only what is new or changed since the last run.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from liftoff.ledger import Ledger
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
 from liftoff.steps import recorded
-from runbooks.model import Endpoint, Runbook
-from tasks import pg_tools, postgres, s3
-from tasks.backup import archive
-from tasks.checklist import FAILED, PASSED, CheckLine
-from tasks.rehearsal import maintenance_endpoint
-from tasks.storage.common import endpoint as s3_endpoint
-from tasks.storage.common import target_bucket, target_client
-from tasks.supabase_storage import S3Source
+from liftoff.runbooks.model import Endpoint, Runbook
+from liftoff.systems import pg_tools, postgres, s3
+from liftoff.systems import backups as archive
+from liftoff.tasks.cutover.checklist import FAILED, PASSED, CheckLine
+from liftoff.tasks.rehearsal import maintenance_endpoint
+from liftoff.tasks.storage.common import endpoint as s3_endpoint
+from liftoff.tasks.storage.common import target_bucket, target_client
+from liftoff.systems.supabase_storage import S3Source
 
 log = get_logger(phase="backup")
 PHASE = "backup"

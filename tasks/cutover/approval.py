@@ -10,8 +10,8 @@ from pydantic import Field, create_model
 
 from liftoff.ledger import Ledger, current_run_id
 from liftoff.reports import markdown_table
-from runbooks.model import Runbook
-from tasks.cutover.common import APPROVAL, PHASE
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.cutover.common import APPROVAL, PHASE
 
 # The steps the final sync and the switch repeat: their last recorded durations estimate the downtime.
 DOWNTIME_STEPS = ("export", "restore.pre-data", "restore.data", "restore.post-data", "restore.grants", "verify",

@@ -6,7 +6,7 @@ writers added, changed or deleted since the final sync, then checks again.
 
 Rows: the target's copy of each such table right after the final sync is the baseline both sides shared
 (``record_baseline``, kept in the ledger); the source's changes since are the keys where the source now
-differs from it, and only those are written to the target (``tasks.changes``, triggers off on the target so
+differs from it, and only those are written to the target (``liftoff.systems.pg_changes``, triggers off on the target so
 the app's sign-up trigger does not run twice), unless the apps changed the same key on the target too: a
 conflict, named, the target's row kept. The source as read becomes the next baseline, so the step can run
 again (``liftoff run catch-up``) for writes that keep arriving, e.g. from Supabase Auth when the project
@@ -33,12 +33,12 @@ from prefect.cache_policies import NO_CACHE
 from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import changes, postgres, supabase_storage
-from tasks.cutover.common import COMPLETED, FROZEN, SWITCHED, log, since_last_rollback
-from tasks.database.common import read_shim
-from tasks.postgres import Table
-from tasks.storage.urls import rewritten_url_columns
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import pg_changes as changes, postgres, supabase_storage
+from liftoff.tasks.cutover.common import COMPLETED, FROZEN, SWITCHED, log, since_last_rollback
+from liftoff.tasks.database.common import read_shim
+from liftoff.systems.postgres import Table
+from liftoff.tasks.storage.urls import rewritten_url_columns
 
 BASELINE = "catch-up.baseline"  # ledger items: kind "schema.table", key: the row's key (JSON), checksum: its hash
 SHOWN_KEYS = 10
@@ -265,7 +265,7 @@ def _definitions_and_access(rb: Runbook) -> list[str]:
     """The database gate's checks of every migrated object's definition and every mapped role's access
     (against the source's grants as before its freeze), and sequences not behind the source's. Table data
     is left out: the apps write to the target now."""
-    from tasks.database.gate import compare_as_restored, restored_assessment  # the gate imports this module
+    from liftoff.tasks.database.gate import compare_as_restored, restored_assessment  # the gate imports this module
 
     with postgres.session(rb.source, "source") as src:
         assessment = restored_assessment(rb, src)
@@ -277,12 +277,12 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:
     unless the apps wrote that key on the target since (theirs is kept, the clash named), then checks every
     other inventory object is on the target (objects only there are the apps' uploads). Returns the per
     bucket rows, what the check found, and the clashes."""
-    from tasks import s3
-    from tasks.storage.common import PHASE as STORAGE
-    from tasks.storage.common import item_kind, storage_source, target_bucket, target_client
-    from tasks.storage.copy import copy_object_batch
-    from tasks.storage.gate import compare_storage
-    from tasks.storage.plan import pending, recorded_gone
+    from liftoff.systems import s3
+    from liftoff.tasks.storage.common import PHASE as STORAGE
+    from liftoff.tasks.storage.common import item_kind, storage_source, target_bucket, target_client
+    from liftoff.tasks.storage.copy import copy_object_batch
+    from liftoff.tasks.storage.gate import compare_storage
+    from liftoff.tasks.storage.plan import pending, recorded_gone
 
     ledger, target = Ledger(rb.state_dir), target_client(rb)
     buckets, failed, seen, clashes = [], [], {}, {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from liftoff.errors import RunbookInvalid
 from liftoff.ledger import Event, Ledger
 from liftoff.logs import get_logger
-from runbooks.model import EnvValue, Runbook
+from liftoff.runbooks.model import EnvValue, Runbook
 
 log = get_logger(phase="cutover")
 PHASE = "cutover"

@@ -1,4 +1,4 @@
-"""Runbook step 6c: the source stops taking the apps' writes (``tasks.database.freeze``, each method of
+"""Runbook step 6c: the source stops taking the apps' writes (``liftoff.systems.pg_freeze``, each method of
 ``cutover.freeze`` in order), and what each changed goes to the ledger's event log, so the rollback can
 always lift it. A method that fails lifts those applied before it."""
 
@@ -11,12 +11,12 @@ from prefect.cache_policies import NO_CACHE
 
 from liftoff.ledger import Event, Ledger, current_run_id
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import postgres
-from runbooks.model import Freeze
-from tasks.cutover.common import (FROZEN, PHASE, TARGET_FROZEN, TARGET_LIFTED, log, since_last_rollback,
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres
+from liftoff.runbooks.model import Freeze
+from liftoff.tasks.cutover.common import (FROZEN, PHASE, TARGET_FROZEN, TARGET_LIFTED, log, since_last_rollback,
                                   target_freeze_in_force)
-from tasks.database import freeze
+from liftoff.systems import pg_freeze as freeze
 
 
 @task(name="freeze writes on the source", cache_policy=NO_CACHE)
@@ -99,7 +99,7 @@ def target_freezes(rb: Runbook, conn) -> tuple[list[Freeze], list[str]]:
 def _url_users(rb: Runbook) -> set[str]:
     from urllib.parse import urlsplit
 
-    from tasks.cutover.common import resolve_env
+    from liftoff.tasks.cutover.common import resolve_env
 
     if rb.cutover.switch is None:
         return set()

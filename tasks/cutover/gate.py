@@ -1,4 +1,4 @@
-"""Runbook step 6a: the pre-cutover checklist as a gate (``tasks.checklist``), recorded in the ledger."""
+"""Runbook step 6a: the pre-cutover checklist as a gate (``liftoff.tasks.cutover.checklist``), recorded in the ledger."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks.checklist import ChecklistReport, run_checklist
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.cutover.checklist import ChecklistReport, run_checklist
 
 
 @task(name="pre-cutover checklist (gate)", cache_policy=NO_CACHE)

@@ -1,7 +1,7 @@
 """The rollback's steps: the ledger's event log since the last rollback, replayed backwards.
 
 Once the apps were switched, the target is frozen first (the same freeze methods, applied to the target),
-so what they changed there is final; every change since the switch is found row by row (``tasks.changes``),
+so what they changed there is final; every change since the switch is found row by row (``liftoff.systems.pg_changes``),
 shown, and carried to the source or written to a file (the operator chooses; the automatic rollback writes
 the file). Then the source's write freeze is lifted, the apps' environment is put back and they are
 redeployed, the storage URL rewrite is inverted on the target, and the apps' health is awaited.
@@ -21,15 +21,15 @@ from liftoff.errors import LiftoffError, StepFailed
 from liftoff.ledger import Event, Ledger, current_run_id
 from liftoff.redaction import first_line
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import changes, postgres
-from tasks.changes import TableChanges
-from tasks.cutover import freeze as freeze_step
-from tasks.cutover import switch as switch_step
-from tasks.cutover.catch_up import baseline, hashing, unfrozen_tables
-from tasks.cutover.common import FROZEN, PHASE, ROLLED_BACK, SWITCHED, log, since_last_rollback
-from tasks.cutover.smoke import wait_apps_healthy
-from tasks.storage.urls import pending_rewrites, restore_storage_urls, rewritten_url_columns
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import pg_changes as changes, postgres
+from liftoff.systems.pg_changes import TableChanges
+from liftoff.tasks.cutover import freeze as freeze_step
+from liftoff.tasks.cutover import switch as switch_step
+from liftoff.tasks.cutover.catch_up import baseline, hashing, unfrozen_tables
+from liftoff.tasks.cutover.common import FROZEN, PHASE, ROLLED_BACK, SWITCHED, log, since_last_rollback
+from liftoff.tasks.cutover.smoke import wait_apps_healthy
+from liftoff.tasks.storage.urls import pending_rewrites, restore_storage_urls, rewritten_url_columns
 
 
 @dataclass
@@ -72,7 +72,7 @@ def plan_rollback(rb: Runbook) -> RollbackPlan:
 
 @dataclass
 class ChangeSet:
-    """Every change the apps made on the target since the switch, per migrated table (``tasks.changes``)."""
+    """Every change the apps made on the target since the switch, per migrated table (``liftoff.systems.pg_changes``)."""
 
     tables: dict[str, TableChanges] = field(default_factory=dict)
     frozen: bool = False  # counted with the target frozen (the count is final), or not (a dry run's estimate)
@@ -110,7 +110,7 @@ class ChangeSet:
 def changes_on_target(rb: Runbook, frozen: bool = True) -> ChangeSet:
     """Compares every migrated table of the target with the frozen source, row by row: the final sync's gate
     proved them equal at the switch and the source took no app writes since, so every difference is a
-    change the apps made on the target (``tasks.changes``). The storage URL rewrite counts only where a row
+    change the apps made on the target (``liftoff.systems.pg_changes``). The storage URL rewrite counts only where a row
     holds something else than the rewrite of the source's value. A table the source kept writing (the
     unfrozen ones) is compared with the baseline both sides last agreed on, so only the target's changes
     count, and a row both changed is named. A table that cannot be read is named, not skipped silently."""
@@ -189,7 +189,7 @@ def carry_objects(rb: Runbook, objects: list[dict]) -> tuple[int, list[str]]:
     deleted. Returns how many were carried and, one line each, those Storage refused."""
     if not objects:
         return 0, []
-    from tasks.storage.common import storage_source, target_client
+    from liftoff.tasks.storage.common import storage_source, target_client
 
     target, carried, refused = target_client(rb), 0, []
     with storage_source(rb) as source:
@@ -210,7 +210,7 @@ def carry_objects(rb: Runbook, objects: list[dict]) -> tuple[int, list[str]]:
 
 
 def s3_head(client, bucket: str, key: str):
-    from tasks import s3
+    from liftoff.systems import s3
 
     info = s3.head(client, bucket, key)
     if info is None:
@@ -224,9 +224,9 @@ def object_changes(rb: Runbook) -> list[dict]:
     MD5; a HEAD reads our md5chksum metadata where the ETag is not the MD5, as after a multipart copy)."""
     if not rb.storage.buckets or rb.storage.target is None or rb.storage.source is None:
         return []
-    from tasks import s3
-    from tasks.storage.common import PHASE as STORAGE
-    from tasks.storage.common import item_kind, target_bucket, target_client
+    from liftoff.systems import s3
+    from liftoff.tasks.storage.common import PHASE as STORAGE
+    from liftoff.tasks.storage.common import item_kind, target_bucket, target_client
 
     ledger, target, out = Ledger(rb.state_dir), target_client(rb), []
     for b in rb.storage.buckets:

@@ -10,9 +10,9 @@ from prefect.cache_policies import NO_CACHE
 
 from liftoff.errors import StepFailed
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import health, postgres
-from tasks.cutover.common import log
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import http_health as health, postgres
+from liftoff.tasks.cutover.common import log
 
 
 def wait_apps_healthy(rb: Runbook) -> dict[str, float]:

@@ -11,19 +11,19 @@ from prefect.cache_policies import NO_CACHE
 
 from liftoff.ledger import Event, Ledger, current_run_id
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks.cutover.common import PHASE, SWITCHED, log, require_switch, resolve_env, since_last_rollback
-from tasks.switch import SwitchDriver
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.cutover.common import PHASE, SWITCHED, log, require_switch, resolve_env, since_last_rollback
+from liftoff.systems.switch import SwitchDriver
 
 
 def switch_driver(rb: Runbook) -> SwitchDriver:
     require_switch(rb)
     switch = rb.cutover.switch
     if switch.driver == "ssh":
-        from tasks.remote import EnvFileSwitch, Remote
+        from liftoff.systems.remote import EnvFileSwitch, Remote
 
         return EnvFileSwitch(Remote(rb.ssh), switch.ssh)
-    from tasks.coolify import CoolifySwitch
+    from liftoff.systems.coolify import CoolifySwitch
 
     return CoolifySwitch(switch.coolify)
 

@@ -8,8 +8,8 @@ from prefect.cache_policies import NO_CACHE
 
 from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
-from runbooks.model import Runbook
-from tasks.cutover.common import PHASE, ROLLED_BACK, SWITCHED, log, since_last_rollback
+from liftoff.runbooks.model import Runbook
+from liftoff.tasks.cutover.common import PHASE, ROLLED_BACK, SWITCHED, log, since_last_rollback
 
 
 @task(name="reset the phases for the final sync", cache_policy=NO_CACHE)

@@ -10,8 +10,8 @@ import psycopg
 from liftoff.errors import StepFailed
 from liftoff.ledger import ExportFacts, ExportRecord, Ledger
 from liftoff.logs import get_logger
-from runbooks.model import Runbook
-from tasks import pg_tools, privileges, supabase
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import pg_tools, pg_privileges as privileges, supabase
 
 DUMP_DIR = "dump"
 AUTH_USERS_FILE = "auth_users.copy"

@@ -19,10 +19,10 @@ from liftoff.ledger import ExportRecord, Ledger, current_run_id
 from liftoff.redaction import redact
 from liftoff.reports import Progress
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import pg_tools, postgres, privileges, supabase
-from tasks.cutover.freeze import grants_withheld
-from tasks.database.common import (
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import pg_tools, postgres, pg_privileges as privileges, supabase
+from liftoff.tasks.cutover.freeze import grants_withheld
+from liftoff.tasks.database.common import (
     AUTH_USERS_FILE,
     DUMP_DIR,
     assess_source,

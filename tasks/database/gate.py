@@ -1,4 +1,4 @@
-"""Runbook step 4, its task: the database gate (tasks/verify.py) run against the runbook's servers, with
+"""Runbook step 4, its task: the database gate (liftoff/systems/pg_compare.py) run against the runbook's servers, with
 the decisions the restore applied, its result recorded in the ledger."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from prefect.cache_policies import NO_CACHE
 
 from liftoff.reports import Progress
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import postgres, supabase
-from tasks.cutover.catch_up import catch_up_pending, unfrozen_tables
-from tasks.cutover.freeze import grants_withheld
-from tasks.database.common import assess_source, export_done, exported_catalog, read_shim
-from tasks.storage.urls import rewritten_url_columns
-from tasks.verify import DatabaseReport, compare_databases
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres, supabase
+from liftoff.tasks.cutover.catch_up import catch_up_pending, unfrozen_tables
+from liftoff.tasks.cutover.freeze import grants_withheld
+from liftoff.tasks.database.common import assess_source, export_done, exported_catalog, read_shim
+from liftoff.tasks.storage.urls import rewritten_url_columns
+from liftoff.systems.pg_compare import DatabaseReport, compare_databases
 
 
 @task(name="verify database (gate)", cache_policy=NO_CACHE)

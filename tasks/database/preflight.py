@@ -16,9 +16,9 @@ from liftoff.errors import ConnectionRefused, PreflightFailed, SecretUnavailable
 from liftoff.ledger import Ledger
 from liftoff.redaction import is_weak_secret, redact
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import postgres, supabase
-from tasks.database.common import assess_source, pg_tools_for, rls_hidden_message
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres, supabase
+from liftoff.tasks.database.common import assess_source, pg_tools_for, rls_hidden_message
 
 
 @dataclass

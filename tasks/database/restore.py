@@ -19,9 +19,9 @@ from liftoff.ledger import Ledger
 from liftoff.redaction import redact
 from liftoff.reports import Progress
 from liftoff.steps import done as _done, recorded
-from runbooks.model import Runbook
-from tasks import pg_tools, postgres, privileges, supabase
-from tasks.database.common import (
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import pg_tools, postgres, pg_privileges as privileges, supabase
+from liftoff.tasks.database.common import (
     AUTH_USERS_FILE,
     DUMP_DIR,
     exported_catalog,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from liftoff.errors import RunbookInvalid
 from liftoff.logs import get_logger
-from runbooks.model import Runbook, S3Access
-from tasks import s3, supabase_storage
+from liftoff.runbooks.model import Runbook, S3Access
+from liftoff.systems import s3, supabase_storage
 
 log = get_logger(phase="storage")
 PHASE = "storage"

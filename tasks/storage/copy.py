@@ -1,7 +1,7 @@
 """Runbook step 5b, its tasks: the target's buckets, then every object copied exactly once.
 
 One Prefect task per batch of ``storage.batch_size`` objects (never one per object), each copying with
-``storage.concurrency`` objects in flight on shared clients (``tasks.s3.copy_batch``) and recording what it
+``storage.concurrency`` objects in flight on shared clients (``liftoff.systems.s3.copy_batch``) and recording what it
 copied in the ledger every few objects, one transaction at a time. A re-run (or a run after a kill) copies
 only what the ledger does not record as copied, or what changed on the source since.
 """
@@ -18,12 +18,12 @@ from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import Progress
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import postgres, s3
-from tasks.storage.common import (
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres, s3
+from liftoff.tasks.storage.common import (
     PHASE, item_kind, log, source_client, storage_source, target_bucket, target_client,
 )
-from tasks.storage.plan import StoragePlan, pending, record_gone
+from liftoff.tasks.storage.plan import StoragePlan, pending, record_gone
 
 LEDGER_EVERY = 50  # objects between two ledger writes: what a kill can make us copy twice
 

@@ -28,9 +28,9 @@ from liftoff.errors import LiftoffError
 from liftoff.ledger import Ledger
 from liftoff.reports import Progress
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import postgres, s3, supabase_storage
-from tasks.storage.common import PHASE, item_kind, require_storage, storage_source, target_bucket, target_client
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres, s3, supabase_storage
+from liftoff.tasks.storage.common import PHASE, item_kind, require_storage, storage_source, target_bucket, target_client
 
 MAX_NAMED = 5
 
@@ -181,7 +181,7 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
 
     Per object, one HEAD of the target, ``concurrency`` in flight: it is the one read that gives the
     Content-Type (a listing does not), and it gives the size and the MD5 (our md5chksum metadata, else a
-    plain-MD5 ETag) too. Each HEAD is a plain signed request (``tasks.s3.head``), not a boto3 call: the CPU
+    plain-MD5 ETag) too. Each HEAD is a plain signed request (``liftoff.systems.s3.head``), not a boto3 call: the CPU
     per object, not the server, bounds a verification of many small objects. Then the target is listed to
     count objects and bytes; what the source lacks is looked for, and named, only when the counts say there
     is some. ``tolerated``: keys only on the target that are not wrong there (filled while ``inventory`` is
@@ -301,7 +301,7 @@ def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]
 @task(name="verify storage (gate)", cache_policy=NO_CACHE)
 @recorded("verify-storage", gate="storage")
 def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
-    from tasks.cutover.catch_up import catch_up_pending, frozen_at_datetime
+    from liftoff.tasks.cutover.catch_up import catch_up_pending, frozen_at_datetime
 
     require_storage(rb)
     ledger = Ledger(rb.state_dir)

@@ -18,9 +18,9 @@ from prefect.cache_policies import NO_CACHE
 
 from liftoff.errors import PreflightFailed, RunbookInvalid, StepFailed
 from liftoff.ledger import Ledger
-from runbooks.model import Runbook
-from tasks import postgres, supabase_storage
-from tasks.storage.common import PHASE, item_kind, require_storage, storage_source, target_bucket
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres, supabase_storage
+from liftoff.tasks.storage.common import PHASE, item_kind, require_storage, storage_source, target_bucket
 
 NAMED_IN_ERRORS = 5  # rows without bytes named in the one-line error (the plan's artifact lists them all)
 

@@ -15,11 +15,11 @@ from prefect.cache_policies import NO_CACHE
 from liftoff.errors import StepFailed
 from liftoff.ledger import Event, Ledger, current_run_id
 from liftoff.steps import recorded
-from runbooks.model import Runbook
-from tasks import postgres, storage_urls
-from tasks.storage.common import PHASE, log
-from tasks.storage.plan import recorded_gone
-from tasks.verify import RewrittenColumn
+from liftoff.runbooks.model import Runbook
+from liftoff.systems import postgres, storage_urls
+from liftoff.tasks.storage.common import PHASE, log
+from liftoff.tasks.storage.plan import recorded_gone
+from liftoff.systems.pg_compare import RewrittenColumn
 
 REWRITE_EVENT = "storage.rewrite-urls"
 RESTORE_EVENT = "storage.restore-urls"

@@ -1,0 +1,1 @@
+"""Prefect step tasks, one package per phase; each step composes building blocks (``liftoff.systems``)."""

@@ -1,0 +1,341 @@
+"""The plan's pre-cutover checklist, every line a machine can check, as a gate: a plain function of the runbook
+returning a report with ``ok``, ``failures()`` and ``summary()`` (the cutover's step records it in the ledger).
+
+One line per check, in the plan's order: the target's PostgreSQL, PgBouncer, Redis and S3 server answer; the
+latest database and storage gates passed and are fresh; the latest backup was restore-tested; the platform
+phases' gates (pooler, cache, health, security) passed and are fresh, or were never run; each app's
+health endpoint is green; the public record's DNS TTL is short. Each line is passed, failed or "not checked"
+(not configured in the runbook, or a phase Liftoff does not run yet): a "not checked" line does not fail the
+checklist, but it is shown red, never as passed, so the approver sees what nobody checked. A check that raises
+becomes its own failed line; it never stops the others. Details pass the redaction module.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from liftoff.errors import ConnectionRefused, LiftoffError
+from liftoff.ledger import GateRecord, Ledger
+from liftoff.logs import get_logger
+from liftoff.redaction import error_line, one_line, redact
+from liftoff.reports import check_rows, check_table, md_cell
+from liftoff.runbooks.model import App, RedisEndpoint, Runbook
+from liftoff.systems import dns, http_health as health, postgres, s3
+
+log = get_logger(phase="cutover")
+
+PASSED, FAILED, NOT_CHECKED = "passed", "failed", "not checked"
+Status = Literal["passed", "failed", "not checked"]
+_PROBE_TIMEOUT_S = 5
+
+
+@dataclass(frozen=True)
+class CheckLine:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""  # what to do when it failed or was not checked
+
+
+@dataclass(frozen=True)
+class ChecklistReport:
+    lines: list[CheckLine] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No line failed ("not checked" lines do not fail the checklist; they are shown red)."""
+        return not any(line.status == FAILED for line in self.lines)
+
+    def failures(self) -> list[str]:
+        return [f"{line.name}: {line.detail}" for line in self.lines if line.status == FAILED]
+
+    def not_checked(self) -> list[str]:
+        return [line.name for line in self.lines if line.status == NOT_CHECKED]
+
+    def line(self, name: str) -> CheckLine:
+        return next(line for line in self.lines if line.name == name)
+
+    def summary(self) -> str:
+        counts = {s: sum(1 for line in self.lines if line.status == s) for s in (PASSED, FAILED, NOT_CHECKED)}
+        head = (f"checklist passed: {counts[PASSED]} of {len(self.lines)} lines passed" if self.ok else
+                f"checklist failed: {counts[FAILED]} of {len(self.lines)} lines failed "
+                f"({', '.join(line.name for line in self.lines if line.status == FAILED)})")
+        unchecked = self.not_checked()
+        return head + (f"; not checked: {', '.join(unchecked)}" if unchecked else "")
+
+    def rows(self) -> list[dict]:
+        """One row per line, for a table artifact and the approval form."""
+        return check_rows(self.lines)
+
+    def markdown(self) -> str:
+        out = ["# Pre-cutover checklist", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.", "",
+               check_table(self.lines)]
+        if self.not_checked():
+            out += ["Lines marked 🔴 were **not checked** by a machine: check them yourself before approving."]
+        return "\n".join(out) + ("\n" if self.not_checked() else "")
+
+
+def run_checklist(rb: Runbook) -> ChecklistReport:
+    """Checks every machine-checkable line of the pre-cutover checklist against the runbook's systems and
+    ledger. Reads only; each line stands on its own (a server that is down fails its line, not the others)."""
+    ledger = Ledger(rb.state_dir)
+    max_age_s = rb.cutover.checklist.max_gate_age_hours * 3600
+    checks: list[tuple[str, Callable[[], CheckLine]]] = [
+        ("target PostgreSQL answers", lambda: _postgres_answers(rb)),
+        ("PgBouncer answers", lambda: _pgbouncer_answers(rb)),
+        ("Redis answers", lambda: _redis_answers(rb.target.redis)),
+        ("target S3 server answers", lambda: _s3_answers(rb)),
+        ("database gate passed", lambda: _gate_fresh(ledger, "database", max_age_s, rb)),
+        ("storage gate passed", lambda: _gate_fresh(ledger, "storage", max_age_s, rb)),
+        ("latest backup restore-tested", lambda: _backup_restore_tested(ledger, max_age_s, rb)),
+        *[(f"{phase} gate passed", lambda phase=phase: _platform_gate(ledger, phase, max_age_s))
+          for phase in _PLATFORM_GATES],
+    ]
+    if rb.cutover.apps:
+        checks += [(f"app {app.name} healthy", lambda app=app: _app_healthy(app)) for app in rb.cutover.apps]
+    else:
+        checks.append(("apps healthy", lambda: _unchecked(
+            "apps healthy", "the runbook lists no apps (cutover.apps)",
+            "add each app's health_url under cutover.apps, or check the apps by hand")))
+    checks.append(("DNS TTL", lambda: _dns_ttl(rb)))
+    lines = [_checked(name, check) for name, check in checks]
+    report = ChecklistReport(lines)
+    log.info("pre-cutover checklist", ok=report.ok, failed=len(report.failures()),
+             not_checked=len(report.not_checked()))
+    return report
+
+
+def _checked(name: str, check: Callable[[], CheckLine]) -> CheckLine:
+    """Runs one check; whatever it raises becomes its failed line (one line, no secret)."""
+    try:
+        line = check()
+    except LiftoffError as exc:
+        line = CheckLine(name, FAILED, one_line(str(exc)), _FIXES.get(name, ""))
+    except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the checklist's
+        line = CheckLine(name, FAILED, error_line(exc), _FIXES.get(name, ""))
+    return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix))
+
+
+
+def _unchecked(name: str, why: str, fix: str) -> CheckLine:
+    return CheckLine(name, NOT_CHECKED, why, fix)
+
+
+_FIXES = {
+    "target PostgreSQL answers": "start PostgreSQL on the target, or correct target.direct (host, port, user, "
+                                 "password)",
+    "PgBouncer answers": "start PgBouncer on the target, or correct target.pooled; check its userlist/auth_query",
+    "Redis answers": "start Redis on the target, or correct target.redis (host, port, password)",
+    "target S3 server answers": "start the S3 server (MinIO) on the target, or correct storage.target "
+                                "(endpoint_url, keys)",
+    "DNS TTL": "check cutover.checklist.dns (the record's name, and resolver as ip or ip:port)",
+    "database gate passed": "run liftoff run verify --runbook FILE",
+    "storage gate passed": "run liftoff run verify-storage --runbook FILE",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The services on the target
+
+
+def _postgres_answers(rb: Runbook) -> CheckLine:
+    ep = rb.target.direct
+    with postgres.session(ep, "target.direct", text_settings=False, attempts=1) as conn:
+        version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
+    return CheckLine("target PostgreSQL answers", PASSED, f"{ep.where}: PostgreSQL {version} answered")
+
+
+def _pgbouncer_answers(rb: Runbook) -> CheckLine:
+    ep = rb.target.pooled
+    if ep is None:
+        return _unchecked("PgBouncer answers", "no PgBouncer in the runbook (target.pooled)",
+                          "add target.pooled (the apps' connection through PgBouncer), or check it by hand")
+    # Transaction pooling: no prepared statements (psycopg's would land on another server connection), and
+    # no session settings.
+    with postgres.session(ep, "target.pooled", pooled=True, text_settings=False, attempts=1) as conn:
+        answer = conn.execute("SELECT 1").fetchone()[0]
+    if answer != 1:
+        return CheckLine("PgBouncer answers", FAILED, f"{ep.where}: SELECT 1 answered {answer!r}",
+                         _FIXES["PgBouncer answers"])
+    return CheckLine("PgBouncer answers", PASSED, f"{ep.where}: SELECT 1 answered through PgBouncer")
+
+
+def redis_ping(endpoint: RedisEndpoint, field: str = "target.redis", timeout: float = _PROBE_TIMEOUT_S) -> None:
+    """PINGs the Redis at ``endpoint`` (AUTH with its password when it has one); raises ConnectionRefused
+    with one line naming ``field`` and host:port."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    where = f"{field} ({endpoint.host}:{endpoint.port})"
+    password = endpoint.password.resolve(f"{field}.password") if endpoint.password else None
+    client = redis.Redis(host=endpoint.host, port=endpoint.port, db=endpoint.db, password=password,
+                         socket_timeout=timeout, socket_connect_timeout=timeout,
+                         retry=Retry(NoBackoff(), 0))  # one try: redis-py's default retries take ~3.5 s to say no
+    try:
+        if not client.ping():
+            raise redis.exceptions.ResponseError("PING was not answered with PONG")
+    except redis.exceptions.AuthenticationError as exc:
+        hint = (f"check the secret behind {field}.password ({endpoint.password.label})" if endpoint.password
+                else f"the server wants a password: set {field}.password")
+        raise ConnectionRefused(f"{where}: Redis refused the login ({one_line(str(exc))}); {hint}") from None
+    except redis.exceptions.TimeoutError:
+        raise ConnectionRefused(f"{where}: Redis did not answer within {timeout:g} s; check {field}.host, "
+                                         f"{field}.port and the firewall") from None
+    except redis.exceptions.ConnectionError as exc:
+        raise ConnectionRefused(f"{where}: cannot reach Redis ({one_line(str(exc))}); check {field}.host, "
+                                         f"{field}.port and that redis-server is running") from None
+    except redis.exceptions.ResponseError as exc:
+        raise ConnectionRefused(f"{where}: Redis answered an error ({one_line(str(exc))})") from None
+    finally:
+        client.close()
+
+
+def _redis_answers(endpoint: RedisEndpoint | None) -> CheckLine:
+    if endpoint is None:
+        return _unchecked("Redis answers", "no Redis in the runbook (target.redis)",
+                          "add target.redis, or check Redis by hand")
+    redis_ping(endpoint)
+    return CheckLine("Redis answers", PASSED, f"target.redis ({endpoint.host}:{endpoint.port}): PING answered PONG")
+
+
+def _s3_answers(rb: Runbook) -> CheckLine:
+    target = rb.storage.target
+    if target is None:
+        return _unchecked("target S3 server answers", "no S3 server in the runbook (storage.target)",
+                          "add storage.target, or check the S3 server by hand")
+    from liftoff.tasks.storage.common import endpoint
+
+    client = s3.client(endpoint(target, "storage.target"), max_pool_connections=2,
+                       connect_timeout=_PROBE_TIMEOUT_S, read_timeout=_PROBE_TIMEOUT_S * 2)
+    answer = s3.call(s3.RetryPolicy(attempts=2, max_seconds=15), "list buckets", client.list_buckets, client,
+                     "(all buckets)")
+    detail = f"{target.endpoint_url}: an authenticated list_buckets answered ({len(answer.get('Buckets', []))} buckets)"
+    live = _minio_live(target.endpoint_url)
+    if live is not None:
+        detail += f"; MinIO's /minio/health/live answered {live}"
+    return CheckLine("target S3 server answers", PASSED, detail)
+
+
+def _minio_live(endpoint_url: str) -> int | None:
+    """MinIO's liveness probe's HTTP status when it answers 200; None otherwise (SeaweedFS, Garage and others
+    do not have it, so anything but 200 says nothing)."""
+    try:
+        with urllib.request.urlopen(f"{endpoint_url}/minio/health/live", timeout=3) as response:
+            return response.status if response.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the ledger says: the gates, and the backup's restore test
+
+_GATE_FLOWS = {
+    # phase: (the flow that runs the whole phase, the flow that re-runs its gate alone)
+    "database": ("database", "verify"),
+    "storage": ("storage", "verify-storage"),
+}
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def _gate_fresh(ledger: Ledger, phase: str, max_age_s: float, rb: Runbook) -> CheckLine:
+    name = f"{phase} gate passed"
+    whole, gate_only = _GATE_FLOWS[phase]
+    if phase == "storage" and rb.storage.target is None and not rb.storage.buckets:
+        return _unchecked(name, "the runbook has no storage phase (storage.target, storage.buckets)",
+                          "nothing to do if the app keeps no files in Supabase Storage")
+    gate = ledger.latest_gate(phase)
+    if gate is None:
+        return CheckLine(name, FAILED, f"no {phase} gate has run for runbook {rb.name}",
+                         f"run liftoff run {whole} --runbook FILE")
+    # After a failed cutover the target holds the frozen source's export, which the source's later writes
+    # made stale: only a fresh export brings it up again (re-running the gate alone fails the same way).
+    return _judge_gate(name, gate, max_age_s,
+                       failed_fix=(f"fix what the gate reports, then run liftoff run {gate_only} --runbook FILE; "
+                                   "after a failed cutover, liftoff run resync --runbook FILE (a fresh export and "
+                                   "sync)"),
+                       old_fix=f"run liftoff run {gate_only} --runbook FILE for a fresh gate")
+
+
+def _judge_gate(name: str, gate: GateRecord, max_age_s: float, *, failed_fix: str, old_fix: str) -> CheckLine:
+    age = gate.age_seconds
+    run = f" (flow run {gate.flow_run_id})" if gate.flow_run_id else ""
+    if not gate.passed:
+        return CheckLine(name, FAILED, f"the latest {gate.phase} gate failed {_age(age)} ago{run}: "
+                                       f"{one_line(gate.summary)}", failed_fix)
+    if age > max_age_s:
+        return CheckLine(name, FAILED, f"the latest {gate.phase} gate passed {_age(age)} ago{run}, older than "
+                                       f"cutover.checklist.max_gate_age_hours ({max_age_s / 3600:g} h)", old_fix)
+    return CheckLine(name, PASSED, f"passed {_age(age)} ago{run}: {one_line(gate.summary)}")
+
+
+# The platform phases' gates, in the plan's order: what each proves, for the line that says it was not run.
+_PLATFORM_GATES = {
+    "pooler": "PgBouncer's config with SCRAM auth, and 100 clients through it within the pool",
+    "cache": "Redis's persistence and eviction settings, and a write/read round trip",
+    "health": "every service and app answering, disk and connections under the thresholds",
+    "security": "the firewall, services listening only inside, no secret in the named files",
+}
+
+
+def _platform_gate(ledger: Ledger, phase: str, max_age_s: float) -> CheckLine:
+    """A platform phase's latest gate: failed or stale fails the line; never run is "not checked" (shown
+    red, it does not fail the checklist: a plan may leave a phase to the operator)."""
+    name = f"{phase} gate passed"
+    gate = ledger.latest_gate(phase)
+    if gate is None:
+        return _unchecked(name, f"no {phase} gate is on record ({_PLATFORM_GATES[phase]})",
+                          f"run liftoff run {phase} --runbook FILE, or check it by hand before approving")
+    return _judge_gate(name, gate, max_age_s,
+                       failed_fix=f"fix what the gate reports, then run liftoff run {phase} --runbook FILE",
+                       old_fix=f"run liftoff run {phase} --runbook FILE for a fresh gate")
+
+
+def _backup_restore_tested(ledger: Ledger, max_age_s: float, rb: Runbook) -> CheckLine:
+    name = "latest backup restore-tested"
+    gate = ledger.latest_gate("backup")
+    if gate is None:
+        return _unchecked(name, "no backup restore test is on record (Liftoff's backup phase has not run)",
+                          "restore the latest backup into a scratch database and check it by hand before approving")
+    return _judge_gate(name, gate, max_age_s, failed_fix="fix the backup, then run its restore test again",
+                       old_fix="run the backup's restore test again for a fresh result")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The apps, and the public record
+
+
+def _app_healthy(app: App) -> CheckLine:
+    name = f"app {app.name} healthy"
+    result = health.check_health(app.health_url, timeout=_PROBE_TIMEOUT_S)
+    if result.healthy:
+        return CheckLine(name, PASSED, f"{app.health_url}: {result.detail}")
+    return CheckLine(name, FAILED, f"{app.health_url}: {result.detail}",
+                     f"make {app.name} healthy (its /api/health lists what is down), or correct cutover.apps "
+                     "health_url")
+
+
+def _dns_ttl(rb: Runbook) -> CheckLine:
+    check = rb.cutover.checklist.dns
+    if check is None:
+        return _unchecked("DNS TTL", "no public record in the runbook (cutover.checklist.dns)",
+                          "add cutover.checklist.dns (name, resolver), or check the record's TTL by hand")
+    found = dns.lookup(check.name, check.resolver)
+    source = (f"{'authoritative answer' if found.authoritative else 'cached answer'} from {found.resolver}: "
+              f"{', '.join(found.answers)}")
+    if found.ttl > check.max_ttl:
+        return CheckLine("DNS TTL", FAILED, f"{check.name}: TTL {found.ttl} s is above cutover.checklist.dns.max_ttl "
+                                            f"{check.max_ttl} s ({source})",
+                         f"lower the TTL of {check.name} to {check.max_ttl} s or less at the DNS provider, then "
+                         f"wait {found.ttl} s (the old TTL) before the cutover")
+    caveat = "" if found.authoritative else (
+        "; a resolver's cache counts the TTL down, so the record's own may be higher: name its authoritative "
+        "server in cutover.checklist.dns.resolver to be sure")
+    return CheckLine("DNS TTL", PASSED, f"{check.name}: TTL {found.ttl} s <= {check.max_ttl} s ({source}){caveat}")

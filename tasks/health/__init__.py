@@ -1,0 +1,1 @@
+"""The health phase's checks (services, apps, the VPS) and their thresholds."""
