@@ -19,8 +19,9 @@ small dataclasses.
 - **A listing is evidence, not truth.** The REST listing is answered from ``storage.objects`` itself, and its
   sizes are the rows' own claims; the limit/offset one also matches names case-insensitively and skips ahead
   by lowercased names (storage-api's ``storage.search``, see ``liftoff/sandbox/storage_api.py``): folders
-  differing only in case collapse into one, and a name just after a full batch's last can be passed over. Only a download shows that bytes exist: ``check_bytes`` replaces each listed entry's size
-  and ETag with what the bytes' own headers say, or records why they could not be read.
+  differing only in case collapse into one, and a name just after a full batch's last can be passed over.
+  Only a download shows that bytes exist: ``check_bytes`` replaces each listed entry's size and ETag with
+  what the bytes' own headers say, or records why they could not be read.
 - ``reconcile`` merges the inventory with a listing, both streamed in key order (a merge join: nothing but the
   current pair and a few examples in memory) and reports rows with no bytes, bytes with no row, sizes that
   differ, counts and bytes per bucket. Nothing is skipped silently; an out-of-order stream is an error.
@@ -554,8 +555,8 @@ class RestSource(StorageSource):
     the page (the smaller size kept for the rest of that listing), down to ``list_min_page`` entries; then
     timeouts are retried as any dropped connection and the last one fails with one line naming the URL, the
     route and the bucket. Each listing ends with one ``storage listed`` log line: route, objects, calls,
-    page size, seconds spent in its calls. storage3's ``download`` returns the whole body as bytes and unquotes the key (a ``%`` in a key is
-    misread), so downloads go to the same handler with httpx (``GET /object/authenticated/{bucket}/{key}``,
+    page size, seconds spent in its calls. storage3's ``download`` returns the whole body as bytes and
+    unquotes the key (a ``%`` in a key is misread), so downloads go to the same handler with httpx (``GET /object/authenticated/{bucket}/{key}``,
     which refuses a wrong key instead of serving it as anon), streamed, each path segment percent-encoded.
     ``head`` is that download's headers (the body is not read): Storage's own HEAD and info routes answer from
     the row, not the bytes.

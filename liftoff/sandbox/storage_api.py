@@ -744,8 +744,8 @@ class StorageApiFake(LoopbackHTTPService):
     thread_name = "storage-api"
 
     def __init__(self, conninfo: str, s3_client, *, service_role_key: str | None = None,
-                 missing_bytes: MissingBytes = "file", list_v2: bool = True, slow_pages: tuple[int, float] | None = None,
-                 host: str = "127.0.0.1"):
+                 missing_bytes: MissingBytes = "file", list_v2: bool = True,
+                 slow_pages: tuple[int, float] | None = None, host: str = "127.0.0.1"):
         if missing_bytes not in ("file", "s3"):
             raise ValueError(f"StorageApiFake missing_bytes must be 'file' or 's3', got {missing_bytes!r}")
         self.conninfo = conninfo
