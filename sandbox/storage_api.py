@@ -20,12 +20,14 @@ MACHINE-NOTES was checked against; github:supabase/storage-py = PyPI storage3 2.
   0.12.1), ``GET /bucket/{id}``, ``POST /object/list/{bucket}``, ``GET /object/authenticated/{bucket}/{key}``,
   ``GET /object/{bucket}/{key}``, ``GET /object/public/{bucket}/{key}``, ``GET /object/info/authenticated/...``,
   ``GET /object/info/public/...``, ``GET /object/info/{bucket}/{key}``, ``HEAD /object/authenticated/...``,
-  ``HEAD /object/public/...``, ``HEAD /object/{bucket}/{key}``; and, from ``createObject.ts`` and
+  ``HEAD /object/public/...``, ``HEAD /object/{bucket}/{key}``; ``POST /object/list-v2/{bucket}``
+  (``listObjectsV2.ts``, below; ``list_v2=False`` makes the fake a storage-api without that route, whose
+  answer is the not-found one); and, from ``createObject.ts`` and
   ``deleteObject.ts``, ``POST /object/{bucket}/{key}`` (a raw body, not multipart; ``x-upsert: true`` to
   replace; ``{"Id", "Key"}``; an existing key without it is ``KeyAlreadyExists``, 409 in the body) and
   ``DELETE /object/{bucket}/{key}`` (``{"message": "Successfully deleted"}``), both needing the service key,
   which write the bytes to the S3 server and the row with Storage's metadata. Any other
-  route (moves, signed URLs, list-v2 ...) gets the real not-found answer
+  route (moves, signed URLs ...) gets the real not-found answer
   (``src/http/not-found-handler.ts``): 404 ``Route GET:/object/... not found``. Outside ``/storage/v1`` the
   gateway's 404 ``no Route matched with those values``.
 - Auth (``src/http/plugins/jwt.ts``, ``src/internal/auth/jwt.ts``): the bearer token of ``Authorization`` is
@@ -36,7 +38,9 @@ MACHINE-NOTES was checked against; github:supabase/storage-py = PyPI storage3 2.
   ``Invalid Compact JWS`` (not three dot-separated parts, or no token), ``JWS Protected Header is invalid``,
   ``"alg" (Algorithm) Header Parameter value not allowed``, ``signature verification failed``. Routes built with
   ``createDefaultSchema`` or ``authSchema`` (bucket list/get, object list, ``/authenticated/`` download, info
-  and HEAD) require the header: without it, fastify's validation error. On the strict routes a wrong token is
+  and HEAD) require the header: without it, fastify's validation error; list-v2 has no header schema, so
+  there a missing token is the JWT plugin's ``AccessDenied`` (``Invalid Compact JWS``). On the strict routes
+  a wrong token is
   ``AccessDenied``; the routes with ``allowInvalidJwt`` (``/object/{bucket}/...``, ``/object/info/{bucket}/...``
   and HEAD of them) treat it as anon: a public bucket is served, a private one is ``Bucket not found``. The
   public routes take no token at all. Row-level security for the anon or user roles is not emulated.
@@ -65,7 +69,37 @@ MACHINE-NOTES was checked against; github:supabase/storage-py = PyPI storage3 2.
   entries (folders count) from the start, ``limit`` defaults to 100 and is capped at 1500. Sorted by another
   column: the function's path-token query (all folders first, then the level's files). Items are serialized as
   ``objectSchema`` does: ``name, id, updated_at, created_at, last_accessed_at, metadata``; timestamps as
-  JavaScript's ``toISOString()`` (UTC, milliseconds, ``Z``).
+  JavaScript's ``toISOString()`` (UTC, milliseconds, ``Z``). The real function walks ``offset`` entries
+  from the start on every call, fast from its index; the fake's walk is a round trip per peek and per batch,
+  so it remembers where each page it served ended (``PagePositions``: listing and offset -> the walk's state)
+  and a page continuing one starts there, reading at most one batch again: a page costs the same at any
+  offset. Without writes in between, the entries are those of a walk from the start; with writes, the
+  real server's pages shift (an insert before the position repeats an entry), the fake's resume where they
+  were. The walk keeps one flaw of the real function: after a file the seek is its lowercased name + ``/``,
+  so when a full batch (``min(max(2 * limit, 100), 1000)`` files) ends at ``a``, the names between ``a``
+  and ``a/`` (``a-b``, ``a.bak``, or ``A`` itself) are passed over.
+- list-v2 (``src/http/routes/object/listObjectsV2.ts``; ``src/storage/object.ts`` ``listObjectsV2`` and its
+  continuation token; ``src/storage/database/pg.ts`` ``listObjectsV2``; ``migrations/tenant/
+  0050-search-v2-optimised.sql``: ``storage.search_v2``, ``list_objects_with_delimiter``,
+  ``search_by_timestamp``): the body ``{prefix, limit, cursor, with_delimiter, sortBy: {column: name |
+  updated_at | created_at, order}}``, nothing required; ``limit`` defaults to and is capped at 1000. The answer
+  ``{"hasNext", "nextCursor", "nextCursorKey", "folders", "objects"}`` (the two cursor fields only when
+  ``hasNext``); ``nextCursor`` is base64 of ``l:<last name>``, ``o:<order>``, ``c:<column>``, ``a:<last
+  timestamp>`` lines (those set); one that does not decode so is 400 ``{"statusCode": "400", "error":
+  "InvalidParameter", "message": "Invalid Parameter continuation token"}``. Without ``with_delimiter``:
+  every key under ``prefix`` (plain, case-sensitive) as ``{id, name, metadata, updated_at, created_at,
+  last_accessed_at}`` with full names, in byte order (``name COLLATE "C"``, index
+  ``idx_objects_bucket_id_name``) or by a timestamp column then the name, after the cursor's name: a page
+  reads its own rows whatever its position. With it: one level, ``{key, name, id, updated_at, created_at,
+  last_accessed_at, metadata}`` (``key`` the name's segment at the prefix's depth), folders with
+  ``id: null`` and a trailing ``/`` in ``folders``; by name a skip-scan in byte order whose cursor after a
+  file ``f`` resumes at ``f/`` (so it too passes over ``f-1`` when a page ends at ``f``; descending, a batch
+  that meets a folder resumes below that folder's row, passing over a folder of one object), by a timestamp
+  every row under the prefix grouped (a folder's timestamps its oldest object's ``created_at``).
+- Cost: ``rows_read`` records ``(operation, limit, rows)`` for each list request answered, the rows its
+  queries read from PostgreSQL; ``pages_asked`` ``(operation, limit)`` for each one received.
+  ``slow_pages=(n, seconds)`` answers a list request asking for more than ``n`` entries ``seconds`` late (a
+  server slow at large pages, for a client's timeout).
 - Download (``src/storage/renderer/{renderer,asset}.ts``, S3 backend's ``getObject``): status, ``Content-Type``
   (S3's, or ``application/octet-stream``; ``text/html`` served as ``text/plain``), ``Content-Length``, ``ETag``,
   ``Last-Modified``, ``Cache-Control`` (S3's, or ``no-cache``), ``Accept-Ranges: bytes``, ``X-Robots-Tag:
@@ -83,7 +117,7 @@ MACHINE-NOTES was checked against; github:supabase/storage-py = PyPI storage3 2.
   owner is serialized as ``""`` (as fast-json-stringify does for a ``string`` field).
 
 Not served: the S3 protocol endpoint (``/storage/v1/s3``, use the S3 server itself), image transformation,
-signed URLs, writes. ``requests`` counts the requests served per operation, for tests that count downloads.
+signed URLs, moves and copies. ``requests`` counts the requests served per operation, for tests that count downloads.
 """
 
 from __future__ import annotations
@@ -94,8 +128,9 @@ import hmac
 import json
 import re
 import secrets
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -284,110 +319,176 @@ def _folder_item(name: str) -> dict[str, Any]:
 
 
 def search_objects(conn: psycopg.Connection, bucket: str, prefix: str, *, limit: int = 100, offset: int = 0,
-                   search: str = "", sort_column: str = "name", sort_order: str = "asc") -> list[dict[str, Any]]:
-    """One folder level of ``bucket`` under ``prefix``, as ``storage.search`` (migration 0063) answers it."""
+                   search: str = "", sort_column: str = "name", sort_order: str = "asc",
+                   positions: "PagePositions | None" = None, reads: "RowsRead | None" = None) -> list[dict[str, Any]]:
+    """One folder level of ``bucket`` under ``prefix``, as ``storage.search`` (migration 0063) answers it.
+    ``positions`` remembers where pages ended, so a page that continues one served before starts there;
+    ``reads`` counts the rows read from PostgreSQL."""
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # src/storage/object.ts searchObjects: a prefix is always a folder
     limit = min(limit or 100, 1500)
     ascending = (sort_order or "asc").lower() == "asc"
+    reads = reads if reads is not None else RowsRead()
     if sort_column != "name":
-        return _search_by_path_tokens(conn, bucket, prefix, search, limit, offset, sort_column, ascending)
-    return _search_by_name(conn, bucket, prefix, search, limit, offset, ascending)
-
-
-def _search_by_name(conn, bucket, prefix, search, limit, offset, ascending) -> list[dict[str, Any]]:
-    full_prefix = prefix + search
-    (prefix_lower,) = conn.execute("select lower(%s)", [full_prefix]).fetchone()
-    prefix_len = len(prefix)
-    if prefix_lower == "":
-        upper = None
-    elif prefix_lower.endswith("/"):
-        upper = prefix_lower[:-1] + "0"  # chr(ascii('/') + 1)
-    else:
-        upper = prefix_lower[:-1] + chr(ord(prefix_lower[-1]) + 1)
-    batch_size = min(max(limit * 2, 100), 1000)
-    key = 'lower(o.name) COLLATE "C"'
-    select = f"select {', '.join('o.' + c.strip() for c in _OBJECT_COLUMNS.split(','))}, lower(o.name) " \
-             f"from storage.objects o where o.bucket_id = %s"
-
-    def peek(seek: str) -> tuple[str, str] | None:
-        if ascending:
-            where, params = f"{key} >= %s", [seek]
-            if upper is not None:
-                where, params = where + f" and {key} < %s", params + [upper]
-        else:
-            where, params = f"{key} < %s", [seek]
-            if prefix_lower:
-                where, params = where + f" and {key} >= %s", params + [prefix_lower]
-        direction = "asc" if ascending else "desc"
-        return conn.execute(f"select o.name, lower(o.name) from storage.objects o where o.bucket_id = %s "
-                            f"and {where} order by {key} {direction} limit 1", [bucket, *params]).fetchone()
-
-    def batch(seek: str) -> list[tuple]:
-        if ascending:
-            where, params = f"{key} >= %s", [seek]
-            if upper is not None:
-                where, params = where + f" and {key} < %s", params + [upper]
-        else:
-            where, params = f"{key} < %s", [seek]
-            if upper is not None:
-                where, params = where + f" and {key} >= %s", params + [prefix_lower]
-        direction = "asc" if ascending else "desc"
-        return conn.execute(f"{select} and {where} order by {key} {direction} limit %s",
-                            [bucket, *params, batch_size]).fetchall()
-
-    if ascending:
-        seek = prefix_lower
-    else:
-        if upper is not None:
-            last = conn.execute(f"select lower(o.name) from storage.objects o where o.bucket_id = %s and {key} >= %s "
-                                f"and {key} < %s order by {key} desc limit 1",
-                                [bucket, prefix_lower, upper]).fetchone()
-        elif prefix_lower:
-            last = conn.execute(f"select lower(o.name) from storage.objects o where o.bucket_id = %s and {key} >= %s "
-                                f"order by {key} desc limit 1", [bucket, prefix_lower]).fetchone()
-        else:
-            last = conn.execute(f"select lower(o.name) from storage.objects o where o.bucket_id = %s "
-                                f"order by {key} desc limit 1", [bucket]).fetchone()
-        if last is None:
-            return []
-        seek = last[0] + "/"
-
+        return _search_by_path_tokens(conn, bucket, prefix, search, limit, offset, sort_column, ascending, reads)
+    walk = _NameWalk(conn, bucket, prefix, search, ascending, batch_size=min(max(limit * 2, 100), 1000), reads=reads)
+    where = (bucket, prefix, search, ascending, walk.batch_size)
+    resumed = positions.get(where, offset) if positions is not None and offset else None
+    state, skipped = (resumed, offset) if resumed is not None else (walk.start(), 0)
     items: list[dict[str, Any]] = []
-    skipped = 0
-    while len(items) < limit:
-        found = peek(seek)
-        if found is None:
-            break
-        peek_name, peek_lower = found
-        folder = _common_prefix(peek_lower, prefix_lower)
-        if folder is not None:
-            if skipped < offset:
-                skipped += 1
-            else:
-                items.append(_folder_item((_common_prefix(peek_name, full_prefix) or "").rstrip("/")[prefix_len:]))
-            seek = folder[:-1] + "0" if ascending else folder
+    if state is None:
+        return items
+    for item, after in walk.entries(state):
+        if skipped < offset:
+            skipped += 1
             continue
-        for row in batch(seek):
-            name, lowered = row[0], row[6]
-            if _common_prefix(lowered, prefix_lower) is not None:
-                seek = lowered  # a folder: the next peek handles it
-                break
-            if skipped < offset:
-                skipped += 1
-            else:
-                items.append({**_object_item(row), "name": name[prefix_len:]})
-            seek = lowered + "/" if ascending else lowered
-            if len(items) >= limit:
-                break
+        items.append(item)
+        if len(items) >= limit:
+            if positions is not None:
+                positions.put(where, offset + len(items), after)
+            break
     return items
+
+
+class RowsRead:
+    """The rows one request read from PostgreSQL (what each of its queries returned)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, count: int) -> None:
+        self.rows += count
+
+
+@dataclass(frozen=True)
+class _WalkState:
+    """Where storage.search's skip-scan stands: the next seek, and, inside a batch of files, where that batch
+    began and how many of its rows are behind."""
+
+    seek: str
+    batch_seek: str | None = None
+    consumed: int = 0
+
+
+class PagePositions:
+    """Where the pages the fake served ended: (listing, offset) -> the walk's state there, for the last
+    ``size`` listings. A page asking for that offset of that listing (same bucket, prefix, search, order and
+    batch size) resumes there and reads at most one batch again, instead of walking from the start: the
+    real server reads the same entries from its index (``idx_objects_bucket_id_name_lower``) much faster
+    than this fake's round trips can, and a walk from the start made every page of a 10,000-file folder
+    cost more than the one before. Without writes in between, the page is the one a walk from the start
+    gives (the state is a function of the data and the offset)."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._lock = threading.Lock()
+        self._states: OrderedDict[tuple, _WalkState] = OrderedDict()
+
+    def get(self, where: tuple, offset: int) -> _WalkState | None:
+        with self._lock:
+            state = self._states.get((where, offset))
+            if state is not None:
+                self._states.move_to_end((where, offset))
+            return state
+
+    def put(self, where: tuple, offset: int, state: _WalkState) -> None:
+        with self._lock:
+            self._states[(where, offset)] = state
+            self._states.move_to_end((where, offset))
+            while len(self._states) > self.size:
+                self._states.popitem(last=False)
+
+
+class _NameWalk:
+    """storage.search's walk of one folder level by name (migration 0063's hybrid skip-scan), as a stream of
+    entries each with the state after it: peek one row from the seek; a folder is emitted once and skipped
+    past (its lowered name + ``0``, the character after ``/``); a file starts a batch of ``batch_size`` rows
+    read in order until a folder shows up. After each file the seek is its lowered name + ``/`` (descending:
+    the name itself), so when a full batch ends, names between the last file and that seek (``a`` then
+    ``a-b`` or ``A``) are passed over, as on the real server. Ties of ``lower(name)`` are broken by the
+    name in byte order here, so a batch read again is the same batch."""
+
+    def __init__(self, conn, bucket: str, prefix: str, search: str, ascending: bool, *, batch_size: int,
+                 reads: RowsRead):
+        self.conn, self.bucket, self.ascending, self.batch_size, self.reads = conn, bucket, ascending, batch_size, reads
+        self.full_prefix, self.prefix_len = prefix + search, len(prefix)
+        (self.prefix_lower,) = conn.execute("select lower(%s)", [self.full_prefix]).fetchone()
+        if self.prefix_lower == "":
+            self.upper = None
+        elif self.prefix_lower.endswith("/"):
+            self.upper = self.prefix_lower[:-1] + "0"  # chr(ascii('/') + 1)
+        else:
+            self.upper = self.prefix_lower[:-1] + chr(ord(self.prefix_lower[-1]) + 1)
+
+    _KEY = 'lower(o.name) COLLATE "C"'
+
+    def _range(self, seek: str) -> tuple[str, list]:
+        key = self._KEY
+        if self.ascending:
+            where, params = f"{key} >= %s", [seek]
+            if self.upper is not None:
+                where, params = where + f" and {key} < %s", params + [self.upper]
+        else:
+            where, params = f"{key} < %s", [seek]
+            if self.prefix_lower:
+                where, params = where + f" and {key} >= %s", params + [self.prefix_lower]
+        return where, params
+
+    def _query(self, sql: str, params: list) -> list[tuple]:
+        rows = self.conn.execute(sql, params).fetchall()
+        self.reads.add(len(rows))
+        return rows
+
+    def start(self) -> _WalkState | None:
+        if self.ascending:
+            return _WalkState(self.prefix_lower)
+        where, params = f"{self._KEY} >= %s", [self.prefix_lower]
+        if self.upper is not None:
+            where, params = where + f" and {self._KEY} < %s", params + [self.upper]
+        last = self._query(f"select lower(o.name) from storage.objects o where o.bucket_id = %s and {where} "
+                           f"order by {self._KEY} desc limit 1", [self.bucket, *params])
+        return _WalkState(last[0][0] + "/") if last else None
+
+    def entries(self, state: _WalkState) -> Iterator[tuple[dict[str, Any], _WalkState]]:
+        direction = "asc" if self.ascending else "desc"
+        order = f'{self._KEY} {direction}, o.name COLLATE "C" {direction}'
+        columns = ", ".join("o." + c.strip() for c in _OBJECT_COLUMNS.split(","))
+        seek, batch_seek, consumed = state.seek, state.batch_seek, state.consumed
+        while True:
+            if batch_seek is None:
+                where, params = self._range(seek)
+                found = self._query(f"select o.name, lower(o.name) from storage.objects o where o.bucket_id = %s "
+                                    f"and {where} order by {order} limit 1", [self.bucket, *params])
+                if not found:
+                    return
+                peek_name, peek_lower = found[0]
+                folder = _common_prefix(peek_lower, self.prefix_lower)
+                if folder is not None:
+                    seek = folder[:-1] + "0" if self.ascending else folder
+                    name = (_common_prefix(peek_name, self.full_prefix) or "").rstrip("/")[self.prefix_len:]
+                    yield _folder_item(name), _WalkState(seek)
+                    continue
+                batch_seek, consumed = seek, 0
+            where, params = self._range(batch_seek)
+            rows = self._query(f"select {columns}, lower(o.name) from storage.objects o where o.bucket_id = %s "
+                               f"and {where} order by {order} limit %s", [self.bucket, *params, self.batch_size])
+            for index in range(consumed, len(rows)):
+                row = rows[index]
+                name, lowered = row[0], row[6]
+                if _common_prefix(lowered, self.prefix_lower) is not None:
+                    seek = lowered  # a folder: the next peek handles it
+                    break
+                seek = lowered + "/" if self.ascending else lowered
+                yield {**_object_item(row), "name": name[self.prefix_len:]}, _WalkState(seek, batch_seek, index + 1)
+            batch_seek, consumed = None, 0
 
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _search_by_path_tokens(conn, bucket, prefix, search, limit, offset, column, ascending) -> list[dict[str, Any]]:
+def _search_by_path_tokens(conn, bucket, prefix, search, limit, offset, column, ascending,
+                           reads: RowsRead) -> list[dict[str, Any]]:
     prefix, search = _escape_like(prefix), _escape_like(search)
     full_prefix = prefix + search
     start = len(prefix.split("/")) if prefix else 1
@@ -414,7 +515,220 @@ def _search_by_path_tokens(conn, bucket, prefix, search, limit, offset, column, 
         limit %(limit)s offset %(offset)s""",
         {"start": start, "levels": levels, "prefix": full_prefix, "bucket": bucket, "limit": limit,
          "offset": offset}).fetchall()
+    reads.add(len(rows))
     return [_object_item(row) for row in rows]
+
+
+# -- list-v2: the cursor-based listing ------------------------------------------------------------------------
+
+_V2_SORT_COLUMNS = ("name", "updated_at", "created_at")
+_CURSOR_PARTS = {"l": "start_after", "o": "order", "c": "column", "a": "column_after"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _encode_cursor(parts: dict[str, str | None]) -> str:
+    """object.ts's continuation token: ``k:value`` lines (l, o, c, a; empty ones left out), base64."""
+    lines = [f"{k}:{parts[name]}" for k, name in _CURSOR_PARTS.items() if parts.get(name)]
+    return base64.b64encode("\n".join(lines).encode()).decode()
+
+
+def _decode_cursor(token: str) -> dict[str, str]:
+    clean = re.sub(r"[^A-Za-z0-9+/]", "", token.replace("-", "+").replace("_", "/"))  # Buffer's leniency
+    clean = clean[:len(clean) - 1] if len(clean) % 4 == 1 else clean
+    text = base64.b64decode(clean + "=" * (-len(clean) % 4)).decode("utf-8", "replace")
+    parts = {"start_after": "", "order": "asc"}
+    for line in text.split("\n"):
+        match = re.match(r"^(\S):(.*)$", line)
+        if not match or match.group(1) not in _CURSOR_PARTS:
+            raise StorageError(400, "400", "InvalidParameter", "Invalid Parameter continuation token",
+                               "InvalidParameter")
+        parts[_CURSOR_PARTS[match.group(1)]] = match.group(2)
+    return parts
+
+
+def _ms(value: datetime | None) -> datetime | None:
+    return value.replace(microsecond=value.microsecond // 1000 * 1000) if value is not None else None
+
+
+def list_objects_v2(conn: psycopg.Connection, bucket: str, *, prefix: str = "", limit: int | None = None,
+                    cursor: str | None = None, with_delimiter: bool = False, sort_column: str | None = None,
+                    sort_order: str | None = None, reads: RowsRead | None = None) -> dict[str, Any]:
+    """``POST /object/list-v2/{bucket}`` as ``listObjectsV2`` (src/storage/object.ts, src/storage/database/pg.ts)
+    answers it: ``{hasNext, nextCursor, nextCursorKey, folders, objects}``, paged by a cursor that names the
+    last entry, so a page reads only its own rows from the index whatever its position."""
+    reads = reads if reads is not None else RowsRead()
+    limit = min(limit or 1000, 1000)
+    decoded = _decode_cursor(cursor) if cursor else None
+    order = (decoded or {}).get("order") or sort_order
+    column = (decoded or {}).get("column") or sort_column
+    after = (decoded or {}).get("column_after")
+    start_after = (decoded or {}).get("start_after") or ""
+    if with_delimiter:
+        rows = _v2_delimited(conn, bucket, prefix, limit + 1, start_after, (order or "asc").lower(),
+                             (column or "name").lower(), after or "", reads)
+    else:
+        rows = _v2_flat(conn, bucket, prefix, limit + 1, start_after, order, column, after, reads)
+    if with_delimiter:  # object.ts folds any name with a '/' past the prefix into its folder
+        folded, previous = [], ""
+        for row in rows:
+            index = row["name"].replace(prefix, "", 1).find("/")
+            if index < 0:
+                folded.append(row)
+                continue
+            folder = row["name"][:len(prefix) + index + 1]
+            if folder != previous:
+                previous = folder
+                folded.append({"id": None, "name": folder, "bucket_id": bucket})
+        rows = folded
+    truncated = len(rows) > limit
+    page = rows[:limit]
+    folders = [{**row, "name": row["name"] if row["name"].endswith("/") else row["name"] + "/"}
+               for row in page if row["id"] is None]
+    objects = [row for row in page if row["id"] is not None]
+    answer: dict[str, Any] = {"hasNext": truncated}
+    if truncated:
+        last = page[-1]
+        column_after = None
+        if column and column != "name" and last.get(column):
+            column_after = last[column]
+        answer["nextCursor"] = _encode_cursor({"start_after": last["name"], "order": order, "column": column,
+                                               "column_after": column_after})
+        answer["nextCursorKey"] = last["name"]
+    answer["folders"], answer["objects"] = folders, objects
+    return answer
+
+
+def _v2_flat(conn, bucket, prefix, fetch, start_after, order, column, after, reads) -> list[dict[str, Any]]:
+    """pg.ts listObjectsV2 without a delimiter: every key under ``prefix`` (a plain, case-sensitive prefix),
+    in byte order (``name COLLATE "C"``), or by a timestamp column then the name; the cursor's name is
+    exclusive."""
+    column = column if column in ("updated_at", "created_at") else None
+    order = order if order in ("asc", "desc") else "asc"
+    conditions, params = ["o.bucket_id = %s"], [bucket]
+    if prefix:
+        conditions.append('starts_with(o.name, %s) and o.name COLLATE "C" >= %s')
+        params += [prefix, prefix]
+    if start_after:
+        op = ">" if order == "asc" else "<"
+        if column and after:
+            conditions.append(f"(date_trunc('milliseconds', o.{column}), o.name COLLATE \"C\") {op} "
+                              f"(coalesce(nullif(%s, '')::timestamptz, 'epoch'::timestamptz), %s)")
+            params += [after, start_after]
+        else:
+            conditions.append(f'o.name COLLATE "C" {op} %s')
+            params.append(start_after)
+    sort = (f"o.{column} {order}, " if column else "") + f'o.name COLLATE "C" {order}'
+    rows = conn.execute(f"select o.id, o.name, o.metadata, o.updated_at, o.created_at, o.last_accessed_at "
+                        f"from storage.objects o where {' and '.join(conditions)} order by {sort} limit %s",
+                        [*params, fetch]).fetchall()
+    reads.add(len(rows))
+    return [{"id": str(object_id), "name": name, "metadata": metadata, "updated_at": _js_iso(updated),
+             "created_at": _js_iso(created), "last_accessed_at": _js_iso(accessed)}
+            for object_id, name, metadata, updated, created, accessed in rows]
+
+
+def _v2_row(levels: int, name: str, object_id, updated, created, accessed, metadata) -> dict[str, Any]:
+    """A row of storage.search_v2: ``key`` is the name's path segment at ``levels``."""
+    return {"key": name.split("/")[levels - 1] if len(name.split("/")) >= levels else "", "name": name,
+            "id": str(object_id) if object_id is not None else None, "updated_at": _js_iso(updated),
+            "created_at": _js_iso(created), "last_accessed_at": _js_iso(accessed), "metadata": metadata}
+
+
+def _v2_delimited(conn, bucket, prefix, fetch, start_after, order, column, after, reads) -> list[dict[str, Any]]:
+    """storage.search_v2 (migration 0050): by name, list_objects_with_delimiter's skip-scan in byte order
+    (one row per folder, names not relative); by a timestamp, every row under the prefix grouped (a
+    folder's timestamps are its oldest object's ``created_at``)."""
+    fetch = min(fetch, 1500)
+    order = order if order in ("asc", "desc") else "asc"
+    levels = len(prefix.split("/")) if prefix else 1
+    if column not in ("updated_at", "created_at"):
+        return _v2_by_name(conn, bucket, prefix, fetch, start_after, order == "asc", levels, reads)
+    rows = conn.execute('select name, id, updated_at, created_at, last_accessed_at, metadata from storage.objects '
+                        'where bucket_id = %s and name COLLATE "C" like %s || \'%%\'', [bucket, prefix]).fetchall()
+    reads.add(len(rows))
+    entries: dict[str, tuple] = {}
+    for name, object_id, updated, created, accessed, metadata in rows:
+        folder = _common_prefix(name, prefix)
+        if folder is None:
+            entries[name + "\0file"] = (name, object_id, updated, created, accessed, metadata)
+        else:
+            key = folder.rstrip("/")
+            stamps = [t for t in (entries.get(key + "\0folder", (None,) * 4)[3], created) if t is not None]
+            first = min(stamps) if stamps else None
+            entries[key + "\0folder"] = (key, None, first, first, None, None)
+
+    def sort_key(entry: tuple) -> tuple:
+        stamp = _ms(entry[2] if column == "updated_at" else entry[3]) or _EPOCH
+        return stamp, entry[0].encode()
+    chosen = list(entries.values())
+    if start_after:
+        bound = (_ms(datetime.fromisoformat(after.replace("Z", "+00:00"))) if after else _EPOCH,
+                 start_after.encode())
+        chosen = [e for e in chosen if (sort_key(e) > bound if order == "asc" else sort_key(e) < bound)]
+    chosen.sort(key=sort_key, reverse=order == "desc")
+    return [_v2_row(levels, *entry) for entry in chosen[:fetch]]
+
+
+def _v2_by_name(conn, bucket, prefix, fetch, start_after, ascending, levels, reads) -> list[dict[str, Any]]:
+    key = 'o.name COLLATE "C"'
+    if prefix == "":
+        upper = None
+    else:
+        upper = prefix[:-1] + ("0" if prefix.endswith("/") else chr(ord(prefix[-1]) + 1))
+
+    def query(sql: str, params: list) -> list[tuple]:
+        rows = conn.execute(sql, params).fetchall()
+        reads.add(len(rows))
+        return rows
+
+    def bounded(seek: str) -> tuple[str, list]:
+        if ascending:
+            return (f"{key} >= %s" + (f" and {key} < %s" if upper is not None else ""),
+                    [seek] + ([upper] if upper is not None else []))
+        return f"{key} < %s" + (f" and {key} >= %s" if prefix else ""), [seek] + ([prefix] if prefix else [])
+
+    direction = "asc" if ascending else "desc"
+    if not start_after:
+        if ascending:
+            seek = prefix
+        else:
+            where, params = (f"{key} >= %s" + (f" and {key} < %s" if upper is not None else ""),
+                             [prefix] + ([upper] if upper is not None else []))
+            last = query(f"select o.name from storage.objects o where o.bucket_id = %s and {where} "
+                         f"order by {key} desc limit 1", [bucket, *params])
+            if not last:
+                return []
+            seek = last[0][0] + "/"
+    elif query("select 1 from storage.objects o where o.bucket_id = %s and o.name COLLATE \"C\" like %s "
+               "limit 1", [bucket, start_after + "/%"]):
+        seek = start_after + ("0" if ascending else "/")  # the cursor names a folder: past all of it
+    else:
+        seek = start_after + "/" if ascending else start_after
+    out: list[dict[str, Any]] = []
+    batch_size = min(max(fetch * 2, 100), 1000)
+    while len(out) < fetch:
+        where, params = bounded(seek)
+        peek = query(f"select o.name from storage.objects o where o.bucket_id = %s and {where} "
+                     f"order by {key} {direction} limit 1", [bucket, *params])
+        if not peek:
+            break
+        folder = _common_prefix(peek[0][0], prefix)
+        if folder is not None:
+            out.append(_v2_row(levels, folder.rstrip("/"), None, None, None, None, None))
+            seek = folder[:-1] + "0" if ascending else folder
+            continue
+        rows = query(f"select o.name, o.id, o.updated_at, o.created_at, o.last_accessed_at, o.metadata "
+                     f"from storage.objects o where o.bucket_id = %s and {where} order by {key} {direction} "
+                     f"limit %s", [bucket, *params, batch_size])
+        for name, object_id, updated, created, accessed, metadata in rows:
+            if _common_prefix(name, prefix) is not None:
+                seek = name
+                break
+            out.append(_v2_row(levels, name, object_id, updated, created, accessed, metadata))
+            seek = name + "/" if ascending else name
+            if len(out) >= fetch:
+                break
+    return out
 
 
 # -- the server -------------------------------------------------------------------------------------------------
@@ -430,15 +744,21 @@ class StorageApiFake(LoopbackHTTPService):
     thread_name = "storage-api"
 
     def __init__(self, conninfo: str, s3_client, *, service_role_key: str | None = None,
-                 missing_bytes: MissingBytes = "file", host: str = "127.0.0.1"):
+                 missing_bytes: MissingBytes = "file", list_v2: bool = True,
+                 slow_pages: tuple[int, float] | None = None, host: str = "127.0.0.1"):
         if missing_bytes not in ("file", "s3"):
             raise ValueError(f"StorageApiFake missing_bytes must be 'file' or 's3', got {missing_bytes!r}")
         self.conninfo = conninfo
         self.s3 = s3_client
         self.service_role_key = service_role_key or mint_service_role_key()
         self.missing_bytes = missing_bytes
+        self.list_v2 = list_v2
+        self.slow_pages = slow_pages
+        self.positions = PagePositions()
         super().__init__(host)
         self.requests: Counter[str] = Counter()
+        self.rows_read: deque[tuple[str, int, int]] = deque(maxlen=100_000)
+        self.pages_asked: deque[tuple[str, int]] = deque(maxlen=100_000)
 
 
     @property
@@ -448,6 +768,16 @@ class StorageApiFake(LoopbackHTTPService):
     def _count(self, operation: str) -> None:
         with self._lock:
             self.requests[operation] += 1
+
+    def _record_reads(self, operation: str, limit: int, reads: RowsRead) -> None:
+        with self._lock:
+            self.rows_read.append((operation, limit, reads.rows))
+
+    def _page_asked(self, operation: str, limit: int) -> None:
+        with self._lock:
+            self.pages_asked.append((operation, limit))
+        if self.slow_pages is not None and limit > self.slow_pages[0]:
+            time.sleep(self.slow_pages[1])
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
@@ -528,6 +858,8 @@ class _Handler(TrackedHandler):
         if head == "object":
             if method == "POST" and len(rest) == 2 and rest[0] == "list":
                 return self._list_objects(unquote(rest[1]), body)
+            if method == "POST" and len(rest) == 2 and rest[0] == "list-v2" and self.service.list_v2:
+                return self._list_objects_v2(unquote(rest[1]), body)
             if method in ("GET", "HEAD") and rest[:1] == ["info"]:
                 mode = rest[1] if len(rest) > 1 and rest[1] in ("authenticated", "public") else None
                 target = wildcard(2 if mode else 1)
@@ -562,7 +894,7 @@ class _Handler(TrackedHandler):
             raise StorageError.validation("headers must have required property 'authorization'")
         if token is not None and hmac.compare_digest(token.encode(), self.service.service_role_key.encode()):
             return _Caller(authenticated=True)
-        if mode == "strict":
+        if mode in ("strict", "jwt"):
             raise StorageError.access_denied(_jose_refusal(token or ""))
         return _Caller(authenticated=False)
 
@@ -612,21 +944,40 @@ class _Handler(TrackedHandler):
 
     # -- objects ----------------------------------------------------------------------------------------
 
-    def _list_objects(self, bucket: str, raw_body: bytes) -> None:
-        self.service._count("object.list")
+    @staticmethod
+    def _json_body(raw_body: bytes) -> Any:
         try:
-            body = json.loads(raw_body or b"null")
+            return json.loads(raw_body or b"null")
         except ValueError:
             raise StorageError(400, "400", "FastifyError",
                                "Body is not valid JSON but content-type is set to 'application/json'",
                                "InvalidRequest") from None
-        options = _list_options(body)  # fastify validates the body before the headers
+
+    def _list_objects(self, bucket: str, raw_body: bytes) -> None:
+        self.service._count("object.list")
+        options = _list_options(self._json_body(raw_body))  # fastify validates the body before the headers
         self._caller("strict")
+        self.service._page_asked("object.list", options["limit"])
+        reads = RowsRead()
         with self.service.connect() as conn:
             items = search_objects(conn, bucket, options["prefix"], limit=options["limit"],
                                    offset=options["offset"], search=options["search"],
-                                   sort_column=options["column"], sort_order=options["order"])
+                                   sort_column=options["column"], sort_order=options["order"],
+                                   positions=self.service.positions, reads=reads)
+        self.service._record_reads("object.list", options["limit"], reads)
         self._send_json(200, items)
+
+    def _list_objects_v2(self, bucket: str, raw_body: bytes) -> None:
+        """listObjectsV2.ts: no header schema, so a missing token is the JWT plugin's AccessDenied."""
+        self.service._count("object.list-v2")
+        options = _list_v2_options(self._json_body(raw_body))
+        self._caller("jwt")
+        self.service._page_asked("object.list-v2", options["limit"] or 1000)
+        reads = RowsRead()
+        with self.service.connect() as conn:
+            answer = list_objects_v2(conn, bucket, reads=reads, **options)
+        self.service._record_reads("object.list-v2", options["limit"] or 1000, reads)
+        self._send_json(200, answer)
 
     def _find(self, conn: psycopg.Connection, bucket: str, key: str, caller: _Caller) -> dict[str, Any]:
         """getObject.ts / getObjectInfo.ts requestHandler: bucket, public flag, key, row."""
@@ -856,6 +1207,45 @@ def _list_options(body: Any) -> dict[str, Any]:
             raise StorageError.validation("body/sortBy/order must be equal to one of the allowed values")
         options["column"] = sort_by["column"]
         options["order"] = sort_by.get("order") or "asc"
+    return options
+
+
+def _list_v2_options(body: Any) -> dict[str, Any]:
+    """The searchRequestBodySchema of listObjectsV2.ts (nothing required), with fastify's messages and its
+    type coercion of scalars."""
+    if not isinstance(body, dict):
+        raise StorageError.validation("body must be object")
+    options: dict[str, Any] = {"prefix": "", "limit": None, "cursor": None, "with_delimiter": False,
+                               "sort_column": None, "sort_order": None}
+    for name in ("prefix", "cursor"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise StorageError.validation(f"body/{name} must be string")
+        options[name] = value if isinstance(value, str) else json.dumps(value)
+    if body.get("limit") is not None:
+        value = body["limit"]
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or \
+                (isinstance(value, str) and not value.lstrip("-").isdigit()):
+            raise StorageError.validation("body/limit must be integer")
+        if int(value) < 1:
+            raise StorageError.validation("body/limit must be >= 1")
+        options["limit"] = int(value)
+    if body.get("with_delimiter") is not None:
+        value = body["with_delimiter"]
+        if value not in (True, False, "true", "false", 1, 0):
+            raise StorageError.validation("body/with_delimiter must be boolean")
+        options["with_delimiter"] = value in (True, "true", 1)
+    sort_by = body.get("sortBy")
+    if sort_by is not None:
+        if not isinstance(sort_by, dict) or "column" not in sort_by:
+            raise StorageError.validation("body/sortBy must have required property 'column'")
+        if sort_by["column"] not in _V2_SORT_COLUMNS:
+            raise StorageError.validation("body/sortBy/column must be equal to one of the allowed values")
+        if sort_by.get("order") is not None and sort_by["order"] not in ("asc", "desc"):
+            raise StorageError.validation("body/sortBy/order must be equal to one of the allowed values")
+        options["sort_column"], options["sort_order"] = sort_by["column"], sort_by.get("order")
     return options
 
 

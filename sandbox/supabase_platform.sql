@@ -160,6 +160,12 @@ create table if not exists storage.objects (
   version text,
   unique (bucket_id, name)
 );
+-- The indexes Storage's listings seek by (storage-api migrations/tenant 0020-list-objects-with-delimiter and
+-- 0051-index-backward-compatible-search): byte order for list-v2, lowercased names for the limit/offset list.
+-- This cluster's default collation (C.UTF-8) is not "C" to the planner, so the unique index above serves
+-- neither.
+create index if not exists idx_objects_bucket_id_name on storage.objects (bucket_id, (name collate "C"));
+create index if not exists idx_objects_bucket_id_name_lower on storage.objects (bucket_id, (lower(name) collate "C"));
 
 create table if not exists storage.migrations (
   id integer primary key,

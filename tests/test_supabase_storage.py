@@ -103,6 +103,19 @@ def rest_source(fake):
         yield source
 
 
+@pytest.fixture(scope="module")
+def older_fake(source, s3_server):
+    """A storage-api without the list-v2 route."""
+    with StorageApiFake(source.conninfo(), s3_server.client(), list_v2=False) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def rest_fallback(older_fake):
+    with RestSource(older_fake.url, older_fake.service_role_key, page_size=3, retry=FAST) as source:
+        yield source
+
+
 def _rows(source, sql: str, params=()) -> list[tuple]:
     with psycopg.connect(source.conninfo()) as c:
         return c.execute(sql, params).fetchall()
@@ -196,18 +209,38 @@ def _stream_md5(source, bucket: str, key: str, piece: int | None = None) -> tupl
 @pytest.mark.parametrize("bucket", [PUBLIC_BUCKET, PRIVATE_BUCKET, EDGE])
 def test_rest_source_lists_exactly_the_inventory_and_streams_bytes_matching_the_etag(rest_source, fake, conn,
                                                                                       bucket):
-    before = fake.requests["object.list"]
+    before = fake.requests["object.list-v2"], fake.requests["object.list"]
     listed = list(rest_source.list(bucket))
     rows = list(inventory(conn, bucket))
-    assert [f.key for f in listed] == [o.key for o in rows]  # recursed, paged 3 at a time, in byte order
+    assert [f.key for f in listed] == [o.key for o in rows]  # list-v2, paged 3 at a time, in byte order
     assert [(f.size, f.etag) for f in listed] == [(o.size, o.etag) for o in rows]
-    assert fake.requests["object.list"] - before > len({k.rsplit("/", 1)[0] for k in (f.key for f in listed)})
+    assert (fake.requests["object.list-v2"] - before[0], fake.requests["object.list"] - before[1]) == \
+        (-(-len(rows) // 3), 0)
+    assert rest_source.offers_list_v2 is True
     for obj in rows:
         assert _stream_md5(rest_source, bucket, obj.key) == (obj.md5, obj.size), obj.key
     first = rows[0]
     assert _stream_md5(rest_source, bucket, first.key, piece=100) == (first.md5, first.size)
     head = rest_source.head(bucket, first.key)
     assert (head.size, head.md5) == (first.size, first.md5)
+
+
+@pytest.mark.parametrize("bucket", [PUBLIC_BUCKET, PRIVATE_BUCKET, EDGE])
+def test_rest_source_without_list_v2_lists_the_same_keys_folder_by_folder(rest_fallback, older_fake, conn, bucket):
+    before = older_fake.requests["object.list"]
+    listed = list(rest_fallback.list(bucket))
+    rows = list(inventory(conn, bucket))
+    assert [(f.key, f.size, f.etag) for f in listed] == [(o.key, o.size, o.etag) for o in rows]
+    assert rest_fallback.offers_list_v2 is False and older_fake.requests["object.list-v2"] == 0
+    assert older_fake.requests["object.list"] - before > len({k.rsplit("/", 1)[0] for k in (f.key for f in listed)})
+
+
+@pytest.mark.parametrize("mode", ["list-v2", "limit/offset"])
+def test_rest_source_lists_a_folder_as_the_inventory_lists_its_prefix(rest_source, rest_fallback, conn, mode):
+    rest = rest_source if mode == "list-v2" else rest_fallback
+    expected = [o.key for o in inventory(conn, EDGE, "docs/")]
+    assert "docs/Zeta.pdf" in expected and "docs/x/y/z/deep.pdf" in expected
+    assert [f.key for f in rest.list(EDGE, "docs")] == [f.key for f in rest.list(EDGE, "docs/")] == expected
 
 
 @pytest.mark.parametrize("bucket", [PUBLIC_BUCKET, PRIVATE_BUCKET, EDGE, INTL])
@@ -255,7 +288,7 @@ def test_rest_source_names_a_key_storage_refuses_and_a_key_without_a_row(rest_so
 
 def test_rest_source_retries_throttling_and_dropped_connections(fake, conn):
     with FaultProxy(fake.url, slowdown=0.3, drop={"POST": 0.3, "*": 0.0}, seed=11) as proxy, \
-            RestSource(proxy.url, fake.service_role_key, page_size=4,
+            RestSource(proxy.url, fake.service_role_key, page_size=1,
                        retry=s3.RetryPolicy(attempts=12, initial_wait=0.01, max_wait=0.05)) as rest:
         checked = list(check_bytes(rest, rest.list(EDGE), concurrency=4))
         assert proxy.slowdowns["POST"] > 0 and proxy.slowdowns["GET"] > 0 and proxy.drops["POST"] > 0

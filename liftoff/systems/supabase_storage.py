@@ -11,15 +11,17 @@ small dataclasses.
   with ``row_security`` off so row-level security can only make the read fail, never hide a row.
 - **Two ways to the bytes, one interface** (``StorageSource``: ``list``, ``head``, ``open``):
   ``S3Source``, Supabase Storage's S3-compatible endpoint (``https://<ref>.supabase.co/storage/v1/s3``,
-  path-style) through ``liftoff/systems/s3.py``; ``RestSource``, its REST API: listing through the ``supabase`` client
-  (storage3: one folder level per call, paged by limit/offset, recursed here), downloads streamed with httpx
+  path-style) through ``liftoff/systems/s3.py``; ``RestSource``, its REST API: listing through its cursor-based
+  ``POST /object/list-v2`` (every key, in byte order), or where a server lacks it the limit/offset
+  ``POST /object/list`` (one folder level per call, recursed here), downloads streamed with httpx
   from the same ``GET /storage/v1/object/{bucket}/{key}`` storage3's ``download`` calls (which returns the
   whole body as bytes). Both list in the inventory's order, so the two streams merge.
-- **A listing is evidence, not truth.** The REST listing is answered from ``storage.objects`` itself, matches
-  names case-insensitively and skips ahead by lowercased names (storage-api's ``storage.search``, see
-  ``sandbox/storage_api.py``): folders differing only in case collapse into one, and its sizes are the
-  rows' own claims. Only a download shows that bytes exist: ``check_bytes`` replaces each listed entry's size
-  and ETag with what the bytes' own headers say, or records why they could not be read.
+- **A listing is evidence, not truth.** The REST listing is answered from ``storage.objects`` itself, and its
+  sizes are the rows' own claims; the limit/offset one also matches names case-insensitively and skips ahead
+  by lowercased names (storage-api's ``storage.search``, see ``sandbox/storage_api.py``): folders
+  differing only in case collapse into one, and a name just after a full batch's last can be passed over.
+  Only reading shows that bytes exist: ``check_bytes`` replaces each listed entry's size and ETag with
+  what reading its first byte says, or records why there are none.
 - ``reconcile`` merges the inventory with a listing, both streamed in key order (a merge join: nothing but the
   current pair and a few examples in memory) and reports rows with no bytes, bytes with no row, sizes that
   differ, counts and bytes per bucket. Nothing is skipped silently; an out-of-order stream is an error.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -518,6 +521,30 @@ class _RestAnswer(Exception):
         return self.status == 404 and not self.no_bucket
 
 
+_LIST_MAX = 1500  # storage.search's cap on one limit/offset page
+
+
+@dataclass
+class _ListPaging:
+    """One listing's page size (shrunk by timeouts, kept for the rest of it) and what its calls cost."""
+
+    size: int
+    floor: int
+    route: str = "list-v2"
+    requests: int = 0
+    seconds: float = 0.0
+
+
+def _not_enabled(response: httpx.Response) -> bool:
+    """listObjectsV2.ts's answer on a tenant whose database lacks the search-v2 migration."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return response.status_code == 400 and isinstance(body, dict) and \
+        "FeatureNotEnabled" in (body.get("code"), body.get("error"))
+
+
 def _rest_transient(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError) or (isinstance(exc, _RestAnswer) and exc.transient)
 
@@ -525,11 +552,23 @@ def _rest_transient(exc: BaseException) -> bool:
 class RestSource(StorageSource):
     """Supabase Storage's REST API, as the ``supabase`` client reaches it with the project's service key.
 
-    The listing goes through storage3 (``create_client(project_url, service_key).storage``), one folder level
-    per call and ``page_size`` entries per page; each level is sorted here into byte order (a folder ``x``
-    sorts as ``x/``), so the recursion yields the keys in the inventory's order while holding one level at a
-    time. storage3's ``download`` returns the whole body as bytes and unquotes the key (a ``%`` in a key is
-    misread), so downloads go to the same handler with httpx (``GET /object/authenticated/{bucket}/{key}``,
+    The listing asks ``POST /object/list-v2/{bucket}`` (storage-api's cursor-based listing) for every key
+    under the prefix, ``with_delimiter: false``: the server answers in byte order (``name COLLATE "C"``, the
+    inventory's order) from its index, ``page_size`` keys a call (1000, its cap), each page after the
+    cursor naming the last key, so a page costs the same at any depth; each key is checked against the one
+    before and a server that lists otherwise stops the listing with one line. The first listing of a source
+    learns whether the server has that route: a 404 (``Route POST:/object/list-v2/... not found``, from a
+    storage-api before it) or ``FeatureNotEnabled`` (a tenant without the search-v2 migration) makes this
+    source use the limit/offset ``POST /object/list`` from then on (``offers_list_v2``): one folder level
+    per call, ``page_size`` entries a page (capped at its 1500), each level sorted here into byte order (a
+    folder ``x`` sorts as ``x/``), so the recursion yields the keys in the inventory's order while holding
+    one level at a time; there the server walks the offset from the start of the level on every page.
+    A listing call gets ``list_timeout`` seconds; one that times out is asked again at once for a quarter of
+    the page (the smaller size kept for the rest of that listing), down to ``list_min_page`` entries; then
+    timeouts are retried as any dropped connection and the last one fails with one line naming the URL, the
+    route and the bucket. Each listing ends with one ``storage listed`` log line: route, objects, calls,
+    page size, seconds spent in its calls. storage3's ``download`` returns the whole body as bytes and
+    unquotes the key (a ``%`` in a key is misread), so downloads go to the same handler with httpx (``GET /object/authenticated/{bucket}/{key}``,
     which refuses a wrong key instead of serving it as anon), streamed, each path segment percent-encoded.
     ``head`` is that download's headers (the body is not read): Storage's own HEAD and info routes answer from
     the row, not the bytes.
@@ -644,33 +683,128 @@ class RestSource(StorageSource):
         else:
             self._run("get bucket", lambda: self._storage3(lambda: self.storage.get_bucket(bucket)), bucket)
 
-    def _level(self, bucket: str, prefix: str) -> list[tuple[str, bool, dict]]:
-        """One folder level, every page: (name relative to prefix, is a folder, the item)."""
+    # -- listing -----------------------------------------------------------------------------------------
+    # list-v2 where the server serves it (one flat listing in byte order, paged by a cursor naming the last
+    # key), else the limit/offset list, one folder level per call; see the class docstring.
+
+    #: read timeout of one listing call (a page of 1000 from Storage's index takes milliseconds)
+    list_timeout: float = 20.0
+    #: a listing call that times out is asked again at once for a quarter of the page, down to this many
+    list_min_page: int = 50
+    #: whether the server has ``POST /object/list-v2``: None until the first listing asks, then remembered
+    offers_list_v2: bool | None = None
+
+    def _list_call(self, route: str, bucket: str, body: Callable[[int], dict], paging: "_ListPaging"):
+        """(answer, the page size it was asked with) of one listing call, or (None, size) when the route is
+        not served (storage-api's 404 ``Route POST:/object/list-v2/... not found``, or a tenant without the
+        search-v2 migration's ``FeatureNotEnabled``). Error answers and dropped connections are retried as
+        ``_run`` does; a timeout first shrinks the page."""
+        url = f"{self.endpoint}/object/{route}/{quote(bucket, safe='')}"
+        timeout = httpx.Timeout(self.list_timeout, connect=10)
+
+        def call():
+            while True:
+                size, started = paging.size, time.monotonic()
+                try:
+                    response = self._http.post(url, json=body(size), timeout=timeout)
+                except httpx.TimeoutException as exc:
+                    if size <= paging.floor:
+                        raise
+                    paging.size = max(paging.floor, size // 4)
+                    log.warning("storage list page timed out; asking for a smaller one", endpoint=self.endpoint,
+                                bucket=bucket, route=f"POST /object/{route}", page=size, smaller=paging.size,
+                                error=error_line(exc))
+                    continue
+                finally:
+                    paging.requests += 1
+                    paging.seconds += time.monotonic() - started
+                if route == "list-v2" and (response.status_code == 404 or _not_enabled(response)):
+                    return None, size
+                if response.status_code >= 300:
+                    raise _RestAnswer.of(response)
+                return response.json(), size
+
+        return self._run(f"listing (POST /object/{route})", call, bucket)
+
+    def _listed(self, bucket: str, key: str, item: dict) -> ListedFile:
+        metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+        etag = _text(metadata.get("eTag"))
+        return ListedFile(bucket, key, _size(metadata.get("size")), etag.strip('"') if etag else None)
+
+    def _list_flat(self, bucket: str, prefix: str, paging: "_ListPaging") -> Iterator[ListedFile]:
+        """Every key under ``prefix`` through list-v2 without a delimiter; sets ``offers_list_v2``."""
+        cursor, last = None, None
+        while True:
+            def body(limit: int, cursor=cursor) -> dict:
+                return {"prefix": prefix, "limit": limit, "with_delimiter": False,
+                        "sortBy": {"column": "name", "order": "asc"}, **({"cursor": cursor} if cursor else {})}
+
+            answer, _ = self._list_call("list-v2", bucket, body, paging)
+            if answer is None:
+                self.offers_list_v2 = False
+                return
+            self.offers_list_v2 = True
+            if not isinstance(answer, dict) or not isinstance(answer.get("objects"), list) or answer.get("folders"):
+                raise StepFailed(f"{self._where(bucket, None)}: POST /object/list-v2 answered something else than "
+                                 "a flat page ({hasNext, nextCursor, objects}, no folders)", bucket=bucket)
+            for item in answer["objects"]:
+                key = item.get("name") if isinstance(item, dict) else None
+                if not isinstance(key, str) or (last is not None and key <= last):
+                    raise StepFailed(f"{self._where(bucket, None)}: POST /object/list-v2 gives {key!r} after "
+                                     f"{last!r}, not in byte order of the key", bucket=bucket)
+                last = key
+                yield self._listed(bucket, key, item)
+            if not answer.get("hasNext"):
+                return
+            cursor = answer.get("nextCursor")
+            if not cursor:
+                raise StepFailed(f"{self._where(bucket, None)}: POST /object/list-v2 says there is more but gives "
+                                 "no nextCursor", bucket=bucket)
+
+    def _level(self, bucket: str, prefix: str, paging: "_ListPaging") -> list[tuple[str, bool, dict]]:
+        """One folder level through the limit/offset list, every page: (name relative to prefix, is a folder,
+        the item)."""
         entries, offset = [], 0
         while True:
-            options = {"limit": self.page_size, "offset": offset, "sortBy": {"column": "name", "order": "asc"}}
+            def body(limit: int, offset=offset) -> dict:
+                return {"prefix": prefix, "limit": min(limit, _LIST_MAX), "offset": offset, "search": "",
+                        "sortBy": {"column": "name", "order": "asc"}}
 
-            def fetch(options=options):
-                return self._storage3(lambda: self.storage.from_(bucket).list(prefix, options))
-
-            page = self._run("list", fetch, bucket)
+            page, size = self._list_call("list", bucket, body, paging)
+            if not isinstance(page, list):
+                raise StepFailed(f"{self._where(bucket, None)}: POST /object/list answered something else than a "
+                                 "list of entries", bucket=bucket)
             entries += [(item["name"], item.get("id") is None, item) for item in page]
-            if len(page) < self.page_size:
+            if len(page) < min(size, _LIST_MAX):
                 return entries
             offset += len(page)
 
-    def list(self, bucket: str, prefix: str = "") -> Iterator[ListedFile]:
-        folder = prefix.rstrip("/")
-        entries = self._level(bucket, folder)
+    def _list_levels(self, bucket: str, folder: str, paging: "_ListPaging") -> Iterator[ListedFile]:
+        entries = self._level(bucket, folder, paging)
         entries.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
         for name, is_folder, item in entries:
             key = f"{folder}/{name}" if folder else name
             if is_folder:
-                yield from self.list(bucket, key)
+                yield from self._list_levels(bucket, key, paging)
             else:
-                metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
-                etag = _text(metadata.get("eTag"))
-                yield ListedFile(bucket, key, _size(metadata.get("size")), etag.strip('"') if etag else None)
+                yield self._listed(bucket, key, item)
+
+    def list(self, bucket: str, prefix: str = "") -> Iterator[ListedFile]:
+        folder = prefix.rstrip("/")
+        paging = _ListPaging(self.page_size, min(self.page_size, self.list_min_page))
+        started, listed = time.monotonic(), 0
+        if self.offers_list_v2 is not False:
+            for entry in self._list_flat(bucket, f"{folder}/" if folder else "", paging):
+                listed += 1
+                yield entry
+        if self.offers_list_v2 is False:
+            paging.route = "list"
+            for entry in self._list_levels(bucket, folder, paging):
+                listed += 1
+                yield entry
+        log.info("storage listed", endpoint=self.endpoint, bucket=bucket, route=f"POST /object/{paging.route}",
+                 objects=listed, requests=paging.requests, page=paging.size,
+                 request_seconds=round(paging.seconds, 2), seconds=round(time.monotonic() - started, 2))
 
     def head(self, bucket: str, key: str) -> s3.ObjectInfo | None:
         try:
