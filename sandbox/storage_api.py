@@ -123,6 +123,7 @@ signed URLs, moves and copies. ``requests`` counts the requests served per opera
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -140,7 +141,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from liftoff_sandbox.http_service import LoopbackHTTPService, TrackedHandler
 from liftoff_sandbox.supabase_source import storage_object_bytes
@@ -759,6 +760,7 @@ class StorageApiFake(LoopbackHTTPService):
         self.requests: Counter[str] = Counter()
         self.rows_read: deque[tuple[str, int, int]] = deque(maxlen=100_000)
         self.pages_asked: deque[tuple[str, int]] = deque(maxlen=100_000)
+        self._idle: list[psycopg.Connection] = []
 
 
     @property
@@ -779,8 +781,34 @@ class StorageApiFake(LoopbackHTTPService):
         if self.slow_pages is not None and limit > self.slow_pages[0]:
             time.sleep(self.slow_pages[1])
 
-    def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[psycopg.Connection]:
+        """An autocommit connection to the inventory for one request, reused by later ones (storage-api keeps
+        a pool too): a new connection per request cost more than the request, 60-80 downloads a second at
+        100,000 bookings. Each statement sees the rows committed before it, as a fresh connection would."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+        conn.row_factory = tuple_row  # what a handler before may have changed
+        try:
+            yield conn
+        except BaseException:
+            conn.close()  # a failed statement may leave it in any state: not given to the next request
+            raise
+        with self._lock:
+            if self._server is not None and len(self._idle) < 16:
+                self._idle.append(conn)
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        super().stop()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 class _Handler(TrackedHandler):
