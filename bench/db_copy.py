@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from liftoff_sandbox.postgres import pg15_bin_dir  # noqa: E402
 from liftoff.prefect_server import PrefectServer  # noqa: E402
 from liftoff_sandbox.stack import LocalStack  # noqa: E402
-from liftoff.tasks import supabase  # noqa: E402
+from liftoff.systems import supabase  # noqa: E402
 
 PG_BIN = pg15_bin_dir()
 PG_DUMP, PG_RESTORE = str(PG_BIN / "pg_dump"), str(PG_BIN / "pg_restore")

@@ -7,11 +7,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import seeded_storage
+from helpers import kill_storage_run_mid_copy
 from liftoff.flows.options import RunOptions
 from liftoff.flows.storage import migrate_storage
 from liftoff.flows.storage_verify import verify_storage
@@ -174,16 +170,6 @@ def test_gate_catches_a_storage_row_whose_object_is_not_on_the_target(stack, ser
         stack.source.execute("DELETE FROM storage.objects WHERE name = 'zz-late/waiver.pdf'")
 
 
-def _copied(ledger: Path) -> int:
-    if not ledger.exists():
-        return 0
-    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as db:
-        try:
-            return db.execute("SELECT count(*) FROM items WHERE phase = 'storage' AND status = 'copied'").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-
-
 def test_sigkill_mid_copy_then_rerun_copies_only_the_remainder(stack, servers):
     from liftoff_sandbox.faults import FaultProxy
 
@@ -193,16 +179,7 @@ def test_sigkill_mid_copy_then_rerun_copies_only_the_remainder(stack, servers):
         # slowed down (half of the PUTs answered SlowDown, retried with backoff) so the kill lands mid-copy
         runbook = storage_runbook(stack, servers, target_url=slow.url, batch_size=20, concurrency=2)
         ledger = load_runbook(runbook).state_dir / "ledger.sqlite"
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "liftoff"), "run", "storage", "--runbook",
-                                 str(runbook)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and _copied(ledger) < 40:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the copy ended before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        before = _copied(ledger)
+        before = kill_storage_run_mid_copy(runbook, ledger, after=40)
         assert 0 < before < total
         slow.set_faults(slowdown=0.0)
         slow.reset_counters()

@@ -15,17 +15,14 @@ import hashlib
 import itertools
 import json
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import run_cli, seeded_storage
+from helpers import kill_storage_run_mid_copy
 from liftoff.flows.options import RunOptions
 from liftoff.flows.storage import migrate_storage
 from liftoff.flows.storage_verify import verify_storage
@@ -238,16 +235,6 @@ def test_under_fail_the_gate_says_the_source_has_no_bytes_rather_than_blaming_th
     assert "photos/p002.jpg: missing on target" in str(failed.value) and "gone/a.jpg" not in str(failed.value)
 
 
-def _copied(ledger: Path) -> int:
-    if not ledger.exists():
-        return 0
-    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as db:
-        try:
-            return db.execute("SELECT count(*) FROM items WHERE phase = 'storage' AND status = 'copied'").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-
-
 def test_a_kill_mid_copy_with_rows_without_bytes_resumes_and_copies_each_object_once(stack, world):
     from liftoff_sandbox.faults import FaultProxy
 
@@ -258,16 +245,7 @@ def test_a_kill_mid_copy_with_rows_without_bytes_resumes_and_copies_each_object_
         data["storage"]["target"]["endpoint_url"] = slow.url
         runbook.write_text(yaml.safe_dump(data))
         ledger = load_runbook(runbook).state_dir / "ledger.sqlite"
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "liftoff"), "run", "storage", "--runbook",
-                                 str(runbook)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and _copied(ledger) < 10:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the copy ended before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        before = _copied(ledger)
+        before = kill_storage_run_mid_copy(runbook, ledger, after=10)
         assert 0 < before < moved
         slow.set_faults(slowdown=0.0)
         slow.reset_counters()
