@@ -27,8 +27,12 @@ def pytest_configure(config):
     """Starts a real `prefect server start` before any test module imports Prefect: Prefect reads its API
     URL once, at import. Flows run in-process and in CLI subprocesses report to it."""
     global _server
+    config.addinivalue_line("markers", "servers: starts real servers (PostgreSQL, S3, SSH, Prefect ...); "
+                            "`pytest -m 'not servers'` runs the others in seconds, with no server at all")
     if getattr(config, "workerinput", None) is not None:
         return
+    if (config.option.markexpr or "").replace(" ", "") == "notservers":
+        return  # no test that runs needs it
     from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
     from liftoff.prefect_server import PrefectServer
 
@@ -41,6 +45,14 @@ def pytest_configure(config):
     # clusters tests started and left are stopped after it.
     atexit.register(stop_started)
     atexit.register(_server.stop)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test is a ``servers`` test unless its module says ``SERVERS = False`` (it starts none, and runs
+    no flow: the Prefect server is not started for ``-m 'not servers'``)."""
+    for item in items:
+        if getattr(item.module, "SERVERS", True):
+            item.add_marker(pytest.mark.servers)
 
 
 @contextmanager

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+SERVERS = False  # no server, no flow: runs under `pytest -m "not servers"`
+
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"liftoff": "liftoff", "flows": "liftoff.flows", "tasks": "liftoff.tasks", "runbooks": "liftoff.runbooks",
            "deployments": "liftoff.deployments", "sandbox": "liftoff_sandbox"}

@@ -11,6 +11,8 @@ from conftest import ROOT, run_cli
 from liftoff.errors import RunbookInvalid
 from liftoff.runbooks.model import load_runbook
 
+SERVERS = False  # no server, no flow: runs under `pytest -m "not servers"`
+
 GOOD = {
     "name": "crm",
     "state_dir": "state",
