@@ -170,8 +170,7 @@ def notify_on_failure(flow, flow_run, state) -> None:
     state's message, first line>" with the run's UI link. A subflow's failure is left to the run it belongs
     to (the failure propagates there, and one failure makes one message). Without a readable runbook in the
     run's parameters it gives up quietly."""
-    from liftoff.runbooks.model import resolve_runbook_path
-    from liftoff.runbooks.model import load_runbook
+    from liftoff.runbooks.model import load_runbook, resolve_runbook_path
 
     try:
         if getattr(flow_run, "parent_task_run_id", None) is not None:
