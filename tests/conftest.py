@@ -117,14 +117,22 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
 
 @pytest.fixture(scope="session")
 def migrated(stack):
-    """The stack's source migrated once into target database `migrated`; gate tests copy it (TEMPLATE)."""
+    """The stack's source migrated once into target database `migrated`; gate tests copy it (TEMPLATE).
+    ``counts``: the source's rows per table of ``stack.counts`` when it was migrated: tests before this one on
+    the same worker may have written to the shared source (the cutover's writers sign users up)."""
     from liftoff.flows.database import migrate_database
     from liftoff.flows.options import RunOptions
 
     stack.new_target_database("migrated")
     runbook = stack.write_runbook("migrated.yaml", state_dir="state-migrated", target_database="migrated")
+    counts = source_counts(stack)
     result = migrate_database(RunOptions(runbook=str(runbook)))
-    return {"runbook": runbook, "result": result}
+    return {"runbook": runbook, "result": result, "counts": counts}
+
+
+def source_counts(stack) -> dict[str, int]:
+    """The stack's source's rows now, per table the stack generated."""
+    return {table: stack.source.execute(f"SELECT count(*) FROM {table}")[0][0] for table in stack.counts}
 
 
 def fresh_runbook(stack, name: str, template: str | None = None, **database) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import fresh_runbook
+from conftest import fresh_runbook, source_counts
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions
 from liftoff.flows.preflight import preflight
@@ -22,13 +22,13 @@ def test_migrate_database_copies_every_table_and_the_gate_passes(stack, migrated
     result = migrated["result"]
     exported = result["export"]["tables"]
     assert set(exported) == _tables(stack.source, "postgres")
-    for table, rows in stack.counts.items():
+    for table, rows in migrated["counts"].items():
         if table.startswith("public."):
             assert exported[table] == rows, table
     target_counts = {t: stack.target.execute(f"SELECT count(*) FROM {t}", dbname="migrated")[0][0] for t in exported}
     assert target_counts == exported
     # the gate also compares the shim's copy of auth.users with the source's
-    assert result["verify"]["rows"] == sum(exported.values()) + stack.counts["auth.users"]
+    assert result["verify"]["rows"] == sum(exported.values()) + migrated["counts"]["auth.users"]
 
 
 def test_restore_leaves_supabase_platform_objects_behind_and_shims_auth(stack, migrated):
@@ -123,9 +123,10 @@ def test_stream_strategy_copies_server_to_server_and_keeps_a_schema_archive(stac
     from liftoff.systems.pg_tools import PgTools, read_toc
 
     runbook = fresh_runbook(stack, "streamed", strategy="stream")
+    users = source_counts(stack)["auth.users"]
     result = migrate_database(RunOptions(runbook=str(runbook)))
     assert sorted(result["restore"]["loaded"]["loaded"]) == sorted(result["export"]["tables"])
-    assert result["verify"]["rows"] == sum(result["export"]["tables"].values()) + stack.counts["auth.users"]
+    assert result["verify"]["rows"] == sum(result["export"]["tables"].values()) + users
     toc = read_toc(PgTools(stack.source.bin_dir, 15), load_runbook(runbook).state_dir / "dump")
     assert {e.desc for e in toc} >= {"TABLE", "INDEX", "FK CONSTRAINT"}
     assert not [e for e in toc if e.desc == "TABLE DATA"]

@@ -87,7 +87,7 @@ def test_a_grant_the_source_revoked_stays_revoked_and_app_roles_are_an_extra(sta
 
 def test_service_role_bypasses_rls_on_the_target_as_on_the_source(stack, migrated):
     on_source, on_target = _both(stack, "service_role", {"role": "service_role"}, "SELECT count(*) FROM public.bookings")
-    assert on_source == on_target == [(stack.counts["public.bookings"],)]
+    assert on_source == on_target == [(migrated["counts"]["public.bookings"],)]
     assert stack.target.execute("SELECT rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = 'service_role'",
                                 dbname="migrated")[0] == (True, False)
 
