@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 work="$(mktemp -d /tmp/liftoff-wheel-XXXXXX)"
 trap 'rm -rf "$work"' EXIT
+rm -rf build  # setuptools' build/lib keeps files an earlier build copied: a moved module would ship twice
 "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$work/dist" .
+rm -rf build
 "$PYTHON" -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet --upgrade pip
 "$work/venv/bin/pip" install --quiet "$work"/dist/liftoff-*.whl

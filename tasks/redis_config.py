@@ -25,7 +25,8 @@ from liftoff.redaction import one_line, redact
 from liftoff.reports import check_rows, check_table
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Cache, RedisEndpoint, Runbook, redis_memory_bytes
-from liftoff.tasks.cutover.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, redis_ping
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
+from liftoff.systems.redis_server import ping as redis_ping
 
 log = get_logger(phase="cache")
 

@@ -36,7 +36,7 @@ from liftoff.redaction import is_weak_secret, redact
 from liftoff.reports import check_rows, check_table, md_cell
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook, SecretRef
-from liftoff.tasks.cutover.checklist import FAILED, NOT_CHECKED, PASSED, CheckLine, ChecklistReport
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, CheckReport
 from liftoff.systems.remote import Remote, command_head
 
 log = get_logger(phase="security")
@@ -52,7 +52,7 @@ _CREDENTIAL_KEY = r"\b[\w.-]*(?:password|passwd|pass|pwd|secret|token|key)[\w.-]
 
 
 @dataclass(frozen=True)
-class SecurityReport(ChecklistReport):
+class SecurityReport(CheckReport):
     """The checklist's kind of report (a line per check; "not checked" lines do not fail it), in its own words."""
 
     def summary(self) -> str:

@@ -19,14 +19,8 @@ from liftoff_sandbox.redis import RedisServer
 from liftoff_sandbox.s3 import S3Server
 from liftoff.runbooks.model import Runbook, forget_resolved_secrets
 from liftoff.systems import dns, http_health as health
-from liftoff.tasks.cutover.checklist import (
-    FAILED,
-    NOT_CHECKED,
-    PASSED,
-    CheckLine,
-    ChecklistReport,
-    run_checklist,
-)
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
+from liftoff.tasks.cutover.checklist import ChecklistReport, run_checklist
 
 RECORD = "app.crm.test"
 UNHEALTHY = {"status": "unhealthy", "timestamp": "2026-11-27T10:00:05Z",

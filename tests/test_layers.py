@@ -3,7 +3,8 @@
     liftoff_sandbox (the demo's and the tests' servers and fakes)
         -> anything below; nothing below imports it
     liftoff.deployments -> liftoff.flows -> liftoff.tasks -> liftoff.systems -> core
-    core: liftoff.{errors, redaction, logs, ledger, steps, reports, phases, prefect_server}, liftoff.runbooks
+    core: liftoff.{errors, redaction, logs, ledger, steps, reports, checks, phases, prefect_server},
+          liftoff.runbooks
 
 A building block (liftoff.systems) knows one system: no Prefect, no step, no flow. Steps (liftoff.tasks)
 import no flow; flows import no deployment; the core imports none of the layers above it. The CLI

@@ -28,7 +28,7 @@ from liftoff_sandbox.postgres import free_port
 from liftoff_sandbox.redis import RedisServer
 from liftoff_sandbox.ssh import SshServer
 from liftoff.runbooks.model import forget_resolved_secrets, load_runbook
-from liftoff.tasks.cutover.checklist import FAILED, NOT_CHECKED, PASSED
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED
 from liftoff.systems.remote import Remote
 from liftoff.tasks.security import (
     check_firewall,

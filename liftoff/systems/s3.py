@@ -1513,3 +1513,13 @@ def prove_bucket_access(endpoint_url: str, bucket: str, key: str, public: bool, 
     if listed not in (401, 403):
         problems.append(f"bucket '{bucket}': an anonymous listing answered {listed}, not 403")
     return AccessProof(bucket, public, got, listed, problems)
+
+
+def minio_live(endpoint_url: str) -> int | None:
+    """MinIO's liveness probe's HTTP status when it answers 200; None otherwise (SeaweedFS, Garage and others
+    do not have it, so anything but 200 says nothing)."""
+    try:
+        with urllib.request.urlopen(f"{endpoint_url}/minio/health/live", timeout=3) as response:
+            return response.status if response.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None

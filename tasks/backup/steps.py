@@ -29,7 +29,7 @@ from liftoff.steps import recorded
 from liftoff.runbooks.model import Endpoint, Runbook
 from liftoff.systems import pg_tools, postgres, s3
 from liftoff.systems import backups as archive
-from liftoff.tasks.cutover.checklist import FAILED, PASSED, CheckLine
+from liftoff.checks import FAILED, PASSED, CheckLine
 from liftoff.tasks.rehearsal import maintenance_endpoint
 from liftoff.tasks.storage.common import endpoint as s3_endpoint
 from liftoff.tasks.storage.common import target_bucket, target_client

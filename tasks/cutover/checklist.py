@@ -12,64 +12,27 @@ becomes its own failed line; it never stops the others. Details pass the redacti
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar
 
-from liftoff.errors import ConnectionRefused, LiftoffError
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, CheckReport
+from liftoff.errors import LiftoffError
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
 from liftoff.redaction import error_line, one_line, redact
-from liftoff.reports import check_rows, check_table, md_cell
+from liftoff.reports import check_table, md_cell
 from liftoff.runbooks.model import App, RedisEndpoint, Runbook
-from liftoff.systems import dns, http_health as health, postgres, s3
+from liftoff.systems import dns, http_health as health, postgres, redis_server, s3
 
 log = get_logger(phase="cutover")
 
-PASSED, FAILED, NOT_CHECKED = "passed", "failed", "not checked"
-Status = Literal["passed", "failed", "not checked"]
 _PROBE_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
-class CheckLine:
-    name: str
-    status: Status
-    detail: str
-    fix: str = ""  # what to do when it failed or was not checked
-
-
-@dataclass(frozen=True)
-class ChecklistReport:
-    lines: list[CheckLine] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """No line failed ("not checked" lines do not fail the checklist; they are shown red)."""
-        return not any(line.status == FAILED for line in self.lines)
-
-    def failures(self) -> list[str]:
-        return [f"{line.name}: {line.detail}" for line in self.lines if line.status == FAILED]
-
-    def not_checked(self) -> list[str]:
-        return [line.name for line in self.lines if line.status == NOT_CHECKED]
-
-    def line(self, name: str) -> CheckLine:
-        return next(line for line in self.lines if line.name == name)
-
-    def summary(self) -> str:
-        counts = {s: sum(1 for line in self.lines if line.status == s) for s in (PASSED, FAILED, NOT_CHECKED)}
-        head = (f"checklist passed: {counts[PASSED]} of {len(self.lines)} lines passed" if self.ok else
-                f"checklist failed: {counts[FAILED]} of {len(self.lines)} lines failed "
-                f"({', '.join(line.name for line in self.lines if line.status == FAILED)})")
-        unchecked = self.not_checked()
-        return head + (f"; not checked: {', '.join(unchecked)}" if unchecked else "")
-
-    def rows(self) -> list[dict]:
-        """One row per line, for a table artifact and the approval form."""
-        return check_rows(self.lines)
+class ChecklistReport(CheckReport):
+    label: ClassVar[str] = "checklist"
 
     def markdown(self) -> str:
         out = ["# Pre-cutover checklist", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.", "",
@@ -164,42 +127,11 @@ def _pgbouncer_answers(rb: Runbook) -> CheckLine:
     return CheckLine("PgBouncer answers", PASSED, f"{ep.where}: SELECT 1 answered through PgBouncer")
 
 
-def redis_ping(endpoint: RedisEndpoint, field: str = "target.redis", timeout: float = _PROBE_TIMEOUT_S) -> None:
-    """PINGs the Redis at ``endpoint`` (AUTH with its password when it has one); raises ConnectionRefused
-    with one line naming ``field`` and host:port."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    where = f"{field} ({endpoint.host}:{endpoint.port})"
-    password = endpoint.password.resolve(f"{field}.password") if endpoint.password else None
-    client = redis.Redis(host=endpoint.host, port=endpoint.port, db=endpoint.db, password=password,
-                         socket_timeout=timeout, socket_connect_timeout=timeout,
-                         retry=Retry(NoBackoff(), 0))  # one try: redis-py's default retries take ~3.5 s to say no
-    try:
-        if not client.ping():
-            raise redis.exceptions.ResponseError("PING was not answered with PONG")
-    except redis.exceptions.AuthenticationError as exc:
-        hint = (f"check the secret behind {field}.password ({endpoint.password.label})" if endpoint.password
-                else f"the server wants a password: set {field}.password")
-        raise ConnectionRefused(f"{where}: Redis refused the login ({one_line(str(exc))}); {hint}") from None
-    except redis.exceptions.TimeoutError:
-        raise ConnectionRefused(f"{where}: Redis did not answer within {timeout:g} s; check {field}.host, "
-                                         f"{field}.port and the firewall") from None
-    except redis.exceptions.ConnectionError as exc:
-        raise ConnectionRefused(f"{where}: cannot reach Redis ({one_line(str(exc))}); check {field}.host, "
-                                         f"{field}.port and that redis-server is running") from None
-    except redis.exceptions.ResponseError as exc:
-        raise ConnectionRefused(f"{where}: Redis answered an error ({one_line(str(exc))})") from None
-    finally:
-        client.close()
-
-
 def _redis_answers(endpoint: RedisEndpoint | None) -> CheckLine:
     if endpoint is None:
         return _unchecked("Redis answers", "no Redis in the runbook (target.redis)",
                           "add target.redis, or check Redis by hand")
-    redis_ping(endpoint)
+    redis_server.ping(endpoint)
     return CheckLine("Redis answers", PASSED, f"target.redis ({endpoint.host}:{endpoint.port}): PING answered PONG")
 
 
@@ -215,20 +147,10 @@ def _s3_answers(rb: Runbook) -> CheckLine:
     answer = s3.call(s3.RetryPolicy(attempts=2, max_seconds=15), "list buckets", client.list_buckets, client,
                      "(all buckets)")
     detail = f"{target.endpoint_url}: an authenticated list_buckets answered ({len(answer.get('Buckets', []))} buckets)"
-    live = _minio_live(target.endpoint_url)
+    live = s3.minio_live(target.endpoint_url)
     if live is not None:
         detail += f"; MinIO's /minio/health/live answered {live}"
     return CheckLine("target S3 server answers", PASSED, detail)
-
-
-def _minio_live(endpoint_url: str) -> int | None:
-    """MinIO's liveness probe's HTTP status when it answers 200; None otherwise (SeaweedFS, Garage and others
-    do not have it, so anything but 200 says nothing)."""
-    try:
-        with urllib.request.urlopen(f"{endpoint_url}/minio/health/live", timeout=3) as response:
-            return response.status if response.status == 200 else None
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from liftoff.reports import check_rows, check_table
 from liftoff.runbooks.model import Endpoint, Runbook
 from liftoff.systems import http_health as app_health
 from liftoff.systems import postgres, vps
-from liftoff.tasks.cutover.checklist import _minio_live, redis_ping
+from liftoff.systems.redis_server import ping as redis_ping
+from liftoff.systems.s3 import minio_live
 
 log = get_logger(phase="health")
 
@@ -183,7 +184,7 @@ def _minio(rb: Runbook) -> HealthLine:
         return HealthLine("MinIO", NOT_CONFIGURED, "no S3 server in the runbook (storage.target)",
                           "add storage.target")
     url = f"{target.endpoint_url}/minio/health/live"
-    if _minio_live(target.endpoint_url) == 200:
+    if minio_live(target.endpoint_url) == 200:
         return HealthLine("MinIO", OK, f"{url} answered 200")
     parts = urlsplit(target.endpoint_url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
