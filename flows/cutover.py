@@ -116,7 +116,8 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
     downtime = round(healthy_at - frozen["frozen_at"], 2)
     ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations},
                         flow_run_id=current_run_id())
-    publish_downtime(downtime, durations, not_migrated(runbook))
+    files_not_migrated = not_migrated(runbook)
+    publish_downtime(downtime, durations, files_not_migrated)
     # The apps work on the target from here: a catch-up that cannot carry everything does not roll them back
     # (what it could not carry stays on the source, named); it fails the run and is run again once fixed.
     caught_up = catch_up(runbook)
@@ -127,7 +128,7 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
                          f"was not carried is still on the source: fix the cause, then run `liftoff run catch-up "
                          f"--runbook {options.runbook}`")
     return {"downtime_s": downtime, "steps": durations, "final_sync": synced,
-            "storage_not_migrated": not_migrated(runbook),
+            "storage_not_migrated": files_not_migrated,
             "catch_up_s": round(time.time() - healthy_at, 2),
             "catch_up": {"since": caught_up.since, "until": caught_up.until, "tables": caught_up.tables,
                          "buckets": caught_up.buckets, "conflicts": caught_up.conflicts}}

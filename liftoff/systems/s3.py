@@ -750,8 +750,8 @@ def _first_byte(s3, bucket: str, key: str, whole: bool) -> BytesProbe:
         if http_status(exc) == 404:
             return BytesProbe(key, missing=f"not found ({error_code(exc)})")
         raise
-    etag = dict((n.lower(), v) for n, v in response.headers).get("etag", "").strip('"') or None
     size = total_size(response.headers, response.status)
+    etag = next((v for n, v in response.headers if n.lower() == "etag"), "").strip('"') or None
     with contextlib.closing(response.body):
         if response.status == 206 or whole:
             response.body.read()  # one byte, or none: read to its end, the connection is reused

@@ -291,7 +291,7 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:
             # What the inventory holds now is what this catch-up answers for; what arrives later, the next one.
             seen[b.name] = {obj.key: obj.updated_at for obj in supabase_storage.inventory(conn, b.name)}
             copied = {k: md5 for k, _, _, md5 in ledger.items(STORAGE, item_kind(b.name), status="copied")}
-            names, objects, clashes[b.name] = [], [], set()
+            objects, clashes[b.name] = [], set()
             gone = recorded_gone(ledger, b.name)  # rows without bytes the storage phase left out (skip)
             for obj in pending(rb, conn, ledger, b.name):
                 if obj.key in gone:
@@ -300,10 +300,10 @@ def _catch_up_objects(rb: Runbook) -> tuple[list[dict], list[str], list[str]]:
                 if there is not None and (obj.key not in copied or there.md5 != copied[obj.key]):
                     clashes[b.name].add(obj.key)
                 else:
-                    names.append(obj.key)
                     objects.append([obj.key, obj.mimetype, obj.cache_control])
             for start in range(0, len(objects), rb.storage.batch_size):
                 failed += copy_object_batch(rb, b.name, objects[start:start + rb.storage.batch_size])["failed"]
+            names = [key for key, _, _ in objects]
             # deleted on Supabase since the copy: deleted on the target too, where the apps left it as copied
             deleted = []
             for key in sorted(copied.keys() - seen[b.name].keys()):

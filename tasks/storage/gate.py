@@ -63,10 +63,14 @@ class BucketCheck:
         return self.source_objects - len(self.not_migrated), self.source_bytes - self.not_migrated_bytes
 
     @property
+    def counts_match(self) -> bool:
+        """The target holds, of the source's, the objects and bytes it should (its apps' own aside)."""
+        return self.expected == (self.target_objects - self.target_only_count,
+                                 self.target_bytes - self.target_only_bytes)
+
+    @property
     def ok(self) -> bool:
-        return (not self.problem_count and not self.access
-                and self.expected == (self.target_objects - self.target_only_count,
-                                      self.target_bytes - self.target_only_bytes))
+        return not self.problem_count and not self.access and self.counts_match
 
     def notes(self) -> list[str]:
         """What passes but an operator must know: the rows not migrated."""
@@ -77,7 +81,7 @@ class BucketCheck:
 
     def summary(self) -> list[str]:
         lines = []
-        if self.expected != (self.target_objects - self.target_only_count, self.target_bytes - self.target_only_bytes):
+        if not self.counts_match:
             gone = (f", {len(self.not_migrated)} of them with no bytes on the source" if self.not_migrated else "")
             lines.append(f"bucket {self.bucket}: target {self.target} holds {self.target_objects} objects "
                          f"({self.target_bytes:,} bytes), the source {self.source_objects} ({self.source_bytes:,}"

@@ -162,10 +162,9 @@ def plan_storage(rb: Runbook) -> StoragePlan:
             sb = on_source[b.name]
             plan = BucketPlan(b.name, target_bucket(rb, b.name), b.public, sb.public, sb.file_size_limit,
                               sb.allowed_mime_types)
-            for obj in supabase_storage.inventory(conn, b.name):
-                plan.objects += 1
-                plan.bytes += obj.size or 0
             rec = _reconcile(rb, src, conn, ledger, b.name)
+            tally = rec.tally(b.name)  # the merge counted every row of the inventory: no read of its own
+            plan.objects, plan.bytes = tally.rows, tally.row_bytes
             plan.reconciliation = rec.failures()
             plan.gone = [GoneBytes(key, size, why) for _, key, size, why in rec.gone]
             gone = plan.gone_keys
