@@ -21,7 +21,7 @@ from liftoff.tasks.backup.steps import (
     require_backups,
     run_restore_test,
 )
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="backup", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

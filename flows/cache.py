@@ -7,16 +7,9 @@ from prefect import flow
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
-from liftoff.tasks.redis_config import (
-    CacheReport,
-    cache_settings,
-    configure_cache,
-    fix_for,
-    read_cache_settings,
-    redis_endpoint,
-    run_cache_gate,
-)
+from liftoff.flows.hooks import notify_on_failure
+from liftoff.systems.redis_cache import CacheReport, cache_settings, fix_for, read_cache_settings, redis_endpoint
+from liftoff.tasks.cache.steps import configure_cache, run_cache_gate
 
 
 @flow(name="cache", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -11,7 +11,7 @@ from liftoff.errors import GateFailed, StepFailed
 from liftoff.ledger import exclusive
 from liftoff.reports import publish_markdown
 from liftoff.tasks.cutover.catch_up import catch_up, switched_and_kept
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="catch-up", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -27,7 +27,7 @@ from liftoff.tasks.cutover.gate import check_before_cutover
 from liftoff.tasks.cutover.smoke import smoke_test
 from liftoff.tasks.cutover.sync import refuse_while_changes_stranded
 from liftoff.tasks.cutover.switch import switch_apps
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 from liftoff.tasks.storage.plan import not_migrated
 
 APPROVAL_POLL_S = 2

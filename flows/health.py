@@ -17,7 +17,7 @@ from liftoff.tasks.health.monitoring import (
     uptime_kuma_monitors,
     uptime_kuma_yaml,
 )
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @task(name="check health (gate)", cache_policy=NO_CACHE)

@@ -15,7 +15,7 @@ from liftoff.ledger import exclusive
 from liftoff.phases import PHASES
 from liftoff.reports import markdown_table, publish_markdown
 from liftoff.runbooks.model import Runbook
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="migrate", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

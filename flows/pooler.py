@@ -10,20 +10,9 @@ from liftoff.errors import GateFailed, PreflightFailed
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook
-from liftoff.tasks.notify import notify_on_failure
-from liftoff.tasks.pgbouncer import (
-    PoolerConfig,
-    PoolerPlan,
-    PoolerPreflight,
-    PoolerReport,
-    plan_pooler,
-    preflight_pooler,
-    read_current,
-    read_server_auth,
-    render_config,
-    verify_pooler,
-    write_pooler_config,
-)
+from liftoff.flows.hooks import notify_on_failure
+from liftoff.systems.pgbouncer import PoolerConfig, PoolerPlan, PoolerPreflight, PoolerReport, plan_pooler, preflight_pooler, read_current, read_server_auth, render_config
+from liftoff.tasks.pooler.steps import verify_pooler, write_pooler_config
 
 
 @flow(name="setup-pooler", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

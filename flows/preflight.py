@@ -7,7 +7,7 @@ from prefect import flow
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.tasks.database.preflight import PreflightReport, require, run_preflight
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="preflight", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

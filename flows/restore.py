@@ -17,7 +17,7 @@ from liftoff.tasks.database.restore import (
     restore_post_data,
     restore_pre_data,
 )
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="restore", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -8,8 +8,8 @@ from prefect import flow
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.reports import publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
-from liftoff.tasks.security import SecurityReport, internal_services, require_ssh, security_gate
+from liftoff.flows.hooks import notify_on_failure
+from liftoff.tasks.security.gate import SecurityReport, internal_services, require_ssh, security_gate
 
 
 @flow(name="check-security", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

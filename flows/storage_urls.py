@@ -7,7 +7,7 @@ from prefect import flow
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 from liftoff.tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
 from liftoff.systems.storage_urls import ColumnPreview
 

@@ -7,7 +7,7 @@ from prefect import flow
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 from liftoff.tasks.storage.gate import StorageReport, run_storage_gate
 
 

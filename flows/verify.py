@@ -9,7 +9,7 @@ from liftoff.errors import GateFailed
 from liftoff.ledger import Ledger
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.tasks.database.gate import report_rows, run_gate
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 from liftoff.systems.pg_compare import DatabaseReport
 
 

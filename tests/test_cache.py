@@ -16,7 +16,7 @@ from liftoff.ledger import Ledger
 from liftoff_sandbox.redis import RedisServer
 from liftoff.runbooks.model import Cache, Runbook, forget_resolved_secrets, redis_memory_bytes
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED
-from liftoff.tasks.redis_config import ROUND_TRIP_PREFIX, check_cache, read_cache_settings
+from liftoff.systems.redis_cache import ROUND_TRIP_PREFIX, check_cache, read_cache_settings
 
 PASSWORD_ENV = "LIFTOFF_TEST_CACHE_REDIS_PASSWORD"
 PLAN = {"appendonly": "yes", "maxmemory": str(512 * 1024 * 1024), "maxmemory-policy": "allkeys-lru"}

@@ -24,7 +24,8 @@ from liftoff_sandbox.s3 import S3Server
 from liftoff_sandbox.ssh import SshServer
 from liftoff.runbooks.model import Runbook, forget_resolved_secrets
 from liftoff.tasks.health.monitoring import CRITICAL, NOT_CONFIGURED, OK, WARN, check_platform_health
-from liftoff.systems.vps import parse_df, parse_ss
+from liftoff.systems.vps import parse_df
+from liftoff.systems.ss import parse_ss
 
 KEY_ENV = "LIFTOFF_TEST_HEALTH_SSH_KEY"
 REDIS_ENV = "LIFTOFF_TEST_HEALTH_REDIS_PASSWORD"

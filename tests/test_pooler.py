@@ -23,7 +23,7 @@ from liftoff.reports import last_markdown
 from liftoff_sandbox.pgbouncer import PgBouncerServer, scram_userlist
 from liftoff_sandbox.stack import APP_ROLE
 from liftoff.runbooks.model import load_runbook
-from liftoff.tasks.pgbouncer import plan_pooler, preflight_pooler, read_current, read_server_auth
+from liftoff.systems.pgbouncer import plan_pooler, preflight_pooler, read_current, read_server_auth
 
 DATABASE = "pooler"
 APP_PASSWORD_ENV = "LIFTOFF_POOLER_APP_PASSWORD"

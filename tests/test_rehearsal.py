@@ -18,7 +18,8 @@ from liftoff.ledger import Event, Ledger
 from liftoff.reports import last_markdown
 from liftoff_sandbox.supabase_source import SUPABASE_PROJECT_URL
 from liftoff.runbooks.model import load_runbook
-from liftoff.tasks import rehearsal as scratch
+from liftoff.tasks.rehearsal import estimate as arithmetic
+from liftoff.tasks.rehearsal import scratch
 
 _n = itertools.count()
 
@@ -222,10 +223,10 @@ def _with_scratch(stack, rb, name: str):
 
 
 def test_the_downtime_estimate_states_its_assumption_without_a_real_cutover():
-    estimate = scratch.estimate_downtime({"export": 2.0, "restore.data": 3.0}, copy_seconds=10.0,
+    estimate = arithmetic.estimate_downtime({"export": 2.0, "restore.data": 3.0}, copy_seconds=10.0,
                                          changed_fraction=0.25, switch=None)
     assert estimate["parts"]["storage.copy (what changed)"] == 2.5
-    assert estimate["downtime_s"] == 2.0 + 3.0 + 2.5 + scratch.ASSUMED_SWITCH_S
+    assert estimate["downtime_s"] == 2.0 + 3.0 + 2.5 + arithmetic.ASSUMED_SWITCH_S
     assert "no real cutover is recorded" in estimate["assumption"]
 
 
@@ -236,9 +237,9 @@ def test_the_comparison_shows_a_slower_rehearsal_as_a_regression():
                       "sizes": {"database": {"rows": 1000}}, "estimate": {"downtime_s": downtime}}, None)
 
     older, newer = event(1, "rehearsal.done", 10.0, 40.0), event(2, "rehearsal.failed", 15.0, 50.0)
-    rows = scratch.comparison_rows([older, newer])
+    rows = arithmetic.comparison_rows([older, newer])
     assert [r["passed"] for r in rows] == ["yes", "NO"]
     assert rows[1]["change"] == "+10 (+25%)" and rows[0]["change"] == "–"
-    figures = {r["figure"]: r for r in scratch.changes(older.after, newer.after)}
+    figures = {r["figure"]: r for r in arithmetic.changes(older.after, newer.after)}
     assert figures["database phase, s"]["change"] == "+5 (+50%)"
     assert figures["step export, s"]["previous"] == "5" and figures["step export, s"]["this one"] == "7.50"

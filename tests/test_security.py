@@ -30,14 +30,10 @@ from liftoff_sandbox.ssh import SshServer
 from liftoff.runbooks.model import forget_resolved_secrets, load_runbook
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED
 from liftoff.systems.remote import Remote
-from liftoff.tasks.security import (
-    check_firewall,
-    check_security,
-    is_internal,
-    parse_listeners,
-    parse_ufw_status,
-    secret_in,
-)
+from liftoff.systems.ufw import check_firewall, parse_ufw_status
+from liftoff.tasks.security.gate import check_security
+from liftoff.systems.ss import is_internal, parse_listeners
+from liftoff.tasks.security.secrets import secret_in
 from tests.conftest import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ufw"

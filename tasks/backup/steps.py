@@ -30,7 +30,6 @@ from liftoff.runbooks.model import Endpoint, Runbook
 from liftoff.systems import pg_tools, postgres, s3
 from liftoff.systems import backups as archive
 from liftoff.checks import FAILED, PASSED, CheckLine
-from liftoff.tasks.rehearsal import maintenance_endpoint
 from liftoff.tasks.storage.common import endpoint as s3_endpoint
 from liftoff.tasks.storage.common import target_bucket, target_client
 from liftoff.systems.supabase_storage import S3Source
@@ -321,7 +320,7 @@ def _drop_scratch(rb: Runbook) -> None:
     if name == rb.target.direct.database:  # the model refuses PostgreSQL's own; this is the live database
         raise RunbookInvalid(f"runbook {rb.name}: backups.restore_test_database '{name}' is target.direct.database; "
                              "the restore test drops it: choose another name")
-    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+    with postgres.session(postgres.maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
                      "AND pid <> pg_backend_pid()", (name,))
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -332,7 +331,7 @@ def _create_scratch(rb: Runbook) -> None:
     encoding and collation so it sorts and compares as the live one does."""
     _drop_scratch(rb)
     name, ep = rb.backups.restore_test_database, rb.target.direct
-    with postgres.session(maintenance_endpoint(ep), "target.direct", text_settings=False) as conn:
+    with postgres.session(postgres.maintenance_endpoint(ep), "target.direct", text_settings=False) as conn:
         like = conn.execute("SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
                             "WHERE datname = %s", (ep.database,)).fetchone()
         statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))

@@ -1,0 +1,31 @@
+"""The cache phase's steps: Redis configured as the plan says (``cache.config``) and its gate (``verify-cache``).
+What is read and set on Redis: ``liftoff.systems.redis_cache``."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from liftoff.runbooks.model import Runbook
+from liftoff.steps import recorded
+from liftoff.systems.redis_cache import CacheReport, apply_cache_settings, cache_settings, check_cache, read_cache_settings
+
+
+@task(name="configure Redis", cache_policy=NO_CACHE)
+@recorded("cache.config")
+def configure_cache(rb: Runbook) -> dict:
+    """With ``cache.apply``: sets what differs. Without: changes nothing and records what differs (the gate
+    then names the command for each)."""
+    settings = cache_settings(rb)
+    if not settings.apply:
+        found = read_cache_settings(rb)
+        return {"where": found.where, "applied": False,
+                "differ": {s.name: {"current": s.current, "wanted": s.wanted} for s in found.differences()}}
+    return {**apply_cache_settings(rb), "applied": True}
+
+
+
+@task(name="verify cache (gate)", cache_policy=NO_CACHE)
+@recorded("verify-cache", gate="cache")
+def run_cache_gate(rb: Runbook) -> CacheReport:
+    return check_cache(rb)
