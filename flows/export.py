@@ -1,4 +1,4 @@
-"""Runbook step 2: export the Supabase database with pg_dump."""
+"""The database export (the runbook's `source` and `database` sections): export the Supabase database with pg_dump."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Runbook step 6d: the final sync brings the target up to the frozen source, behind one interface.
+"""The cutover's final sync (the runbook's `cutover` section): the final sync brings the target up to the frozen
+source, behind one interface.
 
 ``FullResync`` re-runs the database phase from a new export (every table reloaded) and the storage phase
 (only objects added or changed since), each ending in its gate, which must pass. A later strategy (logical
@@ -29,7 +30,7 @@ class FullResync:
     def run(self, runbook: Runbook, options: RunOptions) -> dict:
         forget_for_full_resync(runbook)
         done = {"database": migrate_database(options)}
-        if runbook.storage.buckets:
+        if runbook.storage.wanted:
             done["storage"] = migrate_storage(options)
         return done
 

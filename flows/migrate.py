@@ -44,7 +44,7 @@ def phases_not_configured(runbook: Runbook) -> dict[str, str]:
     """Phases this runbook leaves out, with why. Storage half-configured is not skipped: its own flow names
     what is missing."""
     skipped = {}
-    if runbook.storage.source is None and runbook.storage.target is None:
+    if not runbook.storage.wanted:
         skipped["storage"] = "no storage.source / storage.target in the runbook"
     if runbook.cutover.switch is None:
         skipped["cutover"] = "no cutover.switch in the runbook: the apps stay on the source"

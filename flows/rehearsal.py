@@ -38,7 +38,7 @@ class RehearsedPhase:
 # here (the scratch runbook has no switch); later phases join this list.
 REHEARSED = (
     RehearsedPhase("database", "database", lambda rb: True),
-    RehearsedPhase("storage", "storage", scratch_tasks.storage_configured),
+    RehearsedPhase("storage", "storage", lambda rb: rb.storage.configured),
 )
 
 
@@ -110,7 +110,7 @@ def rehearse(options: RunOptions) -> dict:
 def plan_rehearsal(real: Runbook) -> RehearsalPlan:
     scratch = scratch_tasks.scratch_runbook(real, scratch_tasks.new_scratch_state_dir(real))
     phases = [p for p in REHEARSED if p.configured(real)]
-    buckets = scratch_tasks.scratch_buckets(real) if scratch_tasks.storage_configured(real) else []
+    buckets = scratch_tasks.scratch_buckets(real) if real.storage.configured else []
     return RehearsalPlan(scratch, phases, buckets)
 
 

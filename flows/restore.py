@@ -1,4 +1,5 @@
-"""Runbook step 3: restore the archive into the self-hosted PostgreSQL with pg_restore."""
+"""The database restore (the runbook's `target` and `database` sections): restore the archive into the self-hosted
+PostgreSQL with pg_restore."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Runbook step 5: move the files from Supabase Storage to the target's S3 server (MinIO)."""
+"""The storage phase (the runbook's `storage` section): move the files from Supabase Storage to the target's S3
+server (MinIO)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Runbook step 5, its last part: the app's stored Storage URLs point at the target's public base."""
+"""The storage phase's last part (the runbook's `storage.rewrite`): the app's stored Storage URLs point at the
+target's public base."""
 
 from __future__ import annotations
 

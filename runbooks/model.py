@@ -463,6 +463,19 @@ class Storage(_Strict):
         "found or 500): fail (the plan stops and names them) or skip (not copied; the gate lists them as not "
         "migrated and passes; the URL rewrite leaves their URLs as they are)")
 
+    # The one place that says whether the storage phase is in this runbook (every flow and step asks here).
+    @property
+    def wanted(self) -> bool:
+        """The runbook asks for the storage phase: a source or a target is set (buckets alone are a list waiting
+        for its endpoints, as in runbooks/local.yaml). A half-configured one is wanted all the same, so its flow
+        stops naming what is missing instead of being skipped in silence."""
+        return self.source is not None or self.target is not None
+
+    @property
+    def configured(self) -> bool:
+        """Everything the storage phase needs is set: buckets, source and target."""
+        return bool(self.buckets) and self.source is not None and self.target is not None
+
 
 class S3Target(_Strict):
     endpoint_url: str
@@ -856,6 +869,12 @@ def _explain(error: dict) -> str:
     return msg.removeprefix("Value error, ")
 
 
+# Each flow run and its subflows validate the runbook once: a parsed runbook is kept per file and content (the
+# text is read every time, which is cheap; the YAML parse and the validation are not), so an edit is seen by
+# the next read, however soon. A Runbook is frozen (immutable), so the one parsed model is shared safely.
+_PARSED: dict[tuple[Path, str], Runbook] = {}
+
+
 def load_runbook(path: str | Path) -> Runbook:
     """Reads and validates a runbook file; relative ``state_dir`` is resolved against the file's folder."""
     path = Path(path).expanduser().resolve()
@@ -865,6 +884,15 @@ def load_runbook(path: str | Path) -> Runbook:
         raise RunbookInvalid(f"{path}: no such runbook file") from None
     except OSError as exc:
         raise RunbookInvalid(f"{path}: cannot read ({exc.strerror})") from None
+    key = (path, text)
+    if key not in _PARSED:
+        if len(_PARSED) > 64:
+            _PARSED.clear()
+        _PARSED[key] = _parse_runbook(path, text)
+    return _PARSED[key]
+
+
+def _parse_runbook(path: Path, text: str) -> Runbook:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -141,8 +141,16 @@ def fresh_runbook(stack, name: str, template: str | None = None, **database) -> 
     return stack.write_runbook(f"{name}.yaml", state_dir=f"state-{name}", target_database=name, **database)
 
 
+@pytest.fixture(scope="module")
+def module_env():
+    """Environment a module's fixtures set (its servers' secrets, read by the runbooks it writes), put back when
+    the module ends: nothing leaks into the next module on the same worker."""
+    with pytest.MonkeyPatch.context() as env:
+        yield env
+
+
 @contextmanager
-def seeded_storage(stack, env_prefix: str):
+def seeded_storage(stack, env_prefix: str, env: pytest.MonkeyPatch):
     """Two S3 servers for a module: Supabase Storage's backend seeded with the bytes of every
     ``storage.objects`` row of the stack's source, and the target's; their keys in
     ``{env_prefix}_{SUPABASE,TARGET}_S3_{KEY,SECRET}``. Yields (supabase_s3, target, seeded objects)."""
@@ -152,10 +160,11 @@ def seeded_storage(stack, env_prefix: str):
     supabase_s3, target = S3Server().start(), S3Server().start()
     try:
         seeded = seed_objects(supabase_s3.client(), stack.source.conninfo())
-        os.environ.update({f"{env_prefix}_SUPABASE_S3_KEY": supabase_s3.access_key,
-                           f"{env_prefix}_SUPABASE_S3_SECRET": supabase_s3.secret_key,
-                           f"{env_prefix}_TARGET_S3_KEY": target.access_key,
-                           f"{env_prefix}_TARGET_S3_SECRET": target.secret_key})
+        for name, value in {f"{env_prefix}_SUPABASE_S3_KEY": supabase_s3.access_key,
+                            f"{env_prefix}_SUPABASE_S3_SECRET": supabase_s3.secret_key,
+                            f"{env_prefix}_TARGET_S3_KEY": target.access_key,
+                            f"{env_prefix}_TARGET_S3_SECRET": target.secret_key}.items():
+            env.setenv(name, value)
         yield supabase_s3, target, seeded
     finally:
         supabase_s3.stop()

@@ -5,7 +5,6 @@ Each runbook has its own scratch database and state_dir; the real target databas
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import yaml
@@ -25,8 +24,8 @@ _n = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def servers(stack):
-    with seeded_storage(stack, "LIFTOFF_REHEARSAL") as (supabase_s3, target, _):
+def servers(stack, module_env):
+    with seeded_storage(stack, "LIFTOFF_REHEARSAL", module_env) as (supabase_s3, target, _):
         yield supabase_s3, target
 
 
@@ -149,7 +148,7 @@ def test_a_rehearsal_is_recorded_in_the_real_event_log_only(first_rehearsal):
 
 
 def test_a_failed_phase_still_tears_down_and_the_report_compares_it_with_the_rehearsal_before(
-        stack, servers, first_rehearsal):
+        stack, servers, first_rehearsal, monkeypatch):
     # The same runbook (same state_dir, scratch database and buckets), now mapping a role to a target role
     # that does not exist: preflight on the freshly created scratch database stops the database phase.
     rb = first_rehearsal["rb"]
@@ -161,7 +160,7 @@ def test_a_failed_phase_still_tears_down_and_the_report_compares_it_with_the_reh
     from liftoff_sandbox.webhook import WebhookReceiver
 
     with WebhookReceiver() as receiver:
-        os.environ["LIFTOFF_TEST_REHEARSAL_WEBHOOK"] = receiver.url
+        monkeypatch.setenv("LIFTOFF_TEST_REHEARSAL_WEBHOOK", receiver.url)
         with pytest.raises(PreflightFailed, match="no_such_role"):
             rehearse(RunOptions(runbook=str(failing)))
     # the operator hears of it: one message naming the rehearsal and why

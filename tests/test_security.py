@@ -132,10 +132,11 @@ def _real_ufw_runs() -> bool:
 
 
 @pytest.fixture(scope="module")
-def vps():
+def vps(module_env):
     server = SshServer().start()
-    os.environ[KEY_ENV] = server.client_key_text
-    os.environ.update(SECRETS)
+    module_env.setenv(KEY_ENV, server.client_key_text)
+    for name, value in SECRETS.items():
+        module_env.setenv(name, value)
     yield server
     server.stop()
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import psycopg
 
+from liftoff.checks import GateReport
 from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
 from liftoff.redaction import redact, register_secret
@@ -432,7 +433,7 @@ def read_current(plan: PoolerPlan, rb: Runbook) -> dict[str, str | None]:
 
 
 @dataclass
-class PoolerReport:
+class PoolerReport(GateReport):
     clients: int = 0
     connected: int = 0
     transactions: int = 0
@@ -455,10 +456,6 @@ class PoolerReport:
     @property
     def tps(self) -> float:
         return round(self.transactions / self.seconds, 1) if self.seconds else 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures()
 
     def failures(self) -> list[str]:
         out = list(self.problems) + list(self.config_problems)

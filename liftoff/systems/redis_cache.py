@@ -22,7 +22,7 @@ from liftoff.logs import get_logger
 from liftoff.redaction import one_line, redact
 from liftoff.reports import check_rows, check_table
 from liftoff.runbooks.model import Cache, RedisEndpoint, Runbook, redis_memory_bytes
-from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, GateReport
 from liftoff.systems.redis_server import ping as redis_ping
 
 log = get_logger(phase="cache")
@@ -205,7 +205,7 @@ def _wait_first_aof(client, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class CacheReport:
+class CacheReport(GateReport):
     where: str
     lines: list[CheckLine] = field(default_factory=list)
 

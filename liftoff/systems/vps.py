@@ -1,9 +1,9 @@
-"""The VPS's own numbers, read over SSH with the tools it has: disk use per path (``df``) and TCP connections
-(``ss``), each judged against the health thresholds (ok, warn, critical).
+"""The VPS's own numbers, read over SSH with the tools it has: disk use per path (``df``), judged against the
+health thresholds (ok, warn, critical); its TCP connections are ``liftoff.systems.ss``'s.
 
-The parsers take the tools' text as it is: ``df -P -B1`` (POSIX format: one line per filesystem, sizes in
-bytes; a mount point or device with spaces in it is fine) and ``ss -tan`` (every TCP socket with its state;
-IPv4, IPv6 ``[::1]:5432`` and ``*:5432`` addresses). Knows SSH only through ``liftoff.systems.remote.Remote``.
+The parser takes the tool's text as it is: ``df -P -B1`` (POSIX format: one line per filesystem, sizes in
+bytes; a mount point or device with spaces in it is fine). Knows SSH only through
+``liftoff.systems.remote.Remote``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from liftoff.reports import publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook
 from liftoff.steps import recorded
 from liftoff.systems.redis_cache import CacheReport, apply_cache_settings, cache_settings, check_cache, read_cache_settings
@@ -25,7 +26,22 @@ def configure_cache(rb: Runbook) -> dict:
 
 
 
+def publish_cache_gate(report: CacheReport, rb: Runbook, configured: dict) -> None:
+    publish_table("cache-checks", report.rows(), "Cache gate: Redis answers, its settings, a write/read round trip")
+    changed = configured.get("changed") or {}
+    md = [f"# Cache gate {'PASSED' if report.ok else 'FAILED'}", "", f"{report.summary()}.", ""]
+    if configured.get("applied"):
+        md += ["## Set by this run", *([f"- {name}: {c['from']} → {c['to']} (CONFIG SET, CONFIG REWRITE)"
+                                        for name, c in changed.items()] or ["- nothing: every setting was as wanted"]),
+               ""]
+    elif configured.get("differ"):
+        md += ["Nothing was changed: cache.apply is false.", ""]
+    md += ["## Checks", report.markdown()]
+    publish_markdown("cache-summary", "\n".join(md))
+
+
 @task(name="verify cache (gate)", cache_policy=NO_CACHE)
-@recorded("verify-cache", gate="cache")
-def run_cache_gate(rb: Runbook) -> CacheReport:
+@recorded("verify-cache", gate="cache", publish=publish_cache_gate)
+def run_cache_gate(rb: Runbook, configured: dict) -> CacheReport:
+    """The cache's gate (``check_cache``), shown with what ``configure_cache`` set (``configured``)."""
     return check_cache(rb)

@@ -170,7 +170,7 @@ def _age(seconds: float) -> str:
 def _gate_fresh(ledger: Ledger, phase: str, max_age_s: float, rb: Runbook) -> CheckLine:
     name = f"{phase} gate passed"
     whole, gate_only = _GATE_FLOWS[phase]
-    if phase == "storage" and rb.storage.target is None and not rb.storage.buckets:
+    if phase == "storage" and not rb.storage.wanted:
         return _unchecked(name, "the runbook has no storage phase (storage.target, storage.buckets)",
                           "nothing to do if the app keeps no files in Supabase Storage")
     gate = ledger.latest_gate(phase)

@@ -10,9 +10,33 @@ from prefect.cache_policies import NO_CACHE
 from liftoff.logs import get_logger
 from liftoff.runbooks.model import Runbook
 from liftoff.steps import recorded
-from liftoff.systems.pgbouncer import PHASE, PoolerConfig, PoolerPlan, PoolerReport, check_pooler, config_dir, reload_pgbouncer, server_line
+from liftoff.reports import markdown_table, publish_markdown, publish_table
+from liftoff.systems.pgbouncer import (
+    PHASE,
+    PoolerConfig,
+    PoolerPlan,
+    PoolerPreflight,
+    PoolerReport,
+    check_pooler,
+    config_dir,
+    preflight_pooler,
+    read_current,
+    read_server_auth,
+    reload_pgbouncer,
+    render_config,
+    server_line,
+)
 
 log = get_logger(phase=PHASE)
+
+
+@task(name="pooler preflight", cache_policy=NO_CACHE)
+def run_pooler_preflight(runbook: Runbook, plan: PoolerPlan, dry_run: bool) -> tuple[PoolerPreflight, PoolerConfig]:
+    """Reads the users' secrets and the config at the destination; renders the config. Writes nothing."""
+    auth = read_server_auth(plan)
+    current = read_current(plan, runbook)
+    preflight = preflight_pooler(plan, auth, current["userlist.txt"], dry_run=dry_run)
+    return preflight, render_config(plan, auth)
 
 
 @task(name="write pgbouncer config", cache_policy=NO_CACHE)
@@ -53,10 +77,40 @@ def check_database_url(rb: Runbook) -> str:
     return "works through PgBouncer (prepare_threshold=None)"
 
 
+def publish_pooler(plan: PoolerPlan, preflight: PoolerPreflight, config: PoolerConfig, written: dict | None,
+                   report: PoolerReport | None, dry_run: bool) -> None:
+    publish_table("pooler-preflight", preflight.rows(), "Pooler preflight: SCRAM secrets and the current userlist")
+    verdict = ("dry run: nothing written" if dry_run else "PREFLIGHT FAILED" if not preflight.ok
+               else "PASSED" if report is not None and report.ok else "FAILED")
+    md = [f"# Pooler ({verdict})", "", f"PgBouncer's config in {plan.where}; apps connect to target.pooled "
+          f"({plan.pooled.host}:{plan.pooled.port}/{plan.pooled.database}).", "", "## Preflight",
+          markdown_table(preflight.rows())]
+    if report is not None:
+        publish_table("pooler-gate", report.rows(), "Pooler gate: concurrent clients through PgBouncer")
+        if not report.ok:
+            md += ["## What failed", *[f"- {line}" for line in report.failures()], ""]
+        md += ["## Gate", markdown_table(report.rows())]
+    if written is not None:
+        md += ["## Config written", markdown_table([{"file": f["path"], "written": "yes" if f["written"] else
+                                                      "unchanged", "sha256": f["sha256"][:16]} for f in written["files"]]),
+               f"Reload: {written['reloaded']}", ""]
+    if dry_run or written is None:
+        for name, text in config.masked().items():
+            md += [f"## {plan.path(name)}{' (would be written)' if dry_run else ''}", "```ini", text.rstrip(), "```"]
+    publish_markdown("pooler-summary", "\n".join(md))
+
+
+def _publish_gate(report: PoolerReport, rb: Runbook, plan: PoolerPlan, preflight: PoolerPreflight, config: PoolerConfig,
+                  written: dict) -> None:
+    publish_pooler(plan, preflight, config, written, report, False)
+
+
 @task(name="verify pooler", cache_policy=NO_CACHE)
-@recorded("verify-pooler", gate=PHASE)
-def verify_pooler(rb: Runbook, plan: PoolerPlan) -> PoolerReport:
-    """The pooler's gate (``check_pooler``) and the apps' DATABASE_URL tried through PgBouncer."""
+@recorded("verify-pooler", gate=PHASE, publish=_publish_gate)
+def verify_pooler(rb: Runbook, plan: PoolerPlan, preflight: PoolerPreflight, config: PoolerConfig,
+                  written: dict) -> PoolerReport:
+    """The pooler's gate (``check_pooler``) and the apps' DATABASE_URL tried through PgBouncer; shown with the
+    preflight and the config ``write_pooler_config`` wrote."""
     report = check_pooler(plan)
     report.database_url = check_database_url(rb)
     log.info("pooler gate", ok=report.ok, clients=report.clients, transactions=report.transactions,

@@ -67,10 +67,6 @@ def check_scratch_settings(rb: Runbook) -> None:
                              "databases; choose another name, e.g. liftoff_rehearsal")
 
 
-def storage_configured(rb: Runbook) -> bool:
-    return bool(rb.storage.buckets and rb.storage.source and rb.storage.target)
-
-
 def scratch_runbook(rb: Runbook, state_dir: Path) -> Runbook:
     """The real runbook pointed at scratch resources: the scratch database on the target server, scratch
     buckets, its own state_dir (its own ledger), no PgBouncer and no cutover switch. ``storage.rewrite`` is
@@ -271,7 +267,7 @@ def remove_archive(state_dir: Path) -> list[str]:
 def prepare_scratch(scratch: Runbook, real: Runbook) -> dict:
     """The scratch database created afresh, and scratch buckets a crashed rehearsal left behind removed."""
     created = create_scratch_database(real)
-    leftovers = delete_scratch_buckets(real) if storage_configured(real) else {}
+    leftovers = delete_scratch_buckets(real) if real.storage.configured else {}
     return {**created, "leftover_buckets": sorted(leftovers)}
 
 
@@ -285,7 +281,7 @@ def tear_down_scratch(scratch: Runbook, real: Runbook) -> dict:
         done["database_dropped"] = drop_scratch_database(real)
     except Exception as exc:  # keep tearing down; the error is reported below
         done["problems"].append(first_line(exc, type(exc).__name__))
-    if storage_configured(real):
+    if real.storage.configured:
         try:
             done["buckets"] = delete_scratch_buckets(real)
         except Exception as exc:

@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from liftoff.errors import LiftoffError, RunbookInvalid
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
+from liftoff.reports import publish_markdown, publish_table
 from liftoff.reports import check_rows, check_table, md_cell
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
@@ -187,8 +188,13 @@ def require_ssh(rb: Runbook) -> None:
                              "user, private_key, known_hosts); see runbooks/tour-crm.yaml")
 
 
+def publish_security_report(report: SecurityReport, rb: Runbook) -> None:
+    publish_table("security-checks", report.rows(), "Security checks: one line per check, with its fix")
+    publish_markdown("security-summary", report.markdown())
+
+
 @task(name="check the VPS's exposure (gate)", cache_policy=NO_CACHE)
-@recorded("security", gate="security")
+@recorded("security", gate="security", publish=publish_security_report)
 def security_gate(rb: Runbook) -> SecurityReport:
     require_ssh(rb)
     with Remote(rb.ssh) as remote:
