@@ -31,7 +31,7 @@ def pytest_configure(config):
                             "`pytest -m 'not servers'` runs the others in seconds, with no server at all")
     if getattr(config, "workerinput", None) is not None:
         return
-    if (config.option.markexpr or "").replace(" ", "") == "notservers":
+    if (config.option.markexpr or "").replace(" ", "") == "notservers" or not _selected_modules_start_servers(config):
         return  # no test that runs needs it
     from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
     from liftoff.prefect_server import PrefectServer
@@ -45,6 +45,18 @@ def pytest_configure(config):
     # clusters tests started and left are stopped after it.
     atexit.register(stop_started)
     atexit.register(_server.stop)
+
+
+def _selected_modules_start_servers(config) -> bool:
+    """Whether any test module the command line names (all of tests/ when it names none) starts servers: one
+    whose source does not say ``SERVERS = False``. Read from the files, before any collection (the xdist
+    controller collects nothing), so `pytest tests/test_runbook.py` starts no Prefect server either."""
+    named = [Path(arg.split("::")[0]) for arg in config.args] or [ROOT / "tests"]
+    modules = []
+    for path in named:
+        path = path if path.is_absolute() else Path(config.invocation_params.dir) / path
+        modules += sorted(path.rglob("test_*.py")) if path.is_dir() else [path]
+    return any(not m.exists() or "\nSERVERS = False" not in m.read_text() for m in modules)
 
 
 def pytest_collection_modifyitems(config, items):
