@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, serving_deployments, stop_process_group
+from helpers import run_cli, serving_deployments, stop_process_group
 from liftoff.flows.backup import backup, restore_test
 from liftoff.flows.options import RunOptions
 from liftoff.errors import GateFailed, ToolMissing

@@ -141,7 +141,7 @@ def test_a_stopped_redis_fails_the_gate_naming_target_redis(tmp_path, redis_serv
 
 
 def test_cli_run_cache_applies_and_records_the_gate(tmp_path, redis_server):
-    from conftest import run_cli
+    from helpers import run_cli
 
     runbook = write_runbook(tmp_path, redis_server, {"apply": True, "maxmemory": "64mb"})
 

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 from liftoff.flows.cutover import cutover
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import seeded_storage
+from helpers import seeded_storage
 from liftoff.flows.cutover import cutover
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions

@@ -286,7 +286,7 @@ def test_df_and_ss_output_is_parsed_with_spaces_and_ipv6():
 
 
 def test_cli_run_health_exits_zero_and_records_the_gate_then_three_on_a_critical(everything, tmp_path, app):
-    from conftest import run_cli
+    from helpers import run_cli
 
     runbook = write(tmp_path, everything)
 

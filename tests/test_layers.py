@@ -117,3 +117,12 @@ def test_every_step_module_of_a_phase_is_in_its_package():
     defining = sorted(m for m, imports in MODULES.items() if "prefect.task" in imports and _layer(m) != "tasks"
                       and _layer(m) not in ("sandbox", "flows", "deployments", "cli"))
     assert defining == []
+
+
+def test_test_modules_take_helpers_from_helpers_and_fixtures_from_pytest():
+    """conftest.py is pytest's (fixtures and hooks); a module importing it by name gets a second copy of it
+    (as ``conftest`` and ``tests.conftest``). Shared plain helpers live in tests/helpers.py."""
+    importing = sorted(p.name for p in (ROOT / "tests").glob("*.py")
+                       if any(isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[-1] == "conftest"
+                              for n in ast.walk(ast.parse(p.read_text()))))
+    assert importing == []

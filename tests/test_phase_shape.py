@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import fresh_runbook, run_cli
+from helpers import fresh_runbook, run_cli
 from liftoff.flows.options import RunOptions
 from liftoff.flows.verify import verify_database
 from liftoff.errors import GateFailed

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 from liftoff.flows.options import RunOptions
 from liftoff.flows.pooler import setup_pooler
 from liftoff.errors import GateFailed, PreflightFailed

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import yaml
 
-from conftest import seeded_storage
+from helpers import seeded_storage
 from liftoff.flows.options import RunOptions
 from liftoff.flows.rehearsal import rehearse
 from liftoff.errors import PreflightFailed, RunbookInvalid, StepFailed

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from liftoff.errors import RunbookInvalid
 from liftoff.runbooks.model import load_runbook
 

@@ -34,7 +34,7 @@ from liftoff.systems.ufw import check_firewall, parse_ufw_status
 from liftoff.tasks.security.gate import check_security
 from liftoff.systems.ss import is_internal, parse_listeners
 from liftoff.tasks.security.secrets import secret_in
-from tests.conftest import run_cli
+from helpers import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ufw"
 NETWORKS = ["127.0.0.0/8", "::1/128", "172.16.0.0/12"]

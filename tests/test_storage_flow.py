@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import seeded_storage
+from helpers import seeded_storage
 from helpers import kill_storage_run_mid_copy
 from liftoff.flows.options import RunOptions
 from liftoff.flows.storage import migrate_storage
@@ -211,7 +211,7 @@ def test_the_plan_lists_storage_policies_and_rows_without_bytes(stack, servers):
 
 
 def test_a_wrong_target_secret_is_one_line_naming_endpoint_and_key_id(stack, servers):
-    from conftest import run_cli
+    from helpers import run_cli
 
     runbook = storage_runbook(stack, servers)
     data = yaml.safe_load(runbook.read_text())

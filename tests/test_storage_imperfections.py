@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, seeded_storage
+from helpers import run_cli, seeded_storage
 from helpers import kill_storage_run_mid_copy
 from liftoff.flows.options import RunOptions
 from liftoff.flows.storage import migrate_storage
