@@ -31,6 +31,7 @@ from liftoff.tasks.prepare.access import (
     redis_answers,
     target_postgres_answers,
     target_s3_answers,
+    test_upload,
     unchecked,
 )
 
@@ -64,6 +65,9 @@ def run_checklist(rb: Runbook) -> ChecklistReport:
         *[(f"{phase} gate passed", lambda phase=phase: _platform_gate(ledger, phase, max_age_s))
           for phase in _PLATFORM_GATES],
     ]
+    if rb.storage.wanted and rb.storage.target is not None:  # the plan's "storage working with test uploads"
+        checks += [(f"test upload to {b.name}", lambda b=b: test_upload(rb, b.name, b.public))
+                   for b in rb.storage.buckets]
     if rb.cutover.apps:
         checks += [(f"app {app.name} healthy", lambda app=app: _app_healthy(app)) for app in rb.cutover.apps]
     else:
@@ -107,7 +111,7 @@ def _age(seconds: float) -> str:
 def _gate_fresh(ledger: Ledger, phase: str, max_age_s: float, rb: Runbook) -> CheckLine:
     name = f"{phase} gate passed"
     whole, gate_only = _GATE_FLOWS[phase]
-    if phase == "storage" and not rb.storage.wanted:
+    if phase == "storage" and not (rb.storage.wanted or rb.storage.buckets):  # listed buckets count too
         return unchecked(name, "the runbook has no storage phase (storage.target, storage.buckets)",
                           "nothing to do if the app keeps no files in Supabase Storage")
     gate = ledger.latest_gate(phase)

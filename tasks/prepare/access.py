@@ -137,6 +137,39 @@ def target_s3_answers(rb: Runbook) -> CheckLine:
     return CheckLine("target S3 server answers", PASSED, detail)
 
 
+def test_upload(rb: Runbook, bucket: str, public: bool) -> CheckLine:
+    """The plan's "storage working with test uploads": a probe object put into the bucket through the target
+    S3 server with the runbook's keys, read back anonymously through the same endpoint (the bytes, for a
+    public bucket; refused, for a private one), then deleted. Proves the keys write, the bucket exists and its
+    access rule holds for a new object; a CDN or proxy in front of ``public_url`` is not read here."""
+    from liftoff.tasks.storage.common import endpoint, target_bucket
+
+    name = f"test upload to {bucket}"
+    target = rb.storage.target
+    tbucket = target_bucket(rb, bucket)
+    client = s3.client(endpoint(target, "storage.target"), max_pool_connections=2,
+                       connect_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S * 2)
+    key, body = f"{PROBE_PREFIX}{secrets.token_hex(8)}.txt", secrets.token_bytes(24)
+    retry = s3.RetryPolicy(attempts=2, max_seconds=15)
+    s3.call(retry, "put probe", lambda: client.put_object(Bucket=tbucket, Key=key, Body=body,
+                                                          ContentType="text/plain"), client, tbucket, key)
+    try:
+        proof = s3.prove_bucket_access(target.endpoint_url, tbucket, key, public, retry=retry)
+        read = s3.anonymous_get(target.endpoint_url, tbucket, key) if public else None
+    finally:
+        s3.call(retry, "delete probe", lambda: client.delete_object(Bucket=tbucket, Key=key), client, tbucket, key)
+    rule = "public: anonymous download" if public else "private: no anonymous access"
+    fix = (f"set the bucket's access as storage.buckets says ({rule}): re-run liftoff run storage, which sets it")
+    if proof.problems:
+        return CheckLine(name, FAILED, f"{target.endpoint_url} bucket {tbucket}: " + "; ".join(proof.problems), fix)
+    if public and read != body:
+        return CheckLine(name, FAILED, f"{target.endpoint_url} bucket {tbucket}: the anonymous read of the probe "
+                         "object gave other bytes than were written", "check the S3 server and any cache in front")
+    how = "read back anonymously" if public else "refused anonymously (403)"
+    return CheckLine(name, PASSED, f"{target.endpoint_url} bucket {tbucket} ({rule}): a probe object written, "
+                     f"{how}, deleted")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Where the backups go, the VPS, Coolify, DNS
 
