@@ -59,11 +59,22 @@ FIXES = {
 # The source
 
 
-def source_postgres_answers(rb: Runbook) -> CheckLine:
-    ep = rb.source
-    with postgres.session(ep, "source", text_settings=False, attempts=1) as conn:
+def _postgres_answers(name: str, ep, field: str) -> CheckLine:
+    with postgres.session(ep, field, text_settings=False, attempts=1) as conn:
         version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
-    return CheckLine("source PostgreSQL answers", PASSED, f"{ep.where}: PostgreSQL {version} answered")
+    return CheckLine(name, PASSED, f"{ep.where}: PostgreSQL {version} answered")
+
+
+def _probe_client(access, field: str):
+    """An S3 client for one probe: short timeouts, two connections."""
+    from liftoff.tasks.storage.common import endpoint
+
+    return s3.client(endpoint(access, field), max_pool_connections=2, connect_timeout=PROBE_TIMEOUT_S,
+                     read_timeout=PROBE_TIMEOUT_S * 2)
+
+
+def source_postgres_answers(rb: Runbook) -> CheckLine:
+    return _postgres_answers("source PostgreSQL answers", rb.source, "source")
 
 
 def source_storage_answers(rb: Runbook) -> CheckLine:
@@ -90,10 +101,7 @@ def source_storage_answers(rb: Runbook) -> CheckLine:
 
 
 def target_postgres_answers(rb: Runbook) -> CheckLine:
-    ep = rb.target.direct
-    with postgres.session(ep, "target.direct", text_settings=False, attempts=1) as conn:
-        version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
-    return CheckLine("target PostgreSQL answers", PASSED, f"{ep.where}: PostgreSQL {version} answered")
+    return _postgres_answers("target PostgreSQL answers", rb.target.direct, "target.direct")
 
 
 def pgbouncer_answers(rb: Runbook) -> CheckLine:
@@ -124,10 +132,7 @@ def target_s3_answers(rb: Runbook) -> CheckLine:
     if target is None:
         return unchecked("target S3 server answers", "no S3 server in the runbook (storage.target)",
                          "add storage.target, or check the S3 server by hand")
-    from liftoff.tasks.storage.common import endpoint
-
-    client = s3.client(endpoint(target, "storage.target"), max_pool_connections=2,
-                       connect_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S * 2)
+    client = _probe_client(target, "storage.target")
     answer = s3.call(s3.RetryPolicy(attempts=2, max_seconds=15), "list buckets", client.list_buckets, client,
                      "(all buckets)")
     detail = f"{target.endpoint_url}: an authenticated list_buckets answered ({len(answer.get('Buckets', []))} buckets)"
@@ -142,13 +147,12 @@ def test_upload(rb: Runbook, bucket: str, public: bool) -> CheckLine:
     S3 server with the runbook's keys, read back anonymously through the same endpoint (the bytes, for a
     public bucket; refused, for a private one), then deleted. Proves the keys write, the bucket exists and its
     access rule holds for a new object; a CDN or proxy in front of ``public_url`` is not read here."""
-    from liftoff.tasks.storage.common import endpoint, target_bucket
+    from liftoff.tasks.storage.common import target_bucket
 
     name = f"test upload to {bucket}"
     target = rb.storage.target
     tbucket = target_bucket(rb, bucket)
-    client = s3.client(endpoint(target, "storage.target"), max_pool_connections=2,
-                       connect_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S * 2)
+    client = _probe_client(target, "storage.target")
     key, body = f"{PROBE_PREFIX}{secrets.token_hex(8)}.txt", secrets.token_bytes(24)
     retry = s3.RetryPolicy(attempts=2, max_seconds=15)
     s3.call(retry, "put probe", lambda: client.put_object(Bucket=tbucket, Key=key, Body=body,
@@ -180,11 +184,8 @@ def backup_destination_writable(rb: Runbook, write_probe: bool = True) -> CheckL
     if rb.backups is None:
         return unchecked(name, "no backups in the runbook (backups.destination)",
                          "add backups (the plan's B2 bucket) before the cutover")
-    from liftoff.tasks.storage.common import endpoint
-
     dest = rb.backups.destination
-    client = s3.client(endpoint(dest, "backups.destination"), max_pool_connections=2,
-                       connect_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S * 2)
+    client = _probe_client(dest, "backups.destination")
     key, body = f"{PROBE_PREFIX}{secrets.token_hex(8)}", secrets.token_bytes(32)
     retry = s3.RetryPolicy(attempts=2, max_seconds=15)
     if not write_probe:
