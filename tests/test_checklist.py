@@ -424,4 +424,14 @@ def test_a_test_upload_fails_its_bucket_line_when_the_access_rule_is_wrong_and_l
         s3.ensure_bucket(client, "waivers", False)
     assert line.status == FAILED and "is private but an anonymous GET" in line.detail
     assert "storage.buckets" in line.fix
-    assert client.list_objects_v2(Bucket="waivers").get("KeyCount", 0) == 0  # the probe was deleted
+    assert client.list_objects_v2(Bucket="waivers").get("KeyCount", 0) == 0  # the probe was deleted, no folder left
+
+
+def test_test_uploads_leave_nothing_in_the_buckets(everything, target_s3):
+    """The storage gate counts every key of a bucket: a probe (or a folder marker some servers keep after a
+    key with a slash is deleted) would fail it at the cutover's final sync."""
+    run_checklist(everything)
+    client = target_s3.client()
+    for bucket in ("tour-images", "waivers"):
+        listed = client.list_objects_v2(Bucket=bucket, Delimiter="/")  # as the gate lists: folder by folder
+        assert (listed.get("KeyCount", 0), listed.get("CommonPrefixes")) == (0, None), bucket

@@ -19,7 +19,7 @@ from liftoff.runbooks.model import RedisEndpoint, Runbook
 from liftoff.systems import dns, postgres, redis_server, s3
 
 PROBE_TIMEOUT_S = 5
-PROBE_PREFIX = "liftoff-probe/"  # the key prefix of the probe objects Liftoff writes and deletes at once
+PROBE_PREFIX = "liftoff-probe-"  # probe objects Liftoff writes and deletes at once; no "/" (SeaweedFS keeps a folder behind)
 
 
 def checked(name: str, check: Callable[[], CheckLine], fix: str = "") -> CheckLine:
