@@ -23,7 +23,7 @@ from liftoff.logs import get_logger
 from liftoff.redaction import error_line, one_line, redact
 from liftoff.reports import check_table, md_cell
 from liftoff.runbooks.model import App, RedisEndpoint, Runbook
-from liftoff.systems import dns, http_health as health, postgres, redis_server, s3
+from liftoff.systems import dns, http_health as health, pg_replication, postgres, redis_server, s3
 
 log = get_logger(phase="cutover")
 
@@ -58,6 +58,8 @@ def run_checklist(rb: Runbook) -> ChecklistReport:
         *[(f"{phase} gate passed", lambda phase=phase: _platform_gate(ledger, phase, max_age_s))
           for phase in _PLATFORM_GATES],
     ]
+    if rb.cutover.final_sync == "replicate":
+        checks.append(("replication lag under threshold", lambda: _replication_lag(rb)))
     if rb.cutover.apps:
         checks += [(f"app {app.name} healthy", lambda app=app: _app_healthy(app)) for app in rb.cutover.apps]
     else:
@@ -242,6 +244,20 @@ def _app_healthy(app: App) -> CheckLine:
     return CheckLine(name, FAILED, f"{app.health_url}: {result.detail}",
                      f"make {app.name} healthy (its /api/health lists what is down), or correct cutover.apps "
                      "health_url")
+
+
+def _replication_lag(rb: Runbook) -> CheckLine:
+    """``final_sync: replicate``: the subscription streams and the target is under the runbook's lag limits."""
+    name, limits = "replication lag under threshold", rb.cutover.replication
+    with postgres.session(rb.source, "source") as src:
+        lag = pg_replication.lag(src, pg_replication.Names.for_runbook(rb.name))
+    detail = f"{lag.bytes} bytes and {lag.seconds} s behind (max {limits.max_lag_bytes} bytes, {limits.max_lag_s} s)"
+    if not lag.streaming:
+        return CheckLine(name, FAILED, f"the subscription is not streaming; {detail}",
+                         "read the target's log for the subscription's apply errors, or `liftoff run replicate`")
+    if lag.bytes > limits.max_lag_bytes or lag.seconds > limits.max_lag_s:
+        return CheckLine(name, FAILED, detail, "wait for the target to catch up (`liftoff run replication-lag`)")
+    return CheckLine(name, PASSED, detail)
 
 
 def _dns_ttl(rb: Runbook) -> CheckLine:
