@@ -19,6 +19,8 @@ import psycopg
 import pytest
 import yaml
 
+from conftest import run_cli
+
 from liftoff.errors import NotApproved, StepFailed
 from liftoff.flows.cutover import cutover
 from liftoff.flows.database import migrate_database
@@ -344,5 +346,7 @@ def test_cleanup_drops_what_a_killed_start_left(repl_stack, setup):
     repl_stack.source.execute(f"CREATE PUBLICATION {n.publication} FOR TABLE public.w_big", **owner)
     repl_stack.source.execute(f"SELECT pg_create_logical_replication_slot('{n.slot}', 'pgoutput')", **owner)
     assert n.slot in _on_source(repl_stack)[0]
+    shown = run_cli("status", "--runbook", str(runbook))
+    assert shown.returncode == 0 and f"{n.slot} (inactive, keeps" in shown.stdout, shown.stdout[-500:]
     done = cleanup_replication(RunOptions(runbook=str(runbook)))
     assert f"slot {n.slot}" in done["dropped"] and _on_source(repl_stack) == ([], [])
