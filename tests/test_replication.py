@@ -11,9 +11,13 @@ import itertools
 import os
 import random
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -254,6 +258,45 @@ def test_ddl_during_replication_stops_the_cutover_and_nothing_is_switched(repl_s
         repl_stack.source.execute("ALTER TABLE public.w_nokey DROP COLUMN note", **owner)
     assert app.database() == "postgres"  # never switched; the rollback lifted the freeze
     assert _on_source(repl_stack) == ([], []) and _subscriptions(repl_stack) == []
+
+
+def test_a_failed_smoke_test_rolls_back_and_leaves_nothing_on_the_source(repl_stack, setup):
+    runbook, app = setup
+    broken = _variant(runbook, smoke_queries=["SELECT count(*) FROM public.no_such_table"])
+    replicate(RunOptions(runbook=str(broken)))
+    resumer = answer_when_paused("cutover", APPROVE, under=repl_stack.workdir)
+    with pytest.raises(StepFailed, match="cutover failed at the smoke test.*rolled back automatically"):
+        cutover(RunOptions(runbook=str(broken)))
+    resumer.join(5)
+    assert app.database() == "postgres"
+    assert _on_source(repl_stack) == ([], []) and _subscriptions(repl_stack) == []
+
+
+def test_a_start_killed_during_the_initial_copy_restarts_cleanly(repl_stack, setup):
+    """SIGKILL `liftoff run replicate` once its slot exists and before the subscription does (the initial
+    copy); the next run drops what it left and starts again: one slot pair, one subscription, the lag gate
+    passes; no orphan."""
+    runbook, _ = setup
+    n = names(load_runbook(runbook))
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "liftoff"), "run", "replicate", "--runbook",
+                             str(runbook)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    killed = False
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if n.slot in _on_source(repl_stack)[0] and not _subscriptions(repl_stack):
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed, "the start ended before it could be killed mid-copy"
+    assert n.slot in _on_source(repl_stack)[0] and not _subscriptions(repl_stack)  # what the kill left
+    result = replicate(RunOptions(runbook=str(runbook)))
+    assert result["lag_gate"].startswith("replication lag passed")
+    slots, pubs = _on_source(repl_stack)
+    assert sorted(slots) == sorted([n.slot, n.tracker]) and pubs == [n.publication]
+    assert _subscriptions(repl_stack) == [n.subscription]
 
 
 def test_the_switch_time_gate_rereads_what_changed_and_a_statistics_reset_means_everything(repl_stack, setup):

@@ -177,6 +177,19 @@ def create_subscription(target: psycopg.Connection, names: Names, source_conninf
     snapshot). The source's conninfo is stored in ``pg_subscription``, readable by superusers only."""
     if subscription_exists(target, names.subscription):
         return
+    try:
+        _subscribe(target, names, source_conninfo)
+    except psycopg.OperationalError as exc:  # CREATE SUBSCRIPTION: "could not connect to the publisher"
+        if not isinstance(exc, psycopg.errors.ConnectionFailure) and "could not connect" not in str(exc):
+            raise
+        raise ConnectionRefused(
+            f"the target server could not connect to the source for the subscription ({_first(exc)}): the "
+            "subscription connects from the target's host, not from here; Supabase's direct host "
+            "(db.<ref>.supabase.co) is IPv6-only unless the project has the IPv4 add-on, and its poolers do not "
+            "carry replication") from None
+
+
+def _subscribe(target: psycopg.Connection, names: Names, source_conninfo: str) -> None:
     target.execute(sql.SQL(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (copy_data = false, create_slot = false, "
         "slot_name = {}, enabled = true)").format(

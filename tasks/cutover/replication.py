@@ -95,12 +95,28 @@ def start_replication(rb: Runbook, readiness: repl.ReplicationReadiness) -> dict
     stop_replication(rb, "a new start")
     n = names(rb)
     ledger = Ledger(rb.state_dir)
+    ledger.forget_items(PHASE)  # what an earlier replication proved says nothing about this one's copy
     with postgres.session(rb.source, "source") as src:
         repl.create_publication(src, n.publication, readiness.published)
         catalog = repl.catalog_fingerprint(src, rb.database.schemas)
         major = src.info.server_version // 10000
     # Recorded before the slot exists: a run killed from here on leaves something a later run must drop.
     ledger.record_event(PHASE, "replication.starting", after={"names": n.__dict__}, flow_run_id=current_run_id())
+    try:
+        slot, rows, sequences = _copy_and_subscribe(rb, readiness, major)
+    except BaseException:
+        stop_replication(rb, "the start failed")  # a slot left behind keeps the source's WAL
+        raise
+    ledger.record_event(PHASE, STARTED, after={
+        "slot_lsn": slot.lsn, "published": readiness.published, "catalog": catalog,
+        "copied_in_freeze": [u.table for u in readiness.unpublishable]}, flow_run_id=current_run_id())
+    log.info("replication started", slot=n.slot, lsn=slot.lsn, tables=len(rows))
+    return {"slot_lsn": slot.lsn, "tables": len(rows), "rows": sum(rows.values()), "sequences": sequences,
+            "copied in the freeze": [u.table for u in readiness.unpublishable]}
+
+
+def _copy_and_subscribe(rb: Runbook, readiness: repl.ReplicationReadiness, major: int):
+    n = names(rb)
     tools = pg_tools.find_pg_tools(major, rb.database.pg_bin_dirs)
     source_env = postgres.libpq_env(rb.source, "source")
     progress = Progress("replication: initial copy from the slot's snapshot", len(readiness.published))
@@ -130,12 +146,7 @@ def start_replication(rb: Runbook, readiness: repl.ReplicationReadiness) -> dict
             snap.rollback()
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         repl.create_subscription(tgt, n, _source_conninfo_for_target(rb))
-    ledger.record_event(PHASE, STARTED, after={
-        "slot_lsn": slot.lsn, "published": readiness.published, "catalog": catalog,
-        "copied_in_freeze": [u.table for u in readiness.unpublishable]}, flow_run_id=current_run_id())
-    log.info("replication started", slot=n.slot, lsn=slot.lsn, tables=len(rows))
-    return {"slot_lsn": slot.lsn, "tables": len(rows), "rows": sum(rows.values()), "sequences": sequences,
-            "copied in the freeze": [u.table for u in readiness.unpublishable]}
+    return slot, rows, sequences
 
 
 @task(name="full comparison while replicating", cache_policy=NO_CACHE)
