@@ -41,6 +41,8 @@ def replicate(options: RunOptions) -> dict:
         proven = prove_while_replicating(runbook)
     gate = check_lag(runbook)
     publish_table("replication-lag", gate.rows(), "Replication lag: the target behind the source")
+    if not gate.ok:  # replication stays: it may catch up; `liftoff run replication-lag` checks again
+        raise GateFailed.of("replication lag", gate.failures())
     return {"start": started, "lag_bytes": lag.bytes, "lag_s": lag.seconds, "full_gate": proven,
             "lag_gate": gate.summary()}
 
