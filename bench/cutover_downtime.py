@@ -151,7 +151,8 @@ def run_strategy(strategy: str, bookings: int, workdir: Path) -> dict:
         writer.stopping.set()
         writer.join(10)
         row.update({"cutover downtime s": result["downtime_s"], "final sync s": result["steps"].get("final sync"),
-                    "write downtime s": writer.downtime(db), "writes ok": writer.ok, "refused": writer.refused})
+                    "write downtime s": writer.downtime(db), "writes ok": writer.ok, "refused": writer.refused,
+                    "steps": result["steps"]})
         return row
     finally:
         if app is not None:
