@@ -1,7 +1,7 @@
-"""Runbook step 7 (the plan's backups): the migrated database and its files to the backup bucket, every
+"""Backups (the runbook's `backups` section): the migrated database and its files to the backup bucket, every
 database backup proven by restoring it, and retention. ``backup`` runs on the runbook's schedules
-(``backups.schedules``: daily 03:00 and hourly 09:00-18:00 on weekdays); ``restore-test`` re-proves the
-newest backup alone."""
+(``backups.schedules``: daily 03:00 and hourly 09:00-18:00 on weekdays); ``restore-test`` re-proves the newest
+backup alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prefect import flow
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.errors import GateFailed
 from liftoff.ledger import exclusive
-from liftoff.reports import markdown_table, publish_markdown, publish_table
+from liftoff.reports import markdown_table, publish_markdown
 from liftoff.tasks.backup.steps import (
     BackupPlan,
     RestoreTestReport,
@@ -21,7 +21,7 @@ from liftoff.tasks.backup.steps import (
     require_backups,
     run_restore_test,
 )
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="backup", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -43,18 +43,13 @@ def backup(options: RunOptions) -> dict:
     with exclusive(runbook.state_dir):
         made = make_backup(runbook)
         files = backup_files(runbook)
-        report = run_restore_test(runbook, made["key"])  # this run's backup, whatever the clocks say
-        publish_restore_test(report)
-        retention = apply_retention(runbook) if report.ok else {"summary": "not run: the restore test failed"}
-    publish_markdown("backup-summary", "\n".join([
-        f"# Backup {'PASSED' if report.ok else 'FAILED'}", "",
-        f"- **database**: {made['summary']}",
-        f"- **files**: {files['summary']}",
-        f"- **restore test**: {report.summary()}",
-        f"- **retention**: {retention['summary']}",
-    ]))
-    if not report.ok:
-        raise GateFailed.of("backup restore test", report.failures())
+        try:
+            report = run_restore_test(runbook, made["key"])  # this run's backup, whatever the clocks say
+        except GateFailed as failed:  # retention does not run after a failed restore test
+            publish_backup_summary(made, files, failed.report, "not run: the restore test failed")
+            raise
+        retention = apply_retention(runbook)
+    publish_backup_summary(made, files, report, retention["summary"])
     return {"backup": made, "files": files, "restore_test": {"key": report.key, "rto_s": report.rto_s},
             "retention": retention}
 
@@ -74,9 +69,6 @@ def restore_test(options: RunOptions) -> dict:
         return {"dry_run": True}
     with exclusive(runbook.state_dir):
         report = run_restore_test(runbook)
-    publish_restore_test(report)
-    if not report.ok:
-        raise GateFailed.of("backup restore test", report.failures())
     return {"key": report.key, "rto_s": report.rto_s, "download_s": report.download_s,
             "restore_s": report.restore_s, "bytes": report.bytes, "tables": len(report.tables)}
 
@@ -92,15 +84,11 @@ def publish_backup_plan(plan: BackupPlan, dry_run: bool) -> None:
     publish_markdown("backup-plan", "\n".join(md))
 
 
-def publish_restore_test(report: RestoreTestReport) -> None:
-    publish_table("restore-test-tables", report.rows(), "Restore test: rows per table at backup time and restored")
-    rto = [{"backup": report.key, "bytes": report.bytes, "download s": report.download_s,
-            "restore s": report.restore_s, "RTO s": report.rto_s}]
-    publish_table("restore-test-rto", rto, "Restore test: how long getting the database back took (the RTO)")
-    md = [f"# Restore test {'PASSED' if report.ok else 'FAILED'}", "", report.summary(), "",
-          "## Checks", markdown_table([{"check": c.name, "status": c.status, "detail": c.detail.replace("|", "/"),
-                                        "fix": c.fix if c.status != "passed" else ""} for c in report.checks]),
-          "## Recovery time (RTO)", markdown_table(rto)]
-    if report.tables:
-        md += ["## Tables", markdown_table(report.tables)]
-    publish_markdown("restore-test-summary", "\n".join(md))
+def publish_backup_summary(made: dict, files: dict, report: RestoreTestReport, retention: str) -> None:
+    publish_markdown("backup-summary", "\n".join([
+        f"# Backup {'PASSED' if report.ok else 'FAILED'}", "",
+        f"- **database**: {made['summary']}",
+        f"- **files**: {files['summary']}",
+        f"- **restore test**: {report.summary()}",
+        f"- **retention**: {retention}",
+    ]))

@@ -5,18 +5,10 @@ from __future__ import annotations
 from prefect import flow
 
 from liftoff.flows.options import RunOptions, open_runbook
-from liftoff.errors import GateFailed
-from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
-from liftoff.tasks.redis_config import (
-    CacheReport,
-    cache_settings,
-    configure_cache,
-    fix_for,
-    read_cache_settings,
-    redis_endpoint,
-    run_cache_gate,
-)
+from liftoff.reports import markdown_table, publish_markdown
+from liftoff.flows.hooks import notify_on_failure
+from liftoff.systems.redis_cache import cache_settings, fix_for, read_cache_settings, redis_endpoint
+from liftoff.tasks.cache.steps import configure_cache, run_cache_gate
 
 
 @flow(name="cache", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -31,10 +23,7 @@ def setup_cache(options: RunOptions) -> dict:
     if options.dry_run:
         return publish_cache_plan(runbook)
     configured = configure_cache(runbook)
-    report = run_cache_gate(runbook)
-    publish_cache_gate(report, configured)
-    if not report.ok:
-        raise GateFailed.of("cache", report.failures())
+    report = run_cache_gate(runbook, configured)
     return {"where": report.where, "changed": configured.get("changed", {}), "gate": report.summary()}
 
 
@@ -56,15 +45,3 @@ def publish_cache_plan(runbook) -> dict:
     return {"dry_run": True, "differ": [s.name for s in found.differences()], "apply": settings.apply}
 
 
-def publish_cache_gate(report: CacheReport, configured: dict) -> None:
-    publish_table("cache-checks", report.rows(), "Cache gate: Redis answers, its settings, a write/read round trip")
-    changed = configured.get("changed") or {}
-    md = [f"# Cache gate {'PASSED' if report.ok else 'FAILED'}", "", f"{report.summary()}.", ""]
-    if configured.get("applied"):
-        md += ["## Set by this run", *([f"- {name}: {c['from']} → {c['to']} (CONFIG SET, CONFIG REWRITE)"
-                                        for name, c in changed.items()] or ["- nothing: every setting was as wanted"]),
-               ""]
-    elif configured.get("differ"):
-        md += ["Nothing was changed: cache.apply is false.", ""]
-    md += ["## Checks", report.markdown()]
-    publish_markdown("cache-summary", "\n".join(md))

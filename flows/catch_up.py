@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from liftoff.flows.cutover import publish_catch_up
 from liftoff.flows.options import RunOptions, open_runbook
-from liftoff.errors import GateFailed, StepFailed
+from liftoff.errors import StepFailed
 from liftoff.ledger import exclusive
 from liftoff.reports import publish_markdown
 from liftoff.tasks.cutover.catch_up import catch_up, switched_and_kept
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="catch-up", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -32,8 +31,5 @@ def catch_up_after_switch(options: RunOptions) -> dict:
         return {"dry_run": True}
     with exclusive(runbook.state_dir):
         report = catch_up(runbook)
-    publish_catch_up(report)
-    if not report.ok:
-        raise GateFailed.of("catch-up", report.failures())
     return {"since": report.since, "until": report.until, "tables": report.tables, "buckets": report.buckets,
             "conflicts": report.conflicts}

@@ -1,6 +1,6 @@
-"""Runbook step 6: the cutover. Checklist, approval, write freeze, final sync, switch, smoke test; the
-downtime measured from the freeze to the apps' health; an automatic rollback if anything after the freeze
-fails."""
+"""The cutover (the runbook's `cutover` section): checklist, approval, write freeze, final sync, switch, smoke
+test; the downtime measured from the freeze to the apps' health; an automatic rollback if anything after the
+freeze fails."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from liftoff.ledger import Ledger, current_run_id, exclusive
 from liftoff.redaction import first_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook, load_runbook, resolve_runbook_path
-from liftoff.tasks.cutover.checklist import ChecklistReport
 from liftoff.tasks.cutover import approval
-from liftoff.tasks.cutover.catch_up import CatchUpReport, catch_up, record_baseline
+from liftoff.tasks.cutover.catch_up import catch_up, record_baseline
 from liftoff.tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
 from liftoff.tasks.cutover.freeze import freeze_source, lift_target_freeze
 from liftoff.tasks.cutover.gate import check_before_cutover
@@ -28,7 +27,7 @@ from liftoff.tasks.cutover.replication import stop_replication
 from liftoff.tasks.cutover.smoke import smoke_test
 from liftoff.tasks.cutover.sync import refuse_while_changes_stranded
 from liftoff.tasks.cutover.switch import switch_apps
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 from liftoff.tasks.storage.plan import not_migrated
 
 APPROVAL_POLL_S = 2
@@ -45,11 +44,11 @@ def cutover(options: RunOptions) -> dict:
     runbook = open_runbook(options, PHASE)
     require_switch(runbook)
     refuse_while_changes_stranded(runbook)  # the final sync reloads the target: nothing of the apps' may be there
-    checklist = check_before_cutover(runbook)
-    publish_checklist(checklist)
-    if not checklist.ok:
+    try:
+        checklist = check_before_cutover(runbook)  # a failed checklist raises (and is published) there
+    except GateFailed:
         _stop_replication(runbook, options, "the checklist failed")
-        raise GateFailed.of("cutover checklist", checklist.failures())
+        raise
     form_text, shown = approval.evidence(runbook, checklist.rows(), Ledger(runbook.state_dir))
     if options.dry_run:
         publish_markdown("cutover-approval", form_text)
@@ -134,13 +133,12 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
     publish_downtime(downtime, durations, files_not_migrated)
     # The apps work on the target from here: a catch-up that cannot carry everything does not roll them back
     # (what it could not carry stays on the source, named); it fails the run and is run again once fixed.
-    caught_up = catch_up(runbook)
-    publish_catch_up(caught_up)
-    if not caught_up.ok:
-        failed = GateFailed.of("catch-up", caught_up.failures())
+    try:
+        caught_up = catch_up(runbook)
+    except GateFailed as failed:
         raise GateFailed(f"{str(failed).splitlines()[0]}; the cutover stands (the apps run on the target) and what "
                          f"was not carried is still on the source: fix the cause, then run `liftoff run catch-up "
-                         f"--runbook {options.runbook}`")
+                         f"--runbook {options.runbook}`") from None
     return {"downtime_s": downtime, "steps": durations, "final_sync": synced,
             "storage_not_migrated": files_not_migrated,
             "catch_up_s": round(time.time() - healthy_at, 2),
@@ -166,30 +164,6 @@ def _changes_line(undone: dict | None) -> str:
         return ""
     where = carried.get("file") or "the source"
     return f"; {carried['total']} change(s) the apps made on the target were written to {where}"
-
-
-def publish_catch_up(report: CatchUpReport) -> None:
-    """What the catch-up carried from the source after the switch, and its gates' verdict."""
-    rows = report.rows()
-    publish_table("cutover-catch-up", rows, "Catch-up after the switch: what the freeze could not stop, carried")
-    md = [f"# Catch-up after the switch: {'passed' if report.ok else 'FAILED'}",
-          f"Every write the source acknowledged before {_when(report.until)} by what the freeze could not stop "
-          f"(since the final sync's snapshot at {_when(report.since)}) is on the target.", "",
-          markdown_table(rows) if rows else "Nothing to carry: no unfrozen table or bucket changed."]
-    if report.conflicts:
-        md += ["", "## Changed on both sides (the target's row kept)", *[f"- {c}" for c in report.conflicts[:50]]]
-    if report.differences:
-        md += ["", "## What the gates found", *[f"- {d}" for d in report.differences]]
-    publish_markdown("cutover-catch-up", "\n".join(md))
-
-
-def _when(at: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) if at else "(unknown)"
-
-
-def publish_checklist(report: ChecklistReport) -> None:
-    publish_table("cutover-checklist", report.rows(), "Pre-cutover checklist")
-    publish_markdown("cutover-checklist", report.markdown())
 
 
 def publish_downtime(downtime: float, durations: dict[str, float], not_migrated_files: int = 0) -> None:

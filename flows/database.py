@@ -12,7 +12,7 @@ from liftoff.flows.preflight import preflight
 from liftoff.flows.restore import restore_database
 from liftoff.flows.verify import verify_database
 from liftoff.ledger import exclusive
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="migrate-database", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -1,4 +1,4 @@
-"""Runbook step 2: export the Supabase database with pg_dump."""
+"""The database export (the runbook's `source` and `database` sections): export the Supabase database with pg_dump."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.tasks.database.export import ExportPlan, dump_source, plan_export
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="export", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

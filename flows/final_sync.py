@@ -1,4 +1,5 @@
-"""Runbook step 6d: the final sync brings the target up to the frozen source, behind one interface.
+"""The cutover's final sync (the runbook's `cutover` section): the final sync brings the target up to the frozen
+source, behind one interface.
 
 ``FullResync`` (``cutover.final_sync: full``) re-runs the database phase from a new export (every table reloaded) and the storage phase
 (only objects added or changed since), each ending in its gate, which must pass. ``ReplicatedSync``
@@ -13,8 +14,6 @@ from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions
 from liftoff.flows.storage import migrate_storage
 from liftoff.runbooks.model import Runbook
-from liftoff.errors import GateFailed
-from liftoff.flows.verify import publish_gate
 from liftoff.tasks.cutover.replication import gate_changed_tables, sync_by_replication
 from liftoff.tasks.cutover.sync import forget_for_full_resync, forget_for_replicated_sync
 
@@ -32,7 +31,7 @@ class FullResync:
     def run(self, runbook: Runbook, options: RunOptions) -> dict:
         forget_for_full_resync(runbook)
         done = {"database": migrate_database(options)}
-        if runbook.storage.buckets:
+        if runbook.storage.wanted:
             done["storage"] = migrate_storage(options)
         return done
 
@@ -48,12 +47,9 @@ class ReplicatedSync:
     def run(self, runbook: Runbook, options: RunOptions) -> dict:
         synced = sync_by_replication(runbook)
         forget_for_replicated_sync(runbook)
-        report = gate_changed_tables(runbook, synced)
-        publish_gate(report, {})
-        if not report.ok:
-            raise GateFailed.of("database", report.failures())
+        report = gate_changed_tables(runbook, synced)  # published, recorded, raised when it did not pass
         done = {"database": {**synced, "re-read": len(report.tables)}}
-        if runbook.storage.buckets:
+        if runbook.storage.wanted:
             done["storage"] = migrate_storage(options)
         return done
 

@@ -3,27 +3,17 @@ thresholds; and the Uptime Kuma monitor list, so the operator does not retype it
 
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from liftoff.flows.options import RunOptions, open_runbook
-from liftoff.errors import GateFailed
-from liftoff.reports import publish_markdown, publish_table
-from liftoff.steps import recorded
-from liftoff.runbooks.model import Runbook
+from liftoff.reports import publish_markdown
 from liftoff.tasks.health.monitoring import (
-    HealthReport,
-    check_platform_health,
+    monitors_markdown,
+    run_health_gate,
     uptime_kuma_monitors,
     uptime_kuma_yaml,
 )
-from liftoff.tasks.notify import notify_on_failure
-
-
-@task(name="check health (gate)", cache_policy=NO_CACHE)
-@recorded("health", gate="health")
-def run_health_gate(rb: Runbook) -> HealthReport:
-    return check_platform_health(rb)
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="health", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -41,33 +31,12 @@ def check_health(options: RunOptions) -> dict:
         publish_markdown("health-summary", "# Health checks (dry run: nothing checked, nothing written)\n\n"
                          "Would check: " + ", ".join(m["name"] for m in uptime_kuma_monitors(runbook))
                          + f", the disk of {', '.join(runbook.health.disk_paths)} and the connections to PostgreSQL "
-                         "over SSH.\n\n" + _monitors_markdown(runbook, monitors, written=False))
+                         "over SSH.\n\n" + monitors_markdown(runbook, monitors, written=False))
         return {"dry_run": True, "monitors": len(uptime_kuma_monitors(runbook))}
     export = runbook.state_dir / runbook.health.uptime_kuma.file
     export.parent.mkdir(parents=True, exist_ok=True)
     export.write_text(monitors)
-    report = run_health_gate(runbook)
-    publish_health(report, runbook, monitors)
-    if not report.ok:
-        raise GateFailed.of("health", report.failures())
+    report = run_health_gate(runbook, monitors)
     return {"summary": report.summary(), "warnings": report.warnings(), "uptime_kuma": str(export)}
 
 
-def _monitors_markdown(runbook: Runbook, monitors: str, *, written: bool) -> str:
-    where = f" (written to `{runbook.state_dir / runbook.health.uptime_kuma.file}`)" if written else ""
-    return f"## Uptime Kuma monitors{where}\n\n```yaml\n{monitors}```\n"
-
-
-def publish_health(report: HealthReport, runbook: Runbook, monitors: str) -> None:
-    publish_table("health-status", report.rows(), "Health: one row per check (ok, warn, critical, not configured)")
-    md = [f"# Health {'PASSED' if report.ok else 'FAILED'}", "", f"{report.summary()}.", ""]
-    if report.failures():
-        md += ["## Critical", *[f"- {line}" for line in report.failures()], ""]
-    if report.warnings():
-        md += ["## Warnings", *[f"- {line}" for line in report.warnings()], ""]
-    md += ["## Checks", report.markdown(),
-           (f"Uptime Kuma monitors: {len(uptime_kuma_monitors(runbook))}, written to "
-            f"`{runbook.state_dir / runbook.health.uptime_kuma.file}` (artifact health-uptime-kuma).")]
-    publish_markdown("health-summary", "\n".join(md))
-    publish_markdown("health-uptime-kuma", _monitors_markdown(runbook, monitors, written=True),
-                     "Uptime Kuma monitors for this runbook's services (Uptime Kuma's own monitor fields)")

@@ -1,13 +1,12 @@
-"""Runbook step 1: check that the move can start."""
+"""Preflight (the runbook's `source`, `target` and `database` sections): check that the move can start."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from liftoff.flows.options import RunOptions, open_runbook
-from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.database.preflight import PreflightReport, require, run_preflight
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.tasks.database.preflight import run_preflight
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="preflight", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -18,17 +17,7 @@ def preflight(options: RunOptions) -> dict:
     locale differs from the source's, and warns about weak passwords. Reads only, so a dry run does the same."""
     runbook = open_runbook(options, "preflight")
     report = run_preflight(runbook)
-    publish_preflight(report)
-    require(report)
     return {"source_major": report.source_major, "target_major": report.target_major, "tools": report.tools,
             "warnings": report.warnings}
 
 
-def publish_preflight(report: PreflightReport) -> None:
-    shown = {"ok": "ok", "warn": "WARN", "failed": "FAILED"}
-    rows = [{"check": c.name, "status": shown[c.status], "detail": c.detail} for c in report.checks]
-    publish_table("preflight-checks", rows, "Preflight: every check, passed, warned or failed")
-    verdict = "passed" if not report.failures else f"FAILED ({len(report.failures)} checks)"
-    if report.warnings:
-        verdict += f" with {len(report.warnings)} warning{'s' if len(report.warnings) > 1 else ''}"
-    publish_markdown("preflight-summary", f"# Preflight {verdict}\n\n" + markdown_table(rows))

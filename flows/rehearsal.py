@@ -21,7 +21,8 @@ from liftoff.redaction import first_line, redact
 from liftoff.reports import for_runbook, markdown_table, publish_markdown
 from liftoff.runbooks.model import Runbook
 from liftoff.systems import postgres
-from liftoff.tasks import rehearsal as scratch_tasks
+from liftoff.tasks.rehearsal import estimate
+from liftoff.tasks.rehearsal import scratch as scratch_tasks
 
 log = get_logger(phase="rehearsal")
 
@@ -37,7 +38,7 @@ class RehearsedPhase:
 # here (the scratch runbook has no switch); later phases join this list.
 REHEARSED = (
     RehearsedPhase("database", "database", lambda rb: True),
-    RehearsedPhase("storage", "storage", scratch_tasks.storage_configured),
+    RehearsedPhase("storage", "storage", lambda rb: rb.storage.configured),
 )
 
 
@@ -109,7 +110,7 @@ def rehearse(options: RunOptions) -> dict:
 def plan_rehearsal(real: Runbook) -> RehearsalPlan:
     scratch = scratch_tasks.scratch_runbook(real, scratch_tasks.new_scratch_state_dir(real))
     phases = [p for p in REHEARSED if p.configured(real)]
-    buckets = scratch_tasks.scratch_buckets(real) if scratch_tasks.storage_configured(real) else []
+    buckets = scratch_tasks.scratch_buckets(real) if real.storage.configured else []
     return RehearsalPlan(scratch, phases, buckets)
 
 
@@ -135,7 +136,7 @@ def measure(real: Runbook, plan: RehearsalPlan, measured: Measured) -> None:
     final_sync: dict[str, float] = {}
     for name, entry in measured.phases.items():
         phase = registry[name]
-        entry["steps"] = scratch_tasks.step_seconds(steps, phase.steps)
+        entry["steps"] = estimate.step_seconds(steps, phase.steps)
         gate = ledger.latest_gate(phase.gate)
         entry["gate"] = None if gate is None else {"passed": gate.passed, "summary": gate.summary}
         final_sync.update({s: v for s, v in entry["steps"].items() if s != "storage.copy"})
@@ -160,18 +161,18 @@ def measure(real: Runbook, plan: RehearsalPlan, measured: Measured) -> None:
     if "storage" in measured.phases and measured.phases["storage"].get("ok"):
         copy_s = measured.phases["storage"]["steps"].get("storage.copy", 0.0)
         try:
-            share, share_note = scratch_tasks.changed_share(real)
+            share, share_note = estimate.changed_share(real)
         except Exception as exc:  # the estimate is still useful with the whole copy counted
             share = 1.0
             share_note = f"the real storage progress could not be read ({first_line(exc, type(exc).__name__)}): whole copy counted"
     switch = None
     if (real.state_dir / "ledger.sqlite").exists():
-        switch = scratch_tasks.last_cutover_switch(Ledger(real.state_dir).events("cutover"))
+        switch = estimate.last_cutover_switch(Ledger(real.state_dir).events("cutover"))
     if measured.failed:  # a phase that did not finish measures nothing worth comparing
         measured.estimate = {"downtime_s": None, "parts": final_sync,
                              "assumption": "a phase failed, so there is no estimate from this rehearsal"}
         return
-    measured.estimate = scratch_tasks.estimate_downtime(final_sync, copy_s, share, switch)
+    measured.estimate = estimate.estimate_downtime(final_sync, copy_s, share, switch)
     measured.estimate["storage_changed"] = share_note
 
 
@@ -223,9 +224,9 @@ def publish_report(real: Runbook) -> None:
         md.append(f"Assumption: {est['assumption']}.")
     if est.get("storage_changed"):
         md.append(f"Storage copy in the final sync: {est['storage_changed']}.")
-    md += ["", "## Rehearsals, oldest first", markdown_table(scratch_tasks.comparison_rows(events))]
+    md += ["", "## Rehearsals, oldest first", markdown_table(estimate.comparison_rows(events))]
     if len(events) > 1:
-        md += ["## Against the previous rehearsal", markdown_table(scratch_tasks.changes(events[-2].after, latest))]
+        md += ["## Against the previous rehearsal", markdown_table(estimate.changes(events[-2].after, latest))]
     md += ["## This rehearsal's downtime estimate",
            markdown_table([{"part": k, "seconds": v} for k, v in (est.get("parts") or {}).items()])]
     gates = [{"phase": name, "gate": ("passed" if e["gate"]["passed"] else "FAILED") if e.get("gate") else "not run",
@@ -256,7 +257,7 @@ def notify_if_needed(real: Runbook, measured: Measured) -> None:
     try:
         from prefect.runtime import flow_run
 
-        from liftoff.tasks.notify import notify
+        from liftoff.systems.webhook import notify
 
         notify(real, redact(text), flow_run_url=flow_run.ui_url)
     except Exception as exc:  # no webhook module yet, or the webhook refused: the report still says it

@@ -1,4 +1,5 @@
-"""Runbook step 3: restore the archive into the self-hosted PostgreSQL with pg_restore."""
+"""The database restore (the runbook's `target` and `database` sections): restore the archive into the self-hosted
+PostgreSQL with pg_restore."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from liftoff.tasks.database.restore import (
     restore_post_data,
     restore_pre_data,
 )
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="restore", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

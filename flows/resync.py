@@ -10,7 +10,7 @@ from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import publish_markdown
 from liftoff.tasks.cutover.sync import refuse_after_switch, refuse_while_changes_stranded
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 
 @flow(name="resync", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])

@@ -32,7 +32,7 @@ from liftoff.tasks.cutover.rollback import (
     switch_apps_back,
     wait_healthy_again,
 )
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 
 APPROVAL_POLL_S = 2
 

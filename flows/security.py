@@ -6,10 +6,9 @@ from __future__ import annotations
 from prefect import flow
 
 from liftoff.flows.options import RunOptions, open_runbook
-from liftoff.errors import GateFailed
-from liftoff.reports import publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
-from liftoff.tasks.security import SecurityReport, internal_services, require_ssh, security_gate
+from liftoff.reports import publish_markdown
+from liftoff.flows.hooks import notify_on_failure
+from liftoff.tasks.security.gate import internal_services, require_ssh, security_gate
 
 
 @flow(name="check-security", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -32,12 +31,6 @@ def check_security(options: RunOptions) -> dict:
             f"- no secret of the runbook in: {', '.join(files) or '(no files named)'}"]))
         return {"dry_run": True}
     report = security_gate(runbook)
-    publish_security_report(report)
-    if not report.ok:
-        raise GateFailed.of("security", report.failures())
     return {"lines": len(report.lines), "passed": sum(1 for line in report.lines if line.status == "passed")}
 
 
-def publish_security_report(report: SecurityReport) -> None:
-    publish_table("security-checks", report.rows(), "Security checks: one line per check, with its fix")
-    publish_markdown("security-summary", report.markdown())

@@ -1,4 +1,5 @@
-"""Runbook step 5: move the files from Supabase Storage to the target's S3 server (MinIO)."""
+"""The storage phase (the runbook's `storage` section): move the files from Supabase Storage to the target's S3
+server (MinIO)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from liftoff.flows.storage_urls import publish_url_preview
 from liftoff.flows.storage_verify import verify_storage
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 from liftoff.tasks.storage.copy import copy_objects, prepare_buckets
 from liftoff.tasks.storage.plan import StoragePlan, plan_storage, require_source_bytes
 from liftoff.tasks.storage.urls import preview_storage_urls, rewrite_storage_urls

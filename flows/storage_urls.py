@@ -1,4 +1,5 @@
-"""Runbook step 5, its last part: the app's stored Storage URLs point at the target's public base."""
+"""The storage phase's last part (the runbook's `storage.rewrite`): the app's stored Storage URLs point at the
+target's public base."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from prefect import flow
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import exclusive
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
+from liftoff.flows.hooks import notify_on_failure
 from liftoff.tasks.storage.urls import preview_storage_urls, rewrite_storage_urls
 from liftoff.systems.storage_urls import ColumnPreview
 

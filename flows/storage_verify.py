@@ -1,14 +1,13 @@
-"""Runbook step 5, its gate: prove the target's buckets hold what Supabase Storage holds."""
+"""The storage gate (the runbook's `storage` section): prove the target's buckets hold what Supabase Storage holds."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from liftoff.flows.options import RunOptions, open_runbook
-from liftoff.errors import GateFailed
-from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.tasks.notify import notify_on_failure
-from liftoff.tasks.storage.gate import StorageReport, run_storage_gate
+from liftoff.reports import publish_markdown
+from liftoff.flows.hooks import notify_on_failure
+from liftoff.tasks.storage.gate import run_storage_gate
 
 
 @flow(name="verify-storage", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -25,21 +24,7 @@ def verify_storage(options: RunOptions, deep: bool = False) -> dict:
                          f"MD5s and access of {', '.join(b.name for b in runbook.storage.buckets)}.")
         return {"dry_run": True}
     report = run_storage_gate(runbook, deep or None)
-    publish_storage_gate(report)
-    if not report.ok:
-        raise GateFailed.of("storage", report.failures())
     return {"buckets": len(report.buckets), "objects": sum(b.target_objects for b in report.buckets),
             "bytes": sum(b.target_bytes for b in report.buckets), "not_migrated": report.not_migrated}
 
 
-def publish_storage_gate(report: StorageReport) -> None:
-    rows = report.rows()
-    publish_table("verify-storage-buckets", rows, "Storage gate: objects and bytes per bucket")
-    md = [f"# Storage gate {'PASSED' if report.ok else 'FAILED'}", ""]
-    if not report.ok:
-        md += ["## What differs", *[f"- {line}" for line in report.failures()], ""]
-    if report.notes():
-        md += ["## No bytes on the source, not migrated (storage.missing_source_bytes: skip)",
-               *[f"- {line}" for line in report.notes()], ""]
-    md += ["## Buckets", markdown_table(rows)]
-    publish_markdown("verify-storage-summary", "\n".join(md))

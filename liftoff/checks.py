@@ -1,5 +1,6 @@
-"""One line per check, and a report of lines: what every checklist-shaped gate returns (the cutover's
-checklist, the cache, security and backup checks). Core: it imports nothing above it.
+"""The gate protocol, and one line per check: every gate's report is a ``GateReport`` (``ok``, ``failures()``,
+``summary()``, and the error a failed one raises); a checklist-shaped gate (the cutover's checklist, the
+security checks) returns a ``CheckReport`` of ``CheckLine``s. Core: it imports nothing above it.
 
 A line is passed, failed or "not checked" (not configured, or not checkable by a machine here): a "not checked"
 line does not fail the report, but it is never shown as passed, so an approver sees what nobody checked. The
@@ -12,10 +13,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from liftoff.errors import GateFailed, LiftoffError
 from liftoff.reports import check_rows
 
 PASSED, FAILED, NOT_CHECKED = "passed", "failed", "not checked"
 Status = Literal["passed", "failed", "not checked"]
+
+
+class GateReport:
+    """What a gate returns and ``liftoff.steps.recorded(gate=...)`` records: passed when it names no failure.
+    A report with a stricter rule (every line must have passed, not only none failed) overrides ``ok``."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures()
+
+    def failures(self) -> list[str]:
+        """One line per difference or failed check, each naming what differs (and where)."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def error(self, gate: str) -> LiftoffError:
+        """What a failed gate raises: "<gate> gate failed: <the first differences>", then every one (exit 3);
+        the report travels with it (``error.report``) for a caller that shows more than the message."""
+        error = GateFailed.of(gate, self.failures())
+        error.report = self
+        return error
 
 
 @dataclass(frozen=True)
@@ -27,7 +52,7 @@ class CheckLine:
 
 
 @dataclass(frozen=True)
-class CheckReport:
+class CheckReport(GateReport):
     lines: list[CheckLine] = field(default_factory=list)
     #: what the summary calls the report ("checklist passed: ...")
     label: ClassVar[str] = "checks"

@@ -50,6 +50,7 @@ class GateFailed(LiftoffError):
     """A verification gate found the two sides different."""
 
     exit_code = EXIT_GATE_FAILED
+    report = None  # the gate's report, when a gate step raised it (liftoff.checks.GateReport.error)
 
     @classmethod
     def of(cls, gate: str, failures: list[str], shown: int = 3) -> "GateFailed":

@@ -7,8 +7,16 @@
 A step done before is skipped (when its ``skip_if`` says so) and returns what it recorded, with ``skipped``;
 otherwise it is marked running with the flow run's id, and marked done with what it returned and how long
 it took, or failed with the one-line reason of the error it raised (which is re-raised). A gate's step
-(``gate=PHASE``) also records the gate's result in the ledger's ``gates`` table, passed or not, and is
-marked failed when the gate did not pass, so a failed gate never reads as done.
+(``gate=PHASE``) also records the gate's result in the ledger's ``gates`` table, passed or not, hands the
+report to its ``publish`` (the artifacts, passed or not), and when the gate did not pass is marked failed and
+raises ``GateFailed`` naming the gate and every difference: no flow writes that raise by hand, and a failed
+gate never reads as done.
+
+    @task(name="verify cache (gate)", cache_policy=NO_CACHE)
+    @recorded("verify-cache", gate="cache", publish=publish_cache_gate)
+    def run_cache_gate(rb: Runbook, configured: dict) -> CacheReport: ...
+
+A gate's report follows one protocol (``liftoff.checks.GateReport``): ``ok``, ``failures()`` and ``summary()``.
 """
 
 from __future__ import annotations
@@ -26,19 +34,38 @@ def done(rb, ledger: Ledger, step: str) -> bool:
 
 
 def recorded(step: str, *, skip_if: Callable | None = None, on_skip: Callable | None = None, gate: str | None = None,
-             read_only: bool = False):
+             title: str | None = None, publish: Callable | None = None, read_only: bool = False):
     """Decorates ``fn(rb, ...)`` (``rb`` has ``state_dir``). ``skip_if(rb, ledger, step)``: whether the work is
     done and still usable (default: never skip, the step is idempotent and runs each time).
     ``on_skip(rb, detail)`` may check the recorded work is still usable (raise) and shape what a skipped call
-    returns. ``gate``: the phase whose gate this step is; ``fn`` then returns a report with ``ok`` and
-    ``failures`` (a list or a method returning one) and ``summary()``. ``read_only``: a step that writes
+    returns. ``gate``: the phase whose gate this step is; ``fn`` then returns a report (``ok``, ``failures()``,
+    ``summary()``), which ``publish(report, rb, *args, **kwargs)`` shows, and a report that did not pass raises
+    ``GateFailed`` ("<title> gate failed: ...", ``title`` defaulting to ``gate``). ``read_only``: a step that writes
     nothing anywhere (preflight, also in a dry run) records itself only in a ledger that exists already."""
 
     def wrap(fn):
+        def judged(result, rb, args, kwargs, ledger: Ledger | None, run_id):
+            """A gate's report recorded (when there is a ledger), shown, and raised when it did not pass."""
+            failures = result.failures()
+            if ledger is not None:
+                summary = ("; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
+                           if failures else result.summary())
+                ledger.record_gate(gate, result.ok, redact(summary), run_id)
+                if result.ok:
+                    ledger.finish_step(step, _as_detail(result))
+                else:
+                    ledger.fail_step(step, redact(f"gate failed: {summary}"))
+            if publish is not None:
+                publish(result, rb, *args, **kwargs)
+            if not result.ok:
+                raise result.error(title or gate)
+            return result
+
         @functools.wraps(fn)
         def run(rb, *args, **kwargs):
             if read_only and not (rb.state_dir / "ledger.sqlite").exists():
-                return fn(rb, *args, **kwargs)
+                result = fn(rb, *args, **kwargs)
+                return judged(result, rb, args, kwargs, None, None) if gate is not None else result
             ledger = Ledger(rb.state_dir)
             if skip_if is not None and _call_skip_if(skip_if, rb, ledger, step):
                 detail = ledger.step_detail(step)
@@ -55,13 +82,7 @@ def recorded(step: str, *, skip_if: Callable | None = None, on_skip: Callable | 
                     pass
                 raise
             if gate is not None:
-                failures = result.failures() if callable(result.failures) else list(result.failures)
-                summary = ("; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
-                           if failures else result.summary())
-                ledger.record_gate(gate, result.ok, redact(summary), run_id)
-                if not result.ok:
-                    ledger.fail_step(step, redact(f"gate failed: {summary}"))
-                    return result
+                return judged(result, rb, args, kwargs, ledger, run_id)
             ledger.finish_step(step, _as_detail(result))
             return result
 

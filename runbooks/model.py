@@ -262,6 +262,24 @@ class Replication(_Strict):
                                    "the source's last changes before the cutover stops (and rolls back)")
 
 
+class Maintenance(_Strict):
+    """The site's maintenance mode (optional), through the switch driver like every other env change: ``on``
+    is applied and the apps redeployed before the write freeze; ``off`` after the smoke test, and by the
+    rollback (the apps go back to the source out of maintenance)."""
+
+    on: dict[str, str] = Field(min_length=1, description="the variables that put the apps in maintenance, e.g. "
+                               "MAINTENANCE_MODE: '1'")
+    off: dict[str, str] = Field(description="the same variables' values out of maintenance, e.g. MAINTENANCE_MODE: '0'")
+
+    @model_validator(mode="after")
+    def _same_keys(self) -> "Maintenance":
+        if set(self.on) != set(self.off):
+            raise ValueError(f"on and off must name the same variables (on: {', '.join(sorted(self.on))}; off: "
+                             f"{', '.join(sorted(self.off)) or 'none'}): an env file cannot drop a variable, so "
+                             "off says each one's value out of maintenance")
+        return self
+
+
 class Cutover(_Strict):
     checklist: Checklist = Field(default_factory=Checklist)
     final_sync: Literal["full", "replicate"] = Field(
@@ -269,6 +287,8 @@ class Cutover(_Strict):
         "data); replicate: logical replication keeps the target current before the cutover (`liftoff run "
         "replicate`), the freeze only waits for the last changes and re-checks what changed since a full gate")
     replication: Replication = Field(default_factory=Replication)
+    maintenance: Maintenance | None = Field(None, description="optional: the apps in maintenance mode from before "
+                                            "the freeze until after the smoke test")
     freeze: list[Freeze] = Field(default_factory=lambda: [Freeze()], min_length=1,
                                  description="how the source stops taking writes: the API roles revoked by default; "
                                  "add {method: role, roles: [...]} for apps that log in directly")
@@ -291,6 +311,15 @@ class Cutover(_Strict):
             if not re.match(r"^[^.\s]+\.[^.\s]+$", name):
                 raise ValueError(f"expected schema.table, got {name!r}")
         return v
+
+    @model_validator(mode="after")
+    def _maintenance_apart_from_switch(self) -> "Cutover":
+        if self.maintenance is not None and self.switch is not None:
+            both = sorted(set(self.maintenance.on) & set(self.switch.env))
+            if both:
+                raise ValueError(f"maintenance and switch.env both set {', '.join(both)}: the switch would undo the "
+                                 "maintenance mode (or the reverse); name it in one of them")
+        return self
 
 
 class AppRole(_Strict):
@@ -478,6 +507,19 @@ class Storage(_Strict):
         "fail", description="storage.objects rows whose bytes are gone on the source (a download answers not "
         "found or 500): fail (the plan stops and names them) or skip (not copied; the gate lists them as not "
         "migrated and passes; the URL rewrite leaves their URLs as they are)")
+
+    # The one place that says whether the storage phase is in this runbook (every flow and step asks here).
+    @property
+    def wanted(self) -> bool:
+        """The runbook asks for the storage phase: a source or a target is set (buckets alone are a list waiting
+        for its endpoints, as in runbooks/local.yaml). A half-configured one is wanted all the same, so its flow
+        stops naming what is missing instead of being skipped in silence."""
+        return self.source is not None or self.target is not None
+
+    @property
+    def configured(self) -> bool:
+        """Everything the storage phase needs is set: buckets, source and target."""
+        return bool(self.buckets) and self.source is not None and self.target is not None
 
 
 class S3Target(_Strict):
@@ -872,6 +914,12 @@ def _explain(error: dict) -> str:
     return msg.removeprefix("Value error, ")
 
 
+# Each flow run and its subflows validate the runbook once: a parsed runbook is kept per file and content (the
+# text is read every time, which is cheap; the YAML parse and the validation are not), so an edit is seen by
+# the next read, however soon. A Runbook is frozen (immutable), so the one parsed model is shared safely.
+_PARSED: dict[tuple[Path, str], Runbook] = {}
+
+
 def load_runbook(path: str | Path) -> Runbook:
     """Reads and validates a runbook file; relative ``state_dir`` is resolved against the file's folder."""
     path = Path(path).expanduser().resolve()
@@ -881,6 +929,15 @@ def load_runbook(path: str | Path) -> Runbook:
         raise RunbookInvalid(f"{path}: no such runbook file") from None
     except OSError as exc:
         raise RunbookInvalid(f"{path}: cannot read ({exc.strerror})") from None
+    key = (path, text)
+    if key not in _PARSED:
+        if len(_PARSED) > 64:
+            _PARSED.clear()
+        _PARSED[key] = _parse_runbook(path, text)
+    return _PARSED[key]
+
+
+def _parse_runbook(path: Path, text: str) -> Runbook:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -6,18 +6,13 @@ Every server runs on a free loopback port in a temp directory and is stopped at 
 from __future__ import annotations
 
 import atexit
-import fcntl
 import os
-import subprocess
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from helpers import ROOT, source_counts
 from liftoff_sandbox.postgres import stop_started
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 _server = None
@@ -31,7 +26,7 @@ def pytest_configure(config):
                             "`pytest -m 'not servers'` runs the others in seconds, with no server at all")
     if getattr(config, "workerinput", None) is not None:
         return
-    if (config.option.markexpr or "").replace(" ", "") == "notservers":
+    if (config.option.markexpr or "").replace(" ", "") == "notservers" or not _selected_modules_start_servers(config):
         return  # no test that runs needs it
     from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
     from liftoff.prefect_server import PrefectServer
@@ -47,26 +42,24 @@ def pytest_configure(config):
     atexit.register(_server.stop)
 
 
+def _selected_modules_start_servers(config) -> bool:
+    """Whether any test module the command line names (all of tests/ when it names none) starts servers: one
+    whose source does not say ``SERVERS = False``. Read from the files, before any collection (the xdist
+    controller collects nothing), so `pytest tests/test_runbook.py` starts no Prefect server either."""
+    named = [Path(arg.split("::")[0]) for arg in config.args] or [ROOT / "tests"]
+    modules = []
+    for path in named:
+        path = path if path.is_absolute() else Path(config.invocation_params.dir) / path
+        modules += sorted(path.rglob("test_*.py")) if path.is_dir() else [path]
+    return any(not m.exists() or "\nSERVERS = False" not in m.read_text() for m in modules)
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test is a ``servers`` test unless its module says ``SERVERS = False`` (it starts none, and runs
     no flow: the Prefect server is not started for ``-m 'not servers'``)."""
     for item in items:
         if getattr(item.module, "SERVERS", True):
             item.add_marker(pytest.mark.servers)
-
-
-@contextmanager
-def serving_deployments():
-    """Held while a test's process serves Liftoff's deployments. Deployments are named by flow, so two serving
-    processes on the one Prefect server (one per xdist worker) would register the same deployments and take
-    each other's runs, in the other worker's environment (its stack's secrets): they serve one at a time.
-    An flock on a file in the Prefect home every worker shares, released by the kernel if a worker dies."""
-    with open(Path(os.environ["PREFECT_HOME"]) / "serving-deployments.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -94,27 +87,6 @@ def stack(prefect_api):
     s.stop()
 
 
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """Stops a process started with start_new_session=True and everything it started: SIGTERM, then SIGKILL."""
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs the `liftoff` console script as an operator would."""
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "liftoff"), *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )
-
-
 @pytest.fixture(scope="session")
 def migrated(stack):
     """The stack's source migrated once into target database `migrated`; gate tests copy it (TEMPLATE).
@@ -130,33 +102,11 @@ def migrated(stack):
     return {"runbook": runbook, "result": result, "counts": counts}
 
 
-def source_counts(stack) -> dict[str, int]:
-    """The stack's source's rows now, per table the stack generated."""
-    return {table: stack.source.execute(f"SELECT count(*) FROM {table}")[0][0] for table in stack.counts}
+@pytest.fixture(scope="module")
+def module_env():
+    """Environment a module's fixtures set (its servers' secrets, read by the runbooks it writes), put back when
+    the module ends: nothing leaks into the next module on the same worker."""
+    with pytest.MonkeyPatch.context() as env:
+        yield env
 
 
-def fresh_runbook(stack, name: str, template: str | None = None, **database) -> Path:
-    """A new target database (empty, or a copy of ``template``) and a runbook with its own state dir."""
-    stack.new_target_database(name, template)
-    return stack.write_runbook(f"{name}.yaml", state_dir=f"state-{name}", target_database=name, **database)
-
-
-@contextmanager
-def seeded_storage(stack, env_prefix: str):
-    """Two S3 servers for a module: Supabase Storage's backend seeded with the bytes of every
-    ``storage.objects`` row of the stack's source, and the target's; their keys in
-    ``{env_prefix}_{SUPABASE,TARGET}_S3_{KEY,SECRET}``. Yields (supabase_s3, target, seeded objects)."""
-    from liftoff_sandbox.s3 import S3Server
-    from liftoff_sandbox.storage_api import seed_objects
-
-    supabase_s3, target = S3Server().start(), S3Server().start()
-    try:
-        seeded = seed_objects(supabase_s3.client(), stack.source.conninfo())
-        os.environ.update({f"{env_prefix}_SUPABASE_S3_KEY": supabase_s3.access_key,
-                           f"{env_prefix}_SUPABASE_S3_SECRET": supabase_s3.secret_key,
-                           f"{env_prefix}_TARGET_S3_KEY": target.access_key,
-                           f"{env_prefix}_TARGET_S3_SECRET": target.secret_key})
-        yield supabase_s3, target, seeded
-    finally:
-        supabase_s3.stop()
-        target.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, serving_deployments, stop_process_group
+from helpers import run_cli, serving_deployments, stop_process_group
 from liftoff.flows.backup import backup, restore_test
 from liftoff.flows.options import RunOptions
 from liftoff.errors import GateFailed, ToolMissing
@@ -31,10 +31,11 @@ SERVE_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def s3_servers():
+def s3_servers(module_env):
     b2, minio = S3Server().start(), S3Server().start()
-    os.environ.update({"LIFTOFF_BK_B2_KEY": b2.access_key, "LIFTOFF_BK_B2_SECRET": b2.secret_key,
-                       "LIFTOFF_BK_MINIO_KEY": minio.access_key, "LIFTOFF_BK_MINIO_SECRET": minio.secret_key})
+    for name, value in {"LIFTOFF_BK_B2_KEY": b2.access_key, "LIFTOFF_BK_B2_SECRET": b2.secret_key,
+                        "LIFTOFF_BK_MINIO_KEY": minio.access_key, "LIFTOFF_BK_MINIO_SECRET": minio.secret_key}.items():
+        module_env.setenv(name, value)
     try:
         yield b2, minio
     finally:

@@ -16,7 +16,7 @@ from liftoff.ledger import Ledger
 from liftoff_sandbox.redis import RedisServer
 from liftoff.runbooks.model import Cache, Runbook, forget_resolved_secrets, redis_memory_bytes
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED
-from liftoff.tasks.redis_config import ROUND_TRIP_PREFIX, check_cache, read_cache_settings
+from liftoff.systems.redis_cache import ROUND_TRIP_PREFIX, check_cache, read_cache_settings
 
 PASSWORD_ENV = "LIFTOFF_TEST_CACHE_REDIS_PASSWORD"
 PLAN = {"appendonly": "yes", "maxmemory": str(512 * 1024 * 1024), "maxmemory-policy": "allkeys-lru"}
@@ -141,7 +141,7 @@ def test_a_stopped_redis_fails_the_gate_naming_target_redis(tmp_path, redis_serv
 
 
 def test_cli_run_cache_applies_and_records_the_gate(tmp_path, redis_server):
-    from conftest import run_cli
+    from helpers import run_cli
 
     runbook = write_runbook(tmp_path, redis_server, {"apply": True, "maxmemory": "64mb"})
 

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 from liftoff.flows.cutover import cutover
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions
@@ -38,17 +38,17 @@ WRITER = "crm_writer"
 
 
 @pytest.fixture(scope="module")
-def vps():
+def vps(module_env):
     from liftoff_sandbox.ssh import SshServer
 
     server = SshServer().start()
-    os.environ["LIFTOFF_TEST_SSH_KEY"] = server.client_key_text
+    module_env.setenv("LIFTOFF_TEST_SSH_KEY", server.client_key_text)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def writer(stack):
+def writer(stack, module_env):
     """An app login role on the source and a table outside the migrated schemas it writes to: what the freeze
     must stop and the rollback must let through again."""
     password = secrets.token_urlsafe(12)
@@ -57,7 +57,7 @@ def writer(stack):
         "CREATE TABLE cutover_probe.writes (id serial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now()); "
         f"GRANT USAGE ON SCHEMA cutover_probe TO {WRITER}; GRANT SELECT, INSERT ON cutover_probe.writes TO {WRITER}; "
         f"GRANT USAGE ON SEQUENCE cutover_probe.writes_id_seq TO {WRITER}")
-    os.environ["LIFTOFF_TEST_APP_PASSWORD"] = stack.passwords["app"]
+    module_env.setenv("LIFTOFF_TEST_APP_PASSWORD", stack.passwords["app"])
     yield password
     stack.source.execute(f"DROP SCHEMA cutover_probe CASCADE; DROP OWNED BY {WRITER}; DROP ROLE {WRITER}")
 

@@ -14,7 +14,6 @@ The sign-up trigger's table (public.profiles) is not listed in the runbook: Lift
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 
@@ -22,7 +21,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import seeded_storage
+from helpers import seeded_storage
 from liftoff.flows.cutover import cutover
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions
@@ -44,15 +43,15 @@ ROLL_BACK = {"approver": "Ada (ops)", "approve": True, "reason": "writers accept
 
 
 @pytest.fixture(scope="module")
-def storage_servers(stack):
+def storage_servers(stack, module_env):
     """Supabase Storage's S3 backend, seeded with the bytes of every ``storage.objects`` row of the source, and
     the target's S3 server (the session stack has neither)."""
-    with seeded_storage(stack, "LIFTOFF_WRITERS") as (supabase_s3, target, _):
+    with seeded_storage(stack, "LIFTOFF_WRITERS", module_env) as (supabase_s3, target, _):
         yield supabase_s3, target
 
 
 @pytest.fixture(scope="module")
-def source_roles(stack):
+def source_roles(stack, module_env):
     """Passwords for the platform's LOGIN roles the writers log in as (PostgREST's, Auth's, Storage's) and the
     app's LOGIN role; the test tables in ``public`` (owned by ``postgres``, so Supabase's default privileges
     give the API roles their access), seeded. Everything is put back at the end: the source is shared."""
@@ -63,7 +62,7 @@ def source_roles(stack):
         with psycopg.connect(stack.source.conninfo(), autocommit=True) as conn:
             conn.execute("SET ROLE postgres")
             pool = w.create_tables(conn, SEEDED_ROWS, grant_to=[LOGIN_ROLE])
-        os.environ["LIFTOFF_TEST_APP_PASSWORD"] = stack.passwords["app"]
+        module_env.setenv("LIFTOFF_TEST_APP_PASSWORD", stack.passwords["app"])
         yield passwords, pool
     finally:
         with psycopg.connect(stack.source.conninfo(), autocommit=True) as conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import fresh_runbook, source_counts
+from helpers import fresh_runbook, source_counts
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions
 from liftoff.flows.preflight import preflight

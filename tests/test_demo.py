@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_demo_migrates_database_and_files_prints_both_gates_then_cuts_over_and_rolls_back(prefect_api):

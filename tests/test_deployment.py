@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import fresh_runbook, serving_deployments, stop_process_group
+from helpers import fresh_runbook, serving_deployments, stop_process_group
 
 SERVE_TIMEOUT_S = 90
 

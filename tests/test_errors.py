@@ -8,7 +8,7 @@ import uuid
 import pytest
 import yaml
 
-from conftest import fresh_runbook, run_cli
+from helpers import fresh_runbook, run_cli
 from liftoff_sandbox.postgres import PostgresServer, free_port, pg16_bin_dir
 
 SOURCE_TABLES = ("bookings", "customers", "payments", "tours")

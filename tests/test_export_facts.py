@@ -7,7 +7,7 @@ from contextlib import closing
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from liftoff.errors import StepFailed
 from liftoff.ledger import ExportFacts, ExportRecord, Ledger
 from liftoff.runbooks.model import load_runbook

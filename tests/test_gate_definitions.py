@@ -11,7 +11,7 @@ import itertools
 import psycopg
 import pytest
 
-from conftest import fresh_runbook
+from helpers import fresh_runbook
 from liftoff.flows.options import RunOptions
 from liftoff.flows.verify import verify_database
 from liftoff.errors import GateFailed

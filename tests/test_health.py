@@ -6,7 +6,6 @@ the machine's own, with a 4 MiB tmpfs filled past the thresholds."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import psycopg
@@ -24,7 +23,8 @@ from liftoff_sandbox.s3 import S3Server
 from liftoff_sandbox.ssh import SshServer
 from liftoff.runbooks.model import Runbook, forget_resolved_secrets
 from liftoff.tasks.health.monitoring import CRITICAL, NOT_CONFIGURED, OK, WARN, check_platform_health
-from liftoff.systems.vps import parse_df, parse_ss
+from liftoff.systems.vps import parse_df
+from liftoff.systems.ss import parse_ss
 
 KEY_ENV = "LIFTOFF_TEST_HEALTH_SSH_KEY"
 REDIS_ENV = "LIFTOFF_TEST_HEALTH_REDIS_PASSWORD"
@@ -43,23 +43,24 @@ def fresh_secrets():
 
 
 @pytest.fixture(scope="module")
-def vps():
+def vps(module_env):
     with SshServer() as server:
-        os.environ[KEY_ENV] = server.client_key_text
+        module_env.setenv(KEY_ENV, server.client_key_text)
         yield server
 
 
 @pytest.fixture(scope="module")
-def redis_server():
+def redis_server(module_env):
     with RedisServer() as server:
-        os.environ[REDIS_ENV] = server.password
+        module_env.setenv(REDIS_ENV, server.password)
         yield server
 
 
 @pytest.fixture(scope="module")
-def s3_server():
+def s3_server(module_env):
     with S3Server() as server:
-        os.environ[S3_KEY_ENV], os.environ[S3_SECRET_ENV] = server.access_key, server.secret_key
+        module_env.setenv(S3_KEY_ENV, server.access_key)
+        module_env.setenv(S3_SECRET_ENV, server.secret_key)
         yield server
 
 
@@ -168,9 +169,10 @@ def test_every_service_answering_passes_with_a_status_row_each_and_writes_the_up
         assert secret not in export
 
 
-def test_a_stopped_redis_and_a_closed_pgbouncer_port_are_critical_and_fail_the_flow(stack, tmp_path, vps, small_disk):
+def test_a_stopped_redis_and_a_closed_pgbouncer_port_are_critical_and_fail_the_flow(stack, tmp_path, vps, small_disk,
+                                                                                    monkeypatch):
     stopped = RedisServer().start()
-    os.environ[f"{REDIS_ENV}_STOPPED"] = stopped.password
+    monkeypatch.setenv(f"{REDIS_ENV}_STOPPED", stopped.password)
     stopped.stop()
     data = runbook_data(stack, tmp_path, vps=vps, redis_server=stopped, disk=small_disk,
                         redis_env=f"{REDIS_ENV}_STOPPED")
@@ -284,7 +286,7 @@ def test_df_and_ss_output_is_parsed_with_spaces_and_ipv6():
 
 
 def test_cli_run_health_exits_zero_and_records_the_gate_then_three_on_a_critical(everything, tmp_path, app):
-    from conftest import run_cli
+    from helpers import run_cli
 
     runbook = write(tmp_path, everything)
 

@@ -103,3 +103,26 @@ def _folder_parts(module: str) -> list[str]:
         if module == name or module.startswith(name + "."):
             return [folder, *module[len(name):].strip(".").split(".")] if module != name else [folder]
     raise AssertionError(module)
+
+
+def test_steps_live_in_one_package_per_phase():
+    """``tasks/`` holds phase packages only: a module at its top would be a step of no phase (or a building
+    block in the wrong room)."""
+    assert sorted(p.name for p in (ROOT / "tasks").glob("*.py")) == ["__init__.py"]
+
+
+def test_every_step_module_of_a_phase_is_in_its_package():
+    """A building block is known by importing no Prefect; a module of ``liftoff.systems`` never does (the rule
+    above), and every Prefect task is defined under ``liftoff.tasks``."""
+    defining = sorted(m for m, imports in MODULES.items() if "prefect.task" in imports and _layer(m) != "tasks"
+                      and _layer(m) not in ("sandbox", "flows", "deployments", "cli"))
+    assert defining == []
+
+
+def test_test_modules_take_helpers_from_helpers_and_fixtures_from_pytest():
+    """conftest.py is pytest's (fixtures and hooks); a module importing it by name gets a second copy of it
+    (as ``conftest`` and ``tests.conftest``). Shared plain helpers live in tests/helpers.py."""
+    importing = sorted(p.name for p in (ROOT / "tests").glob("*.py")
+                       if any(isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[-1] == "conftest"
+                              for n in ast.walk(ast.parse(p.read_text()))))
+    assert importing == []

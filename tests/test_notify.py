@@ -20,7 +20,8 @@ from liftoff import logs
 from liftoff_sandbox.postgres import free_port
 from liftoff_sandbox.webhook import WebhookReceiver
 from liftoff.runbooks.model import load_runbook
-from liftoff.tasks.notify import notify, notify_on_failure
+from liftoff.systems.webhook import notify
+from liftoff.flows.hooks import notify_on_failure
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from pathlib import Path
 
 import psycopg
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 from liftoff.flows.options import RunOptions
 from liftoff.flows.pooler import setup_pooler
 from liftoff.errors import GateFailed, PreflightFailed
@@ -23,7 +22,7 @@ from liftoff.reports import last_markdown
 from liftoff_sandbox.pgbouncer import PgBouncerServer, scram_userlist
 from liftoff_sandbox.stack import APP_ROLE
 from liftoff.runbooks.model import load_runbook
-from liftoff.tasks.pgbouncer import plan_pooler, preflight_pooler, read_current, read_server_auth
+from liftoff.systems.pgbouncer import plan_pooler, preflight_pooler, read_current, read_server_auth
 
 DATABASE = "pooler"
 APP_PASSWORD_ENV = "LIFTOFF_POOLER_APP_PASSWORD"
@@ -32,11 +31,10 @@ _n = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def target(stack):
+def target(stack, module_env):
     stack.new_target_database(DATABASE)
-    os.environ[APP_PASSWORD_ENV] = stack.passwords["app"]
-    yield stack
-    os.environ.pop(APP_PASSWORD_ENV, None)
+    module_env.setenv(APP_PASSWORD_ENV, stack.passwords["app"])
+    return stack
 
 
 def md5_entry(user: str, password: str) -> str:
@@ -189,11 +187,11 @@ def test_the_cli_runs_the_pooler_and_records_its_step_and_gate(target, bouncer):
     assert target.passwords["app"] not in done.stdout + done.stderr and scram not in done.stdout + done.stderr
 
 
-def test_config_written_over_ssh_keeps_the_owner_and_passes_the_gate(target, bouncer):
+def test_config_written_over_ssh_keeps_the_owner_and_passes_the_gate(target, bouncer, monkeypatch):
     from liftoff_sandbox.ssh import SshServer
 
     with SshServer() as vps:
-        os.environ[SSH_KEY_ENV] = vps.client_key_text
+        monkeypatch.setenv(SSH_KEY_ENV, vps.client_key_text)
         runbook = write_runbook(target, bouncer, ssh=vps, write_via="ssh")
         result = setup_pooler(RunOptions(runbook=str(runbook)))
     assert result["errors"] == 0 and all(f["written"] for f in result["config"]["files"])

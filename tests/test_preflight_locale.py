@@ -9,7 +9,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import fresh_runbook
+from helpers import fresh_runbook
 from liftoff.flows.options import RunOptions
 from liftoff.flows.preflight import preflight
 from liftoff.errors import PreflightFailed

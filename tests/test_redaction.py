@@ -9,7 +9,7 @@ import uuid
 
 import yaml
 
-from conftest import fresh_runbook, run_cli
+from helpers import fresh_runbook, run_cli
 from liftoff.redaction import is_weak_secret, redact, redact_value, register_secret
 
 # `postgres` is registered by these tests as a weak secret of this process: it is the user and the path too.

@@ -5,12 +5,11 @@ Each runbook has its own scratch database and state_dir; the real target databas
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import yaml
 
-from conftest import seeded_storage
+from helpers import seeded_storage
 from liftoff.flows.options import RunOptions
 from liftoff.flows.rehearsal import rehearse
 from liftoff.errors import PreflightFailed, RunbookInvalid, StepFailed
@@ -18,14 +17,15 @@ from liftoff.ledger import Event, Ledger
 from liftoff.reports import last_markdown
 from liftoff_sandbox.supabase_source import SUPABASE_PROJECT_URL
 from liftoff.runbooks.model import load_runbook
-from liftoff.tasks import rehearsal as scratch
+from liftoff.tasks.rehearsal import estimate as arithmetic
+from liftoff.tasks.rehearsal import scratch
 
 _n = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def servers(stack):
-    with seeded_storage(stack, "LIFTOFF_REHEARSAL") as (supabase_s3, target, _):
+def servers(stack, module_env):
+    with seeded_storage(stack, "LIFTOFF_REHEARSAL", module_env) as (supabase_s3, target, _):
         yield supabase_s3, target
 
 
@@ -148,7 +148,7 @@ def test_a_rehearsal_is_recorded_in_the_real_event_log_only(first_rehearsal):
 
 
 def test_a_failed_phase_still_tears_down_and_the_report_compares_it_with_the_rehearsal_before(
-        stack, servers, first_rehearsal):
+        stack, servers, first_rehearsal, monkeypatch):
     # The same runbook (same state_dir, scratch database and buckets), now mapping a role to a target role
     # that does not exist: preflight on the freshly created scratch database stops the database phase.
     rb = first_rehearsal["rb"]
@@ -160,7 +160,7 @@ def test_a_failed_phase_still_tears_down_and_the_report_compares_it_with_the_reh
     from liftoff_sandbox.webhook import WebhookReceiver
 
     with WebhookReceiver() as receiver:
-        os.environ["LIFTOFF_TEST_REHEARSAL_WEBHOOK"] = receiver.url
+        monkeypatch.setenv("LIFTOFF_TEST_REHEARSAL_WEBHOOK", receiver.url)
         with pytest.raises(PreflightFailed, match="no_such_role"):
             rehearse(RunOptions(runbook=str(failing)))
     # the operator hears of it: one message naming the rehearsal and why
@@ -222,10 +222,10 @@ def _with_scratch(stack, rb, name: str):
 
 
 def test_the_downtime_estimate_states_its_assumption_without_a_real_cutover():
-    estimate = scratch.estimate_downtime({"export": 2.0, "restore.data": 3.0}, copy_seconds=10.0,
+    estimate = arithmetic.estimate_downtime({"export": 2.0, "restore.data": 3.0}, copy_seconds=10.0,
                                          changed_fraction=0.25, switch=None)
     assert estimate["parts"]["storage.copy (what changed)"] == 2.5
-    assert estimate["downtime_s"] == 2.0 + 3.0 + 2.5 + scratch.ASSUMED_SWITCH_S
+    assert estimate["downtime_s"] == 2.0 + 3.0 + 2.5 + arithmetic.ASSUMED_SWITCH_S
     assert "no real cutover is recorded" in estimate["assumption"]
 
 
@@ -236,9 +236,9 @@ def test_the_comparison_shows_a_slower_rehearsal_as_a_regression():
                       "sizes": {"database": {"rows": 1000}}, "estimate": {"downtime_s": downtime}}, None)
 
     older, newer = event(1, "rehearsal.done", 10.0, 40.0), event(2, "rehearsal.failed", 15.0, 50.0)
-    rows = scratch.comparison_rows([older, newer])
+    rows = arithmetic.comparison_rows([older, newer])
     assert [r["passed"] for r in rows] == ["yes", "NO"]
     assert rows[1]["change"] == "+10 (+25%)" and rows[0]["change"] == "–"
-    figures = {r["figure"]: r for r in scratch.changes(older.after, newer.after)}
+    figures = {r["figure"]: r for r in arithmetic.changes(older.after, newer.after)}
     assert figures["database phase, s"]["change"] == "+5 (+50%)"
     assert figures["step export, s"]["previous"] == "5" and figures["step export, s"]["this one"] == "7.50"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import shlex
 import sys
 import urllib.error
@@ -28,9 +27,9 @@ KEY_ENV = "LIFTOFF_TEST_REMOTE_KEY"
 
 
 @pytest.fixture(scope="module")
-def vps():
+def vps(module_env):
     server = SshServer().start()
-    os.environ[KEY_ENV] = server.client_key_text
+    module_env.setenv(KEY_ENV, server.client_key_text)
     yield server
     server.stop()
 

@@ -23,9 +23,9 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import run_cli
+from helpers import run_cli
 
-from liftoff.errors import NotApproved, StepFailed
+from liftoff.errors import GateFailed, NotApproved, StepFailed
 from liftoff.flows.cutover import cutover
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions
@@ -319,7 +319,9 @@ def test_the_switch_time_gate_rereads_what_changed_and_a_statistics_reset_means_
     synced = sync_by_replication(rb)
     assert "public.w_big" in synced["changed"] and "public.w_comp" in synced["changed"]
     assert "public.bookings" in synced["proven"] and "public.bookings" not in synced["changed"]
-    report = gate_changed_tables(rb, synced)
+    with pytest.raises(GateFailed) as failed:
+        gate_changed_tables(rb, synced)
+    report = failed.value.report
     reread = {t.table for t in report.tables}
     assert "public.bookings" not in reread and not report.ok
     assert any("public.w_comp" in f for f in report.failures())
@@ -331,7 +333,9 @@ def test_the_switch_time_gate_rereads_what_changed_and_a_statistics_reset_means_
     repl_stack.target.execute("SELECT pg_stat_reset()", dbname=DB)
     synced = sync_by_replication(rb)
     assert synced["statistics reset"] and synced["proven"] == []
-    report = gate_changed_tables(rb, synced)
+    with pytest.raises(GateFailed) as failed:
+        gate_changed_tables(rb, synced)
+    report = failed.value.report
     assert "public.bookings" in {t.table for t in report.tables}
     assert any("public.bookings" in f for f in report.failures())
     # leave the target as the source for the next test: replicate reloads every published table

@@ -190,7 +190,7 @@ def test_pre_data_refuses_a_target_holding_only_some_of_its_objects(stack, funct
 
 @pytest.mark.parametrize("strategy", ["dump", "stream"])
 def test_new_export_after_a_full_restore_reloads_every_table_exactly(stack, strategy):
-    from conftest import fresh_runbook
+    from helpers import fresh_runbook
 
     runbook = fresh_runbook(stack, f"reexport_{strategy}", strategy=strategy)
     first = migrate_database(RunOptions(runbook=str(runbook)))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from liftoff.errors import RunbookInvalid
 from liftoff.runbooks.model import load_runbook
 
@@ -122,3 +122,25 @@ def test_relative_paths_in_a_runbook_are_read_from_its_folder_not_from_where_lif
 
     assert runbook.security.local_secret_files == [tmp_path / "crm-app" / ".env", Path("/etc/crm/.env")]
     assert runbook.state_dir == (folder / data["state_dir"]).resolve()
+
+
+def test_a_runbook_is_validated_once_per_content_and_an_edit_is_seen_at_once(tmp_path):
+    """A flow and its subflows share one parsed runbook; rewriting the file (even within the same clock tick,
+    to text of the same length) gives the next reader the new content."""
+    path = _write(tmp_path, GOOD)
+    first = load_runbook(path)
+    assert load_runbook(path) is first
+    edited = {**GOOD, "name": GOOD["name"][:-1] + ("x" if GOOD["name"][-1] != "x" else "y")}
+    path.write_text(yaml.safe_dump(edited))
+    again = load_runbook(path)
+    assert again.name == edited["name"] != first.name
+
+
+def test_the_storage_phase_is_wanted_when_any_part_is_set_and_configured_only_when_all_are(tmp_path):
+    rb = load_runbook(_write(tmp_path, GOOD))
+    assert (rb.storage.wanted, rb.storage.configured) == (False, False)
+    listed = rb.storage.model_copy(update={"buckets": [{"name": "avatars", "public": True}]})
+    assert (listed.wanted, listed.configured) == (False, False)  # a list waiting for its endpoints
+    local = load_runbook(ROOT / "runbooks" / "local.yaml").storage
+    half = local.model_copy(update={"target": local.buckets[0]})  # any value: only its presence is asked
+    assert (half.wanted, half.configured) == (True, False)

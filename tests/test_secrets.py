@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import fresh_runbook, run_cli
+from helpers import fresh_runbook, run_cli
 from liftoff.redaction import redact
 
 

@@ -30,15 +30,11 @@ from liftoff_sandbox.ssh import SshServer
 from liftoff.runbooks.model import forget_resolved_secrets, load_runbook
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED
 from liftoff.systems.remote import Remote
-from liftoff.tasks.security import (
-    check_firewall,
-    check_security,
-    is_internal,
-    parse_listeners,
-    parse_ufw_status,
-    secret_in,
-)
-from tests.conftest import run_cli
+from liftoff.systems.ufw import check_firewall, parse_ufw_status
+from liftoff.tasks.security.gate import check_security
+from liftoff.systems.ss import is_internal, parse_listeners
+from liftoff.tasks.security.secrets import secret_in
+from helpers import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ufw"
 NETWORKS = ["127.0.0.0/8", "::1/128", "172.16.0.0/12"]
@@ -136,10 +132,11 @@ def _real_ufw_runs() -> bool:
 
 
 @pytest.fixture(scope="module")
-def vps():
+def vps(module_env):
     server = SshServer().start()
-    os.environ[KEY_ENV] = server.client_key_text
-    os.environ.update(SECRETS)
+    module_env.setenv(KEY_ENV, server.client_key_text)
+    for name, value in SECRETS.items():
+        module_env.setenv(name, value)
     yield server
     server.stop()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import seeded_storage
+from helpers import seeded_storage
 from helpers import kill_storage_run_mid_copy
 from liftoff.flows.options import RunOptions
 from liftoff.flows.storage import migrate_storage
@@ -27,8 +26,8 @@ _n = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def servers(stack):
-    with seeded_storage(stack, "LIFTOFF") as servers:
+def servers(stack, module_env):
+    with seeded_storage(stack, "LIFTOFF", module_env) as servers:
         yield servers
 
 
@@ -212,7 +211,7 @@ def test_the_plan_lists_storage_policies_and_rows_without_bytes(stack, servers):
 
 
 def test_a_wrong_target_secret_is_one_line_naming_endpoint_and_key_id(stack, servers):
-    from conftest import run_cli
+    from helpers import run_cli
 
     runbook = storage_runbook(stack, servers)
     data = yaml.safe_load(runbook.read_text())
@@ -265,11 +264,11 @@ def test_copy_through_throttling_and_dropped_connections_completes_and_verifies(
 
 
 @pytest.fixture(scope="module")
-def rest_api(stack, servers):
+def rest_api(stack, servers, module_env):
     from liftoff_sandbox.storage_api import StorageApiFake
 
     api = StorageApiFake(stack.source.conninfo(), servers[0].client()).start()
-    os.environ["LIFTOFF_SUPABASE_SERVICE_KEY"] = api.service_role_key
+    module_env.setenv("LIFTOFF_SUPABASE_SERVICE_KEY", api.service_role_key)
     yield api
     api.stop()
 
@@ -296,12 +295,12 @@ def test_rest_source_copies_every_object_once_and_the_gate_passes(stack, servers
     assert again["copy"]["copied"] == 0
 
 
-def test_rest_source_with_a_wrong_service_key_is_one_line_naming_the_field(stack, servers, rest_api):
+def test_rest_source_with_a_wrong_service_key_is_one_line_naming_the_field(stack, servers, rest_api, monkeypatch):
     from liftoff.errors import LiftoffError
     from liftoff_sandbox.storage_api import mint_service_role_key
 
     wrong = mint_service_role_key("another-projects-secret")
-    os.environ["LIFTOFF_WRONG_SERVICE_KEY"] = wrong
+    monkeypatch.setenv("LIFTOFF_WRONG_SERVICE_KEY", wrong)
     runbook = storage_runbook(stack, servers, source=_rest_source(rest_api, "LIFTOFF_WRONG_SERVICE_KEY"))
     with pytest.raises(LiftoffError) as refused:
         migrate_storage(RunOptions(runbook=str(runbook)))

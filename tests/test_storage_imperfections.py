@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_cli, seeded_storage
+from helpers import run_cli, seeded_storage
 from helpers import kill_storage_run_mid_copy
 from liftoff.flows.options import RunOptions
 from liftoff.flows.storage import migrate_storage
@@ -53,12 +52,12 @@ def _row(conn, bucket: str, key: str, body_size: int, md5: str | None, mimetype:
 
 
 @pytest.fixture(scope="module")
-def world(stack):
+def world(stack, module_env):
     import psycopg
 
     from liftoff_sandbox.storage_api import StorageApiFake
 
-    with seeded_storage(stack, "IMPERFECT") as (supabase_s3, target, _):
+    with seeded_storage(stack, "IMPERFECT", module_env) as (supabase_s3, target, _):
         client = supabase_s3.client()
         with psycopg.connect(stack.source.conninfo(), autocommit=True) as conn:
             for bucket in (GALLERY, AVATARS):
@@ -75,7 +74,7 @@ def world(stack):
             client.put_object(Bucket=AVATARS, Key="u1.png", Body=b"avatar")
             _row(conn, AVATARS, "u1.png", 6, hashlib.md5(b"avatar").hexdigest(), "image/png")
         api = StorageApiFake(stack.source.conninfo(), client).start()
-        os.environ["IMPERFECT_SERVICE_KEY"] = api.service_role_key
+        module_env.setenv("IMPERFECT_SERVICE_KEY", api.service_role_key)
         try:
             yield {"supabase_s3": supabase_s3, "target": target, "api": api}
         finally:

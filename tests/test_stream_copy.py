@@ -4,7 +4,6 @@ transaction), on real servers: a copy cut short commits nothing, and a missing p
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 
@@ -16,7 +15,7 @@ _n = itertools.count()
 
 
 @pytest.fixture
-def endpoints(stack):
+def endpoints(stack, monkeypatch):
     """A source and a target database on the session's servers, each with public.items."""
     name = f"streamcopy{next(_n)}"
     for server in (stack.source, stack.target):
@@ -24,8 +23,8 @@ def endpoints(stack):
         server.execute("CREATE TABLE public.items (id int PRIMARY KEY, label text)", dbname=name)
     stack.source.execute("INSERT INTO public.items SELECT g, 'item ' || g FROM generate_series(1, 5000) g", dbname=name)
     stack.target.execute("INSERT INTO public.items VALUES (1, 'loaded before')", dbname=name)
-    os.environ["STREAM_COPY_SOURCE_PW"], os.environ["STREAM_COPY_TARGET_PW"] = \
-        stack.source.password, stack.target.password
+    monkeypatch.setenv("STREAM_COPY_SOURCE_PW", stack.source.password)
+    monkeypatch.setenv("STREAM_COPY_TARGET_PW", stack.target.password)
     return [Endpoint(host=server.host, port=server.port, database=name, user=server.superuser,
                      password={"env": f"STREAM_COPY_{side}_PW"})
             for server, side in ((stack.source, "SOURCE"), (stack.target, "TARGET"))]

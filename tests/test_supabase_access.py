@@ -8,7 +8,7 @@ import json
 import psycopg
 import pytest
 
-from conftest import fresh_runbook, run_cli
+from helpers import fresh_runbook, run_cli
 from liftoff.flows.database import migrate_database
 from liftoff.flows.options import RunOptions
 from liftoff.flows.preflight import preflight

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, fresh_runbook, serving_deployments, stop_process_group
+from helpers import ROOT, fresh_runbook, serving_deployments, stop_process_group
 from playwright.sync_api import expect
 
 from liftoff.reports import artifact_key

@@ -22,6 +22,7 @@ from typing import Callable
 
 import psycopg
 
+from liftoff.checks import GateReport
 from liftoff.systems.pg_definitions import (
     PLACEMENT, Definitions, Identity, columns_with_acl, qualified_names, read_definitions, read_privileges,
 )
@@ -123,7 +124,7 @@ class DefinitionDiff:
 
 
 @dataclass
-class DatabaseReport:
+class DatabaseReport(GateReport):
     tables: list[TableCheck] = field(default_factory=list)
     sequences: list[SequenceCheck] = field(default_factory=list)
     missing_objects: dict[str, list[str]] = field(default_factory=dict)
@@ -131,10 +132,6 @@ class DatabaseReport:
     definitions: list[DefinitionDiff] = field(default_factory=list)
     # Tables whose rows this gate left to the cutover's catch-up (written on the source during the freeze)
     deferred: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures()
 
     def defer(self, tables: set[str]) -> None:
         """Leaves the rows of ``tables`` (and their sequences) out of this report: the catch-up compares them."""

@@ -102,6 +102,14 @@ def connect(ep: Endpoint, field_name: str, *, autocommit: bool = True, text_sett
     return conn
 
 
+MAINTENANCE_DATABASE = "postgres"  # where CREATE/DROP DATABASE is sent on a server
+
+
+def maintenance_endpoint(ep: Endpoint) -> Endpoint:
+    """The same server and role, connected to its maintenance database (to create or drop another)."""
+    return ep.model_copy(update={"database": MAINTENANCE_DATABASE})
+
+
 @contextlib.contextmanager
 def session(ep: Endpoint, field_name: str, **kw):
     conn = connect(ep, field_name, **kw)

@@ -1,9 +1,9 @@
-"""The VPS's own numbers, read over SSH with the tools it has: disk use per path (``df``) and TCP connections
-(``ss``), each judged against the health thresholds (ok, warn, critical).
+"""The VPS's own numbers, read over SSH with the tools it has: disk use per path (``df``), judged against the
+health thresholds (ok, warn, critical); its TCP connections are ``liftoff.systems.ss``'s.
 
-The parsers take the tools' text as it is: ``df -P -B1`` (POSIX format: one line per filesystem, sizes in
-bytes; a mount point or device with spaces in it is fine) and ``ss -tan`` (every TCP socket with its state;
-IPv4, IPv6 ``[::1]:5432`` and ``*:5432`` addresses). Knows SSH only through ``liftoff.systems.remote.Remote``.
+The parser takes the tool's text as it is: ``df -P -B1`` (POSIX format: one line per filesystem, sizes in
+bytes; a mount point or device with spaces in it is fine). Knows SSH only through
+``liftoff.systems.remote.Remote``.
 """
 
 from __future__ import annotations
@@ -61,37 +61,3 @@ def disk_usage(remote: Remote, path: str) -> DiskUsage:
     return parse_df(result.stdout, path)
 
 
-@dataclass(frozen=True)
-class Connections:
-    port: int
-    established_to_port: int  # established TCP connections whose local port is ``port`` (clients of the server)
-    established_total: int
-
-
-def _port_of(address: str) -> int | None:
-    _, _, port = address.rpartition(":")
-    return int(port) if port.isdigit() else None
-
-
-def parse_ss(text: str, port: int) -> Connections:
-    """Counts from ``ss -tan``: the columns are State, Recv-Q, Send-Q, Local Address:Port, Peer Address:Port."""
-    to_port = total = 0
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 5 or fields[0] != "ESTAB":
-            continue
-        total += 1
-        if _port_of(fields[3]) == port:
-            to_port += 1
-    return Connections(port, to_port, total)
-
-
-def connection_counts(remote: Remote, port: int) -> Connections:
-    result = remote.run("ss -tan", check=False, timeout=60)
-    if result.rc != 0:
-        why = (result.stderr.strip().splitlines() or [f"exited {result.rc}"])[-1]
-        raise StepFailed(f"ssh {remote.where}: ss -tan failed ({why}); install iproute2 on the VPS")
-    if not any(line.split()[:1] == ["State"] for line in result.stdout.splitlines()[:1]):
-        raise StepFailed(f"ssh {remote.where}: ss -tan printed no socket table (first line "
-                         f"{result.stdout.strip().splitlines()[:1]!r}); install iproute2's ss on the VPS")
-    return parse_ss(result.stdout, port)

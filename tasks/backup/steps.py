@@ -25,12 +25,12 @@ from liftoff.errors import LiftoffError, RunbookInvalid, StepFailed
 from liftoff.ledger import Ledger
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
+from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Endpoint, Runbook
 from liftoff.systems import pg_tools, postgres, s3
 from liftoff.systems import backups as archive
-from liftoff.checks import FAILED, PASSED, CheckLine
-from liftoff.tasks.rehearsal import maintenance_endpoint
+from liftoff.checks import FAILED, PASSED, CheckLine, GateReport
 from liftoff.tasks.storage.common import endpoint as s3_endpoint
 from liftoff.tasks.storage.common import target_bucket, target_client
 from liftoff.systems.supabase_storage import S3Source
@@ -260,7 +260,7 @@ def backup_files(rb: Runbook) -> dict:
 
 
 @dataclass
-class RestoreTestReport:
+class RestoreTestReport(GateReport):
     key: str | None = None
     database: str = ""
     checks: list[CheckLine] = field(default_factory=list)
@@ -321,7 +321,7 @@ def _drop_scratch(rb: Runbook) -> None:
     if name == rb.target.direct.database:  # the model refuses PostgreSQL's own; this is the live database
         raise RunbookInvalid(f"runbook {rb.name}: backups.restore_test_database '{name}' is target.direct.database; "
                              "the restore test drops it: choose another name")
-    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+    with postgres.session(postgres.maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
                      "AND pid <> pg_backend_pid()", (name,))
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -332,7 +332,7 @@ def _create_scratch(rb: Runbook) -> None:
     encoding and collation so it sorts and compares as the live one does."""
     _drop_scratch(rb)
     name, ep = rb.backups.restore_test_database, rb.target.direct
-    with postgres.session(maintenance_endpoint(ep), "target.direct", text_settings=False) as conn:
+    with postgres.session(postgres.maintenance_endpoint(ep), "target.direct", text_settings=False) as conn:
         like = conn.execute("SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
                             "WHERE datname = %s", (ep.database,)).fetchone()
         statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
@@ -424,8 +424,22 @@ def restore_test(rb: Runbook, key: str | None = None) -> RestoreTestReport:
     return report
 
 
+def publish_restore_test(report: RestoreTestReport, rb: Runbook, key: str | None = None) -> None:
+    publish_table("restore-test-tables", report.rows(), "Restore test: rows per table at backup time and restored")
+    rto = [{"backup": report.key, "bytes": report.bytes, "download s": report.download_s,
+            "restore s": report.restore_s, "RTO s": report.rto_s}]
+    publish_table("restore-test-rto", rto, "Restore test: how long getting the database back took (the RTO)")
+    md = [f"# Restore test {'PASSED' if report.ok else 'FAILED'}", "", report.summary(), "",
+          "## Checks", markdown_table([{"check": c.name, "status": c.status, "detail": c.detail.replace("|", "/"),
+                                        "fix": c.fix if c.status != "passed" else ""} for c in report.checks]),
+          "## Recovery time (RTO)", markdown_table(rto)]
+    if report.tables:
+        md += ["## Tables", markdown_table(report.tables)]
+    publish_markdown("restore-test-summary", "\n".join(md))
+
+
 @task(name="restore-test the newest backup (gate)", cache_policy=NO_CACHE)
-@recorded("backup.restore-test", gate=PHASE)
+@recorded("backup.restore-test", gate=PHASE, title="backup restore test", publish=publish_restore_test)
 def run_restore_test(rb: Runbook, key: str | None = None) -> RestoreTestReport:
     """The restore test of ``key`` (default: the newest backup in the bucket), recorded as the backup gate."""
     report = restore_test(rb, key)

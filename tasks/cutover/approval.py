@@ -1,5 +1,5 @@
-"""Runbook step 6b, its parts: the approval form (a typed Prefect RunInput), the evidence it shows, and the
-audit trail of who decided what, with what in front of them."""
+"""The cutover's approval (the runbook's `cutover.approval_timeout_s`), its parts: the approval form (a typed
+Prefect RunInput), the evidence it shows, and the audit trail of who decided what, with what in front of them."""
 
 from __future__ import annotations
 

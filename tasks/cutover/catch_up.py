@@ -1,8 +1,8 @@
-"""Runbook step 6g: the catch-up after the switch. What the freeze cannot stop keeps writing on the source
-(Supabase Auth's sign-ups into ``auth.users``, Supabase Storage's uploads, the runbook's
-``cutover.unfrozen_tables``); the final sync's gates leave those out (``catch_up_pending``), and once the
-apps write to the target nothing new reaches the source through them, so this step carries what those
-writers added, changed or deleted since the final sync, then checks again.
+"""The cutover's catch-up (the runbook's `cutover.unfrozen_tables`): the catch-up after the switch. What the freeze
+cannot stop keeps writing on the source (Supabase Auth's sign-ups into ``auth.users``, Supabase Storage's
+uploads, the runbook's ``cutover.unfrozen_tables``); the final sync's gates leave those out
+(``catch_up_pending``), and once the apps write to the target nothing new reaches the source through them, so
+this step carries what those writers added, changed or deleted since the final sync, then checks again.
 
 Rows: the target's copy of each such table right after the final sync is the baseline both sides shared
 (``record_baseline``, kept in the ledger); the source's changes since are the keys where the source now
@@ -30,8 +30,10 @@ from prefect import task
 from psycopg import sql
 from prefect.cache_policies import NO_CACHE
 
+from liftoff.checks import GateReport
 from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger
+from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
 from liftoff.systems import pg_changes as changes, postgres, supabase_storage
@@ -160,7 +162,7 @@ def baseline(ledger: Ledger, table: Table) -> dict[tuple, str]:
 
 
 @dataclass
-class CatchUpReport:
+class CatchUpReport(GateReport):
     """What the catch-up carried (per table and bucket, counts and keys) and the gates it ran after."""
 
     since: float | None = None  # the final sync's snapshot: writes after it are the catch-up's
@@ -191,8 +193,27 @@ class CatchUpReport:
                     "deletes": b.get("deleted", 0), "keys": b["keys"]} for b in self.buckets])
 
 
+def publish_catch_up(report: CatchUpReport, rb: Runbook) -> None:
+    """What the catch-up carried from the source after the switch, and its gates' verdict."""
+    rows = report.rows()
+    publish_table("cutover-catch-up", rows, "Catch-up after the switch: what the freeze could not stop, carried")
+    md = [f"# Catch-up after the switch: {'passed' if report.ok else 'FAILED'}",
+          f"Every write the source acknowledged before {_when(report.until)} by what the freeze could not stop "
+          f"(since the final sync's snapshot at {_when(report.since)}) is on the target.", "",
+          markdown_table(rows) if rows else "Nothing to carry: no unfrozen table or bucket changed."]
+    if report.conflicts:
+        md += ["", "## Changed on both sides (the target's row kept)", *[f"- {c}" for c in report.conflicts[:50]]]
+    if report.differences:
+        md += ["", "## What the gates found", *[f"- {d}" for d in report.differences]]
+    publish_markdown("cutover-catch-up", "\n".join(md))
+
+
+def _when(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) if at else "(unknown)"
+
+
 @task(name="catch up what the freeze could not stop", cache_policy=NO_CACHE)
-@recorded("cutover.catch-up", gate="catch-up")
+@recorded("cutover.catch-up", gate="catch-up", publish=publish_catch_up)
 def catch_up(rb: Runbook) -> CatchUpReport:
     ledger = Ledger(rb.state_dir)
     exported = ledger.exported()
@@ -251,7 +272,7 @@ def catch_up(rb: Runbook) -> CatchUpReport:
                     agreed.pop(k, None)
             _store(ledger, table, agreed)
     report.differences += _definitions_and_access(rb)
-    if rb.storage.buckets and rb.storage.source is not None and rb.storage.target is not None:
+    if rb.storage.configured:
         report.buckets, differences, clashes = _catch_up_objects(rb)
         report.differences += differences
         report.conflicts += clashes

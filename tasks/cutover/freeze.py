@@ -1,6 +1,6 @@
-"""Runbook step 6c: the source stops taking the apps' writes (``liftoff.systems.pg_freeze``, each method of
-``cutover.freeze`` in order), and what each changed goes to the ledger's event log, so the rollback can
-always lift it. A method that fails lifts those applied before it."""
+"""The cutover's write freeze (the runbook's `cutover.freeze`): the source stops taking the apps' writes
+(``liftoff.systems.pg_freeze``, each method of ``cutover.freeze`` in order), and what each changed goes to the
+ledger's event log, so the rollback can always lift it. A method that fails lifts those applied before it."""
 
 from __future__ import annotations
 

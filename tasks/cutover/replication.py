@@ -24,7 +24,7 @@ from psycopg import sql
 from liftoff.errors import StepFailed
 from liftoff.ledger import Ledger, current_run_id
 from liftoff.logs import get_logger
-from liftoff.reports import Progress
+from liftoff.reports import Progress, check_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook
 from liftoff.steps import recorded
 from liftoff.systems import pg_replication as repl, pg_tools, postgres
@@ -194,8 +194,13 @@ class LagReport(CheckReport):
     label = "replication lag"
 
 
+def publish_lag(report: LagReport, rb: Runbook) -> None:
+    publish_table("replication-lag", report.rows(), "Replication lag: the target behind the source")
+    publish_markdown("replication-lag", f"# Replication lag: {report.summary()}\n\n{check_table(report.lines)}")
+
+
 @task(name="replication lag (gate)", cache_policy=NO_CACHE)
-@recorded("replication.lag", gate="replication")
+@recorded("replication.lag", gate="replication", title="replication lag", publish=publish_lag)
 def check_lag(rb: Runbook) -> LagReport:
     """The target is streaming and at most ``cutover.replication.max_lag_s`` seconds and ``max_lag_bytes``
     behind; also reads the tracker into the ledger, so its slot holds little WAL."""
@@ -304,6 +309,12 @@ def _moved_on_target(rb: Runbook, tgt) -> set[str] | None:
     return repl.moved_since(proven[-1].after["target_activity"], repl.target_activity(tgt, rb.database.schemas))
 
 
+def _publish_database_gate(report: DatabaseReport, rb: Runbook, *args) -> None:
+    from liftoff.tasks.database.gate import publish_gate
+
+    publish_gate(report, rb)
+
+
 def _copy_unpublished(rb: Runbook, tables: list[str]) -> dict[str, int]:
     """The migrated tables never published (no key, not owned), each reloaded whole from one snapshot of the
     frozen source (the ones Supabase's services write are left to the catch-up, as in the full sync)."""
@@ -329,7 +340,7 @@ def _copy_unpublished(rb: Runbook, tables: list[str]) -> dict[str, int]:
 
 
 @task(name="switch-time gate (changed tables)", cache_policy=NO_CACHE)
-@recorded("verify", gate="database")
+@recorded("verify", gate="database", publish=_publish_database_gate)
 def gate_changed_tables(rb: Runbook, synced: dict) -> DatabaseReport:
     """The database gate with rows re-read only for tables not proven equal while replicating, or changed
     since (the tracker), or copied in the freeze; definitions, sequences and access compared whole. The

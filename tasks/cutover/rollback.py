@@ -222,7 +222,7 @@ def object_changes(rb: Runbook) -> list[dict]:
     """The objects the apps uploaded to, overwrote in or deleted from the target's buckets since the storage
     phase copied them: the target's listing against the ledger's record of each copied object (size and
     MD5; a HEAD reads our md5chksum metadata where the ETag is not the MD5, as after a multipart copy)."""
-    if not rb.storage.buckets or rb.storage.target is None or rb.storage.source is None:
+    if not rb.storage.configured:
         return []
     from liftoff.systems import s3
     from liftoff.tasks.storage.common import PHASE as STORAGE

@@ -1,5 +1,5 @@
-"""Runbook step 6f: the apps are healthy on the target, and the runbook's smoke queries answer through
-PgBouncer (as the apps connect)."""
+"""The cutover's smoke test (the runbook's `cutover.health_timeout_s` and `cutover.smoke_queries`): the apps are
+healthy on the target, and the runbook's smoke queries answer through PgBouncer (as the apps connect)."""
 
 from __future__ import annotations
 

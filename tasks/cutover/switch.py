@@ -1,6 +1,7 @@
-"""Runbook step 6e: the apps move to the target. Their environment is changed through the runbook's switch
-driver (an env file over SSH, or Coolify's API), the driver's undo record goes to the ledger's event log, and
-the apps are redeployed. ``switch_back`` is the rollback's inverse."""
+"""The cutover's switch (the runbook's `cutover.switch` and `cutover.apps`): the apps move to the target. Their
+environment is changed through the runbook's switch driver (an env file over SSH, or Coolify's API), the
+driver's undo record goes to the ledger's event log, and the apps are redeployed. ``switch_back`` is the
+rollback's inverse."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Runbook step 6d, its bookkeeping: what a full final sync makes the ledger forget, so the database and
-storage phases bring the target up to the frozen source."""
+"""The cutover's final sync, its bookkeeping (the runbook's `cutover` section): what a full final sync makes the
+ledger forget, so the database and storage phases bring the target up to the frozen source."""
 
 from __future__ import annotations
 

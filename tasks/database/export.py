@@ -1,5 +1,5 @@
-"""Runbook step 2, its tasks: pg_dump from one exported snapshot, with what the restore needs from the
-source's catalog read in that same snapshot."""
+"""The database export's tasks (the runbook's `database` section): pg_dump from one exported snapshot, with what
+the restore needs from the source's catalog read in that same snapshot."""
 
 from __future__ import annotations
 

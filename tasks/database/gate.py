@@ -1,12 +1,13 @@
-"""Runbook step 4, its task: the database gate (liftoff/systems/pg_compare.py) run against the runbook's servers, with
-the decisions the restore applied, its result recorded in the ledger."""
+"""The database gate's task (the runbook's `database` section): the database gate (liftoff/systems/pg_compare.py)
+run against the runbook's servers, with the decisions the restore applied, its result recorded in the ledger."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from liftoff.reports import Progress
+from liftoff.ledger import Ledger
+from liftoff.reports import Progress, markdown_table, publish_markdown, publish_table
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
 from liftoff.systems import postgres, supabase
@@ -17,8 +18,30 @@ from liftoff.tasks.storage.urls import rewritten_url_columns
 from liftoff.systems.pg_compare import DatabaseReport, compare_databases
 
 
+def publish_gate(report: DatabaseReport, rb: Runbook) -> None:
+    """The gate's tables (rows and checksums, beside the rows the export counted) and its summary."""
+    exported = {}
+    if (rb.state_dir / "ledger.sqlite").exists():
+        exported = {n: r for n, (_, r) in Ledger(rb.state_dir).tables("export").items()}
+    rows = report_rows(report, exported)
+    publish_table("verify-tables", rows, "Database gate: rows and checksums per table")
+    verdict = "PASSED" if report.ok else "FAILED"
+    seq_rows = [{"sequence": s.sequence, "target next": s.target_next, "column max": s.column_max,
+                 "status": "ok" if s.ok else "STALE"} for s in report.sequences]
+    md = [f"# Database gate {verdict}", ""]
+    if not report.ok:
+        md += ["## What differs", *[f"- {line}" for line in report.failures()], ""]
+    md += ["## Tables", markdown_table(rows), "## Sequences", markdown_table(seq_rows)]
+    if report.deferred:
+        md += ["## Rows left to the cutover's catch-up (written on the source during the freeze)",
+               *[f"- {t}" for t in report.deferred], ""]
+    if report.left_out_by_policy:
+        md += ["## Left out by the runbook's decisions (see the restore plan)", *[f"- {o}" for o in report.left_out_by_policy]]
+    publish_markdown("verify-summary", "\n".join(md))
+
+
 @task(name="verify database (gate)", cache_policy=NO_CACHE)
-@recorded("verify", gate="database")
+@recorded("verify", gate="database", publish=publish_gate)
 def run_gate(rb: Runbook) -> DatabaseReport:
     with postgres.session(rb.source, "source") as src:
         tables = postgres.list_tables(src, rb.database.schemas)

@@ -1,5 +1,5 @@
-"""Runbook step 1, its tasks: read both servers and the local disk, write nothing, and say what stops the
-migration before anything is written."""
+"""Preflight's tasks (the runbook's `source`, `target` and `database` sections): read both servers and the local
+disk, write nothing, and say what stops the migration before anything is written."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from liftoff.checks import GateReport
 from liftoff.errors import ConnectionRefused, PreflightFailed, SecretUnavailable, ToolMissing
 from liftoff.ledger import Ledger
 from liftoff.redaction import is_weak_secret, redact
+from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
 from liftoff.systems import postgres, supabase
@@ -34,7 +36,7 @@ class Check:
 
 
 @dataclass
-class PreflightReport:
+class PreflightReport(GateReport):
     checks: list[Check] = field(default_factory=list)
     source_major: int | None = None
     target_major: int | None = None
@@ -46,7 +48,6 @@ class PreflightReport:
     def warn(self, name: str, detail: str) -> None:
         self.checks.append(Check(name, "warn", redact(detail)))
 
-    @property
     def failures(self) -> list[str]:
         return [c.detail for c in self.checks if c.status == "failed"]
 
@@ -54,13 +55,14 @@ class PreflightReport:
     def warnings(self) -> list[str]:
         return [c.detail for c in self.checks if c.status == "warn"]
 
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
     def summary(self) -> str:
-        return (f"{len(self.checks)} checks, {len(self.failures)} failed, {len(self.warnings)} warnings"
-                + (f": {'; '.join(self.failures[:3])}" if self.failures else ""))
+        failures = self.failures()
+        return (f"{len(self.checks)} checks, {len(failures)} failed, {len(self.warnings)} warnings"
+                + (f": {'; '.join(failures[:3])}" if failures else ""))
+
+    def error(self, gate: str) -> PreflightFailed:
+        """A failed preflight is the operator's to fix before anything starts (exit 2), not a difference."""
+        return PreflightFailed("\n".join(self.failures()))
 
 
 def _free_bytes(path: Path) -> int:
@@ -77,8 +79,18 @@ def _writable(path: Path) -> bool:
     return os.access(probe, os.W_OK | os.X_OK)
 
 
+def publish_preflight(report: PreflightReport, rb: Runbook) -> None:
+    shown = {"ok": "ok", "warn": "WARN", "failed": "FAILED"}
+    rows = [{"check": c.name, "status": shown[c.status], "detail": c.detail} for c in report.checks]
+    publish_table("preflight-checks", rows, "Preflight: every check, passed, warned or failed")
+    verdict = "passed" if not report.failures() else f"FAILED ({len(report.failures())} checks)"
+    if report.warnings:
+        verdict += f" with {len(report.warnings)} warning{'s' if len(report.warnings) > 1 else ''}"
+    publish_markdown("preflight-summary", f"# Preflight {verdict}\n\n" + markdown_table(rows))
+
+
 @task(name="preflight checks", cache_policy=NO_CACHE)
-@recorded("preflight", gate="preflight", read_only=True)
+@recorded("preflight", gate="preflight", publish=publish_preflight, read_only=True)
 def run_preflight(rb: Runbook) -> PreflightReport:
     """Reads both servers and the local disk; writes nothing. Returns every check, passed or not."""
     report = PreflightReport()
@@ -194,11 +206,6 @@ def _check_supabase_dependencies(rb: Runbook, report: PreflightReport, a: supaba
                f"{len(a.left_out)} objects left out, {len(a.kept_with_warning)} kept with a warning, "
                f"{len(a.not_migrated)} outside the migrated schemas not migrated, {len(a.auth_triggers)} auth.users "
                f"triggers recreated{' (each listed in the export plan)' if touched else ''}")
-
-
-def require(report: PreflightReport) -> None:
-    if report.failures:
-        raise PreflightFailed("\n".join(report.failures))
 
 
 def check_weak_passwords(rb: Runbook, report: PreflightReport) -> None:

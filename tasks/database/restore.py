@@ -1,5 +1,6 @@
-"""Runbook step 3, its tasks: restore the archive into the target as the runbook decided, each step
-idempotent and recorded in the ledger, so a re-run after a crash continues where the last run stopped."""
+"""The database restore's tasks (the runbook's `database` section): restore the archive into the target as the
+runbook decided, each step idempotent and recorded in the ledger, so a re-run after a crash continues where the
+last run stopped."""
 
 from __future__ import annotations
 

@@ -27,14 +27,18 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
+from liftoff.checks import GateReport
 from liftoff.errors import LiftoffError
 from liftoff.logs import get_logger
 from liftoff.redaction import error_line, one_line, redact
-from liftoff.reports import check_rows, check_table
+from liftoff.reports import check_rows, check_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Endpoint, Runbook
+from liftoff.steps import recorded
 from liftoff.systems import http_health as app_health
-from liftoff.systems import postgres, vps
+from liftoff.systems import postgres, ss, vps
 from liftoff.systems.redis_server import ping as redis_ping
 from liftoff.systems.s3 import minio_live
 
@@ -58,7 +62,7 @@ class HealthLine:
 
 
 @dataclass(frozen=True)
-class HealthReport:
+class HealthReport(GateReport):
     lines: list[HealthLine] = field(default_factory=list)
 
     @property
@@ -254,7 +258,7 @@ def _disk(remote, rb: Runbook, path: str) -> HealthLine:
 def _connections(remote, rb: Runbook) -> HealthLine:
     h = rb.health
     port = h.postgres_port or rb.target.direct.port
-    counts = vps.connection_counts(remote, port)
+    counts = ss.connection_counts(remote, port)
     level = vps.judge(counts.established_to_port, h.connections_warn, h.connections_critical)
     detail = (f"{remote.where}: {counts.established_to_port} established connections to port {port} "
               f"({counts.established_total} established in all); warn at {h.connections_warn}, critical at "
@@ -305,3 +309,34 @@ def uptime_kuma_yaml(rb: Runbook) -> str:
             f"{rb.health.disk_critical_percent:g}%, PostgreSQL connections warn {rb.health.connections_warn} / "
             f"critical {rb.health.connections_critical}.\n")
     return head + yaml.safe_dump({"monitors": uptime_kuma_monitors(rb)}, sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gate step
+
+
+def monitors_markdown(runbook: Runbook, monitors: str, *, written: bool) -> str:
+    where = f" (written to `{runbook.state_dir / runbook.health.uptime_kuma.file}`)" if written else ""
+    return f"## Uptime Kuma monitors{where}\n\n```yaml\n{monitors}```\n"
+
+
+def publish_health(report: HealthReport, runbook: Runbook, monitors: str) -> None:
+    publish_table("health-status", report.rows(), "Health: one row per check (ok, warn, critical, not configured)")
+    md = [f"# Health {'PASSED' if report.ok else 'FAILED'}", "", f"{report.summary()}.", ""]
+    if report.failures():
+        md += ["## Critical", *[f"- {line}" for line in report.failures()], ""]
+    if report.warnings():
+        md += ["## Warnings", *[f"- {line}" for line in report.warnings()], ""]
+    md += ["## Checks", report.markdown(),
+           (f"Uptime Kuma monitors: {len(uptime_kuma_monitors(runbook))}, written to "
+            f"`{runbook.state_dir / runbook.health.uptime_kuma.file}` (artifact health-uptime-kuma).")]
+    publish_markdown("health-summary", "\n".join(md))
+    publish_markdown("health-uptime-kuma", monitors_markdown(runbook, monitors, written=True),
+                     "Uptime Kuma monitors for this runbook's services (Uptime Kuma's own monitor fields)")
+
+
+@task(name="check health (gate)", cache_policy=NO_CACHE)
+@recorded("health", gate="health", publish=publish_health)
+def run_health_gate(rb: Runbook, monitors: str) -> HealthReport:
+    """The platform's health (``check_platform_health``), shown with the Uptime Kuma monitor list."""
+    return check_platform_health(rb)

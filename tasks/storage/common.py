@@ -12,6 +12,8 @@ PHASE = "storage"
 
 
 def require_storage(rb: Runbook) -> None:
+    if rb.storage.configured:
+        return
     missing = [k for k in ("source", "target") if getattr(rb.storage, k) is None]
     if missing or not rb.storage.buckets:
         what = ", ".join([f"storage.{k}" for k in missing] + ([] if rb.storage.buckets else ["storage.buckets"]))

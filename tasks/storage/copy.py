@@ -1,4 +1,5 @@
-"""Runbook step 5b, its tasks: the target's buckets, then every object copied exactly once.
+"""The storage copy (the runbook's `storage` section), its tasks: the target's buckets, then every object copied
+exactly once.
 
 One Prefect task per batch of ``storage.batch_size`` objects (never one per object), each copying with
 ``storage.concurrency`` objects in flight on shared clients (``liftoff.systems.s3.copy_batch``) and recording what it

@@ -1,5 +1,6 @@
-"""Runbook step 5c: the storage gate. ``compare_storage`` is a plain function of the two sides returning a
-report; ``run_storage_gate`` runs it against the runbook's servers and records the result in the ledger.
+"""The storage gate (the runbook's `storage` section): the storage gate. ``compare_storage`` is a plain function of
+the two sides returning a report; ``run_storage_gate`` runs it against the runbook's servers and records the
+result in the ledger.
 
 Per bucket: object count and total bytes equal on both sides; per object of the source's inventory
 (``storage.objects``): present on the target, same size, same MD5 (the target's md5chksum metadata, written
@@ -24,9 +25,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from liftoff.checks import GateReport
 from liftoff.errors import LiftoffError
 from liftoff.ledger import Ledger
-from liftoff.reports import Progress
+from liftoff.reports import Progress, markdown_table, publish_markdown, publish_table
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
 from liftoff.systems import postgres, s3, supabase_storage
@@ -95,7 +97,7 @@ class BucketCheck:
 
 
 @dataclass
-class StorageReport:
+class StorageReport(GateReport):
     buckets: list[BucketCheck] = field(default_factory=list)
 
     @property
@@ -302,8 +304,21 @@ def _count_target(target, tbucket: str, source_names: Callable[[], Iterator[str]
                 check.problems.append(f"{listed.key}: on the target only, not in the source's storage.objects")
 
 
+def publish_storage_gate(report: StorageReport, rb: Runbook, deep: bool | None = None) -> None:
+    rows = report.rows()
+    publish_table("verify-storage-buckets", rows, "Storage gate: objects and bytes per bucket")
+    md = [f"# Storage gate {'PASSED' if report.ok else 'FAILED'}", ""]
+    if not report.ok:
+        md += ["## What differs", *[f"- {line}" for line in report.failures()], ""]
+    if report.notes():
+        md += ["## No bytes on the source, not migrated (storage.missing_source_bytes: skip)",
+               *[f"- {line}" for line in report.notes()], ""]
+    md += ["## Buckets", markdown_table(rows)]
+    publish_markdown("verify-storage-summary", "\n".join(md))
+
+
 @task(name="verify storage (gate)", cache_policy=NO_CACHE)
-@recorded("verify-storage", gate="storage")
+@recorded("verify-storage", gate="storage", publish=publish_storage_gate)
 def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
     from liftoff.tasks.cutover.catch_up import catch_up_pending, frozen_at_datetime
 

@@ -1,4 +1,5 @@
-"""Runbook step 5a, its task: what the storage phase would copy, read from the source's own inventory.
+"""The storage plan (the runbook's `storage` section), its task: what the storage phase would copy, read from the
+source's own inventory.
 
 ``storage.objects`` in the source database is the inventory; the source's listing is reconciled with it
 (a row with no bytes, bytes with no row, a size that differs) and the result is part of the plan, never

@@ -1,4 +1,5 @@
-"""Runbook step 5d, its tasks: the app's Storage URLs in the target database point at the target's files.
+"""The storage URL rewrite (the runbook's `storage.rewrite`), its tasks: the app's Storage URLs in the target
+database point at the target's files.
 
 The rewrite runs only after the storage gate passed (a URL must not point at a file that is not there). Each
 column's changed rows (primary key, old value, new value) go to the ledger's event log in the same breath as

@@ -22,11 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
 from liftoff.errors import RunbookInvalid, StepFailed
-from liftoff.ledger import Event, StepRecord
 from liftoff.logs import get_logger
 from liftoff.redaction import first_line, redact
 from liftoff.steps import recorded
-from liftoff.runbooks.model import Endpoint, Runbook
+from liftoff.runbooks.model import Runbook
 from liftoff.systems import postgres
 from liftoff.tasks.database.common import AUTH_USERS_FILE, DUMP_DIR
 
@@ -34,12 +33,9 @@ log = get_logger(phase="rehearsal")
 PHASE = "rehearsal"
 DONE = "rehearsal.done"  # the real ledger's event log; after: durations, sizes, gates, estimate
 FAILED = "rehearsal.failed"
-MAINTENANCE_DATABASE = "postgres"  # where CREATE/DROP DATABASE is sent on the target server
 RESERVED_DATABASES = {"postgres", "template0", "template1"}
 SCRATCH_RUNBOOK = "runbook.yaml"  # in the scratch state_dir: what the phase flows ran with
 SUMMARY = "summary.json"  # what is kept of a rehearsal's state_dir besides its ledger and runbook
-# With no real cutover recorded yet, the freeze, the switch and the smoke test are taken as this long.
-ASSUMED_SWITCH_S = 60.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,10 +65,6 @@ def check_scratch_settings(rb: Runbook) -> None:
     if name in RESERVED_DATABASES:
         raise RunbookInvalid(f"runbook {rb.name}: rehearsal.scratch_database '{name}' is one of PostgreSQL's own "
                              "databases; choose another name, e.g. liftoff_rehearsal")
-
-
-def storage_configured(rb: Runbook) -> bool:
-    return bool(rb.storage.buckets and rb.storage.source and rb.storage.target)
 
 
 def scratch_runbook(rb: Runbook, state_dir: Path) -> Runbook:
@@ -114,10 +106,6 @@ def write_scratch_runbook(scratch: Runbook) -> Path:
 # The scratch database
 
 
-def maintenance_endpoint(target: Endpoint) -> Endpoint:
-    return target.model_copy(update={"database": MAINTENANCE_DATABASE})
-
-
 def _refuse_unless_scratch(rb: Runbook, name: str) -> None:
     check_scratch_settings(rb)
     ep = rb.target.direct
@@ -132,7 +120,7 @@ def _where(rb: Runbook) -> str:
 
 def scratch_database_exists(rb: Runbook, name: str | None = None) -> bool:
     name = name or rb.rehearsal.scratch_database
-    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+    with postgres.session(postgres.maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
         return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
 
@@ -141,7 +129,7 @@ def drop_scratch_database(rb: Runbook, name: str | None = None) -> bool:
     other name. ``rb`` is the real runbook."""
     name = name or rb.rehearsal.scratch_database
     _refuse_unless_scratch(rb, name)
-    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+    with postgres.session(postgres.maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
             return False
         try:
@@ -162,7 +150,7 @@ def create_scratch_database(rb: Runbook) -> dict:
     compares text as production will. ``rb`` is the real runbook."""
     name = rb.rehearsal.scratch_database
     leftover = drop_scratch_database(rb, name)
-    with postgres.session(maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
+    with postgres.session(postgres.maintenance_endpoint(rb.target.direct), "target.direct", text_settings=False) as conn:
         like = conn.execute("SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
                             "WHERE datname = %s", (rb.target.direct.database,)).fetchone()
         statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
@@ -279,7 +267,7 @@ def remove_archive(state_dir: Path) -> list[str]:
 def prepare_scratch(scratch: Runbook, real: Runbook) -> dict:
     """The scratch database created afresh, and scratch buckets a crashed rehearsal left behind removed."""
     created = create_scratch_database(real)
-    leftovers = delete_scratch_buckets(real) if storage_configured(real) else {}
+    leftovers = delete_scratch_buckets(real) if real.storage.configured else {}
     return {**created, "leftover_buckets": sorted(leftovers)}
 
 
@@ -293,7 +281,7 @@ def tear_down_scratch(scratch: Runbook, real: Runbook) -> dict:
         done["database_dropped"] = drop_scratch_database(real)
     except Exception as exc:  # keep tearing down; the error is reported below
         done["problems"].append(first_line(exc, type(exc).__name__))
-    if storage_configured(real):
+    if real.storage.configured:
         try:
             done["buckets"] = delete_scratch_buckets(real)
         except Exception as exc:
@@ -302,117 +290,3 @@ def tear_down_scratch(scratch: Runbook, real: Runbook) -> dict:
     if done["problems"]:
         raise StepFailed("rehearsal teardown left scratch resources behind: " + "; ".join(done["problems"]))
     return done
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Measuring: the downtime estimate and the comparison with earlier rehearsals
-
-
-def step_seconds(steps: dict[str, StepRecord], names: Iterable[str]) -> dict[str, float]:
-    return {n: round(steps[n].seconds, 2) for n in names if n in steps and steps[n].seconds is not None}
-
-
-def last_cutover_switch(events: list[Event]) -> dict[str, float] | None:
-    """The freeze, switch and smoke durations of the last completed real cutover (its ``cutover.completed``
-    event), or None when none completed."""
-    completed = [e for e in events if e.what == "cutover.completed" and isinstance(e.after, dict)]
-    if not completed:
-        return None
-    steps = completed[-1].after.get("steps") or {}
-    return {k: float(v) for k, v in steps.items() if k != "final sync" and isinstance(v, (int, float))}
-
-
-def estimate_downtime(final_sync: dict[str, float], copy_seconds: float, changed_fraction: float,
-                      switch: dict[str, float] | None) -> dict:
-    """Estimated cutover downtime: the final sync's steps as the rehearsal measured them (the storage copy
-    scaled to the share of bytes the real target still lacks), then the freeze, switch and smoke test of the
-    last real cutover, or an assumption that says so."""
-    parts = dict(final_sync)
-    parts["storage.copy (what changed)"] = round(copy_seconds * max(0.0, min(1.0, changed_fraction)), 2)
-    assumption = None
-    if switch:
-        parts.update({f"cutover {k}": round(v, 2) for k, v in switch.items()})
-    else:
-        parts["freeze, switch and smoke test (assumed)"] = ASSUMED_SWITCH_S
-        assumption = (f"no real cutover is recorded yet: the freeze, the switch and the smoke test are assumed to "
-                      f"take {ASSUMED_SWITCH_S:.0f} s")
-    return {"downtime_s": round(sum(parts.values()), 2), "parts": parts, "assumption": assumption}
-
-
-def changed_share(real: Runbook) -> tuple[float, str]:
-    """The share of the inventory's bytes the real target does not hold yet (not copied, or changed on the
-    source since): what the final sync's storage copy would move. Reads the real ledger, never writes it."""
-    from liftoff.ledger import Ledger
-    from liftoff.systems import supabase_storage
-    from liftoff.tasks.storage.plan import pending
-
-    if not (real.state_dir / "ledger.sqlite").exists():
-        return 1.0, "the real storage phase has not run yet: every object counts as changed"
-    ledger = Ledger(real.state_dir)
-    total = changed = 0
-    with postgres.session(real.source, "source") as conn:
-        for b in real.storage.buckets:
-            total += sum(obj.size or 0 for obj in supabase_storage.inventory(conn, b.name))
-            changed += sum(obj.size or 0 for obj in pending(real, conn, ledger, b.name))
-    share = changed / total if total else 0.0
-    return share, f"{changed:,} of {total:,} bytes are not on the real target yet"
-
-
-def comparison_rows(events: list[Event]) -> list[dict]:
-    """One row per recorded rehearsal, oldest first, with the change in estimated downtime against the one
-    before."""
-    rows, previous = [], None
-    for e in events:
-        if e.what not in (DONE, FAILED) or not isinstance(e.after, dict):
-            continue
-        a = e.after
-        phases, sizes = a.get("phases", {}), a.get("sizes", {})
-        downtime = (a.get("estimate") or {}).get("downtime_s")
-        row = {
-            "when (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.at)),
-            "passed": "yes" if e.what == DONE else "NO",
-            "database s": _num(phases.get("database", {}).get("seconds")),
-            "storage s": _num(phases.get("storage", {}).get("seconds")),
-            "DB rows": _num(sizes.get("database", {}).get("rows")),
-            "source DB bytes": _num(sizes.get("database", {}).get("source_bytes")),
-            "objects": _num(sizes.get("storage", {}).get("objects")),
-            "object bytes": _num(sizes.get("storage", {}).get("bytes")),
-            "est. downtime s": _num(downtime),
-            "change": _change(previous, downtime),
-        }
-        rows.append(row)
-        if downtime is not None:
-            previous = downtime
-    return rows
-
-
-def changes(previous: dict, current: dict) -> list[dict]:
-    """Each measured figure of two rehearsals' events (their ``after``), side by side with its change."""
-    def figures(a: dict) -> dict[str, float | None]:
-        out = {f"{p} phase, s": v.get("seconds") for p, v in a.get("phases", {}).items()}
-        for v in a.get("phases", {}).values():
-            out.update({f"step {s}, s": sec for s, sec in (v.get("steps") or {}).items()})
-        for kind, v in a.get("sizes", {}).items():
-            out.update({f"{kind} {k}": n for k, n in v.items() if isinstance(n, (int, float))})
-        out["estimated downtime, s"] = (a.get("estimate") or {}).get("downtime_s")
-        return out
-
-    before, now = figures(previous), figures(current)
-    return [{"figure": k, "previous": _num(before.get(k)), "this one": _num(now.get(k)),
-             "change": _change(before.get(k), now.get(k))} for k in now]
-
-
-def _num(v) -> str:
-    if v is None:
-        return "–"
-    return f"{v:,.2f}" if isinstance(v, float) and not v.is_integer() else f"{int(v):,}"
-
-
-def _change(before, now) -> str:
-    if before is None or now is None:
-        return "–"
-    delta = now - before
-    pct = f" ({delta / before * 100:+.0f}%)" if before else ""
-    if isinstance(delta, float) and not delta.is_integer():
-        return f"{delta:+,.2f}{pct}"
-    return f"{int(delta):+,}{pct}"

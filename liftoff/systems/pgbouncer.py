@@ -33,13 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
+from liftoff.checks import GateReport
 from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
 from liftoff.redaction import redact, register_secret
-from liftoff.steps import recorded
 from liftoff.runbooks.model import Endpoint, Pooler, Runbook
 from liftoff.systems import postgres
 
@@ -430,30 +428,12 @@ def read_current(plan: PoolerPlan, rb: Runbook) -> dict[str, str | None]:
         return {name: place.read(name) for name in (INI, USERLIST)}
 
 
-@task(name="write pgbouncer config", cache_policy=NO_CACHE)
-@recorded("pooler.config")
-def write_pooler_config(rb: Runbook, plan: PoolerPlan, config: PoolerConfig) -> dict:
-    """Writes the files that differ from what is there and reloads PgBouncer when one did; an unchanged file
-    is not rewritten. What the ledger keeps: each path, its SHA-256 and whether it was written; no secret."""
-    hashes, written = config.sha256(), []
-    with config_dir(plan, rb) as place:
-        for name, text in config.files.items():
-            if place.read(name) != text:
-                place.write(name, text)
-                written.append(name)
-        reloaded = reload_pgbouncer(plan, place) if written else ""
-    log.info("pooler config", where=plan.where, written=written, reloaded=bool(reloaded))
-    return {"config_dir": plan.settings.config_dir, "write_via": plan.settings.write_via,
-            "files": [{"path": plan.path(n), "sha256": hashes[n], "written": n in written} for n in config.files],
-            "reloaded": reloaded or "no (nothing changed)"}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The gate (the ledger step verify-pooler)
 
 
 @dataclass
-class PoolerReport:
+class PoolerReport(GateReport):
     clients: int = 0
     connected: int = 0
     transactions: int = 0
@@ -476,10 +456,6 @@ class PoolerReport:
     @property
     def tps(self) -> float:
         return round(self.transactions / self.seconds, 1) if self.seconds else 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures()
 
     def failures(self) -> list[str]:
         out = list(self.problems) + list(self.config_problems)
@@ -528,7 +504,7 @@ def _hint(message: str) -> str:
     return ""
 
 
-def _server_line(exc: BaseException) -> str:
+def server_line(exc: BaseException) -> str:
     text = redact(str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = next((ln for ln in lines if "FATAL" in ln or "ERROR" in ln), lines[-1] if lines else type(exc).__name__)
@@ -579,7 +555,7 @@ def run_load(plan: PoolerPlan, report: PoolerReport) -> None:
                 connected[0] += 1
         except psycopg.Error as exc:
             with lock:
-                report.errors[_server_line(exc)] += 1
+                report.errors[server_line(exc)] += 1
         with contextlib.suppress(threading.BrokenBarrierError):
             everyone_connected.wait()  # a client that failed waits too, so the others do not time out
         if conn is None:
@@ -592,7 +568,7 @@ def run_load(plan: PoolerPlan, report: PoolerReport) -> None:
                     committed[0] += 1
         except psycopg.Error as exc:
             with lock:
-                report.errors[_server_line(exc)] += 1
+                report.errors[server_line(exc)] += 1
         finally:
             conn.close()
 
@@ -622,31 +598,11 @@ def run_load(plan: PoolerPlan, report: PoolerReport) -> None:
     report.connected, report.transactions = connected[0], committed[0]
 
 
-def check_database_url(rb: Runbook) -> str:
-    """Connects with the apps' DATABASE_URL (cutover.switch.env) as an app would through PgBouncer."""
-    if rb.cutover.switch is None or "DATABASE_URL" not in rb.cutover.switch.env:
-        return ""
-    from liftoff.tasks.cutover.common import resolve_env
-
-    url, pooled = resolve_env(rb)["DATABASE_URL"], rb.target.pooled
-    try:
-        with psycopg.connect(url, prepare_threshold=None, connect_timeout=10) as conn:
-            with conn.transaction():
-                conn.execute("SELECT 1").fetchone()
-            host, port = conn.info.host, conn.info.port
-    except psycopg.Error as exc:
-        return f"cannot connect through it: {_server_line(exc)}"
-    if (host, port) != (pooled.host, pooled.port):
-        return f"does not use PgBouncer: it points at {host}:{port}, target.pooled is {pooled.host}:{pooled.port}"
-    return "works through PgBouncer (prepare_threshold=None)"
-
-
-@task(name="verify pooler", cache_policy=NO_CACHE)
-@recorded("verify-pooler", gate=PHASE)
-def verify_pooler(rb: Runbook, plan: PoolerPlan) -> PoolerReport:
-    """The pooler's gate: the running config is the runbook's, 100 (``pooler.gate.clients``) clients connected
-    at once through PgBouncer do short transactions without an error, the pool's server connections stay at
-    or under default_pool_size + reserve_pool_size, and the apps' DATABASE_URL works through PgBouncer."""
+def check_pooler(plan: PoolerPlan) -> PoolerReport:
+    """The pooler's gate, minus the apps' DATABASE_URL (which the cutover's switch settings name): the
+    running config is the runbook's, ``pooler.gate.clients`` clients connected at once through PgBouncer do
+    short transactions without an error, and the pool's server connections stay at or under
+    default_pool_size + reserve_pool_size."""
     report = PoolerReport(pool_size=plan.settings.default_pool_size, pool_limit=plan.pool_limit)
     with admin_console(plan) as conn:
         report.config_problems = _config_problems(plan, admin_show(conn, "CONFIG"))
@@ -658,7 +614,4 @@ def verify_pooler(rb: Runbook, plan: PoolerPlan) -> PoolerReport:
     report.server_connections_after = _server_count(pool)
     report.clients_waiting_after = int(pool.get("cl_waiting", 0))
     report.max_server_connections = max(report.max_server_connections, report.server_connections_after)
-    report.database_url = check_database_url(rb)
-    log.info("pooler gate", ok=report.ok, clients=report.clients, transactions=report.transactions,
-             tps=report.tps, max_server_connections=report.max_server_connections, errors=report.error_count)
     return report

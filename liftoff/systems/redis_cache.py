@@ -16,16 +16,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
 from liftoff.redaction import one_line, redact
 from liftoff.reports import check_rows, check_table
-from liftoff.steps import recorded
 from liftoff.runbooks.model import Cache, RedisEndpoint, Runbook, redis_memory_bytes
-from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, GateReport
 from liftoff.systems.redis_server import ping as redis_ping
 
 log = get_logger(phase="cache")
@@ -203,25 +200,12 @@ def _wait_first_aof(client, where: str) -> None:
                      f"within {_AOF_WAIT_S} s; check its log and free disk space, then re-run")
 
 
-@task(name="configure Redis", cache_policy=NO_CACHE)
-@recorded("cache.config")
-def configure_cache(rb: Runbook) -> dict:
-    """With ``cache.apply``: sets what differs. Without: changes nothing and records what differs (the gate
-    then names the command for each)."""
-    settings = cache_settings(rb)
-    if not settings.apply:
-        found = read_cache_settings(rb)
-        return {"where": found.where, "applied": False,
-                "differ": {s.name: {"current": s.current, "wanted": s.wanted} for s in found.differences()}}
-    return {**apply_cache_settings(rb), "applied": True}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The gate
 
 
 @dataclass(frozen=True)
-class CacheReport:
+class CacheReport(GateReport):
     where: str
     lines: list[CheckLine] = field(default_factory=list)
 
@@ -305,9 +289,3 @@ def _round_trip(endpoint: RedisEndpoint) -> CheckLine:
     if left:
         return CheckLine(name, FAILED, f"{FIELD}: {key} still exists after DEL", "check the Redis server's log")
     return CheckLine(name, PASSED, f"SET, GET and DEL of a key of Liftoff's own in {ms:.1f} ms; the key is gone")
-
-
-@task(name="verify cache (gate)", cache_policy=NO_CACHE)
-@recorded("verify-cache", gate="cache")
-def run_cache_gate(rb: Runbook) -> CacheReport:
-    return check_cache(rb)

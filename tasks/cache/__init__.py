@@ -1,0 +1,1 @@
+"""The cache phase: Redis on the target, configured and checked."""

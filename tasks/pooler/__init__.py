@@ -1,0 +1,1 @@
+"""The pooler phase: PgBouncer in front of the target."""

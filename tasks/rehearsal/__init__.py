@@ -1,0 +1,1 @@
+"""The rehearsal: a whole migration into scratch resources on the target, measured and torn down."""

@@ -1,0 +1,1 @@
+"""The security phase: the VPS's exposure checked over SSH (firewall, listeners, secrets in files)."""
