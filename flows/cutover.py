@@ -17,12 +17,13 @@ from liftoff.errors import GateFailed, NotApproved, StepFailed
 from liftoff.ledger import Ledger, current_run_id, exclusive
 from liftoff.redaction import first_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
-from liftoff.runbooks.model import Runbook
+from liftoff.runbooks.model import Runbook, load_runbook, resolve_runbook_path
 from liftoff.tasks.cutover import approval
 from liftoff.tasks.cutover.catch_up import catch_up, record_baseline
 from liftoff.tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
 from liftoff.tasks.cutover.freeze import freeze_source, lift_target_freeze
 from liftoff.tasks.cutover.gate import check_before_cutover
+from liftoff.tasks.cutover.replication import stop_replication
 from liftoff.tasks.cutover.smoke import smoke_test
 from liftoff.tasks.cutover.sync import refuse_while_changes_stranded
 from liftoff.tasks.cutover.switch import switch_apps
@@ -43,14 +44,29 @@ def cutover(options: RunOptions) -> dict:
     runbook = open_runbook(options, PHASE)
     require_switch(runbook)
     refuse_while_changes_stranded(runbook)  # the final sync reloads the target: nothing of the apps' may be there
-    checklist = check_before_cutover(runbook)
+    try:
+        checklist = check_before_cutover(runbook)  # a failed checklist raises (and is published) there
+    except GateFailed:
+        _stop_replication(runbook, options, "the checklist failed")
+        raise
     form_text, shown = approval.evidence(runbook, checklist.rows(), Ledger(runbook.state_dir))
     if options.dry_run:
         publish_markdown("cutover-approval", form_text)
         return {"dry_run": True, "checklist": checklist.summary(), "expected_downtime_s": shown["expected_downtime_s"]}
-    answer = ask_for_approval(runbook, form_text, shown)
+    try:
+        answer = ask_for_approval(runbook, form_text, shown)
+    except NotApproved:
+        _stop_replication(runbook, options, "the cutover was not approved")
+        raise
     with exclusive(runbook.state_dir):
         return _cut_over(runbook, options, answer.approver)
+
+
+def _stop_replication(runbook: Runbook, options: RunOptions, why: str) -> None:
+    """With ``final_sync: replicate``, a cutover that stops drops the subscription, slots and publication (a slot
+    left on Supabase keeps WAL until its disk is full); ``liftoff run replicate`` starts again."""
+    if runbook.cutover.final_sync == "replicate" and not options.dry_run:
+        stop_replication(runbook, why)
 
 
 def ask_for_approval(runbook: Runbook, form_text: str, shown: dict):
@@ -92,7 +108,7 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
     step = "final sync"
     try:
         lift_target_freeze(runbook)  # a rollback's freeze of the target; the final sync makes its grants exact
-        synced = timed("final sync", STRATEGIES["full"].run, runbook, options)
+        synced = timed("final sync", STRATEGIES[runbook.cutover.final_sync].run, runbook, options)
         timed("baseline", record_baseline, runbook)  # the unfrozen tables as both sides now agree on them
         step = "switch"
         timed("switch", switch_apps, runbook)
@@ -101,6 +117,7 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
     except BaseException as exc:
         reason = first_line(exc, type(exc).__name__)
         try:
+            _stop_replication(runbook, options, f"the cutover failed at the {step}")
             undone = automatic_rollback(options)
         except BaseException as undo_failed:
             raise StepFailed(f"cutover failed at the {step} ({reason}) and the automatic rollback failed too "
@@ -132,6 +149,9 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
 # A failed final sync leaves the target loaded from the frozen source's export, which later writes on the source
 # make stale: the database phase would reuse that export and its gate fail. This is the one command back.
 def recovery(options: RunOptions) -> str:
+    if load_runbook(resolve_runbook_path(options.runbook)).cutover.final_sync == "replicate":
+        return (f"; replication was dropped: start it again with `liftoff run replicate --runbook {options.runbook}` "
+                "before the next cutover")
     return (f"; before the next cutover bring the target up to the source again with `liftoff run resync "
             f"--runbook {options.runbook}` (a fresh export, every table reloaded, both gates)")
 

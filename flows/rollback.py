@@ -18,6 +18,7 @@ from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook
 from liftoff.systems.pg_changes import key_label
 from liftoff.tasks.cutover.approval import safe_text
+from liftoff.tasks.cutover.replication import stop_replication
 from liftoff.tasks.cutover.freeze import freeze_target, lift_target_freeze
 from liftoff.tasks.cutover.rollback import (
     ChangeSet,
@@ -102,6 +103,11 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
             done["changes"] = {**done.get("changes", {}), "unknown": found.unknown}
             done["changes"].setdefault("total", None)
         finish_rollback(runbook, plan, done)
+    if runbook.cutover.final_sync == "replicate":  # before the switch, the rollback drops replication too
+        try:
+            done["replication dropped"] = stop_replication(runbook, "rollback")
+        except Exception as exc:  # noqa: BLE001 - the apps are back; the line names `liftoff run cleanup`
+            done["replication dropped"] = one_line(exc, type(exc).__name__)
     publish_changes_carried(done.get("changes"))
     return done
 

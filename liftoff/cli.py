@@ -159,7 +159,8 @@ def _age(seconds: float) -> str:
 @app.command()
 def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runbook file (YAML)")):
     """Print, per phase, each step's state from the runbook's ledger (status, when, how long, which flow
-    run) and the latest verification gate with its age. Reads the ledger only; exit 0."""
+    run) and the latest verification gate with its age. Reads the ledger only (with ``final_sync: replicate``,
+    also Liftoff's slots and publications on the source, with the WAL each slot keeps); exit 0."""
     import time
 
     from rich.table import Table
@@ -201,6 +202,18 @@ def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runboo
             verdict = "[green]passed[/green]" if gate.passed else "[red]FAILED[/red]"
             out.print(f"latest {phase.gate} gate: {verdict} {_age(gate.age_seconds)} (flow run "
                       f"{gate.flow_run_id or 'local'}): {redact(gate.summary)}")
+    if rb.cutover.final_sync == "replicate":  # a slot left on the source keeps WAL until its disk is full
+        from liftoff.flows.replication import list_on_source
+
+        try:
+            found = list_on_source(rb)
+        except errors.LiftoffError as exc:
+            out.print(f"Liftoff's replication slots on the source: not read ({redact(str(exc))})")
+        else:
+            slots = ", ".join(f"{s['slot']} ({'active' if s['active'] else 'inactive'}, keeps "
+                              f"{s['retained WAL bytes']} bytes of WAL)" for s in found["slots"]) or "none"
+            out.print(f"Liftoff's replication slots on the source: {slots}; publications: "
+                      f"{', '.join(found['publications']) or 'none'} (`liftoff run cleanup` drops them)")
 
 
 @app.command()

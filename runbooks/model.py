@@ -251,6 +251,17 @@ class Checklist(_Strict):
         description="lines no machine can check: confirmed one by one in the approval form")
 
 
+class Replication(_Strict):
+    """Settings of the ``replicate`` final sync (logical replication from the source to the target)."""
+
+    max_lag_s: float = Field(5, gt=0, description="the checklist's line: the target at most this many seconds "
+                             "behind the source (the WAL sender's replay lag)")
+    max_lag_bytes: int = Field(16 * 1024 * 1024, gt=0, description="the checklist's line: at most this much of the "
+                               "source's WAL not yet applied by the target")
+    apply_timeout_s: float = Field(60, gt=0, description="at the freeze: how long to wait for the target to apply "
+                                   "the source's last changes before the cutover stops (and rolls back)")
+
+
 class Maintenance(_Strict):
     """The site's maintenance mode (optional), through the switch driver like every other env change: ``on``
     is applied and the apps redeployed before the write freeze; ``off`` after the smoke test, and by the
@@ -271,6 +282,11 @@ class Maintenance(_Strict):
 
 class Cutover(_Strict):
     checklist: Checklist = Field(default_factory=Checklist)
+    final_sync: Literal["full", "replicate"] = Field(
+        "full", description="full: in the freeze, a new export and every table reloaded (downtime grows with the "
+        "data); replicate: logical replication keeps the target current before the cutover (`liftoff run "
+        "replicate`), the freeze only waits for the last changes and re-checks what changed since a full gate")
+    replication: Replication = Field(default_factory=Replication)
     maintenance: Maintenance | None = Field(None, description="optional: the apps in maintenance mode from before "
                                             "the freeze until after the smoke test")
     freeze: list[Freeze] = Field(default_factory=lambda: [Freeze()], min_length=1,

@@ -25,6 +25,8 @@ def demo(
                                          "REST API, served by the sandbox's fake) or s3 (its S3 endpoint)"),
     cutover: bool = typer.Option(True, help="then cut over (an app on a local 'VPS' over SSH switched to the "
                                  "target, approved as an operator would in the UI) and roll back"),
+    final_sync: str = typer.Option("full", help="the cutover's final sync: full (re-export and reload every table "
+                                   "in the freeze) or replicate (logical replication started before the cutover)"),
 ):
     """Run a local demo migration end to end: start a Supabase-shaped PostgreSQL 15 source and an empty
     target on loopback, fill the source with a CRM dataset, Supabase Storage (a SeaweedFS server holding the
@@ -38,6 +40,8 @@ def demo(
     server = None
     if storage_protocol not in ("rest", "s3"):
         raise fail(errors.RunbookInvalid(f"--storage-protocol: expected rest or s3, got {storage_protocol!r}"))
+    if final_sync not in ("full", "replicate"):
+        raise fail(errors.RunbookInvalid(f"--final-sync: expected full or replicate, got {final_sync!r}"))
     stack = LocalStack(bookings=bookings, files=True, storage_protocol=storage_protocol)
     try:
         if not os.environ.get("PREFECT_API_URL"):
@@ -55,7 +59,7 @@ def demo(
                 raise fail(exc) from None
         print_summaries(("verify-summary", "verify-storage-summary", "storage-urls-preview"))
         if cutover:
-            _demo_cutover(stack)
+            _demo_cutover(stack, final_sync)
         ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
         stops = server is not None and not keep
         did = "the database and storage gates passed" + (", the cutover and its rollback worked" if cutover else "")
@@ -75,7 +79,7 @@ def demo(
                 server.stop()
 
 
-def _demo_cutover(stack) -> None:
+def _demo_cutover(stack, final_sync: str = "full") -> None:
     """The demo's cutover: a stand-in app on a local 'VPS' (a real sshd on loopback) reads its env file and
     connects to the source; the cutover's SSH driver points it at the target. The approval is given through
     the Prefect API as the UI's form would (the demo's operator is this process); then the rollback."""
@@ -100,7 +104,15 @@ def _demo_cutover(stack) -> None:
     database = data["target"]["direct"]["database"]
     data.update(stack.cutover_sections(vps, app, database, "crm_writer", env_prefix="LIFTOFF_LOCAL",
                                        health_timeout_s=60, approval_timeout_s=300))
+    data["cutover"]["final_sync"] = final_sync
     stack.runbook_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if final_sync == "replicate":
+        err.print("cutover: starting logical replication (publication, slot, copy from its snapshot, subscription) ...")
+        try:
+            run_flow(FlowName("replicate"), stack.runbook_path, dry_run=False)
+        except Exception as exc:
+            print_summaries(all_flows()["replicate"].summaries)
+            raise fail(exc) from None
     confirmations = {f"confirm_{i}": True for i in range(1, len(_manual_lines(stack.runbook_path)) + 1)}
     operator = answer_when_paused("cutover", {"approver": "liftoff demo (as the operator)", "approve": True,
                                               "reason": "demo", **confirmations}, under=stack.workdir)

@@ -41,6 +41,9 @@ grant anon, authenticated, service_role to postgres;
 grant pg_signal_backend to postgres;
 -- Supabase's postgres can create in public (PG15 no longer grants CREATE to PUBLIC).
 grant all on schema public to postgres;
+-- As on Supabase: postgres may create schemas and publications in its database (logical replication out of a
+-- project: CREATE PUBLICATION needs CREATE on the database), without owning it.
+grant create on database postgres to postgres;
 
 -- extensions (the extensions themselves live in supabase_extensions.sql: they need contrib) ----------
 create schema if not exists extensions;

@@ -574,28 +574,31 @@ def copyable_columns(conn: psycopg.Connection, schema: str, table: str) -> list[
 
 
 def stream_table(target: psycopg.Connection, schema: str, table: str,
-                 rows_from: Callable[[str], contextlib.AbstractContextManager[Iterable[bytes]]]) -> int:
+                 rows_from: Callable[[str], contextlib.AbstractContextManager[Iterable[bytes]]],
+                 truncate: bool = True) -> int:
     """Loads one table's rows in one target transaction that first truncates it, and commits; returns the
     rows loaded. ``rows_from(query)`` is the source's side: a context manager giving ``COPY (query) TO
     STDOUT``'s text-format output (portable across major versions) in blocks of any size, which raises on
     leaving when the copy was cut short, so nothing partial is committed. ``target`` must not be in
-    autocommit."""
+    autocommit. ``truncate=False``: the caller emptied the table and commits (several tables, one transaction)."""
     ident = sql.Identifier(schema, table)
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in copyable_columns(target, schema, table))
     plain = target.execute("SELECT relkind = 'r' FROM pg_class WHERE oid = %s::regclass",
                            (ident.as_string(target),)).fetchone()[0]
-    target.execute(sql.SQL("TRUNCATE ONLY {}").format(ident))  # ONLY: never empty an inheriting child
+    if truncate:
+        target.execute(sql.SQL("TRUNCATE ONLY {}").format(ident))  # ONLY: never empty an inheriting child
     # FREEZE (allowed: the table was truncated in this transaction): the rows are written frozen and the
     # pages all-visible, so the gate's first read of the target does not write hint bits to every page, and
     # autovacuum has nothing to freeze later. A partitioned table refuses it.
-    freeze = sql.SQL(" WITH (FREEZE)") if plain else sql.SQL("")
+    freeze = sql.SQL(" WITH (FREEZE)") if plain and truncate else sql.SQL("")
     query = sql.SQL("SELECT {} FROM ONLY {}").format(cols, ident).as_string(target)
     with rows_from(query) as blocks, target.cursor() as cur:
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN{}").format(ident, cols, freeze)) as into:
             for block in blocks:
                 into.write(block)
         rows = cur.rowcount
-    target.commit()
+    if truncate:
+        target.commit()
     return rows
 
 

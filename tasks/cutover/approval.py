@@ -16,6 +16,9 @@ from liftoff.tasks.cutover.common import APPROVAL, PHASE
 # The steps the final sync and the switch repeat: their last recorded durations estimate the downtime.
 DOWNTIME_STEPS = ("export", "restore.pre-data", "restore.data", "restore.post-data", "restore.grants", "verify",
                   "storage.copy", "verify-storage", "storage.rewrite", "cutover.switch", "cutover.smoke")
+# With final_sync replicate: the wait for the last changes instead of the export and restore ("verify" is then the
+# full gate's time until a replicated cutover recorded its switch-time gate: an estimate on the high side).
+REPLICATED_DOWNTIME_STEPS = ("cutover.replicated-sync", *DOWNTIME_STEPS[5:])
 
 
 def confirmation_field(i: int) -> str:
@@ -40,14 +43,15 @@ def unconfirmed(rb: Runbook, answer: RunInput) -> list[str]:
             if not getattr(answer, confirmation_field(i), False)]
 
 
-def last_durations(ledger: Ledger) -> dict[str, float]:
+def last_durations(ledger: Ledger, final_sync: str = "full") -> dict[str, float]:
     steps = ledger.steps()
-    return {name: steps[name].seconds for name in DOWNTIME_STEPS if name in steps and steps[name].seconds}
+    names = REPLICATED_DOWNTIME_STEPS if final_sync == "replicate" else DOWNTIME_STEPS
+    return {name: steps[name].seconds for name in names if name in steps and steps[name].seconds}
 
 
 def evidence(rb: Runbook, checklist_rows: list[dict], ledger: Ledger) -> tuple[str, dict]:
     """The approval form's description (markdown) and the same evidence as plain data for the audit trail."""
-    durations = last_durations(ledger)
+    durations = last_durations(ledger, rb.cutover.final_sync)
     expected = round(sum(durations.values()), 1)
     md = ["# Approve the cutover?",
           f"Runbook **{rb.name}**. Approving freezes writes on the source ("

@@ -217,7 +217,11 @@ def _when(at: float | None) -> str:
 def catch_up(rb: Runbook) -> CatchUpReport:
     ledger = Ledger(rb.state_dir)
     exported = ledger.exported()
-    report = CatchUpReport(since=exported[0].snapshot_at if exported else None, until=time.time())
+    since = exported[0].snapshot_at if exported else None
+    if rb.cutover.final_sync == "replicate":  # the target followed the source until replication was dropped
+        stopped = [e.at for e in ledger.events("replication") if e.what == "replication.stopped"]
+        since = stopped[-1] if stopped else since
+    report = CatchUpReport(since=since, until=time.time())
     with postgres.session(rb.source, "source", autocommit=False) as src, \
             postgres.session(rb.target.direct, "target.direct") as tgt:
         # One snapshot of the source for every read (hashes, rows, sequences): a sign-up and the profile its

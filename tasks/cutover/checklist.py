@@ -22,7 +22,7 @@ from liftoff.logs import get_logger
 from liftoff.redaction import one_line
 from liftoff.reports import check_table, md_cell
 from liftoff.runbooks.model import App, Runbook
-from liftoff.systems import dns, http_health as health
+from liftoff.systems import dns, http_health as health, pg_replication, postgres
 from liftoff.tasks.prepare.access import (
     FIXES,
     PROBE_TIMEOUT_S,
@@ -65,6 +65,8 @@ def run_checklist(rb: Runbook) -> ChecklistReport:
         *[(f"{phase} gate passed", lambda phase=phase: _platform_gate(ledger, phase, max_age_s))
           for phase in _PLATFORM_GATES],
     ]
+    if rb.cutover.final_sync == "replicate":
+        checks.append(("replication lag under threshold", lambda: _replication_lag(rb)))
     if rb.storage.wanted and rb.storage.target is not None:  # the plan's "storage working with test uploads"
         checks += [(f"test upload to {b.name}", lambda b=b: test_upload(rb, b.name, b.public))
                    for b in rb.storage.buckets]
@@ -183,6 +185,20 @@ def _app_healthy(app: App) -> CheckLine:
     return CheckLine(name, FAILED, f"{app.health_url}: {result.detail}",
                      f"make {app.name} healthy (its /api/health lists what is down), or correct cutover.apps "
                      "health_url")
+
+
+def _replication_lag(rb: Runbook) -> CheckLine:
+    """``final_sync: replicate``: the subscription streams and the target is under the runbook's lag limits."""
+    name, limits = "replication lag under threshold", rb.cutover.replication
+    with postgres.session(rb.source, "source") as src:
+        lag = pg_replication.lag(src, pg_replication.Names.for_runbook(rb.name))
+    detail = f"{lag.bytes} bytes and {lag.seconds} s behind (max {limits.max_lag_bytes} bytes, {limits.max_lag_s} s)"
+    if not lag.streaming:
+        return CheckLine(name, FAILED, f"the subscription is not streaming; {detail}",
+                         "read the target's log for the subscription's apply errors, or `liftoff run replicate`")
+    if lag.bytes > limits.max_lag_bytes or lag.seconds > limits.max_lag_s:
+        return CheckLine(name, FAILED, detail, "wait for the target to catch up (`liftoff run replication-lag`)")
+    return CheckLine(name, PASSED, detail)
 
 
 def _dns_ttl(rb: Runbook) -> CheckLine:

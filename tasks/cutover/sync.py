@@ -26,6 +26,17 @@ def forget_for_full_resync(rb: Runbook) -> dict:
     return {"forgotten": forgotten}
 
 
+@task(name="reset the storage phase for the replicated sync", cache_policy=NO_CACHE)
+def forget_for_replicated_sync(rb: Runbook) -> dict:
+    """Replication carried the source's storage URLs into the target's URL columns (the initial copy reloaded
+    them): the URL rewrite runs again after the storage phase's incremental copy and its gate."""
+    ledger = Ledger(rb.state_dir)
+    forgotten = ["storage.rewrite", "verify-storage"]
+    for step in forgotten:
+        ledger.forget_steps(step)
+    return {"forgotten": forgotten}
+
+
 def refuse_after_switch(rb: Runbook) -> None:
     """A resync reloads every table from the source: after a switch that stands, the apps' writes on the target
     would be overwritten. Refuses then, naming what to do."""
