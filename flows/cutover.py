@@ -23,6 +23,7 @@ from liftoff.tasks.cutover.catch_up import catch_up, record_baseline
 from liftoff.tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
 from liftoff.tasks.cutover.freeze import freeze_source, lift_target_freeze
 from liftoff.tasks.cutover.gate import check_before_cutover
+from liftoff.tasks.cutover.maintenance import leave_maintenance, maintenance_off, maintenance_on
 from liftoff.tasks.cutover.replication import stop_replication
 from liftoff.tasks.cutover.smoke import smoke_test
 from liftoff.tasks.cutover.sync import refuse_while_changes_stranded
@@ -104,7 +105,15 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
         finally:
             durations[name] = round(time.monotonic() - started, 2)
 
-    frozen = timed("freeze", freeze_source, runbook)
+    maintenance = runbook.cutover.maintenance is not None
+    if maintenance:
+        timed("maintenance on", maintenance_on, runbook)  # before the freeze: the site says so, not errors
+    try:
+        frozen = timed("freeze", freeze_source, runbook)
+    except BaseException:
+        if maintenance:  # nothing else changed: a freeze that failed lifted what it applied
+            leave_maintenance(runbook)
+        raise
     step = "final sync"
     try:
         lift_target_freeze(runbook)  # a rollback's freeze of the target; the final sync makes its grants exact
@@ -114,6 +123,9 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
         timed("switch", switch_apps, runbook)
         step = "smoke test"
         timed("smoke test", smoke_test, runbook)
+        if maintenance:
+            step = "maintenance off"
+            timed("maintenance off", maintenance_off, runbook)
     except BaseException as exc:
         reason = first_line(exc, type(exc).__name__)
         try:
@@ -130,7 +142,7 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
     ledger.record_event(PHASE, COMPLETED, after={"downtime_s": downtime, "steps": durations},
                         flow_run_id=current_run_id())
     files_not_migrated = not_migrated(runbook)
-    publish_downtime(downtime, durations, files_not_migrated)
+    publish_downtime(downtime, durations, files_not_migrated, maintenance)
     # The apps work on the target from here: a catch-up that cannot carry everything does not roll them back
     # (what it could not carry stays on the source, named); it fails the run and is run again once fixed.
     try:
@@ -139,7 +151,7 @@ def _cut_over(runbook: Runbook, options: RunOptions, approver: str) -> dict:
         raise GateFailed(f"{str(failed).splitlines()[0]}; the cutover stands (the apps run on the target) and what "
                          f"was not carried is still on the source: fix the cause, then run `liftoff run catch-up "
                          f"--runbook {options.runbook}`") from None
-    return {"downtime_s": downtime, "steps": durations, "final_sync": synced,
+    return {"downtime_s": downtime, "steps": durations, "final_sync": synced, "maintenance": maintenance,
             "storage_not_migrated": files_not_migrated,
             "catch_up_s": round(time.time() - healthy_at, 2),
             "catch_up": {"since": caught_up.since, "until": caught_up.until, "tables": caught_up.tables,
@@ -166,12 +178,16 @@ def _changes_line(undone: dict | None) -> str:
     return f"; {carried['total']} change(s) the apps made on the target were written to {where}"
 
 
-def publish_downtime(downtime: float, durations: dict[str, float], not_migrated_files: int = 0) -> None:
+def publish_downtime(downtime: float, durations: dict[str, float], not_migrated_files: int = 0,
+                     maintenance: bool = False) -> None:
     rows = [{"step": name, "seconds": seconds} for name, seconds in durations.items()]
     publish_table("cutover-downtime", rows, f"Cutover: {downtime} s from the write freeze to healthy apps")
     gone = ([f"Files not migrated: **{not_migrated_files}** storage.objects rows have no bytes on the source "
              "(storage.missing_source_bytes: skip); the storage gate's report lists them.", ""]
             if not_migrated_files else [])
+    shown = ([f"The site was in maintenance mode (cutover.maintenance) from before the freeze until after the smoke "
+              f"test: {sum(durations.get(k, 0) for k in durations if k != 'catch-up')} s in all.", ""]
+             if maintenance else ["The site was not put in maintenance mode (no cutover.maintenance).", ""])
     publish_markdown("cutover-downtime", "\n".join([
         "# Cutover done", f"Downtime (writes frozen until the apps were healthy on the target): **{downtime} s**.",
-        "", *gone, markdown_table(rows)]))
+        "", *shown, *gone, markdown_table(rows)]))

@@ -124,8 +124,18 @@ def _variant(runbook, ssh: dict | None = None, **cutover_changes):
     return path
 
 
+MAINTENANCE = {"on": {"MAINTENANCE_MODE": "1"}, "off": {"MAINTENANCE_MODE": "0"}}
+
+
+def _maintenance_value(app) -> str | None:
+    found = [line.split("=", 1)[1] for line in app.env_file.read_text().splitlines()
+             if line.startswith("MAINTENANCE_MODE=")]
+    return found[-1] if found else None
+
+
 def test_cutover_switches_the_app_and_rollback_puts_it_back(stack, writer, cutover_setup):
     runbook, app, name = cutover_setup
+    runbook = _variant(runbook, maintenance=MAINTENANCE)  # the site in maintenance through the cutover
     assert _writes(stack, writer) is None
     before_freeze = _api_privileges(stack.source)
     assert any(has for (_, _, privilege), has in before_freeze.items() if privilege == "INSERT")
@@ -137,6 +147,12 @@ def test_cutover_switches_the_app_and_rollback_puts_it_back(stack, writer, cutov
     assert 0 < result["downtime_s"] and {"freeze", "final sync", "switch", "smoke test"} <= set(result["steps"])
     assert "Downtime" in last_markdown("cutover-downtime")
     ledger = Ledger(load_runbook(runbook).state_dir)
+    # maintenance on before the freeze, off after the smoke test; the downtime report says the site was in it
+    order = [e.what for e in ledger.events("cutover") if e.what in (
+        "cutover.maintenance-on", "cutover.freeze", "cutover.switch", "cutover.maintenance-off")][-4:]
+    assert order == ["cutover.maintenance-on", "cutover.freeze", "cutover.switch", "cutover.maintenance-off"]
+    assert result["maintenance"] and list(result["steps"])[-1] == "maintenance off"
+    assert _maintenance_value(app) == "0" and "was in maintenance mode" in last_markdown("cutover-downtime")
     audit = [e for e in ledger.events("cutover") if e.what == "cutover.approval"]
     assert audit[-1].after["input"]["approver"] == "Ada (ops)" and audit[-1].before["checklist"]
     assert ledger.latest_gate("cutover").passed
@@ -166,6 +182,8 @@ def test_cutover_switches_the_app_and_rollback_puts_it_back(stack, writer, cutov
     assert "public.notes" in last_markdown("rollback-plan")
     assert undone["unfreeze"]["lifted"] and undone["switch"]["switched_back"]
     assert app.database() == "postgres"  # back on the source
+    # the env file put back is the one from before the switch, written in maintenance: the rollback sets off
+    assert _maintenance_value(app) == "0"
     assert _writes(stack, writer) is None  # and the source takes writes again
     assert _api_privileges(stack.source) == before_freeze  # with exactly the grants it had
     with pytest.raises(StepFailed, match="nothing to roll back"):
@@ -277,13 +295,14 @@ def test_a_final_sync_whose_gate_fails_is_rolled_back_and_resync_brings_the_targ
 
 def test_a_failed_smoke_test_rolls_back_by_itself(stack, writer, cutover_setup):
     runbook, app, name = cutover_setup
-    runbook = _variant(runbook, smoke_queries=["SELECT count(*) FROM public.no_such_table"])
+    runbook = _variant(runbook, smoke_queries=["SELECT count(*) FROM public.no_such_table"], maintenance=MAINTENANCE)
     resumer = answer_when_paused("cutover", APPROVE, under=stack.workdir)
     with pytest.raises(StepFailed) as failed:
         cutover(RunOptions(runbook=str(runbook)))
     resumer.join(5)
     assert "smoke test" in str(failed.value) and "rolled back automatically" in str(failed.value)
     assert app.database() == "postgres" and _writes(stack, writer) is None
+    assert _maintenance_value(app) == "0"  # the automatic rollback took the site out of maintenance
 
 
 def test_the_checklist_stops_a_cutover_whose_database_gate_is_stale(stack, writer, cutover_setup):

@@ -56,6 +56,14 @@ def maintenance_off(rb: Runbook) -> dict:
         return _apply(rb, driver, rb.cutover.maintenance.off, MAINTENANCE_OFF)
 
 
+def rewind_maintenance(rb: Runbook, driver: SwitchDriver) -> None:
+    """Before the rollback puts back the environment from before the switch: the maintenance values as the
+    switch left them (``on``), so the environment is again exactly the one the switch wrote (an env file
+    changed since the switch is refused as edited by hand). Changes nothing when the cutover used none."""
+    if rb.cutover.maintenance is not None and maintenance_was_on(Ledger(rb.state_dir)):
+        driver.apply_env(rb.cutover.maintenance.on)
+
+
 def leave_maintenance(rb: Runbook, driver: SwitchDriver | None = None) -> bool:
     """The rollback's part: sets ``off`` when this cutover put the apps in maintenance. With ``driver`` (the
     rollback's switch back, which redeploys next) only the environment is set; without one (no switch to

@@ -260,8 +260,10 @@ def lift_source_freeze(rb: Runbook, plan: RollbackPlan) -> dict:
 @task(name="switch the apps back to the source", cache_policy=NO_CACHE)
 @recorded("rollback.switch-back")
 def switch_apps_back(rb: Runbook, plan: RollbackPlan) -> dict:
-    if plan.switch is None:
-        return {"switched_back": False}
+    if plan.switch is None:  # the cutover stopped before the switch; the apps may be in maintenance still
+        from liftoff.tasks.cutover.maintenance import leave_maintenance
+
+        return {"switched_back": False, "maintenance_off": leave_maintenance(rb)}
     where = switch_step.switch_back(rb, plan.switch)
     log.info("apps switched back", where=where)
     return {"switched_back": True, "where": where}

@@ -54,7 +54,11 @@ def switch_apps(rb: Runbook) -> dict:
 
 def switch_back(rb: Runbook, event: Event) -> str:
     """Puts back the environment from before the cutover and redeploys (the rollback's step)."""
+    from liftoff.tasks.cutover.maintenance import leave_maintenance, rewind_maintenance
+
     with switch_driver(rb) as driver:
+        rewind_maintenance(rb, driver)  # maintenance off after the smoke test changed what the switch wrote
         driver.restore_env(event.before)
+        leave_maintenance(rb, driver)  # the environment put back may be the maintenance one (set before the switch)
         driver.redeploy()
         return driver.where
