@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, CheckReport
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, CheckReport, failed_line
 from liftoff.errors import LiftoffError
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
@@ -76,11 +76,11 @@ def _checked(name: str, check: Callable[[], CheckLine]) -> CheckLine:
     """Runs one check; whatever it raises becomes its failed line (one line, no secret)."""
     try:
         line = check()
-    except LiftoffError as exc:
-        line = CheckLine(name, FAILED, one_line(str(exc)), _FIXES.get(name, ""))
+    except LiftoffError as exc:  # a secret, a credential or a host to fix: a line that could not run (exit 2)
+        line = failed_line(name, exc, one_line(str(exc)), _FIXES.get(name, ""))
     except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the checklist's
         line = CheckLine(name, FAILED, error_line(exc), _FIXES.get(name, ""))
-    return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix))
+    return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix), line.blocked)
 
 
 
