@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from liftoff.ledger import Ledger, current_run_id
+from liftoff.ledger import Ledger, current_run_id, setup_of
 from liftoff.redaction import redact
 
 
@@ -73,6 +73,7 @@ def recorded(step: str, *, skip_if: Callable | None = None, on_skip: Callable | 
                 result = fn(rb, *args, **kwargs)
                 return judged(result, rb, args, kwargs, None, None) if gate is not None else result
             ledger = Ledger(rb.state_dir)
+            ledger.claim_setup(setup_of(rb))  # a ledger another runbook wrote is refused, naming both
             if skip_if is not None and _call_skip_if(skip_if, rb, ledger, step):
                 detail = ledger.step_detail(step)
                 return on_skip(rb, detail) if on_skip else {**detail, "skipped": True}

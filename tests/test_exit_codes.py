@@ -6,6 +6,7 @@ are tests/test_errors.py's; the differences (exit 3) are each phase's own tests.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -188,3 +189,29 @@ def test_the_cli_prints_the_summary_then_a_line_per_check_and_exits_2(stack, ser
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert lines[0].startswith("error: security: ") and "could not run" in lines[0], lines
     assert len(lines) >= 3 and "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_ledger_belongs_to_one_runbook_and_is_handed_over_only_by_adopt(stack, servers):
+    """pgcopydb's setup row: another runbook name, or the same name against another target, pointed at a
+    state_dir is refused before it runs (exit 2, naming both); ``liftoff adopt`` hands the ledger over."""
+    first = runbook(stack, servers)
+    with contextlib.suppress(errors.GateFailed):  # the sandbox's Redis may differ from the plan: either way it ran
+        setup_cache(RunOptions(runbook=first))
+    owner = state(first).setup()
+    assert owner.runbook == load_runbook(first).name
+
+    state_dir = str(load_runbook(first).state_dir)
+    other = runbook(stack, servers, lambda d: d.update(state_dir=state_dir))
+    moved = runbook(stack, servers, lambda d: (d.update(state_dir=state_dir, name=owner.runbook),
+                                               d["target"]["direct"].update(database="postgres")))
+    for path, named in ((other, load_runbook(other).name), (moved, f"target {stack.target.host}:{stack.target.port}/postgres)")):
+        error = operator_error(setup_cache, path)
+        assert isinstance(error, errors.RunbookInvalid) and "\n" not in str(error)
+        assert f"runbook '{owner.runbook}' (source {owner.source}, target {owner.target})" in str(error)
+        assert named in str(error) and "liftoff adopt --runbook" in str(error)
+    assert state(first).setup() == owner  # nothing was written by the refused runs
+
+    done = run_cli("adopt", "--runbook", other)
+    assert done.returncode == 0 and owner.runbook in done.stdout, done.stdout + done.stderr
+    assert state(other).setup().runbook == load_runbook(other).name
+    assert "its ledger belongs to" in str(operator_error(setup_cache, first))
