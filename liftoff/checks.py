@@ -41,7 +41,7 @@ class GateReport:
         did not compare it. None by default."""
         return []
 
-    def differences(self) -> list[str]:
+    def differences_found(self) -> list[str]:
         """The failures the gate found by comparing (``failures()`` less ``blockers()``)."""
         return self.failures()
 
@@ -50,7 +50,7 @@ class GateReport:
         when a check could not run, ``ChecksBlocked`` (exit 2): a one-line summary, then one line per such check
         with its fix. The report travels with it (``error.report``) for a caller that shows more."""
         blocked = self.blockers()
-        error = (ChecksBlocked.of(gate, blocked, self.differences()) if blocked
+        error = (ChecksBlocked.of(gate, blocked, self.differences_found()) if blocked
                  else GateFailed.of(gate, self.failures()))
         error.report = self
         return error
@@ -94,7 +94,7 @@ class CheckReport(GateReport):
         return [blocker_line(line.name, line.detail, line.fix) for line in self.lines
                 if line.status == FAILED and line.blocked]
 
-    def differences(self) -> list[str]:
+    def differences_found(self) -> list[str]:
         return [f"{line.name}: {line.detail}" for line in self.lines if line.status == FAILED and not line.blocked]
 
     def not_checked(self) -> list[str]:

@@ -117,6 +117,11 @@ def md_cell(text: str) -> str:
     return text.replace("|", "\\|") or " "
 
 
+def sentence(text: str) -> str:
+    """A summary as a heading that reads as a sentence ("Checklist passed: 13 of 13 lines passed")."""
+    return text[:1].upper() + text[1:]
+
+
 def check_rows(lines, label: str = "check") -> list[dict]:
     """One row per check line, for a table artifact (and the cutover's approval form)."""
     return [{label: line.name, "status": line.status, "detail": line.detail, "fix": line.fix} for line in lines]

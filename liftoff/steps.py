@@ -48,7 +48,7 @@ def recorded(step: str, *, skip_if: Callable | None = None, on_skip: Callable | 
     def wrap(fn):
         def judged(result, rb, args, kwargs, ledger: Ledger | None, run_id):
             """A gate's report recorded (when there is a ledger), shown, and raised when it did not pass."""
-            blocked, differences = result.blockers(), result.differences()
+            blocked, differences = result.blockers(), result.differences_found()
             if ledger is not None:
                 summary = ("; ".join(differences[:5]) + (f"; and {len(differences) - 5} more"
                                                          if len(differences) > 5 else "")

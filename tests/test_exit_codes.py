@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 
 import pytest
 import yaml
@@ -215,3 +216,21 @@ def test_a_ledger_belongs_to_one_runbook_and_is_handed_over_only_by_adopt(stack,
     assert done.returncode == 0 and owner.runbook in done.stdout, done.stdout + done.stderr
     assert state(other).setup().runbook == load_runbook(other).name
     assert "its ledger belongs to" in str(operator_error(setup_cache, first))
+
+
+def test_a_check_that_could_not_run_is_logged_as_its_summary_not_a_traceback(stack, servers):
+    """What the run's Logs tab in the UI shows: Prefect's failure records carry the one-line summary."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        operator_error(check_security, runbook(stack, servers, ssh_port_closed))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert {r.name for r in records} == {"prefect.task_runs", "prefect.flow_runs"}, records
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in records), [r.getMessage() for r in records]
+    assert all("(exit 2): security: 2 checks could not run" in r.getMessage() for r in records), records

@@ -458,7 +458,7 @@ class PoolerReport(GateReport):
         return round(self.transactions / self.seconds, 1) if self.seconds else 0.0
 
     def failures(self) -> list[str]:
-        return self.blockers() + self.differences()
+        return self.blockers() + self.differences_found()
 
     def blockers(self) -> list[str]:
         """What kept the gate from measuring: a refused login or an unreachable PgBouncer (the runbook's
@@ -473,7 +473,7 @@ class PoolerReport(GateReport):
                        "behind its password)")
         return out
 
-    def differences(self) -> list[str]:
+    def differences_found(self) -> list[str]:
         out = list(self.config_problems)
         for message, count in self.errors.most_common():
             if not _cannot_connect(message):

@@ -287,7 +287,7 @@ class RestoreTestReport(GateReport):
     def blockers(self) -> list[str]:
         return [blocker_line(c.name, c.detail, c.fix) for c in self.checks if c.status != PASSED and c.blocked]
 
-    def differences(self) -> list[str]:
+    def differences_found(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if c.status != PASSED and not c.blocked]
 
     def summary(self) -> str:

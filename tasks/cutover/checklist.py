@@ -21,7 +21,7 @@ from liftoff.errors import LiftoffError
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
 from liftoff.redaction import error_line, one_line, redact
-from liftoff.reports import check_table, md_cell
+from liftoff.reports import check_table, md_cell, sentence
 from liftoff.runbooks.model import App, RedisEndpoint, Runbook
 from liftoff.systems import dns, http_health as health, postgres, redis_server, s3
 
@@ -35,7 +35,7 @@ class ChecklistReport(CheckReport):
     label: ClassVar[str] = "checklist"
 
     def markdown(self) -> str:
-        out = ["# Pre-cutover checklist", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.", "",
+        out = ["# Pre-cutover checklist", "", f"**{md_cell(sentence(self.summary()))}.**", "",
                check_table(self.lines)]
         if self.not_checked():
             out += ["Lines marked 🔴 were **not checked** by a machine: check them yourself before approving."]

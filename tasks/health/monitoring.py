@@ -78,7 +78,7 @@ class HealthReport(GateReport):
         return [blocker_line(line.service, line.detail, line.fix) for line in self.lines
                 if line.status == CRITICAL and line.blocked]
 
-    def differences(self) -> list[str]:
+    def differences_found(self) -> list[str]:
         return [f"{line.service}: {line.detail}" for line in self.lines if line.status == CRITICAL and not line.blocked]
 
     def warnings(self) -> list[str]:

@@ -30,7 +30,7 @@ from liftoff.errors import LiftoffError, RunbookInvalid
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
 from liftoff.reports import publish_markdown, publish_table
-from liftoff.reports import check_rows, check_table, md_cell
+from liftoff.reports import check_rows, check_table, md_cell, sentence
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
 from liftoff.checks import FAILED, PASSED, CheckLine, CheckReport, failed_line
@@ -61,7 +61,7 @@ class SecurityReport(CheckReport):
         return check_rows(self.lines)
 
     def markdown(self) -> str:
-        return "\n".join(["# Security checks", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.",
+        return "\n".join(["# Security checks", "", f"**{md_cell(sentence(self.summary()))}.**",
                           "", check_table(self.lines)])
 
 
