@@ -41,12 +41,17 @@ DEPLOYMENTS: dict[str, tuple[PhaseFlow, list[str]]] = {
     REHEARSAL.name: (REHEARSAL, ["liftoff", "rehearsal"]),
 }
 DEPLOYMENTS[EMERGENCY] = (DEPLOYMENTS[EMERGENCY][0], ["liftoff", "cutover", "emergency"])
+# Deployments that write nothing; every other one runs once at a time: a second start while one runs is
+# cancelled by Prefect (CANCEL_NEW), not queued behind it, besides the runbook's file lock (liftoff.ledger.exclusive)
+READ_ONLY = {"preflight", "verify", "verify-storage", "health", "security"}
 
 
 def deployments(runbook: str | None = None, only: list[str] | None = None) -> list:
     """The RunnerDeployments to serve. With ``runbook`` every form starts filled with that runbook and the
     rehearsal runs on its ``rehearsal.schedule`` in ``rehearsal.timezone``; without it the rehearsal has no
     schedule (a scheduled run needs a runbook)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
     from liftoff.runbooks.model import resolve_runbook_path
 
     path = str(resolve_runbook_path(runbook)) if runbook else None
@@ -70,8 +75,9 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
             schedules = rehearsal_schedules(path)
         elif entry is BACKUP:
             schedules = backup_schedules(path)
+        limit = None if name in READ_ONLY else ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW")
         result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
-                                         parameters=defaults, schedules=schedules))
+                                         parameters=defaults, schedules=schedules, concurrency_limit=limit))
     return result
 
 

@@ -328,3 +328,17 @@ def test_liftoff_serve_starts_a_local_prefect_server_and_stops_everything_on_sig
         _stop(proc)
         for leftover in _processes_mentioning(f"--port {port}"):
             os.kill(int(leftover.split(":")[0]), signal.SIGKILL)
+
+
+def test_each_deployment_that_writes_runs_once_at_a_time_and_cancels_a_second_start(served):
+    limits = {full.split("/")[1]: d.global_concurrency_limit for full, d in served["deployments"].items()}
+    from liftoff.deployments.serve import READ_ONLY
+
+    for name, limit in limits.items():
+        if name in READ_ONLY:
+            assert limit is None, name
+        else:
+            assert limit is not None and limit.limit == 1, name
+    strategies = {d.concurrency_options.collision_strategy for full, d in served["deployments"].items()
+                  if full.split("/")[1] not in READ_ONLY}
+    assert {str(s).rsplit(".", 1)[-1] for s in strategies} == {"CANCEL_NEW"}
