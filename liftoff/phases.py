@@ -33,6 +33,13 @@ class Phase:
 
 PHASES: tuple[Phase, ...] = (
     Phase(
+        name="prepare",
+        title="Phase 0: every access the runbook needs checked at once, and the apps' environment kept",
+        steps=("prepare.access", "prepare.environment"),
+        flows=(PhaseFlow("prepare", "liftoff.flows.prepare:prepare", ("prepare-access", "prepare-environment")),),
+        gate=None,  # a missing access is input to fix (exit 2), never a difference a gate found
+    ),
+    Phase(
         name="database",
         title="Database: preflight, export (pg_dump), restore (pg_restore), verify",
         steps=("preflight", "export", "restore.prepare", "restore.pre-data", "restore.data", "restore.post-data",

@@ -251,8 +251,28 @@ class Checklist(_Strict):
         description="lines no machine can check: confirmed one by one in the approval form")
 
 
+class Maintenance(_Strict):
+    """The site's maintenance mode (optional), through the switch driver like every other env change: ``on``
+    is applied and the apps redeployed before the write freeze; ``off`` after the smoke test, and by the
+    rollback (the apps go back to the source out of maintenance)."""
+
+    on: dict[str, str] = Field(min_length=1, description="the variables that put the apps in maintenance, e.g. "
+                               "MAINTENANCE_MODE: '1'")
+    off: dict[str, str] = Field(description="the same variables' values out of maintenance, e.g. MAINTENANCE_MODE: '0'")
+
+    @model_validator(mode="after")
+    def _same_keys(self) -> "Maintenance":
+        if set(self.on) != set(self.off):
+            raise ValueError(f"on and off must name the same variables (on: {', '.join(sorted(self.on))}; off: "
+                             f"{', '.join(sorted(self.off)) or 'none'}): an env file cannot drop a variable, so "
+                             "off says each one's value out of maintenance")
+        return self
+
+
 class Cutover(_Strict):
     checklist: Checklist = Field(default_factory=Checklist)
+    maintenance: Maintenance | None = Field(None, description="optional: the apps in maintenance mode from before "
+                                            "the freeze until after the smoke test")
     freeze: list[Freeze] = Field(default_factory=lambda: [Freeze()], min_length=1,
                                  description="how the source stops taking writes: the API roles revoked by default; "
                                  "add {method: role, roles: [...]} for apps that log in directly")
@@ -275,6 +295,15 @@ class Cutover(_Strict):
             if not re.match(r"^[^.\s]+\.[^.\s]+$", name):
                 raise ValueError(f"expected schema.table, got {name!r}")
         return v
+
+    @model_validator(mode="after")
+    def _maintenance_apart_from_switch(self) -> "Cutover":
+        if self.maintenance is not None and self.switch is not None:
+            both = sorted(set(self.maintenance.on) & set(self.switch.env))
+            if both:
+                raise ValueError(f"maintenance and switch.env both set {', '.join(both)}: the switch would undo the "
+                                 "maintenance mode (or the reverse); name it in one of them")
+        return self
 
 
 class AppRole(_Strict):

@@ -18,7 +18,7 @@ from liftoff_sandbox.health_endpoint import HEALTHY, HealthEndpoint
 from liftoff_sandbox.redis import RedisServer
 from liftoff_sandbox.s3 import S3Server
 from liftoff.runbooks.model import Runbook, forget_resolved_secrets
-from liftoff.systems import dns, http_health as health
+from liftoff.systems import dns, http_health as health, s3
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
 from liftoff.tasks.cutover.checklist import ChecklistReport, run_checklist
 
@@ -31,7 +31,12 @@ UNHEALTHY = {"status": "unhealthy", "timestamp": "2026-11-27T10:00:05Z",
 
 @pytest.fixture(scope="module")
 def target_s3():
+    """The target's S3 server with the runbook's buckets as the storage phase leaves them (runbooks/local.yaml:
+    tour-images public, waivers private)."""
     with S3Server() as server:
+        client = server.client()
+        s3.ensure_bucket(client, "tour-images", True)
+        s3.ensure_bucket(client, "waivers", False)
         yield server
 
 
@@ -128,10 +133,13 @@ def test_every_line_passes_when_the_target_answers_the_gates_are_fresh_the_app_i
         "target PostgreSQL answers": PASSED, "PgBouncer answers": PASSED, "Redis answers": PASSED,
         "target S3 server answers": PASSED, "database gate passed": PASSED, "storage gate passed": PASSED,
         "latest backup restore-tested": PASSED, "pooler gate passed": PASSED, "cache gate passed": PASSED,
-        "health gate passed": PASSED, "security gate passed": PASSED, "app crm healthy": PASSED, "DNS TTL": PASSED,
+        "health gate passed": PASSED, "security gate passed": PASSED, "test upload to tour-images": PASSED,
+        "test upload to waivers": PASSED, "app crm healthy": PASSED, "DNS TTL": PASSED,
     }, report.rows()
     assert report.ok and report.failures() == [] and report.not_checked() == []
-    assert report.summary() == "checklist passed: 13 of 13 lines passed"
+    assert report.summary() == "checklist passed: 15 of 15 lines passed"
+    assert "read back anonymously" in report.line("test upload to tour-images").detail
+    assert "refused anonymously" in report.line("test upload to waivers").detail
     assert "PONG" in report.line("Redis answers").detail
     assert "list_buckets answered" in report.line("target S3 server answers").detail
     assert "TTL 60 s <= 300 s (authoritative answer" in report.line("DNS TTL").detail
@@ -139,7 +147,7 @@ def test_every_line_passes_when_the_target_answers_the_gates_are_fresh_the_app_i
     assert "checks up: database, redis, storage" in report.line("app crm healthy").detail
     assert app.hits == 1
     md = report.markdown()
-    assert md.count("✅ passed") == 13 and "❌" not in md and "🔴" not in md
+    assert md.count("✅ passed") == 15 and "❌" not in md and "🔴" not in md
     assert [row["check"] for row in report.rows()] == [line.name for line in report.lines]
 
 
@@ -186,7 +194,7 @@ def test_an_unreachable_pgbouncer_fails_its_line_naming_host_and_port_and_every_
     assert not report.ok and report.failures() == [f"PgBouncer answers: {line.detail}"]
     assert line.blocked and report.differences_found() == [] and len(report.blockers()) == 1  # exit 2, not 3
     assert [name for name, s in statuses(report).items() if s != PASSED] == ["PgBouncer answers"]
-    assert report.summary().startswith("checklist failed: 1 of 13 lines failed (PgBouncer answers)")
+    assert report.summary().startswith("checklist failed: 1 of 15 lines failed (PgBouncer answers)")
     assert "❌ failed | PgBouncer answers" in report.markdown()
 
 
@@ -405,3 +413,26 @@ def test_a_report_fails_only_on_failed_lines_and_its_markdown_keeps_each_line_in
     assert not report.ok and report.failures() == ["c | d: x | y"]
     assert "| ❌ failed | c \\| d | x \\| y | fix it |" in report.markdown()
     assert report.rows()[1] == {"check": "b", "status": NOT_CHECKED, "detail": "not configured", "fix": "add b"}
+
+
+def test_a_test_upload_fails_its_bucket_line_when_the_access_rule_is_wrong_and_leaves_no_probe(everything, target_s3):
+    """waivers made public by mistake: its probe object is readable anonymously, which the line says."""
+    client = target_s3.client()
+    s3.ensure_bucket(client, "waivers", True)
+    try:
+        line = run_checklist(everything).line("test upload to waivers")
+    finally:
+        s3.ensure_bucket(client, "waivers", False)
+    assert line.status == FAILED and "is private but an anonymous GET" in line.detail
+    assert "storage.buckets" in line.fix
+    assert client.list_objects_v2(Bucket="waivers").get("KeyCount", 0) == 0  # the probe was deleted, no folder left
+
+
+def test_test_uploads_leave_nothing_in_the_buckets(everything, target_s3):
+    """The storage gate counts every key of a bucket: a probe (or a folder marker some servers keep after a
+    key with a slash is deleted) would fail it at the cutover's final sync."""
+    run_checklist(everything)
+    client = target_s3.client()
+    for bucket in ("tour-images", "waivers"):
+        listed = client.list_objects_v2(Bucket=bucket, Delimiter="/")  # as the gate lists: folder by folder
+        assert (listed.get("KeyCount", 0), listed.get("CommonPrefixes")) == (0, None), bucket

@@ -272,6 +272,22 @@ class CoolifySwitch(SwitchDriver):
             log.info("coolify environment restored", application=uuid,
                      restored=sorted(i["key"] for i in items), deleted=sorted({e["key"] for e in created}))
 
+    def read_env(self) -> dict[str, dict[str, str | None]]:
+        """Every application's variables (a 'shown once' value is None: Coolify does not give it back; a token
+        that may not read values at all is refused, as the switch would be). Preview copies are not read."""
+        found = {}
+        for index, uuid in enumerate(self.settings.applications):
+            values: dict[str, str | None] = {}
+            for env in self._envs(index, uuid):
+                if env.get("is_preview"):
+                    continue
+                try:
+                    values[env["key"]] = self._readable_value(uuid, env)
+                except StepFailed:  # 'shown once'
+                    values[env["key"]] = None
+            found[self._name(index, uuid)] = values
+        return found
+
     def _envs(self, index: int, uuid: str) -> list[dict]:
         envs = self.client.envs(uuid)
         if envs is None:

@@ -351,6 +351,19 @@ def encode_env_value(value: str) -> str:
     return f'"{escaped}"'
 
 
+def parse_env_file(text: str) -> dict[str, str | None]:
+    """Every variable an env file assigns, with the value compose reads (the last assignment wins; None for a
+    quoted value over several lines, which this reader does not follow)."""
+    found: dict[str, str | None] = {}
+    for line in text.splitlines():
+        m = _ASSIGNMENT.match(line)
+        if m is None:
+            continue
+        split = _split_value(m.group("rest"))
+        found[m.group("key")] = None if split is None else decode_env_value(split[0])
+    return found
+
+
 def apply_env_changes(text: str, changes: dict[str, str], *, where: str = "the env file") -> str:
     """``text`` with each key of ``changes`` set: every line that assigns it gets the new value (its ``export``,
     spacing and inline comment kept); a key not there is appended. Other lines stay byte for byte."""
@@ -404,6 +417,9 @@ class EnvFileSwitch(SwitchDriver):
     def _changed(self, data: bytes, changes: dict[str, str]) -> bytes:
         where = f"{self.env_file} on {self.remote.where}"
         return apply_env_changes(data.decode("utf-8"), changes, where=where).encode()
+
+    def read_env(self) -> dict[str, dict[str, str | None]]:
+        return {self.where: parse_env_file(self._current().decode("utf-8", errors="replace"))}
 
     def apply_env(self, changes: dict[str, str]) -> dict:
         for key, value in changes.items():

@@ -1515,6 +1515,19 @@ def prove_bucket_access(endpoint_url: str, bucket: str, key: str, public: bool, 
     return AccessProof(bucket, public, got, listed, problems)
 
 
+def anonymous_get(endpoint_url: str, bucket: str, key: str, *, timeout: float = 10) -> bytes | None:
+    """The object's bytes read with plain HTTP and no credentials, or None when the server refuses."""
+    url = f"{endpoint_url.rstrip('/')}/{quote(bucket, safe='')}/{quote(key, safe='/')}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError:
+        return None
+    except OSError as exc:
+        raise ConnectionRefused(f"S3 {endpoint_url}: cannot reach the server for an anonymous GET on bucket "
+                                f"'{bucket}': {_reason(exc)}") from None
+
+
 def minio_live(endpoint_url: str) -> int | None:
     """MinIO's liveness probe's HTTP status when it answers 200; None otherwise (SeaweedFS, Garage and others
     do not have it, so anything but 200 says nothing)."""

@@ -27,6 +27,11 @@ class SwitchDriver(ABC):
         """Puts back the environment ``apply_env`` found, from its undo record. Idempotent."""
 
     @abstractmethod
+    def read_env(self) -> dict[str, dict[str, str | None]]:
+        """Every app's whole current environment, ``{app: {KEY: value}}`` (None: a value the driver cannot
+        read back). Reads only: the snapshot the prepare flow keeps before anything changes."""
+
+    @abstractmethod
     def redeploy(self) -> None:
         """Restarts or redeploys the apps with their current environment and returns once the restart or
         deployment finished (not once the apps are healthy: the caller polls their health)."""

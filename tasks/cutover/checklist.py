@@ -16,19 +16,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, CheckReport, failed_line
-from liftoff.errors import LiftoffError
+from liftoff.checks import FAILED, PASSED, CheckLine, CheckReport
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
-from liftoff.redaction import error_line, one_line, redact
+from liftoff.redaction import one_line
 from liftoff.reports import check_table, md_cell, sentence
-from liftoff.runbooks.model import App, RedisEndpoint, Runbook
-from liftoff.systems import dns, http_health as health, postgres, redis_server, s3
+from liftoff.runbooks.model import App, Runbook
+from liftoff.systems import dns, http_health as health
+from liftoff.tasks.prepare.access import (
+    FIXES,
+    PROBE_TIMEOUT_S,
+    checked,
+    pgbouncer_answers,
+    redis_answers,
+    target_postgres_answers,
+    target_s3_answers,
+    test_upload,
+    unchecked,
+)
 
 log = get_logger(phase="cutover")
-
-_PROBE_TIMEOUT_S = 5
-
 
 @dataclass(frozen=True)
 class ChecklistReport(CheckReport):
@@ -48,20 +55,23 @@ def run_checklist(rb: Runbook) -> ChecklistReport:
     ledger = Ledger(rb.state_dir)
     max_age_s = rb.cutover.checklist.max_gate_age_hours * 3600
     checks: list[tuple[str, Callable[[], CheckLine]]] = [
-        ("target PostgreSQL answers", lambda: _postgres_answers(rb)),
-        ("PgBouncer answers", lambda: _pgbouncer_answers(rb)),
-        ("Redis answers", lambda: _redis_answers(rb.target.redis)),
-        ("target S3 server answers", lambda: _s3_answers(rb)),
+        ("target PostgreSQL answers", lambda: target_postgres_answers(rb)),
+        ("PgBouncer answers", lambda: pgbouncer_answers(rb)),
+        ("Redis answers", lambda: redis_answers(rb.target.redis)),
+        ("target S3 server answers", lambda: target_s3_answers(rb)),
         ("database gate passed", lambda: _gate_fresh(ledger, "database", max_age_s, rb)),
         ("storage gate passed", lambda: _gate_fresh(ledger, "storage", max_age_s, rb)),
         ("latest backup restore-tested", lambda: _backup_restore_tested(ledger, max_age_s, rb)),
         *[(f"{phase} gate passed", lambda phase=phase: _platform_gate(ledger, phase, max_age_s))
           for phase in _PLATFORM_GATES],
     ]
+    if rb.storage.wanted and rb.storage.target is not None:  # the plan's "storage working with test uploads"
+        checks += [(f"test upload to {b.name}", lambda b=b: test_upload(rb, b.name, b.public))
+                   for b in rb.storage.buckets]
     if rb.cutover.apps:
         checks += [(f"app {app.name} healthy", lambda app=app: _app_healthy(app)) for app in rb.cutover.apps]
     else:
-        checks.append(("apps healthy", lambda: _unchecked(
+        checks.append(("apps healthy", lambda: unchecked(
             "apps healthy", "the runbook lists no apps (cutover.apps)",
             "add each app's health_url under cutover.apps, or check the apps by hand")))
     checks.append(("DNS TTL", lambda: _dns_ttl(rb)))
@@ -73,84 +83,15 @@ def run_checklist(rb: Runbook) -> ChecklistReport:
 
 
 def _checked(name: str, check: Callable[[], CheckLine]) -> CheckLine:
-    """Runs one check; whatever it raises becomes its failed line (one line, no secret)."""
-    try:
-        line = check()
-    except LiftoffError as exc:  # a secret, a credential or a host to fix: a line that could not run (exit 2)
-        line = failed_line(name, exc, one_line(str(exc)), _FIXES.get(name, ""))
-    except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the checklist's
-        line = CheckLine(name, FAILED, error_line(exc), _FIXES.get(name, ""))
-    return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix), line.blocked)
-
-
-
-def _unchecked(name: str, why: str, fix: str) -> CheckLine:
-    return CheckLine(name, NOT_CHECKED, why, fix)
+    return checked(name, check, _FIXES.get(name, ""))
 
 
 _FIXES = {
-    "target PostgreSQL answers": "start PostgreSQL on the target, or correct target.direct (host, port, user, "
-                                 "password)",
-    "PgBouncer answers": "start PgBouncer on the target, or correct target.pooled; check its userlist/auth_query",
-    "Redis answers": "start Redis on the target, or correct target.redis (host, port, password)",
-    "target S3 server answers": "start the S3 server (MinIO) on the target, or correct storage.target "
-                                "(endpoint_url, keys)",
+    **FIXES,
     "DNS TTL": "check cutover.checklist.dns (the record's name, and resolver as ip or ip:port)",
     "database gate passed": "run liftoff run verify --runbook FILE",
     "storage gate passed": "run liftoff run verify-storage --runbook FILE",
 }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The services on the target
-
-
-def _postgres_answers(rb: Runbook) -> CheckLine:
-    ep = rb.target.direct
-    with postgres.session(ep, "target.direct", text_settings=False, attempts=1) as conn:
-        version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
-    return CheckLine("target PostgreSQL answers", PASSED, f"{ep.where}: PostgreSQL {version} answered")
-
-
-def _pgbouncer_answers(rb: Runbook) -> CheckLine:
-    ep = rb.target.pooled
-    if ep is None:
-        return _unchecked("PgBouncer answers", "no PgBouncer in the runbook (target.pooled)",
-                          "add target.pooled (the apps' connection through PgBouncer), or check it by hand")
-    # Transaction pooling: no prepared statements (psycopg's would land on another server connection), and
-    # no session settings.
-    with postgres.session(ep, "target.pooled", pooled=True, text_settings=False, attempts=1) as conn:
-        answer = conn.execute("SELECT 1").fetchone()[0]
-    if answer != 1:
-        return CheckLine("PgBouncer answers", FAILED, f"{ep.where}: SELECT 1 answered {answer!r}",
-                         _FIXES["PgBouncer answers"])
-    return CheckLine("PgBouncer answers", PASSED, f"{ep.where}: SELECT 1 answered through PgBouncer")
-
-
-def _redis_answers(endpoint: RedisEndpoint | None) -> CheckLine:
-    if endpoint is None:
-        return _unchecked("Redis answers", "no Redis in the runbook (target.redis)",
-                          "add target.redis, or check Redis by hand")
-    redis_server.ping(endpoint)
-    return CheckLine("Redis answers", PASSED, f"target.redis ({endpoint.host}:{endpoint.port}): PING answered PONG")
-
-
-def _s3_answers(rb: Runbook) -> CheckLine:
-    target = rb.storage.target
-    if target is None:
-        return _unchecked("target S3 server answers", "no S3 server in the runbook (storage.target)",
-                          "add storage.target, or check the S3 server by hand")
-    from liftoff.tasks.storage.common import endpoint
-
-    client = s3.client(endpoint(target, "storage.target"), max_pool_connections=2,
-                       connect_timeout=_PROBE_TIMEOUT_S, read_timeout=_PROBE_TIMEOUT_S * 2)
-    answer = s3.call(s3.RetryPolicy(attempts=2, max_seconds=15), "list buckets", client.list_buckets, client,
-                     "(all buckets)")
-    detail = f"{target.endpoint_url}: an authenticated list_buckets answered ({len(answer.get('Buckets', []))} buckets)"
-    live = s3.minio_live(target.endpoint_url)
-    if live is not None:
-        detail += f"; MinIO's /minio/health/live answered {live}"
-    return CheckLine("target S3 server answers", PASSED, detail)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,8 +111,8 @@ def _age(seconds: float) -> str:
 def _gate_fresh(ledger: Ledger, phase: str, max_age_s: float, rb: Runbook) -> CheckLine:
     name = f"{phase} gate passed"
     whole, gate_only = _GATE_FLOWS[phase]
-    if phase == "storage" and not rb.storage.wanted:
-        return _unchecked(name, "the runbook has no storage phase (storage.target, storage.buckets)",
+    if phase == "storage" and not (rb.storage.wanted or rb.storage.buckets):  # listed buckets count too
+        return unchecked(name, "the runbook has no storage phase (storage.target, storage.buckets)",
                           "nothing to do if the app keeps no files in Supabase Storage")
     gate = ledger.latest_gate(phase)
     if gate is None:
@@ -213,7 +154,7 @@ def _platform_gate(ledger: Ledger, phase: str, max_age_s: float) -> CheckLine:
     name = f"{phase} gate passed"
     gate = ledger.latest_gate(phase)
     if gate is None:
-        return _unchecked(name, f"no {phase} gate is on record ({_PLATFORM_GATES[phase]})",
+        return unchecked(name, f"no {phase} gate is on record ({_PLATFORM_GATES[phase]})",
                           f"run liftoff run {phase} --runbook FILE, or check it by hand before approving")
     return _judge_gate(name, gate, max_age_s,
                        failed_fix=f"fix what the gate reports, then run liftoff run {phase} --runbook FILE",
@@ -224,7 +165,7 @@ def _backup_restore_tested(ledger: Ledger, max_age_s: float, rb: Runbook) -> Che
     name = "latest backup restore-tested"
     gate = ledger.latest_gate("backup")
     if gate is None:
-        return _unchecked(name, "no backup restore test is on record (Liftoff's backup phase has not run)",
+        return unchecked(name, "no backup restore test is on record (Liftoff's backup phase has not run)",
                           "restore the latest backup into a scratch database and check it by hand before approving")
     return _judge_gate(name, gate, max_age_s, failed_fix="fix the backup, then run its restore test again",
                        old_fix="run the backup's restore test again for a fresh result")
@@ -236,7 +177,7 @@ def _backup_restore_tested(ledger: Ledger, max_age_s: float, rb: Runbook) -> Che
 
 def _app_healthy(app: App) -> CheckLine:
     name = f"app {app.name} healthy"
-    result = health.check_health(app.health_url, timeout=_PROBE_TIMEOUT_S)
+    result = health.check_health(app.health_url, timeout=PROBE_TIMEOUT_S)
     if result.healthy:
         return CheckLine(name, PASSED, f"{app.health_url}: {result.detail}")
     return CheckLine(name, FAILED, f"{app.health_url}: {result.detail}",
@@ -247,7 +188,7 @@ def _app_healthy(app: App) -> CheckLine:
 def _dns_ttl(rb: Runbook) -> CheckLine:
     check = rb.cutover.checklist.dns
     if check is None:
-        return _unchecked("DNS TTL", "no public record in the runbook (cutover.checklist.dns)",
+        return unchecked("DNS TTL", "no public record in the runbook (cutover.checklist.dns)",
                           "add cutover.checklist.dns (name, resolver), or check the record's TTL by hand")
     found = dns.lookup(check.name, check.resolver)
     source = (f"{'authoritative answer' if found.authoritative else 'cached answer'} from {found.resolver}: "
