@@ -83,7 +83,7 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
 
 def configured_phases(runbook_path: str | None) -> set[str] | None:
     """The phases ``runbook_path`` configures (None without a runbook: every phase is deployed): the database,
-    health and migration phases always; storage with ``storage.source``/``target``; the cutover (and its
+    health, prepare and migration phases always; storage with ``storage.source``/``target``; the cutover (and its
     rollback) with ``cutover.switch``; the pooler with ``pooler``; the cache with ``cache`` or ``target.redis``;
     backups with ``backups``; security with ``ssh``."""
     if runbook_path is None:
@@ -91,7 +91,7 @@ def configured_phases(runbook_path: str | None) -> set[str] | None:
     from liftoff.runbooks.model import load_runbook
 
     rb = load_runbook(runbook_path)
-    phases = {"database", "health", "migration"}
+    phases = {"prepare", "database", "health", "migration"}
     phases |= {name for name, on in (("storage", rb.storage.wanted), ("cutover", rb.cutover.switch is not None),
                                      ("pooler", rb.pooler is not None),
                                      ("cache", rb.cache is not None or rb.target.redis is not None),

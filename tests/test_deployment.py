@@ -103,7 +103,7 @@ def test_served_with_a_runbook_only_the_phases_it_configures_are_deployments(sta
     from liftoff.deployments.serve import deployments
 
     plain = {d.name for d in deployments(str(_runbook(stack, "deployed_plain")))}
-    assert {"migrate-database", "verify", "health", "migrate", "rehearsal"} <= plain
+    assert {"prepare", "migrate-database", "verify", "health", "migrate", "rehearsal"} <= plain
     assert not plain & {"backup", "restore-test", "pooler", "cache", "security", "cutover", "rollback", "storage"}
     with_backups = _runbook(stack, "deployed_backups", backups=EVERY_PHASE["backups"])
     assert {d.name for d in deployments(str(with_backups))} - plain == {"backup", "restore-test"}

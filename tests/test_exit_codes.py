@@ -178,7 +178,8 @@ def test_an_unset_password_in_the_cutover_checklist_is_exit_2_one_line_per_check
     assert isinstance(error, errors.ChecksBlocked) and head.startswith("cutover checklist: "), head
     assert any(line.startswith("target PostgreSQL answers: ") and UNSET_ENV in line for line in lines), lines
     # the lines that did run found what they found (no database gate yet): that, and only that, is the gate's record
-    assert "could not run" in head and "difference" in head and "database gate passed: no database gate" in lines[-1]
+    assert "could not run" in head and "difference" in head
+    assert any(line.startswith("database gate passed: no database gate") for line in lines), lines
     gate = state(path).latest_gate("cutover")
     assert not gate.passed and "database gate passed" in gate.summary and UNSET_ENV not in gate.summary
 
