@@ -41,19 +41,27 @@ DEPLOYMENTS: dict[str, tuple[PhaseFlow, list[str]]] = {
     REHEARSAL.name: (REHEARSAL, ["liftoff", "rehearsal"]),
 }
 DEPLOYMENTS[EMERGENCY] = (DEPLOYMENTS[EMERGENCY][0], ["liftoff", "cutover", "emergency"])
+# Deployments that write nothing; every other one runs once at a time: a second start while one runs is
+# cancelled by Prefect (CANCEL_NEW), not queued behind it, besides the runbook's file lock (liftoff.ledger.exclusive)
+READ_ONLY = {"preflight", "verify", "verify-storage", "health", "security"}
 
 
 def deployments(runbook: str | None = None, only: list[str] | None = None) -> list:
     """The RunnerDeployments to serve. With ``runbook`` every form starts filled with that runbook and the
     rehearsal runs on its ``rehearsal.schedule`` in ``rehearsal.timezone``; without it the rehearsal has no
     schedule (a scheduled run needs a runbook)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
     from liftoff.runbooks.model import resolve_runbook_path
 
     path = str(resolve_runbook_path(runbook)) if runbook else None
+    wanted = configured_phases(path)
     result = []
     for name, (entry, tags) in DEPLOYMENTS.items():
         if only and name not in only:
             continue
+        if wanted is not None and name in FLOWS and FLOWS[name][1] not in wanted:
+            continue  # a phase this runbook does not configure: no deployment to press by mistake
         try:
             flow = entry.load()
         except ImportError as exc:
@@ -67,9 +75,28 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
             schedules = rehearsal_schedules(path)
         elif entry is BACKUP:
             schedules = backup_schedules(path)
+        limit = None if name in READ_ONLY else ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW")
         result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
-                                         parameters=defaults, schedules=schedules))
+                                         parameters=defaults, schedules=schedules, concurrency_limit=limit))
     return result
+
+
+def configured_phases(runbook_path: str | None) -> set[str] | None:
+    """The phases ``runbook_path`` configures (None without a runbook: every phase is deployed): the database,
+    health, prepare and migration phases always; storage with ``storage.source``/``target``; the cutover (and its
+    rollback) with ``cutover.switch``; the pooler with ``pooler``; the cache with ``cache`` or ``target.redis``;
+    backups with ``backups``; security with ``ssh``."""
+    if runbook_path is None:
+        return None
+    from liftoff.runbooks.model import load_runbook
+
+    rb = load_runbook(runbook_path)
+    phases = {"prepare", "database", "health", "migration"}
+    phases |= {name for name, on in (("storage", rb.storage.wanted), ("cutover", rb.cutover.switch is not None),
+                                     ("pooler", rb.pooler is not None),
+                                     ("cache", rb.cache is not None or rb.target.redis is not None),
+                                     ("backup", rb.backups is not None), ("security", rb.ssh is not None)) if on}
+    return phases
 
 
 def describe(name: str, flow) -> str:

@@ -12,6 +12,9 @@ from liftoff.runbooks.model import SecretRef
 from liftoff.systems.webhook import _NOT_SENSITIVE, _log, notify
 
 _EXCEPTION_PREFIX = "Flow run encountered an exception: "
+# A failure of these is critical (notifications.urls with severity critical, SMS in the plan): the apps may be
+# frozen or half switched, or no restorable backup is being made.
+CRITICAL_FLOWS = frozenset({"cutover", "rollback", "catch-up", "resync", "backup", "restore-test"})
 
 
 def ui_link(flow_run_id) -> str | None:
@@ -83,12 +86,13 @@ def notify_on_failure(flow, flow_run, state) -> None:
         except LiftoffError:
             _log().debug("runbook not readable; notification not sent", flow=flow.name)
             return
-        if rb.notifications.webhook is None:
+        if rb.notifications.webhook is None and not rb.notifications.urls:
             return
         _register_runbook_secrets(rb)
         verb = "crashed" if state.is_crashed() else "failed"
         text = f"{flow.name} {verb} for runbook {rb.name}: {_failure_line(state)}"
-        notify(rb, text, flow_run_url=ui_link(getattr(flow_run, "id", None)))
+        notify(rb, text, flow_run_url=ui_link(getattr(flow_run, "id", None)),
+               severity="critical" if flow.name in CRITICAL_FLOWS else "error")
     except Exception as exc:  # noqa: BLE001 - a hook must not add a failure to the one it reports
         _log().warning("notification hook failed", flow=getattr(flow, "name", "?"),
                     reason=redact(f"{type(exc).__name__}: {exc}")[:300])

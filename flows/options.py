@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from liftoff.ledger import Ledger, setup_of
 from liftoff.logs import bind_run, get_logger
 from liftoff.runbooks.model import Runbook, load_runbook, resolve_runbook_path
 
@@ -30,6 +31,8 @@ def open_runbook(options: RunOptions, phase: str) -> Runbook:
 
     forget_resolved_secrets()
     runbook = load_runbook(resolve_runbook_path(options.runbook))
+    if (runbook.state_dir / "ledger.sqlite").exists():  # refused before anything runs when another runbook wrote it
+        Ledger(runbook.state_dir).claim_setup(setup_of(runbook))
     for_runbook(runbook.name)
     bind_run(run_id=str(flow_run.id or "local"), flow=flow_run.flow_name or phase, phase=phase,
              runbook=runbook.name, dry_run=options.dry_run)

@@ -259,6 +259,6 @@ def notify_if_needed(real: Runbook, measured: Measured) -> None:
 
         from liftoff.systems.webhook import notify
 
-        notify(real, redact(text), flow_run_url=flow_run.ui_url)
+        notify(real, redact(text), flow_run_url=flow_run.ui_url, severity="error" if measured.failed else "warning")
     except Exception as exc:  # no webhook module yet, or the webhook refused: the report still says it
         log.warning("rehearsal notification not sent", reason=first_line(exc, type(exc).__name__))

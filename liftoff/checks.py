@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from liftoff.errors import GateFailed, LiftoffError
+from liftoff.errors import ChecksBlocked, GateFailed, LiftoffError, needs_operator
 from liftoff.reports import check_rows
 
 PASSED, FAILED, NOT_CHECKED = "passed", "failed", "not checked"
@@ -35,10 +35,23 @@ class GateReport:
     def summary(self) -> str:
         raise NotImplementedError
 
+    def blockers(self) -> list[str]:
+        """One line per check that could not run for what the operator must fix (an input, a credential, a host
+        that cannot be reached), each naming the field and the fix. Such a check is not a difference: the gate
+        did not compare it. None by default."""
+        return []
+
+    def differences_found(self) -> list[str]:
+        """The failures the gate found by comparing (``failures()`` less ``blockers()``)."""
+        return self.failures()
+
     def error(self, gate: str) -> LiftoffError:
-        """What a failed gate raises: "<gate> gate failed: <the first differences>", then every one (exit 3);
-        the report travels with it (``error.report``) for a caller that shows more than the message."""
-        error = GateFailed.of(gate, self.failures())
+        """What a failed gate raises: "<gate> gate failed: <the first differences>", then every one (exit 3); or,
+        when a check could not run, ``ChecksBlocked`` (exit 2): a one-line summary, then one line per such check
+        with its fix. The report travels with it (``error.report``) for a caller that shows more."""
+        blocked = self.blockers()
+        error = (ChecksBlocked.of(gate, blocked, self.differences_found()) if blocked
+                 else GateFailed.of(gate, self.failures()))
         error.report = self
         return error
 
@@ -49,6 +62,18 @@ class CheckLine:
     status: Status
     detail: str
     fix: str = ""  # what to do when it failed or was not checked
+    blocked: bool = False  # failed because it could not run: an input, a credential or a host to fix (exit 2)
+
+
+def blocker_line(name: str, detail: str, fix: str) -> str:
+    """How a check that could not run reads on its own line: what failed, then the fix."""
+    return f"{name}: {detail}" + (f" (fix: {fix})" if fix else "")
+
+
+def failed_line(name: str, exc: BaseException, detail: str, fix: str) -> CheckLine:
+    """A check's failed line for the error ``exc`` it raised: blocked when the operator must fix an input,
+    a credential or reachability (``liftoff.errors.needs_operator``)."""
+    return CheckLine(name, FAILED, detail, fix, blocked=needs_operator(exc))
 
 
 @dataclass(frozen=True)
@@ -64,6 +89,13 @@ class CheckReport(GateReport):
 
     def failures(self) -> list[str]:
         return [f"{line.name}: {line.detail}" for line in self.lines if line.status == FAILED]
+
+    def blockers(self) -> list[str]:
+        return [blocker_line(line.name, line.detail, line.fix) for line in self.lines
+                if line.status == FAILED and line.blocked]
+
+    def differences_found(self) -> list[str]:
+        return [f"{line.name}: {line.detail}" for line in self.lines if line.status == FAILED and not line.blocked]
 
     def not_checked(self) -> list[str]:
         return [line.name for line in self.lines if line.status == NOT_CHECKED]

@@ -217,6 +217,27 @@ def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runboo
 
 
 @app.command()
+def adopt(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runbook file (YAML)")):
+    """Hand the ledger in the runbook's state_dir over to this runbook, when it continues the migration another
+    runbook started there (renamed, or a server moved). Prints the previous owner; exit 0. Each runbook
+    otherwise refuses a ledger another one wrote (exit 2, naming both)."""
+    from liftoff.ledger import Ledger, setup_of
+    from liftoff.runbooks.model import load_runbook
+
+    try:
+        rb = load_runbook(runbook)
+    except errors.LiftoffError as exc:
+        raise fail(exc) from None
+    if not (rb.state_dir / "ledger.sqlite").exists():
+        out.print(f"{rb.name}: no ledger in {rb.state_dir}: nothing to adopt")
+        return
+    new = setup_of(rb)
+    before = Ledger(rb.state_dir).adopt(new)
+    out.print(f"{rb.state_dir}: the ledger of {before.describe() if before else 'no recorded runbook'} now belongs "
+              f"to {new.describe()}", highlight=False)
+
+
+@app.command()
 def serve(
     runbook: Path = typer.Option(None, "--runbook", "-r", help="fill every form with this runbook and run its "
                                  "rehearsal on rehearsal.schedule"),

@@ -61,6 +61,30 @@ class GateFailed(LiftoffError):
         return cls("\n".join([f"{gate} gate failed: {first}{more}", *failures]))
 
 
+class ChecksBlocked(LiftoffError):
+    """A gate could not make some of its checks: an input, a credential or a host the operator must fix (exit 2).
+    Not a gate result: the ledger records the step as failed, not the gate (unless a difference was found too)."""
+
+    report = None  # the gate's report (liftoff.checks.GateReport.error)
+
+    @classmethod
+    def of(cls, gate: str, blocked: list[str], differences: list[str]) -> "ChecksBlocked":
+        """A one-line summary first (what a caller that keeps one line keeps), then one line per check that could
+        not run (each naming its field and fix), then any difference found meanwhile."""
+        head = (f"{gate}: {len(blocked)} check{'s' if len(blocked) != 1 else ''} could not run (input, credentials "
+                f"or reachability: fix each line below and run again)")
+        if differences:
+            head += f"; and {len(differences)} difference{'s' if len(differences) != 1 else ''} found"
+        return cls("\n".join([head, *blocked, *differences]))
+
+
+def needs_operator(exc: BaseException) -> bool:
+    """Whether ``exc`` says a check could not run for what only the operator can fix: the runbook, a secret, a
+    credential, a host that cannot be reached, a tool not installed (exit 2), as opposed to a check that ran
+    and found a difference (exit 3)."""
+    return isinstance(exc, (RunbookInvalid, SecretUnavailable, ConnectionRefused, ToolMissing, ChecksBlocked))
+
+
 class NotApproved(LiftoffError):
     """An approval was rejected, given with a line unconfirmed, or not given in time; nothing was changed."""
 

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from liftoff.errors import StepFailed
+from liftoff.errors import RunbookInvalid, StepFailed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS steps (
@@ -73,6 +73,13 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS targets (
     identity TEXT PRIMARY KEY,
     claimed_at REAL
+);
+CREATE TABLE IF NOT EXISTS setup (  -- whose ledger this is (pgcopydb's catalog "setup" row): checked on every start
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    runbook TEXT NOT NULL,
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    since REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS archive_entries (
     dump_id INTEGER PRIMARY KEY,
@@ -179,6 +186,26 @@ CREATE TABLE IF NOT EXISTS export_auth_functions (
 """
 # Columns added since the first ledgers; an older ledger gains them when opened.
 _ADDED_COLUMNS = {"steps": {"flow_run_id": "TEXT", "seconds": "REAL"}}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Whose ledger it is: the runbook's name and its source and target (host:port/database)."""
+
+    runbook: str
+    source: str
+    target: str
+
+    def describe(self) -> str:
+        return f"runbook '{self.runbook}' (source {self.source}, target {self.target})"
+
+
+def setup_of(rb) -> Setup:
+    """The setup a runbook (``name``, ``source``, ``target.direct``) claims its state_dir's ledger with."""
+    def at(ep) -> str:
+        return f"{ep.host}:{ep.port}/{ep.database}"
+
+    return Setup(rb.name, at(rb.source), at(rb.target.direct))
 
 
 @dataclass(frozen=True)
@@ -432,6 +459,38 @@ class Ledger:
             return [Event(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), r[6]) for r in rows]
 
     # targets -----------------------------------------------------------------------------------------
+    # setup: whose ledger this is --------------------------------------------------------------------------
+
+    def claim_setup(self, setup: "Setup") -> None:
+        """Records ``setup`` as this ledger's owner when it has none; refuses (exit 2, naming both) a ledger
+        another runbook, or the same name against another source or target, wrote."""
+        with self._db() as db:
+            row = db.execute("SELECT runbook, source, target FROM setup").fetchone()
+            if row is None:
+                db.execute("INSERT OR IGNORE INTO setup VALUES (1, ?, ?, ?, ?)",
+                           (setup.runbook, setup.source, setup.target, time.time()))
+                row = db.execute("SELECT runbook, source, target FROM setup").fetchone()
+        owner = Setup(*row)
+        if owner != setup:
+            raise RunbookInvalid(
+                f"state_dir {self.path.parent}: its ledger belongs to {owner.describe()}, not to {setup.describe()}; "
+                f"give runbook '{setup.runbook}' its own state_dir, or, if it continues that migration (renamed, "
+                f"or a server moved), hand the ledger over with `liftoff adopt --runbook FILE`")
+
+    def setup(self) -> "Setup | None":
+        with self._db() as db:
+            row = db.execute("SELECT runbook, source, target FROM setup").fetchone()
+        return Setup(*row) if row else None
+
+    def adopt(self, setup: "Setup") -> "Setup | None":
+        """Hands the ledger over to ``setup``; returns the owner it had."""
+        before = self.setup()
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO setup VALUES (1, ?, ?, ?, ?)",
+                       (setup.runbook, setup.source, setup.target, time.time()))
+        self.record_event("ledger", "ledger.adopted", before=before and before.__dict__, after=setup.__dict__)
+        return before
+
     def claim_target(self, identity: str) -> None:
         with self._db() as db:
             db.execute("INSERT OR IGNORE INTO targets VALUES (?, ?)", (identity, time.time()))

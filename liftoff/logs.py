@@ -36,10 +36,52 @@ def _forward_to_prefect(_, method_name, event_dict):
     return event_dict
 
 
+class _OperatorErrorOnOneLine(logging.Filter):
+    """A task or flow run that failed with an error meant for the operator (``LiftoffError``: a gate's
+    difference, a refused login, a runbook problem) is logged as its first line, the gate's one-line summary,
+    not as a traceback; the unexpected keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from liftoff.errors import LiftoffError
+
+        what = "Task run" if record.name.startswith("prefect.task_runs") else "Flow run"
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, LiftoffError):
+            record.msg, record.args = f"{what} failed (exit {exc.exit_code}): %s", (redaction.first_line(exc),)
+            record.exc_info, record.exc_text = None, None
+        elif record.levelno >= logging.ERROR and not exc:  # Prefect's "failed with exception: Type('...')" line
+            message = record.getMessage()
+            for cls in _operator_errors(LiftoffError):
+                at = message.find(f"{cls.__name__}(")
+                if at >= 0:
+                    text = message[at + len(cls.__name__) + 2:].split("\\n")[0].removesuffix("')").removesuffix('")')
+                    record.msg, record.args = f"{what} failed (exit {cls.exit_code}): %s", (redaction.redact(text),)
+                    record.exc_info, record.exc_text = None, None
+                    break
+        return True
+
+
+def _operator_errors(base: type) -> list[type]:
+    found, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return sorted(found, key=lambda c: -len(c.__name__))  # ChecksBlocked before a shorter name inside it
+
+
+def _quiet_operator_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OperatorErrorOnOneLine) for f in logger.filters):
+            logger.addFilter(_OperatorErrorOnOneLine())
+
+
 def configure(json: bool | None = None, level: int = logging.INFO, stream=None) -> None:
     """Idempotent. ``json=None`` picks JSON unless the stream is a terminal."""
     global _configured
     redaction.install()
+    _quiet_operator_errors()
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()

@@ -13,6 +13,7 @@ from typing import Callable
 from liftoff.redaction import redact, redact_value
 
 _listeners: list[Callable[[str, float, str], None]] = []
+_last_table: dict[str, tuple[list[dict], str]] = {}
 _last_markdown: dict[str, str] = {}
 
 
@@ -48,6 +49,7 @@ def artifact_key(runbook: str, key: str) -> str:
 
 
 def publish_table(key: str, rows: list[dict], description: str) -> None:
+    _last_table[key] = (rows, description)
     if _in_run():
         from prefect.artifacts import create_table_artifact
 
@@ -65,6 +67,23 @@ def publish_markdown(key: str, markdown: str, description: str = "") -> None:
 
 def last_markdown(key: str) -> str | None:
     return _last_markdown.get(key)
+
+
+def forget(*keys: str) -> None:
+    """Drops what was last published under ``keys`` here (before a sub-run that will publish them again)."""
+    for key in keys:
+        _last_table.pop(key, None)
+        _last_markdown.pop(key, None)
+
+
+def republish(*keys: str) -> None:
+    """Publishes again, on the current run, the last table or markdown a sub-run published under each key: a
+    composed run (``migrate-database``) shows its gate's table on its own page, one click from the run list."""
+    for key in keys:
+        if key in _last_table:
+            publish_table(key, *_last_table[key])
+        elif key in _last_markdown:
+            publish_markdown(key, _last_markdown[key])
 
 
 class Progress:
@@ -115,6 +134,11 @@ CHECK_MARKS = {"passed": "✅ passed", "failed": "❌ failed", "not checked": "�
 def md_cell(text: str) -> str:
     """Text that stays in its markdown table cell: ``|`` escaped, an empty cell kept."""
     return text.replace("|", "\\|") or " "
+
+
+def sentence(text: str) -> str:
+    """A summary as a heading that reads as a sentence ("Checklist passed: 13 of 13 lines passed")."""
+    return text[:1].upper() + text[1:]
 
 
 def check_rows(lines, label: str = "check") -> list[dict]:

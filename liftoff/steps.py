@@ -10,7 +10,9 @@ it took, or failed with the one-line reason of the error it raised (which is re-
 (``gate=PHASE``) also records the gate's result in the ledger's ``gates`` table, passed or not, hands the
 report to its ``publish`` (the artifacts, passed or not), and when the gate did not pass is marked failed and
 raises ``GateFailed`` naming the gate and every difference: no flow writes that raise by hand, and a failed
-gate never reads as done.
+gate never reads as done. A report whose only failures are checks that could not run (``blockers()``: an
+input, a credential, a host to fix) records no gate result: the step is failed and ``ChecksBlocked`` (exit 2)
+is raised, one line per such check.
 
     @task(name="verify cache (gate)", cache_policy=NO_CACHE)
     @recorded("verify-cache", gate="cache", publish=publish_cache_gate)
@@ -24,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from liftoff.ledger import Ledger, current_run_id
+from liftoff.ledger import Ledger, current_run_id, setup_of
 from liftoff.redaction import redact
 
 
@@ -46,15 +48,19 @@ def recorded(step: str, *, skip_if: Callable | None = None, on_skip: Callable | 
     def wrap(fn):
         def judged(result, rb, args, kwargs, ledger: Ledger | None, run_id):
             """A gate's report recorded (when there is a ledger), shown, and raised when it did not pass."""
-            failures = result.failures()
+            blocked, differences = result.blockers(), result.differences_found()
             if ledger is not None:
-                summary = ("; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
-                           if failures else result.summary())
-                ledger.record_gate(gate, result.ok, redact(summary), run_id)
-                if result.ok:
-                    ledger.finish_step(step, _as_detail(result))
+                summary = ("; ".join(differences[:5]) + (f"; and {len(differences) - 5} more"
+                                                         if len(differences) > 5 else "")
+                           if differences else result.summary())
+                if blocked and not differences:  # nothing was compared wrong: no gate result, a failed step
+                    ledger.fail_step(step, redact(str(result.error(title or gate)).splitlines()[0]))
                 else:
-                    ledger.fail_step(step, redact(f"gate failed: {summary}"))
+                    ledger.record_gate(gate, result.ok, redact(summary), run_id)
+                    if result.ok:
+                        ledger.finish_step(step, _as_detail(result))
+                    else:
+                        ledger.fail_step(step, redact(f"gate failed: {summary}"))
             if publish is not None:
                 publish(result, rb, *args, **kwargs)
             if not result.ok:
@@ -67,6 +73,7 @@ def recorded(step: str, *, skip_if: Callable | None = None, on_skip: Callable | 
                 result = fn(rb, *args, **kwargs)
                 return judged(result, rb, args, kwargs, None, None) if gate is not None else result
             ledger = Ledger(rb.state_dir)
+            ledger.claim_setup(setup_of(rb))  # a ledger another runbook wrote is refused, naming both
             if skip_if is not None and _call_skip_if(skip_if, rb, ledger, step):
                 detail = ledger.step_detail(step)
                 return on_skip(rb, detail) if on_skip else {**detail, "skipped": True}

@@ -620,12 +620,32 @@ class Rehearsal(_Strict):
         return v
 
 
+SEVERITIES = ("warning", "error", "critical")
+
+
+class NotificationUrl(_Strict):
+    """One place alerts go, as an Apprise URL (mailtos://, slack://, discord://, twilio:// for SMS, ...: the
+    URL holds its credentials, so it is a secret reference), and the least severe alert it takes."""
+
+    url: Secret = Field(description="the Apprise URL, as a secret reference (e.g. {env: LIFTOFF_ALERT_EMAIL_URL})")
+    severity: Literal["warning", "error", "critical"] = Field(
+        "error", description="the least severe alert sent here: warning (a rehearsal's downtime over the plan's), "
+        "error (a run failed) or critical (the cutover, the rollback or a backup failed): SMS for critical only")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _no_inline(cls, v: object) -> object:
+        return _reject_inline_secret(v)
+
+
 class Notifications(_Strict):
-    """Where failures are posted: an incoming webhook (Slack- and Discord-compatible JSON)."""
+    """Where alerts go: Apprise URLs (``urls``: email, SMS, Slack, Discord, ..., each with its least severity),
+    and an incoming webhook (Slack- and Discord-compatible JSON), which takes every alert."""
 
     webhook: Secret | None = Field(None, description="the webhook URL, as a secret reference (the URL is the "
                                    "credential)")
     style: Literal["slack", "discord"] = "slack"
+    urls: list[NotificationUrl] = Field(default_factory=list, description="Apprise URLs, each with a severity")
 
     @field_validator("webhook", mode="before")
     @classmethod

@@ -20,7 +20,10 @@ def register(app: typer.Typer) -> None:
 
 def demo(
     bookings: int = typer.Option(2000, help="scale of the generated CRM dataset"),
-    keep: bool = typer.Option(False, help="leave the servers running afterwards (prints how to stop them)"),
+    keep: bool = typer.Option(False, help="leave everything it started running afterwards, its secrets in an env "
+                              "file (0600) to source; prints the runbook, that file and how to stop it all"),
+    stop: Path = typer.Option(None, "--stop", metavar="DIR", help="stop exactly the processes a `--keep` demo "
+                              "started (the directory it printed), by pid, and remove its env file"),
     storage_protocol: str = typer.Option("rest", help="how the files are read from Supabase Storage: rest (its "
                                          "REST API, served by the sandbox's fake) or s3 (its S3 endpoint)"),
     cutover: bool = typer.Option(True, help="then cut over (an app on a local 'VPS' over SSH switched to the "
@@ -37,6 +40,8 @@ def demo(
     from liftoff.prefect_server import PrefectServer
     from liftoff_sandbox.stack import LocalStack
 
+    if stop is not None:
+        return _stop_kept(stop)
     server = None
     if storage_protocol not in ("rest", "s3"):
         raise fail(errors.RunbookInvalid(f"--storage-protocol: expected rest or s3, got {storage_protocol!r}"))
@@ -69,14 +74,77 @@ def demo(
                   f"{stack.runbook_path}` shows every step" +
                   ("; this demo's Prefect server stops now: run with --keep to browse it, or start "
                    "`prefect server start` and export PREFECT_API_URL first" if stops else ""))
-        if keep:
-            out.print(f"kept: source {stack.source.root}, target {stack.target.root}, Prefect {server.home if server else ui}"
-                      "; stop them with: pkill -f liftoff-pg- ; pkill -f 'prefect server'")
     finally:
-        if not keep:
+        _flush_prefect_logs()  # before the server stops: no "Error logging to API" after a run that passed
+        if keep:
+            _keep(stack, server)
+        else:
             stack.stop()
             if server:
                 server.stop()
+
+
+def _flush_prefect_logs() -> None:
+    """Sends the run logs still queued to the Prefect API while it is up (Prefect ships them in the background)."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=15)
+    except Exception:  # noqa: BLE001 - nothing was queued, or no run started
+        pass
+
+
+def _keep(stack, server) -> None:
+    """Leaves every process this demo started running, records each by pid, writes the runbook's secrets to an
+    env file (0600), and prints how to use and stop it all."""
+    from liftoff_sandbox import kept
+    from liftoff_sandbox.crm_app import CrmApp
+    from liftoff_sandbox.ssh import SshServer
+
+    processes = []
+    for name, pg in (("source PostgreSQL", stack.source), ("target PostgreSQL", stack.target)):
+        if pg is not None and (pg.datadir / "postmaster.pid").exists():
+            processes.append(kept.postgres(name, pg))
+    for name, s3 in (("Supabase Storage's S3 server", stack.supabase_s3), ("target S3 server", stack.target_s3)):
+        if s3 is not None and s3.proc is not None:
+            processes.append(kept.process(name, s3.proc.pid, group=True))
+    if stack.storage_api is not None and stack.supabase_s3 is not None:
+        s3 = stack.supabase_s3
+        processes.append(kept.serve_storage_api_detached(stack.workdir, stack.storage_api, s3.endpoint_url,
+                                                         s3.access_key, s3.secret_key))
+    for service in stack._extra:
+        if isinstance(service, SshServer) and service._process is not None:
+            processes.append(kept.process("the VPS's sshd", service._process.pid, group=True))
+        elif isinstance(service, CrmApp) and service.pid_file.exists():
+            processes.append(kept.process("the app", int(service.pid_file.read_text().strip()), group=True))
+    extra = {}
+    if server is not None and server.proc is not None:
+        processes.append(kept.process("Prefect server", server.proc.pid, group=True))
+    if os.environ.get("PREFECT_API_URL"):
+        extra["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
+    kept.detach(*[x for x in (stack.source, stack.target, stack.supabase_s3, stack.target_s3, *stack._extra) if x])
+    kept.record(stack.workdir, processes)
+    env_file = kept.write_env(stack.workdir, stack.runbook_path, extra)
+    ui = extra.get("PREFECT_API_URL", "").removesuffix("/api")
+    out.print("\n".join([
+        f"kept running ({len(processes)} processes): " + ", ".join(f"{p.name} (pid {p.pid})" for p in processes),
+        f"runbook:  {stack.runbook_path}",
+        f"secrets:  {env_file} (mode 0600)",
+        f"use it:   . {env_file} && liftoff status --runbook {stack.runbook_path}",
+        *([f"Prefect UI: {ui}/runs"] if ui else []),
+        f"stop it:  liftoff demo --stop {stack.workdir}"]), highlight=False, soft_wrap=True)
+
+
+def _stop_kept(workdir: Path) -> None:
+    from liftoff_sandbox import kept
+
+    try:
+        lines = kept.stop(workdir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(errors.RunbookInvalid(f"--stop {workdir}: {exc}")) from None
+    for line in lines:
+        out.print(line, highlight=False)
+    out.print(f"stopped what `liftoff demo --keep` started in {workdir}", highlight=False)
 
 
 def _demo_cutover(stack, final_sync: str = "full") -> None:

@@ -51,8 +51,9 @@ class LoopbackHTTPService:
     handler: type[TrackedHandler]
     thread_name = "loopback-http"
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
+        self._port = port  # 0: any free port
         self._lock = threading.Lock()
         self._server: QuietServer | None = None
         self._thread: threading.Thread | None = None
@@ -70,7 +71,7 @@ class LoopbackHTTPService:
 
     def start(self):
         handler = type(f"{type(self).__name__}Handler", (self.handler,), {"service": self})
-        self._server = QuietServer((self.host, 0), handler)
+        self._server = QuietServer((self.host, self._port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"{self.thread_name}-{self.port}",
                                         daemon=True)
         self._thread.start()

@@ -746,7 +746,7 @@ class StorageApiFake(LoopbackHTTPService):
 
     def __init__(self, conninfo: str, s3_client, *, service_role_key: str | None = None,
                  missing_bytes: MissingBytes = "file", list_v2: bool = True,
-                 slow_pages: tuple[int, float] | None = None, host: str = "127.0.0.1"):
+                 slow_pages: tuple[int, float] | None = None, host: str = "127.0.0.1", port: int = 0):
         if missing_bytes not in ("file", "s3"):
             raise ValueError(f"StorageApiFake missing_bytes must be 'file' or 's3', got {missing_bytes!r}")
         self.conninfo = conninfo
@@ -756,7 +756,7 @@ class StorageApiFake(LoopbackHTTPService):
         self.list_v2 = list_v2
         self.slow_pages = slow_pages
         self.positions = PagePositions()
-        super().__init__(host)
+        super().__init__(host, port)
         self.requests: Counter[str] = Counter()
         self.rows_read: deque[tuple[str, int, int]] = deque(maxlen=100_000)
         self.pages_asked: deque[tuple[str, int]] = deque(maxlen=100_000)

@@ -192,6 +192,7 @@ def test_an_unreachable_pgbouncer_fails_its_line_naming_host_and_port_and_every_
     assert f"target.pooled (127.0.0.1:{port})" in line.detail and "cannot reach" in line.detail
     assert "target.pooled" in line.fix
     assert not report.ok and report.failures() == [f"PgBouncer answers: {line.detail}"]
+    assert line.blocked and report.differences_found() == [] and len(report.blockers()) == 1  # exit 2, not 3
     assert [name for name, s in statuses(report).items() if s != PASSED] == ["PgBouncer answers"]
     assert report.summary().startswith("checklist failed: 1 of 15 lines failed (PgBouncer answers)")
     assert "❌ failed | PgBouncer answers" in report.markdown()

@@ -19,6 +19,22 @@ import yaml
 from helpers import fresh_runbook, serving_deployments, stop_process_group
 
 SERVE_TIMEOUT_S = 90
+_KEY = {"env": "LIFTOFF_DEPLOY_UNUSED_KEY"}  # never resolved: no flow of these sections runs against it
+# Sections that configure every phase, so `serve --runbook` deploys each (nothing here is reached)
+EVERY_PHASE = {
+    "ssh": {"host": "127.0.0.1", "port": 22, "user": "root", "private_key": _KEY,
+            "known_hosts": "/nonexistent/known_hosts"},
+    "pooler": {"config_dir": "/nonexistent/pgbouncer"},
+    "cache": {},
+    "backups": {"destination": {"endpoint_url": "http://127.0.0.1:9", "bucket": "backups", "access_key_id": _KEY,
+                                "secret_access_key": _KEY}, "schedules": []},
+    "cutover": {"switch": {"driver": "ssh", "ssh": {"env_file": "/nonexistent/.env", "restart": "true"},
+                           "env": {"APP_MODE": "live"}}},
+}
+STORAGE = {"source": {"project_url": "https://example.supabase.co",
+                      "s3": {"endpoint_url": "http://127.0.0.1:9", "access_key_id": _KEY, "secret_access_key": _KEY}},
+           "target": {"endpoint_url": "http://127.0.0.1:9", "access_key_id": _KEY, "secret_access_key": _KEY,
+                      "public_url": "http://files.localhost"}}
 
 
 def _runbook(stack, name: str, **top) -> Path:
@@ -40,7 +56,11 @@ def served(stack, tmp_path_factory):
 
     from liftoff.deployments.serve import deployments
 
-    runbook = _runbook(stack, "deployed", rehearsal={"schedule": "30 4 * * 1", "timezone": "Europe/Berlin"})
+    runbook = _runbook(stack, "deployed", rehearsal={"schedule": "30 4 * * 1", "timezone": "Europe/Berlin"},
+                       **EVERY_PHASE)
+    data = yaml.safe_load(runbook.read_text())
+    data["storage"].update(STORAGE)
+    runbook.write_text(yaml.safe_dump(data, sort_keys=False))
     expected = {f"{d.flow_name}/{d.name}" for d in deployments(str(runbook))}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with serving_deployments():  # one serving process at a time on the suite's server (conftest)
@@ -77,6 +97,16 @@ def test_every_phase_flow_migrate_rehearsal_and_rollback_is_a_deployment(served)
     names = {full.split("/")[1] for full in served["deployments"]}
     phase_flows = {"migrate-database" if n == "database" else n for n in all_flows()}
     assert names >= phase_flows | {"migrate", "rehearsal", "rollback"}
+
+
+def test_served_with_a_runbook_only_the_phases_it_configures_are_deployments(stack):
+    from liftoff.deployments.serve import deployments
+
+    plain = {d.name for d in deployments(str(_runbook(stack, "deployed_plain")))}
+    assert {"prepare", "migrate-database", "verify", "health", "migrate", "rehearsal"} <= plain
+    assert not plain & {"backup", "restore-test", "pooler", "cache", "security", "cutover", "rollback", "storage"}
+    with_backups = _runbook(stack, "deployed_backups", backups=EVERY_PHASE["backups"])
+    assert {d.name for d in deployments(str(with_backups))} - plain == {"backup", "restore-test"}
 
 
 def test_each_deployment_form_is_runoptions_with_descriptions_prefilled_with_the_runbook(served):
@@ -298,3 +328,17 @@ def test_liftoff_serve_starts_a_local_prefect_server_and_stops_everything_on_sig
         _stop(proc)
         for leftover in _processes_mentioning(f"--port {port}"):
             os.kill(int(leftover.split(":")[0]), signal.SIGKILL)
+
+
+def test_each_deployment_that_writes_runs_once_at_a_time_and_cancels_a_second_start(served):
+    limits = {full.split("/")[1]: d.global_concurrency_limit for full, d in served["deployments"].items()}
+    from liftoff.deployments.serve import READ_ONLY
+
+    for name, limit in limits.items():
+        if name in READ_ONLY:
+            assert limit is None, name
+        else:
+            assert limit is not None and limit.limit == 1, name
+    strategies = {d.concurrency_options.collision_strategy for full, d in served["deployments"].items()
+                  if full.split("/")[1] not in READ_ONLY}
+    assert {str(s).rsplit(".", 1)[-1] for s in strategies} == {"CANCEL_NEW"}

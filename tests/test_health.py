@@ -14,7 +14,7 @@ import yaml
 
 from liftoff.flows.health import check_health
 from liftoff.flows.options import RunOptions
-from liftoff.errors import GateFailed
+from liftoff.errors import ChecksBlocked, GateFailed
 from liftoff.ledger import Ledger
 from liftoff_sandbox.health_endpoint import HealthEndpoint
 from liftoff_sandbox.postgres import free_port
@@ -169,8 +169,8 @@ def test_every_service_answering_passes_with_a_status_row_each_and_writes_the_up
         assert secret not in export
 
 
-def test_a_stopped_redis_and_a_closed_pgbouncer_port_are_critical_and_fail_the_flow(stack, tmp_path, vps, small_disk,
-                                                                                    monkeypatch):
+def test_a_stopped_redis_and_a_closed_pgbouncer_port_are_critical_and_fail_the_flow_with_exit_2(
+        stack, tmp_path, vps, small_disk, monkeypatch):
     stopped = RedisServer().start()
     monkeypatch.setenv(f"{REDIS_ENV}_STOPPED", stopped.password)
     stopped.stop()
@@ -178,17 +178,19 @@ def test_a_stopped_redis_and_a_closed_pgbouncer_port_are_critical_and_fail_the_f
                         redis_env=f"{REDIS_ENV}_STOPPED")
     data["target"]["pooled"]["port"] = free_port()
 
-    with pytest.raises(GateFailed) as err:
+    with pytest.raises(ChecksBlocked) as err:  # a host to start or correct: the operator's, exit 2
         check_health(RunOptions(runbook=write(tmp_path, data)))
 
+    assert err.value.exit_code == 2
     assert "Redis: target.redis" in str(err.value) and "PgBouncer: target.pooled" in str(err.value)
     report = check_platform_health(Runbook.model_validate(data))
     assert statuses(report) == {"PostgreSQL": OK, "PgBouncer": CRITICAL, "Redis": CRITICAL, "MinIO": NOT_CONFIGURED,
                                 "apps": NOT_CONFIGURED, f"disk {small_disk}": OK, "PostgreSQL connections": OK}
     assert "TCP connect failed (Connection refused)" in report.line("PgBouncer").detail
     assert "start Redis" in report.line("Redis").fix
-    gate = Ledger(tmp_path / "state").latest_gate("health")
-    assert not gate.passed and "PgBouncer" in gate.summary and "Redis" in gate.summary
+    assert report.line("PgBouncer").blocked and report.line("Redis").blocked
+    # nothing was found wrong, only not reachable: no failed gate for the cutover's checklist to read
+    assert Ledger(tmp_path / "state").latest_gate("health") is None
     assert Ledger(tmp_path / "state").step_status("health") == "failed"
 
 

@@ -200,3 +200,86 @@ def test_failed_subflow_notifies_once_through_the_run_it_belongs_to(receiver, wr
     assert receiver.delivered[0]["text"].startswith("notify-check-migrate failed for runbook notify-check: ")
     assert "COPY stopped" in receiver.delivered[0]["text"]
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Apprise URLs (notifications.urls), each from its severity up: a real SMTP server on loopback (aiosmtpd) stands
+# in for the mail relay and for an email-to-SMS gateway; the webhook keeps taking every alert.
+
+
+@pytest.fixture(scope="module")
+def smtp():
+    from aiosmtpd.controller import Controller
+
+    class Inbox:
+        def __init__(self):
+            self.messages: list[tuple[list[str], str]] = []
+
+        async def handle_DATA(self, server, session, envelope):
+            import email
+
+            message = email.message_from_bytes(envelope.content)
+            text = " ".join(part.get_payload(decode=True).decode(errors="replace") for part in message.walk()
+                            if part.get_content_maintype() == "text")  # quoted-printable decoded
+            self.messages.append((list(envelope.rcpt_tos), f"{message['Subject']}\n{text}"))
+            return "250 OK"
+
+        def to(self, address: str) -> list[str]:
+            return [body for rcpt, body in self.messages if address in rcpt]
+
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield controller.port, inbox
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def alerting_runbook(stack, tmp_path, monkeypatch, receiver, smtp):
+    """Email to the team for errors and above, 'SMS' (an email-to-SMS address) for critical only, the webhook."""
+    port, inbox = smtp
+    inbox.messages.clear()
+    # variables of their own per test: a resolved secret is kept for the run, and each test is a run
+    email, sms, hook = (f"LIFTOFF_TEST_ALERT_{kind}_{uuid.uuid4().hex[:8].upper()}" for kind in ("EMAIL", "SMS", "HOOK"))
+    for var, to in ((email, "team@example.com"), (sms, "pager@sms.example.com")):
+        monkeypatch.setenv(var, f"mailto://127.0.0.1:{port}?mode=insecure&from=liftoff@example.com&to={to}")
+    monkeypatch.setenv(hook, receiver.url)
+    data = stack.runbook_data(state_dir=str(tmp_path / "state"))
+    data["name"] = "notify-check"
+    data["notifications"] = {"webhook": {"env": hook}, "urls": [{"url": {"env": email}, "severity": "error"},
+                                                                {"url": {"env": sms}, "severity": "critical"}]}
+    path = tmp_path / "runbook.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path), inbox
+
+
+def test_each_apprise_url_gets_the_alerts_from_its_severity_up_and_the_webhook_gets_all(alerting_runbook, receiver):
+    path, inbox = alerting_runbook
+    rb = load_runbook(path)
+    password = rb.source.password.resolve("source.password")
+
+    assert notify(rb, f"rehearsal downtime over the plan's (password {password})", severity="warning")
+    assert inbox.messages == [] and len(receiver.delivered) == 1
+    assert notify(rb, "verify-database failed for runbook notify-check", severity="error")
+    assert len(inbox.to("team@example.com")) == 1 and inbox.to("pager@sms.example.com") == []
+    assert notify(rb, "cutover failed for runbook notify-check", flow_run_url="http://ui/runs/1", severity="critical")
+    assert len(inbox.to("team@example.com")) == 2 and len(inbox.to("pager@sms.example.com")) == 1
+    assert "cutover failed for runbook notify-check" in inbox.to("pager@sms.example.com")[0]
+    assert "http://ui/runs/1" in inbox.to("pager@sms.example.com")[0]
+    assert len(receiver.delivered) == 3
+    assert password not in json.dumps(receiver.delivered) + json.dumps(inbox.messages)
+
+
+def test_a_failed_cutover_is_critical_and_pages_as_well(alerting_runbook, receiver):
+    path, inbox = alerting_runbook
+
+    @flow(name="cutover", on_failure=[notify_on_failure])
+    def cutover_that_fails(options: RunOptions):
+        raise RuntimeError("switch: the app did not come up on the target")
+
+    assert cutover_that_fails(RunOptions(runbook=path), return_state=True).is_failed()
+    paged = inbox.to("pager@sms.example.com")
+    assert len(paged) == 1 and "cutover failed for runbook notify-check" in paged[0]
+    assert len(inbox.to("team@example.com")) == 1 and len(receiver.delivered) == 1

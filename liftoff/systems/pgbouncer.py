@@ -458,15 +458,33 @@ class PoolerReport(GateReport):
         return round(self.transactions / self.seconds, 1) if self.seconds else 0.0
 
     def failures(self) -> list[str]:
-        out = list(self.problems) + list(self.config_problems)
+        return self.blockers() + self.differences_found()
+
+    def blockers(self) -> list[str]:
+        """What kept the gate from measuring: a refused login or an unreachable PgBouncer (the runbook's
+        target.pooled or the apps' DATABASE_URL to fix), not a finding about the pool."""
+        out = list(self.problems)
         for message, count in self.errors.most_common():
-            out.append(f"{count} of {self.clients} clients failed: {message}{_hint(message)}")
+            if _cannot_connect(message):
+                out.append(f"{count} of {self.clients} clients could not connect: {message} (fix: check "
+                           "target.pooled (host, port, user, password) and that PgBouncer runs)")
+        if self.database_url and _cannot_connect(self.database_url):
+            out.append(f"cutover.switch.env.DATABASE_URL: {self.database_url} (fix: correct the URL or the secret "
+                       "behind its password)")
+        return out
+
+    def differences_found(self) -> list[str]:
+        out = list(self.config_problems)
+        for message, count in self.errors.most_common():
+            if not _cannot_connect(message):
+                out.append(f"{count} of {self.clients} clients failed: {message}{_hint(message)}")
         if self.max_server_connections > self.pool_limit:
             out.append(f"server connections reached {self.max_server_connections}, above default_pool_size + "
                        f"reserve_pool_size = {self.pool_limit}")
         if self.clients_waiting_after:
             out.append(f"{self.clients_waiting_after} clients still waiting for a server connection after the load")
-        if self.database_url and not self.database_url.startswith("works"):
+        if (self.database_url and not self.database_url.startswith("works")
+                and not _cannot_connect(self.database_url)):
             out.append(f"cutover.switch.env.DATABASE_URL: {self.database_url}")
         return out
 
@@ -489,6 +507,17 @@ class PoolerReport(GateReport):
                 ("running config (SHOW CONFIG)", "; ".join(self.config_problems) or "as the runbook says"),
                 ("DATABASE_URL", self.database_url or "not in the runbook (cutover.switch.env)")]
         return [{"figure": k, "value": v} for k, v in rows]
+
+
+_CANNOT_CONNECT = ("password authentication failed", "sasl authentication failed", "no such user",
+                   "does not exist", "connection refused", "could not translate host name", "timeout expired",
+                   "no password supplied")
+
+
+def _cannot_connect(message: str) -> bool:
+    """A client's error that says the login or the address is wrong (the operator's to fix), not the pool."""
+    low = message.lower()
+    return any(marker in low for marker in _CANNOT_CONNECT)
 
 
 def _hint(message: str) -> str:

@@ -244,7 +244,7 @@ def check_cache(rb: Runbook) -> CacheReport:
     except ConnectionRefused as exc:
         return CacheReport(where, [
             CheckLine("Redis answers", FAILED, one_line(exc, 'no message'),
-                      "start Redis on the target, or correct target.redis (host, port, password)"),
+                      "start Redis on the target, or correct target.redis (host, port, password)", blocked=True),
             *[CheckLine(f"{name} {wanted}", NOT_CHECKED, "Redis did not answer")
               for name, wanted in cache_settings(rb).wanted().items()],
             CheckLine("write/read round trip", NOT_CHECKED, "Redis did not answer")])

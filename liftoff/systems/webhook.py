@@ -1,4 +1,6 @@
-"""Failure notifications: one short message to the runbook's incoming webhook (Slack- or Discord-compatible).
+"""Failure notifications: one short message to each Apprise URL of the runbook (``notifications.urls``: email,
+SMS, Slack, Discord ..., each taking alerts from its severity up) and to its incoming webhook (Slack- or
+Discord-compatible JSON, every alert).
 
 ``notify`` posts a text, with the flow run's UI link, to ``notifications.webhook``; ``notify_on_failure`` is
 the Prefect state hook that phase flows attach (``@flow(on_failure=[notify_on_failure],
@@ -24,7 +26,7 @@ from tenacity import (
 from liftoff.errors import LiftoffError
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
-from liftoff.runbooks.model import Runbook
+from liftoff.runbooks.model import SEVERITIES, Runbook
 
 WEBHOOK_FIELD = "notifications.webhook"
 # Discord refuses content over 2000 characters; Slack truncates long texts. The link comes on top.
@@ -71,10 +73,53 @@ def webhook_payload(style: str, text: str, flow_run_url: str | None) -> dict:
     return {"text": f"{body}\n<{flow_run_url}|flow run>" if flow_run_url else body}
 
 
-def notify(rb: Runbook, text: str, *, flow_run_url: str | None = None) -> bool:
-    """Posts ``text`` to the runbook's webhook. True when the webhook accepted it; False when none is
-    configured or it could not be delivered (logged, never raised). 5xx, 429 and connection errors are
-    retried for a few seconds."""
+def notify(rb: Runbook, text: str, *, flow_run_url: str | None = None, severity: str = "error") -> bool:
+    """Sends ``text`` to every Apprise URL of ``notifications.urls`` whose severity is at or below
+    ``severity`` (warning < error < critical), and posts it to the webhook (which takes every alert). True when
+    at least one place accepted it; never raises (what could not be delivered is logged)."""
+    sent = [_apprise(rb, entry, i, text, flow_run_url) for i, entry in enumerate(rb.notifications.urls)
+            if SEVERITIES.index(entry.severity) <= SEVERITIES.index(severity)]
+    return _webhook(rb, text, flow_run_url) or any(sent)
+
+
+def _apprise(rb: Runbook, entry, index: int, text: str, flow_run_url: str | None) -> bool:
+    """One Apprise URL: title and body redacted (the body with the run's link); Apprise's own logging is
+    silenced, since its messages may quote the URL, which holds credentials."""
+    import logging
+
+    import apprise
+
+    field = f"notifications.urls[{index}].url"
+    try:
+        url = entry.url.resolve(field)
+    except LiftoffError as exc:
+        _log().warning("notification not sent", runbook=rb.name, reason=redact(str(exc)))
+        return False
+    body = _shorten(redact(text)) + (f"\n{flow_run_url}" if flow_run_url else "")
+    title = _shorten(redact(text.splitlines()[0] if text.strip() else "Liftoff"))[:200]
+    sender = apprise.Apprise()
+    if not sender.add(url):
+        _log().warning("notification not sent", runbook=rb.name, url=entry.url.label,
+                       reason=f"{field} ({entry.url.label}) is not an Apprise URL Apprise can use")
+        return False
+    logger = logging.getLogger("apprise")
+    level, logger.level = logger.level, logging.CRITICAL + 1
+    try:
+        ok = bool(sender.notify(title=title, body=body))
+    except Exception as exc:  # noqa: BLE001 - a notification never raises; its text may hold the URL
+        ok, why = False, type(exc).__name__
+    else:
+        why = "the service refused it or could not be reached"
+    finally:
+        logger.level = level
+    if ok:
+        _log().info("notification sent", runbook=rb.name, url=entry.url.label, severity=entry.severity)
+    else:
+        _log().warning("notification not delivered", runbook=rb.name, url=entry.url.label, reason=why)
+    return ok
+
+
+def _webhook(rb: Runbook, text: str, flow_run_url: str | None) -> bool:
     settings = rb.notifications
     if settings.webhook is None:
         _log().debug("no webhook configured; notification not sent", runbook=rb.name)

@@ -30,7 +30,7 @@ from liftoff.steps import recorded
 from liftoff.runbooks.model import Endpoint, Runbook
 from liftoff.systems import pg_tools, postgres, s3
 from liftoff.systems import backups as archive
-from liftoff.checks import FAILED, PASSED, CheckLine, GateReport
+from liftoff.checks import FAILED, PASSED, CheckLine, GateReport, blocker_line, failed_line
 from liftoff.tasks.storage.common import endpoint as s3_endpoint
 from liftoff.tasks.storage.common import target_bucket, target_client
 from liftoff.systems.supabase_storage import S3Source
@@ -284,6 +284,12 @@ class RestoreTestReport(GateReport):
     def failures(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if c.status != PASSED]
 
+    def blockers(self) -> list[str]:
+        return [blocker_line(c.name, c.detail, c.fix) for c in self.checks if c.status != PASSED and c.blocked]
+
+    def differences_found(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if c.status != PASSED and not c.blocked]
+
     def summary(self) -> str:
         if not self.ok:
             return "restore test failed: " + "; ".join(self.failures())
@@ -409,8 +415,10 @@ def restore_test(rb: Runbook, key: str | None = None) -> RestoreTestReport:
                          "the backup does not hold what was counted: make a new one and find out why")
         finally:
             _drop_scratch(rb)
-    except LiftoffError as exc:
-        report.check("restore test ran", FAILED, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except LiftoffError as exc:  # a refused key or an unreachable server: the test could not run (exit 2)
+        report.checks.append(failed_line("restore test ran", exc, redact(str(exc).splitlines()[0] if str(exc)
+                                                                          else type(exc).__name__),
+                                         "correct what the line names (backups.destination, target.direct)"))
     finally:
         for leftover in workdir.glob("*") if workdir.exists() else []:
             leftover.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from liftoff.checks import FAILED, PASSED, CheckLine, CheckReport
 from liftoff.ledger import GateRecord, Ledger
 from liftoff.logs import get_logger
 from liftoff.redaction import one_line
-from liftoff.reports import check_table, md_cell
+from liftoff.reports import check_table, md_cell, sentence
 from liftoff.runbooks.model import App, Runbook
 from liftoff.systems import dns, http_health as health, pg_replication, postgres
 from liftoff.tasks.prepare.access import (
@@ -42,7 +42,7 @@ class ChecklistReport(CheckReport):
     label: ClassVar[str] = "checklist"
 
     def markdown(self) -> str:
-        out = ["# Pre-cutover checklist", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.", "",
+        out = ["# Pre-cutover checklist", "", f"**{md_cell(sentence(self.summary()))}.**", "",
                check_table(self.lines)]
         if self.not_checked():
             out += ["Lines marked 🔴 were **not checked** by a machine: check them yourself before approving."]

@@ -30,8 +30,8 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from liftoff.checks import GateReport
-from liftoff.errors import LiftoffError
+from liftoff.checks import GateReport, blocker_line
+from liftoff.errors import LiftoffError, needs_operator
 from liftoff.logs import get_logger
 from liftoff.redaction import error_line, one_line, redact
 from liftoff.reports import check_rows, check_table, publish_markdown, publish_table
@@ -55,6 +55,7 @@ class HealthLine:
     status: Status
     detail: str
     fix: str = ""
+    blocked: bool = False  # could not be checked: an input, a credential or a host to fix (exit 2)
 
     @property
     def name(self) -> str:
@@ -72,6 +73,13 @@ class HealthReport(GateReport):
 
     def failures(self) -> list[str]:
         return [f"{line.service}: {line.detail}" for line in self.lines if line.status == CRITICAL]
+
+    def blockers(self) -> list[str]:
+        return [blocker_line(line.service, line.detail, line.fix) for line in self.lines
+                if line.status == CRITICAL and line.blocked]
+
+    def differences_found(self) -> list[str]:
+        return [f"{line.service}: {line.detail}" for line in self.lines if line.status == CRITICAL and not line.blocked]
 
     def warnings(self) -> list[str]:
         return [f"{line.service}: {line.detail}" for line in self.lines if line.status == WARN]
@@ -105,12 +113,12 @@ def _checked(service: str, fix: str, check: Callable[[], HealthLine | list[Healt
     """Runs one check; whatever it raises becomes its critical line (one line, no secret)."""
     try:
         result = check()
-    except LiftoffError as exc:
-        result = HealthLine(service, CRITICAL, one_line(exc), fix)
+    except LiftoffError as exc:  # a secret, a credential or a host to fix: the check could not run (exit 2)
+        result = HealthLine(service, CRITICAL, one_line(exc), fix, blocked=needs_operator(exc))
     except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the report's
         result = HealthLine(service, CRITICAL, error_line(exc), fix)
     lines = result if isinstance(result, list) else [result]
-    return [HealthLine(x.service, x.status, redact(x.detail), redact(x.fix)) for x in lines]
+    return [HealthLine(x.service, x.status, redact(x.detail), redact(x.fix), x.blocked) for x in lines]
 
 
 def check_platform_health(rb: Runbook) -> HealthReport:
@@ -159,7 +167,7 @@ def _postgres(service: str, ep: Endpoint | None, field_name: str, *, pooled: boo
         ms = _tcp_connect(ep.host, ep.port)
     except OSError as exc:
         return HealthLine(service, CRITICAL, f"{field_name} ({ep.host}:{ep.port}): TCP connect failed "
-                                             f"({exc.strerror or type(exc).__name__})", fix)
+                                             f"({exc.strerror or type(exc).__name__})", fix, blocked=True)
     with postgres.session(ep, field_name, pooled=pooled, text_settings=False, attempts=1) as conn:
         answer = conn.execute("SELECT 1").fetchone()[0]
         in_use = None
@@ -198,7 +206,7 @@ def _minio(rb: Runbook) -> HealthLine:
         return HealthLine("MinIO", CRITICAL, f"storage.target ({parts.hostname}:{port}): nothing answers "
                                              f"({exc.strerror or type(exc).__name__})",
                           "start MinIO on the target (docker compose up -d minio), or correct "
-                          "storage.target.endpoint_url")
+                          "storage.target.endpoint_url", blocked=True)
     return HealthLine("MinIO", WARN, f"{parts.hostname}:{port} accepts connections, but {url} did not answer 200: "
                                      "not MinIO (SeaweedFS, Garage... have no such probe), or MinIO not live",
                       "if it is MinIO, read its log; otherwise check the S3 server with its own health probe")
@@ -231,8 +239,8 @@ def _vps_lines(rb: Runbook) -> list[HealthLine]:
             remote.run("true", timeout=30)
         except LiftoffError as exc:  # one line per check: each says the VPS could not be reached
             return [HealthLine(name, CRITICAL, one_line(exc), "check ssh (host, port, user, private_key, "
-                               "known_hosts) and that sshd runs on the VPS") for name in [*disk_names,
-                                                                                       "PostgreSQL connections"]]
+                               "known_hosts) and that sshd runs on the VPS", blocked=needs_operator(exc))
+                    for name in [*disk_names, "PostgreSQL connections"]]
         lines: list[HealthLine] = []
         for path in settings.disk_paths:
             lines += _checked(f"disk {path}", "check health.disk_paths", lambda path=path: _disk(remote, rb, path))

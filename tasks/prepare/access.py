@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, failed_line
 from liftoff.errors import LiftoffError
 from liftoff.redaction import error_line, one_line, redact
 from liftoff.runbooks.model import RedisEndpoint, Runbook
@@ -26,11 +26,11 @@ def checked(name: str, check: Callable[[], CheckLine], fix: str = "") -> CheckLi
     """Runs one check; whatever it raises becomes its failed line (one line, no secret) with ``fix``."""
     try:
         line = check()
-    except LiftoffError as exc:
-        line = CheckLine(name, FAILED, one_line(str(exc)), fix)
+    except LiftoffError as exc:  # a secret, a credential or a host to fix: a line that could not run (exit 2)
+        line = failed_line(name, exc, one_line(str(exc)), fix)
     except Exception as exc:  # noqa: BLE001 - a check's failure is its line, never the list's
         line = CheckLine(name, FAILED, error_line(exc), fix)
-    return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix))
+    return CheckLine(line.name, line.status, redact(line.detail), redact(line.fix), line.blocked)
 
 
 def unchecked(name: str, why: str, fix: str) -> CheckLine:

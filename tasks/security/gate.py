@@ -30,10 +30,10 @@ from liftoff.errors import LiftoffError, RunbookInvalid
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
 from liftoff.reports import publish_markdown, publish_table
-from liftoff.reports import check_rows, check_table, md_cell
+from liftoff.reports import check_rows, check_table, md_cell, sentence
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
-from liftoff.checks import FAILED, PASSED, CheckLine, CheckReport
+from liftoff.checks import FAILED, PASSED, CheckLine, CheckReport, failed_line
 from liftoff.systems.remote import Remote, command_head
 from liftoff.systems.ss import Listener, is_internal, parse_listeners
 from liftoff.systems.ufw import check_firewall, parse_ufw_status
@@ -61,7 +61,7 @@ class SecurityReport(CheckReport):
         return check_rows(self.lines)
 
     def markdown(self) -> str:
-        return "\n".join(["# Security checks", "", f"**{'Passed' if self.ok else 'Failed'}**: {md_cell(self.summary())}.",
+        return "\n".join(["# Security checks", "", f"**{md_cell(sentence(self.summary()))}.**",
                           "", check_table(self.lines)])
 
 
@@ -129,7 +129,7 @@ def check_security(rb: Runbook, remote: Remote) -> SecurityReport:
     files += [(f"local {path}", lambda path=path: path.read_bytes() if path.exists() else None)
               for path in sec.local_secret_files]
     lines += check_files(files, secrets, unresolved)
-    report = SecurityReport([CheckLine(line.name, line.status, redact(line.detail), redact(line.fix))
+    report = SecurityReport([CheckLine(line.name, line.status, redact(line.detail), redact(line.fix), line.blocked)
                              for line in lines])
     log.info("security checks", ok=report.ok, failed=len(report.failures()))
     return report
@@ -177,9 +177,9 @@ def _guarded(name: str, check: Callable[[], list[CheckLine]]) -> list[CheckLine]
         return check()
     except _CommandFailed as exc:
         return [CheckLine(name, FAILED, str(exc), exc.fix)]
-    except LiftoffError as exc:
-        return [CheckLine(name, FAILED, " ".join(redact(str(exc)).split()),
-                          "check the ssh section of the runbook and that the VPS answers")]
+    except LiftoffError as exc:  # ssh or a secret the operator must fix: the check could not run (exit 2)
+        return [failed_line(name, exc, " ".join(redact(str(exc)).split()),
+                            "check the ssh section of the runbook and that the VPS answers")]
 
 
 def require_ssh(rb: Runbook) -> None:

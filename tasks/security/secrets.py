@@ -14,7 +14,7 @@ from liftoff.errors import LiftoffError, SecretUnavailable
 from liftoff.logs import get_logger
 from liftoff.redaction import is_weak_secret, redact
 from liftoff.runbooks.model import Runbook, SecretRef
-from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
+from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, failed_line
 
 log = get_logger(phase="security")
 
@@ -95,7 +95,7 @@ def check_files(files: list[tuple[str, Callable[[], bytes | None]]], secrets: li
         lines.append(CheckLine("every secret of the runbook resolved", FAILED,
                                f"{len(unresolved)} could not be compared with the files: " + "; ".join(unresolved),
                                "make each secret available as for a migration run (export the variable, create "
-                               "the Prefect Secret block), then re-run"))
+                               "the Prefect Secret block), then re-run", blocked=True))
     if not files:
         lines.append(CheckLine("no secret in the named files", NOT_CHECKED,
                                "the runbook names no files (security.secret_files, security.local_secret_files)",
@@ -106,7 +106,7 @@ def check_files(files: list[tuple[str, Callable[[], bytes | None]]], secrets: li
         try:
             data = read()
         except LiftoffError as exc:
-            lines.append(CheckLine(title, FAILED, redact(str(exc)), "make the file readable, or correct its path"))
+            lines.append(failed_line(title, exc, redact(str(exc)), "make the file readable, or correct its path"))
             continue
         except OSError as exc:
             lines.append(CheckLine(title, FAILED, f"cannot read it ({exc.strerror or type(exc).__name__})",
@@ -114,7 +114,8 @@ def check_files(files: list[tuple[str, Callable[[], bytes | None]]], secrets: li
             continue
         if data is None:
             lines.append(CheckLine(title, FAILED, "no such file",
-                                   "correct the path in security.secret_files / local_secret_files, or remove it"))
+                                   "correct the path in security.secret_files / local_secret_files, or remove it",
+                                   blocked=True))
             continue
         hits = [s for s in secrets if secret_in(data, s.value)]
         if not hits:
