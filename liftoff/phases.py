@@ -97,6 +97,13 @@ PHASES: tuple[Phase, ...] = (
         gate="cache",
     ),
     Phase(
+        name="tuning",
+        title="Tuning: the target's PostgreSQL with the plan's settings for the VPS (ALTER SYSTEM), and its gate",
+        steps=("tuning.apply", "verify-tuning"),
+        flows=(PhaseFlow("tune", "liftoff.flows.tune:tune_postgres", ("tuning-summary",)),),
+        gate="tuning",
+    ),
+    Phase(
         name="health",
         title="Health: every service and app answers, disk and connections under the plan's thresholds",
         steps=("health",),
