@@ -128,6 +128,13 @@ PHASES: tuple[Phase, ...] = (
         gate="security",
     ),
     Phase(
+        name="watch",
+        title="Watch: the plan's 24 hours after the switch, every service and app against the thresholds, alerts",
+        steps=("watch.start", "watch.report"),
+        flows=(PhaseFlow("watch", "liftoff.flows.watch:watch", ("watch-report",)),),
+        gate="watch",
+    ),
+    Phase(
         name="migration",
         title="The whole migration in order (migrate), and its scheduled dry run on scratch resources (rehearsal)",
         steps=(),  # each run's steps are its phases' (the rehearsal's in a scratch ledger of its own)

@@ -788,6 +788,33 @@ class Cdn(_Strict):
         return self
 
 
+class Soak(_Strict):
+    """The plan's watch after the switch ("monitor for 24 hours"): every service and app checked every few
+    minutes against the plan's thresholds (``liftoff run watch``). Disk and PostgreSQL connections use the
+    health section's thresholds; CPU and RAM are read over ssh."""
+
+    hours: float = Field(24, gt=0, description="how long the watch runs before it reports")
+    interval_s: float = Field(300, gt=0, description="seconds between two rounds of checks")
+    cpu_window_s: float = Field(300, gt=0, description="CPU use is averaged over this window (the plan: 5 minutes)")
+    cpu_warn_percent: float = Field(70, gt=0, le=100)
+    cpu_critical_percent: float = Field(90, gt=0, le=100)
+    ram_warn_percent: float = Field(80, gt=0, le=100)
+    ram_critical_percent: float = Field(90, gt=0, le=100)
+    response_warn_ms: float = Field(500, gt=0, description="an app's /api/health answering slower than this warns")
+    response_critical_ms: float = Field(2000, gt=0)
+    error_rate_warn_percent: float = Field(1, ge=0, le=100, description="where the health endpoint reports an "
+                                           "error rate (error_rate_percent, or error_rate as a fraction)")
+    error_rate_critical_percent: float = Field(5, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Soak":
+        for name in ("cpu", "ram", "response", "error_rate"):
+            unit = "ms" if name == "response" else "percent"
+            if getattr(self, f"{name}_warn_{unit}") > getattr(self, f"{name}_critical_{unit}"):
+                raise ValueError(f"{name}_warn_{unit} must not be above {name}_critical_{unit}")
+        return self
+
+
 class UptimeKuma(_Strict):
     """The Uptime Kuma monitor list the health phase exports (each field is Uptime Kuma's own monitor field)."""
 
@@ -910,6 +937,7 @@ class Runbook(_Strict):
     backups: Backups | None = None
     pooler: Pooler | None = Field(None, description="PgBouncer in front of the target (liftoff run pooler)")
     cache: Cache | None = Field(None, description="Redis settings the plan wants (liftoff run cache)")
+    soak: Soak = Field(default_factory=Soak, description="the watch after the switch (liftoff run watch)")
     cdn: Cdn | None = Field(None, description="the CDN in front of storage.target.public_url (checked by the "
                             "cutover's checklist)")
     tuning: Tuning | None = Field(None, description="PostgreSQL settings the plan wants on the target "
