@@ -15,6 +15,7 @@ from liftoff.errors import GateFailed, StepFailed
 from liftoff.flows.options import RunOptions
 from liftoff.flows.tune import tune_postgres
 from liftoff.ledger import Ledger
+from liftoff.reports import last_markdown
 from liftoff.runbooks.model import Tuning, forget_resolved_secrets, load_runbook, pg_memory_bytes
 from liftoff.systems.pg_tuning import RESTART_LINE, check_tuning, readable, unit_bytes
 from liftoff_sandbox.postgres import PostgresServer, pg16_bin_dir
@@ -66,6 +67,15 @@ def test_units_follow_postgresql():
     assert PLAN == {"shared_buffers": "1GB", "effective_cache_size": "3GB", "work_mem": "32MB",
                     "maintenance_work_mem": "256MB", "max_connections": "100", "wal_buffers": "32MB"}
     assert load_runbook(ROOT / "runbooks" / "tour-crm.yaml").tuning.wanted() == PLAN
+
+
+def test_a_dry_run_reports_what_it_would_set_and_writes_nothing(tmp_path, cluster):
+    before = running(cluster)
+    result = tune_postgres(RunOptions(runbook=write_runbook(tmp_path, cluster, {"apply": True}), dry_run=True))
+    assert result == {"dry_run": True, "differ": list(PLAN), "apply": True}
+    plan = last_markdown("tuning-summary")
+    assert "6 of 6 settings differ from the plan" in plan and "| shared_buffers | 128MB | 1GB |" in plan
+    assert running(cluster) == before and not (tmp_path / "state").exists()
 
 
 def test_check_only_names_each_difference_with_its_statement_and_changes_nothing(tmp_path, cluster):
