@@ -101,6 +101,13 @@ PHASES: tuple[Phase, ...] = (
         gate="cache",
     ),
     Phase(
+        name="tuning",
+        title="Tuning: the target's PostgreSQL with the plan's settings for the VPS (ALTER SYSTEM), and its gate",
+        steps=("tuning.apply", "verify-tuning"),
+        flows=(PhaseFlow("tune", "liftoff.flows.tune:tune_postgres", ("tuning-summary",)),),
+        gate="tuning",
+    ),
+    Phase(
         name="health",
         title="Health: every service and app answers, disk and connections under the plan's thresholds",
         steps=("health",),
@@ -123,6 +130,13 @@ PHASES: tuple[Phase, ...] = (
         steps=("security",),
         flows=(PhaseFlow("security", "liftoff.flows.security:check_security", ("security-summary",)),),
         gate="security",
+    ),
+    Phase(
+        name="watch",
+        title="Watch: the plan's 24 hours after the switch, every service and app against the thresholds, alerts",
+        steps=("watch.start", "watch.report"),
+        flows=(PhaseFlow("watch", "liftoff.flows.watch:watch", ("watch-report",)),),
+        gate="watch",
     ),
     Phase(
         name="migration",

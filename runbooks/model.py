@@ -775,6 +775,111 @@ class Cache(_Strict):
                 "maxmemory-policy": self.maxmemory_policy}
 
 
+_PG_MEMORY = re.compile(r"^(\d+)\s*(B|kB|MB|GB|TB)$")
+_PG_UNITS = {"B": 1, "kB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "TB": 1024 ** 4}
+
+
+def pg_memory_bytes(value: str) -> int:
+    """Bytes of a PostgreSQL memory setting as postgresql.conf writes it (``1GB``, ``256MB``, ``8kB``: 1024-based,
+    unit names case-sensitive as PostgreSQL reads them)."""
+    m = _PG_MEMORY.match(str(value).strip())
+    if not m:
+        raise ValueError(f"'{value}' is not a PostgreSQL memory size with its unit (e.g. 1GB, 256MB, 64kB)")
+    return int(m.group(1)) * _PG_UNITS[m.group(2)]
+
+
+class Tuning(_Strict):
+    """PostgreSQL on the target as the plan tunes it for the 16 GB VPS (``liftoff run tune``); which server:
+    ``target.direct``. The defaults are the plan's."""
+
+    shared_buffers: str = Field("1GB", description="PostgreSQL's own page cache (restart needed)")
+    effective_cache_size: str = Field("3GB", description="what the planner assumes the OS caches")
+    work_mem: str = Field("32MB", description="per sort or hash, per query node")
+    maintenance_work_mem: str = Field("256MB", description="VACUUM, CREATE INDEX")
+    max_connections: int = Field(100, ge=1, le=10000, description="restart needed; PgBouncer's pools fit under it")
+    wal_buffers: str = Field("32MB", description="WAL not yet written to disk (restart needed)")
+    apply: bool = Field(False, description="let Liftoff set what differs (ALTER SYSTEM, then pg_reload_conf(); "
+                        "the settings that need a restart are named); false: only check and name the fix. "
+                        "target.direct.user must be a superuser or hold ALTER SYSTEM on these parameters")
+
+    @field_validator("shared_buffers", "effective_cache_size", "work_mem", "maintenance_work_mem", "wal_buffers")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        pg_memory_bytes(v)
+        return str(v).strip()
+
+    def wanted(self) -> dict[str, str]:
+        """The settings as postgresql.conf and ALTER SYSTEM spell them."""
+        return {"shared_buffers": self.shared_buffers, "effective_cache_size": self.effective_cache_size,
+                "work_mem": self.work_mem, "maintenance_work_mem": self.maintenance_work_mem,
+                "max_connections": str(self.max_connections), "wal_buffers": self.wal_buffers}
+
+
+class Cdn(_Strict):
+    """The CDN in front of the public files (the plan: Cloudflare, a proxied CNAME to the VPS, images cached a
+    month). The files host and the URL fetched are ``storage.target.public_url``'s; the object, one of a public
+    bucket on ``storage.target``."""
+
+    cname: str | None = Field(None, description="the name the files host must be a CNAME to, or end with "
+                              "(e.g. cdn.cloudflare.net)")
+    addresses: list[str] = Field(default_factory=list, description="the CDN's address ranges (CIDR): a proxied "
+                                 "record answers with the CDN's addresses, not the VPS's")
+    resolver: str | None = Field(None, description="ip or ip:port of the resolver to ask (default: the system's)")
+    bucket: str | None = Field(None, description="the public bucket whose object is fetched (default: the first "
+                               "public one of storage.buckets)")
+    key: str | None = Field(None, description="the object fetched (default: the first the target lists)")
+    min_max_age_s: int = Field(2592000, ge=0, description="Cache-Control max-age must be at least this "
+                               "(the plan: images cached a month)")
+    cache_status_header: str | None = Field("cf-cache-status", description="the header the CDN says HIT in on "
+                                            "a second fetch (none: not checked)")
+
+    @field_validator("addresses")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"'{cidr}' is not an address range (e.g. 104.16.0.0/13)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _how_to_tell(self) -> "Cdn":
+        if not self.cname and not self.addresses:
+            raise ValueError("name how to tell the CDN answers: cname (the name the files host points to) or "
+                             "addresses (the CDN's ranges)")
+        return self
+
+
+class Soak(_Strict):
+    """The plan's watch after the switch ("monitor for 24 hours"): every service and app checked every few
+    minutes against the plan's thresholds (``liftoff run watch``). Disk and PostgreSQL connections use the
+    health section's thresholds; CPU and RAM are read over ssh."""
+
+    hours: float = Field(24, gt=0, description="how long the watch runs before it reports")
+    interval_s: float = Field(300, gt=0, description="seconds between two rounds of checks")
+    cpu_window_s: float = Field(300, gt=0, description="CPU use is averaged over this window (the plan: 5 minutes)")
+    cpu_warn_percent: float = Field(70, gt=0, le=100)
+    cpu_critical_percent: float = Field(90, gt=0, le=100)
+    ram_warn_percent: float = Field(80, gt=0, le=100)
+    ram_critical_percent: float = Field(90, gt=0, le=100)
+    response_warn_ms: float = Field(500, gt=0, description="an app's /api/health answering slower than this warns")
+    response_critical_ms: float = Field(2000, gt=0)
+    error_rate_warn_percent: float = Field(1, ge=0, le=100, description="where the health endpoint reports an "
+                                           "error rate (error_rate_percent, or error_rate as a fraction)")
+    error_rate_critical_percent: float = Field(5, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Soak":
+        for name in ("cpu", "ram", "response", "error_rate"):
+            unit = "ms" if name == "response" else "percent"
+            if getattr(self, f"{name}_warn_{unit}") > getattr(self, f"{name}_critical_{unit}"):
+                raise ValueError(f"{name}_warn_{unit} must not be above {name}_critical_{unit}")
+        return self
+
+
 class UptimeKuma(_Strict):
     """The Uptime Kuma monitor list the health phase exports (each field is Uptime Kuma's own monitor field)."""
 
@@ -897,6 +1002,11 @@ class Runbook(_Strict):
     backups: Backups | None = None
     pooler: Pooler | None = Field(None, description="PgBouncer in front of the target (liftoff run pooler)")
     cache: Cache | None = Field(None, description="Redis settings the plan wants (liftoff run cache)")
+    soak: Soak = Field(default_factory=Soak, description="the watch after the switch (liftoff run watch)")
+    cdn: Cdn | None = Field(None, description="the CDN in front of storage.target.public_url (checked by the "
+                            "cutover's checklist)")
+    tuning: Tuning | None = Field(None, description="PostgreSQL settings the plan wants on the target "
+                                  "(liftoff run tune; the plan's defaults when absent)")
     health: Health = Field(default_factory=Health, description="health checks and their thresholds")
     security: Security = Field(default_factory=Security, description="exposure checks over SSH")
     ssh: SshAccess | None = Field(None, description="the VPS, for what runs there (the ssh switch driver)")

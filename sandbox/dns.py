@@ -5,7 +5,8 @@ message API.
     with DnsServer({"app.example.test": ("A", 60, ["203.0.113.10"])}) as dns:
         record_ttl("app.example.test", dns.resolver)  # -> (60, ["203.0.113.10"])
 
-A name it does not hold is NXDOMAIN; a name it holds asked for another type is an empty NOERROR answer.
+A name it does not hold is NXDOMAIN; a name it holds as a CNAME answers with the CNAME and the target's records
+when it holds them; a name it holds asked for another type is an empty NOERROR answer.
 ``records`` may be changed while it runs (``set``), so a test can shorten a TTL as an operator would.
 ``silent=True`` reads queries and never answers: a resolver that times out.
 """
@@ -107,7 +108,27 @@ class DnsServer:
             ttl, values = found
             response.answer.append(dns.rrset.from_text_list(question.name, ttl, dns.rdataclass.IN,
                                                             question.rdtype, values))
+        else:
+            self._follow_cname(response, question.name, question.rdtype)
         return response.to_wire()
+
+    def _follow_cname(self, response: dns.message.Message, name: dns.name.Name, rdtype: int) -> None:
+        """As a zone's server answers a name that is a CNAME: the CNAME, then what it holds for the target
+        (a name outside what it holds is left to the asker's resolver to chase)."""
+        for _ in range(8):
+            with self._lock:
+                alias = self._records.get((name, dns.rdatatype.CNAME))
+            if alias is None:
+                return
+            ttl, values = alias
+            response.answer.append(dns.rrset.from_text_list(name, ttl, dns.rdataclass.IN, dns.rdatatype.CNAME,
+                                                            values))
+            name = dns.name.from_text(values[0])
+            with self._lock:
+                found = self._records.get((name, rdtype))
+            if found is not None:
+                response.answer.append(dns.rrset.from_text_list(name, found[0], dns.rdataclass.IN, rdtype, found[1]))
+                return
 
     def __enter__(self) -> "DnsServer":
         return self.start()

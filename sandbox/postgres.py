@@ -85,6 +85,9 @@ class PostgresServer:
     port: int = field(default_factory=free_port)
     root: Path | None = None
     settings: dict[str, str] = field(default_factory=dict)
+    #: write the settings (all but where it listens) to postgresql.conf, as a packaged server has them, so that
+    #: ALTER SYSTEM can override them; on the command line (the default) they override ALTER SYSTEM
+    settings_in_conf: bool = False
 
     host: str = "127.0.0.1"
 
@@ -134,6 +137,14 @@ class PostgresServer:
             "max_connections": "60",
             **self.settings,
         }
+        if self.settings_in_conf:
+            listen = {"port", "listen_addresses", "unix_socket_directories"}
+            conf = self.datadir / "postgresql.conf"
+            marker = "# liftoff sandbox settings"
+            if marker not in conf.read_text():
+                with conf.open("a") as f:
+                    f.write("\n".join([marker, *(f"{k} = '{v}'" for k, v in options.items() if k not in listen), ""]))
+            options = {k: v for k, v in options.items() if k in listen}
         opts = " ".join(f"-c {k}={v}" for k, v in options.items())
         self._run([
             str(self.bin_dir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.root / "server.log"),
@@ -141,6 +152,13 @@ class PostgresServer:
         ])
         _started.append(self)
         return self
+
+    def restart(self) -> "PostgresServer":
+        """A clean stop and a start on the same data directory (what a restart-needed setting waits for)."""
+        self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"])
+        if self in _started:
+            _started.remove(self)
+        return self.start()
 
     def stop(self, remove: bool = True) -> None:
         if self in _started:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from liftoff.ledger import Ledger
+from liftoff_sandbox.cdn import CdnStandIn
 from liftoff_sandbox.dns import DnsServer
 from liftoff_sandbox.health_endpoint import HEALTHY, HealthEndpoint
 from liftoff_sandbox.redis import RedisServer
@@ -23,6 +24,7 @@ from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine
 from liftoff.tasks.cutover.checklist import ChecklistReport, run_checklist
 
 RECORD = "app.crm.test"
+FILES = "files.crm.test"
 UNHEALTHY = {"status": "unhealthy", "timestamp": "2026-11-27T10:00:05Z",
              "checks": {"database": {"status": "up"},
                         "redis": {"status": "down", "error": "connect ECONNREFUSED 127.0.0.1:6379"},
@@ -37,6 +39,16 @@ def target_s3():
         client = server.client()
         s3.ensure_bucket(client, "tour-images", True)
         s3.ensure_bucket(client, "waivers", False)
+        client.put_object(Bucket="tour-images", Key="tours/porto.jpg", Body=b"\xff\xd8 an image",
+                          ContentType="image/jpeg")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cdn(target_s3, record):
+    """The CDN in front of the files host: a caching stand-in whose origin is the target S3 server."""
+    record.set(FILES, "A", 300, ["127.0.0.1"])
+    with CdnStandIn(target_s3.endpoint_url) as server:
         yield server
 
 
@@ -72,7 +84,7 @@ def _free_port() -> int:
 
 
 def runbook(stack, tmp_path, monkeypatch, *, full: bool, target_s3=None, redis_server=None, app=None, record=None,
-            **cutover) -> Runbook:
+            cdn=None, **cutover) -> Runbook:
     """The stack's runbook with a state dir of the test's own; ``full`` adds PgBouncer (the target itself
     here), Redis, the target S3 server, the app and the DNS record."""
     data = stack.runbook_data()
@@ -87,7 +99,8 @@ def runbook(stack, tmp_path, monkeypatch, *, full: bool, target_s3=None, redis_s
         data["storage"]["target"] = {"endpoint_url": target_s3.endpoint_url,
                                      "access_key_id": {"env": "CHECKLIST_S3_KEY"},
                                      "secret_access_key": {"env": "CHECKLIST_S3_SECRET"},
-                                     "public_url": "http://files.localhost"}
+                                     "public_url": f"http://{FILES}:{cdn.port}"}
+        data["cdn"] = {"addresses": ["127.0.0.0/8"], "resolver": record.resolver}
         data["cutover"] = {"apps": [{"name": "crm", "health_url": app.health_url}],
                            "checklist": {"dns": {"name": RECORD, "resolver": record.resolver}}}
     for key, value in cutover.items():
@@ -118,10 +131,10 @@ def statuses(report: ChecklistReport) -> dict[str, str]:
 
 
 @pytest.fixture
-def everything(stack, tmp_path, monkeypatch, target_s3, redis_server, app, record):
+def everything(stack, tmp_path, monkeypatch, target_s3, redis_server, app, record, cdn):
     rb = runbook(stack, tmp_path, monkeypatch, full=True, target_s3=target_s3, redis_server=redis_server, app=app,
-                 record=record)
-    gates(rb, "database", "storage", "backup", "pooler", "cache", "health", "security")
+                 record=record, cdn=cdn)
+    gates(rb, "database", "storage", "backup", "pooler", "cache", "tuning", "health", "security")
     return rb
 
 
@@ -133,11 +146,13 @@ def test_every_line_passes_when_the_target_answers_the_gates_are_fresh_the_app_i
         "target PostgreSQL answers": PASSED, "PgBouncer answers": PASSED, "Redis answers": PASSED,
         "target S3 server answers": PASSED, "database gate passed": PASSED, "storage gate passed": PASSED,
         "latest backup restore-tested": PASSED, "pooler gate passed": PASSED, "cache gate passed": PASSED,
-        "health gate passed": PASSED, "security gate passed": PASSED, "test upload to tour-images": PASSED,
-        "test upload to waivers": PASSED, "app crm healthy": PASSED, "DNS TTL": PASSED,
+        "tuning gate passed": PASSED, "health gate passed": PASSED, "security gate passed": PASSED,
+        "test upload to tour-images": PASSED,
+        "test upload to waivers": PASSED, "CDN in front of the files": PASSED, "app crm healthy": PASSED,
+        "DNS TTL": PASSED,
     }, report.rows()
     assert report.ok and report.failures() == [] and report.not_checked() == []
-    assert report.summary() == "checklist passed: 15 of 15 lines passed"
+    assert report.summary() == "checklist passed: 17 of 17 lines passed"
     assert "read back anonymously" in report.line("test upload to tour-images").detail
     assert "refused anonymously" in report.line("test upload to waivers").detail
     assert "PONG" in report.line("Redis answers").detail
@@ -147,7 +162,7 @@ def test_every_line_passes_when_the_target_answers_the_gates_are_fresh_the_app_i
     assert "checks up: database, redis, storage" in report.line("app crm healthy").detail
     assert app.hits == 1
     md = report.markdown()
-    assert md.count("✅ passed") == 15 and "❌" not in md and "🔴" not in md
+    assert md.count("✅ passed") == 17 and "❌" not in md and "🔴" not in md
     assert [row["check"] for row in report.rows()] == [line.name for line in report.lines]
 
 
@@ -161,21 +176,24 @@ def test_lines_not_configured_are_not_checked_shown_red_and_do_not_fail_the_chec
         "target PostgreSQL answers": PASSED, "PgBouncer answers": NOT_CHECKED, "Redis answers": NOT_CHECKED,
         "target S3 server answers": NOT_CHECKED, "database gate passed": PASSED, "storage gate passed": PASSED,
         "latest backup restore-tested": NOT_CHECKED, "pooler gate passed": NOT_CHECKED,
-        "cache gate passed": NOT_CHECKED, "health gate passed": NOT_CHECKED, "security gate passed": NOT_CHECKED,
-        "apps healthy": NOT_CHECKED, "DNS TTL": NOT_CHECKED,
+        "cache gate passed": NOT_CHECKED, "tuning gate passed": NOT_CHECKED, "health gate passed": NOT_CHECKED,
+        "security gate passed": NOT_CHECKED,
+        "CDN in front of the files": NOT_CHECKED, "apps healthy": NOT_CHECKED, "DNS TTL": NOT_CHECKED,
     }, report.rows()
     assert report.ok, report.failures()
     assert report.not_checked() == ["PgBouncer answers", "Redis answers", "target S3 server answers",
                                     "latest backup restore-tested", "pooler gate passed", "cache gate passed",
-                                    "health gate passed", "security gate passed", "apps healthy", "DNS TTL"]
-    assert report.summary().startswith("checklist passed: 3 of 13 lines passed; not checked: PgBouncer answers")
+                                    "tuning gate passed", "health gate passed", "security gate passed",
+                                    "CDN in front of the files", "apps healthy", "DNS TTL"]
+    assert report.summary().startswith("checklist passed: 3 of 15 lines passed; not checked: PgBouncer answers")
     assert "liftoff run pooler" in report.line("pooler gate passed").fix
+    assert "liftoff run tune " in report.line("tuning gate passed").fix
     assert "target.pooled" in report.line("PgBouncer answers").detail
     assert "target.redis" in report.line("Redis answers").detail
     assert "cutover.checklist.dns" in report.line("DNS TTL").detail
     assert "backup phase has not run" in report.line("latest backup restore-tested").detail
     md = report.markdown()
-    assert md.count("🔴 not checked") == 10 and md.count("✅ passed") == 3
+    assert md.count("🔴 not checked") == 12 and md.count("✅ passed") == 3
     assert "not checked** by a machine" in md
 
 
@@ -194,7 +212,7 @@ def test_an_unreachable_pgbouncer_fails_its_line_naming_host_and_port_and_every_
     assert not report.ok and report.failures() == [f"PgBouncer answers: {line.detail}"]
     assert line.blocked and report.differences_found() == [] and len(report.blockers()) == 1  # exit 2, not 3
     assert [name for name, s in statuses(report).items() if s != PASSED] == ["PgBouncer answers"]
-    assert report.summary().startswith("checklist failed: 1 of 15 lines failed (PgBouncer answers)")
+    assert report.summary().startswith("checklist failed: 1 of 17 lines failed (PgBouncer answers)")
     assert "❌ failed | PgBouncer answers" in report.markdown()
 
 

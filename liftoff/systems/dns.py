@@ -33,6 +33,7 @@ class DnsAnswer:
     answers: list[str]  # the final records' values, as text (addresses for A/AAAA)
     authoritative: bool  # the server that answered holds the zone (else the TTL is a cache's remainder)
     resolver: str  # who was asked, for messages
+    cnames: tuple[str, ...] = ()  # the CNAME chain followed from name to the answer, in order (no final dot)
 
 
 def parse_resolver(resolver: str) -> tuple[str, int]:
@@ -100,6 +101,7 @@ def lookup(name: str, resolver: str | None = None, rtype: str = "A", *,
         name=name, rtype=dns.rdatatype.to_text(answer.rdtype), ttl=int(answer.chaining_result.minimum_ttl),
         answers=sorted(rdata.to_text() for rdata in answer.rrset),
         authoritative=bool(answer.response.flags & dns.flags.AA), resolver=where,
+        cnames=tuple(rrset[0].target.to_text(omit_final_dot=True) for rrset in answer.chaining_result.cnames),
     )
 
 

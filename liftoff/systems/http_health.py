@@ -116,3 +116,16 @@ def wait_healthy(url: str, timeout_s: float, interval_s: float = 2) -> HealthRes
         if result.healthy or left <= 0:
             return result
         time.sleep(min(interval_s, left))
+
+
+def error_rate_percent(body: dict | None) -> float | None:
+    """The error rate an app's health JSON reports, in percent, or None when it reports none. Read from
+    ``error_rate_percent`` (percent) or ``error_rate`` (a fraction, 0 to 1), at the top or under ``metrics``."""
+    for where in (body or {}, (body or {}).get("metrics") or {}):
+        if not isinstance(where, dict):
+            continue
+        if isinstance(where.get("error_rate_percent"), (int, float)):
+            return float(where["error_rate_percent"])
+        if isinstance(where.get("error_rate"), (int, float)):
+            return float(where["error_rate"]) * 100
+    return None

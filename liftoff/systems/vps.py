@@ -61,3 +61,69 @@ def disk_usage(remote: Remote, path: str) -> DiskUsage:
     return parse_df(result.stdout, path)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU and memory, from /proc (Linux)
+
+
+@dataclass(frozen=True)
+class CpuCounters:
+    """The first line of /proc/stat: jiffies since boot, all CPUs together. Use is a difference of two."""
+
+    at: float  # when it was read (this machine's clock, seconds)
+    busy: int  # user + nice + system + irq + softirq + steal
+    total: int  # busy + idle + iowait
+
+    def percent_since(self, earlier: "CpuCounters") -> float:
+        """Share of time the CPUs were busy between ``earlier`` and this reading."""
+        total = self.total - earlier.total
+        return 100.0 * (self.busy - earlier.busy) / total if total > 0 else 0.0
+
+
+def parse_proc_stat(text: str, at: float) -> CpuCounters:
+    line = next((line for line in text.splitlines() if line.startswith("cpu ")), None)
+    if line is None:
+        raise ValueError("/proc/stat has no 'cpu' line")
+    fields = [int(x) for x in line.split()[1:]]
+    fields += [0] * (8 - len(fields))
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]  # guest time is counted inside user
+    busy = user + nice + system + irq + softirq + steal
+    return CpuCounters(at, busy, busy + idle + iowait)
+
+
+@dataclass(frozen=True)
+class Memory:
+    total_bytes: int
+    available_bytes: int  # MemAvailable: what can be had without swapping (the kernel's estimate)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * (1 - self.available_bytes / self.total_bytes) if self.total_bytes else 0.0
+
+
+def parse_meminfo(text: str) -> Memory:
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    if "MemTotal" not in values or "MemAvailable" not in values:
+        raise ValueError("/proc/meminfo has no MemTotal or MemAvailable (a kernel older than 3.14?)")
+    return Memory(values["MemTotal"], values["MemAvailable"])
+
+
+def cpu_and_memory(remote: Remote) -> tuple[CpuCounters, Memory]:
+    """One SSH command reading /proc/stat and /proc/meminfo; the CPU counters are stamped with this machine's
+    time (differences only are used)."""
+    import time
+
+    result = remote.run("head -1 /proc/stat; echo ---; cat /proc/meminfo", check=False, timeout=30)
+    at = time.time()
+    if result.rc != 0 or "---" not in result.stdout:
+        why = (result.stderr.strip().splitlines() or [f"exited {result.rc}"])[-1]
+        raise StepFailed(f"ssh {remote.where}: reading /proc/stat and /proc/meminfo failed ({why}); the watch "
+                         "reads CPU and memory from a Linux VPS")
+    stat, _, meminfo = result.stdout.partition("---")
+    return parse_proc_stat(stat, at), parse_meminfo(meminfo)

@@ -3,8 +3,9 @@ returning a report with ``ok``, ``failures()`` and ``summary()`` (the cutover's 
 
 One line per check, in the plan's order: the target's PostgreSQL, PgBouncer, Redis and S3 server answer; the
 latest database and storage gates passed and are fresh; the latest backup was restore-tested; the platform
-phases' gates (pooler, cache, health, security) passed and are fresh, or were never run; each app's
-health endpoint is green; the public record's DNS TTL is short. Each line is passed, failed or "not checked"
+phases' gates (pooler, cache, tuning, health, security) passed and are fresh, or were never run; each app's
+health endpoint is green; the CDN serves the public files (when the runbook has one); the public record's DNS
+TTL is short. Each line is passed, failed or "not checked"
 (not configured in the runbook, or a phase Liftoff does not run yet): a "not checked" line does not fail the
 checklist, but it is shown red, never as passed, so the approver sees what nobody checked. A check that raises
 becomes its own failed line; it never stops the others. Details pass the redaction module.
@@ -23,6 +24,7 @@ from liftoff.redaction import one_line
 from liftoff.reports import check_table, md_cell, sentence
 from liftoff.runbooks.model import App, Runbook
 from liftoff.systems import dns, http_health as health, pg_replication, postgres
+from liftoff.tasks.storage.cdn import cdn_not_configured, check_cdn
 from liftoff.tasks.prepare.access import (
     FIXES,
     PROBE_TIMEOUT_S,
@@ -70,6 +72,7 @@ def run_checklist(rb: Runbook) -> ChecklistReport:
     if rb.storage.wanted and rb.storage.target is not None:  # the plan's "storage working with test uploads"
         checks += [(f"test upload to {b.name}", lambda b=b: test_upload(rb, b.name, b.public))
                    for b in rb.storage.buckets]
+    checks.append((CDN_LINE, lambda: cdn_line(rb)))
     if rb.cutover.apps:
         checks += [(f"app {app.name} healthy", lambda app=app: _app_healthy(app)) for app in rb.cutover.apps]
     else:
@@ -145,9 +148,13 @@ def _judge_gate(name: str, gate: GateRecord, max_age_s: float, *, failed_fix: st
 _PLATFORM_GATES = {
     "pooler": "PgBouncer's config with SCRAM auth, and 100 clients through it within the pool",
     "cache": "Redis's persistence and eviction settings, and a write/read round trip",
+    "tuning": "PostgreSQL's memory and connection settings as the plan tunes them, none waiting for a restart",
     "health": "every service and app answering, disk and connections under the thresholds",
     "security": "the firewall, services listening only inside, no secret in the named files",
 }
+
+
+_PLATFORM_FLOWS = {"tuning": "tune"}  # a phase whose flow has another name
 
 
 def _platform_gate(ledger: Ledger, phase: str, max_age_s: float) -> CheckLine:
@@ -155,12 +162,13 @@ def _platform_gate(ledger: Ledger, phase: str, max_age_s: float) -> CheckLine:
     red, it does not fail the checklist: a plan may leave a phase to the operator)."""
     name = f"{phase} gate passed"
     gate = ledger.latest_gate(phase)
+    run = _PLATFORM_FLOWS.get(phase, phase)
     if gate is None:
         return unchecked(name, f"no {phase} gate is on record ({_PLATFORM_GATES[phase]})",
-                          f"run liftoff run {phase} --runbook FILE, or check it by hand before approving")
+                          f"run liftoff run {run} --runbook FILE, or check it by hand before approving")
     return _judge_gate(name, gate, max_age_s,
-                       failed_fix=f"fix what the gate reports, then run liftoff run {phase} --runbook FILE",
-                       old_fix=f"run liftoff run {phase} --runbook FILE for a fresh gate")
+                       failed_fix=f"fix what the gate reports, then run liftoff run {run} --runbook FILE",
+                       old_fix=f"run liftoff run {run} --runbook FILE for a fresh gate")
 
 
 def _backup_restore_tested(ledger: Ledger, max_age_s: float, rb: Runbook) -> CheckLine:
@@ -174,7 +182,26 @@ def _backup_restore_tested(ledger: Ledger, max_age_s: float, rb: Runbook) -> Che
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The apps, and the public record
+# The CDN, the apps, and the public record
+
+CDN_LINE = "CDN in front of the files"
+
+
+def cdn_line(rb: Runbook) -> CheckLine:
+    """The CDN check's lines folded into one (``liftoff.tasks.storage.cdn``)."""
+    why = cdn_not_configured(rb)
+    if why is not None:
+        return unchecked(CDN_LINE, why, "add cdn (cname or addresses) to the runbook, or check the CDN by hand: "
+                                        "the files host proxied, an image's bytes and cache headers")
+    report = check_cdn(rb)
+    if not report.ok:
+        return CheckLine(CDN_LINE, FAILED, "; ".join(report.failures()),
+                         "; ".join(line.fix for line in report.lines if line.status == FAILED and line.fix))
+    details = "; ".join(f"{line.name}: {line.detail}" for line in report.lines)
+    if report.not_checked():
+        return unchecked(CDN_LINE, details, "name an object with cdn.bucket and cdn.key")
+    return CheckLine(CDN_LINE, PASSED, details)
+
 
 
 def _app_healthy(app: App) -> CheckLine:
