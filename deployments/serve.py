@@ -41,6 +41,10 @@ DEPLOYMENTS: dict[str, tuple[PhaseFlow, list[str]]] = {
     REHEARSAL.name: (REHEARSAL, ["liftoff", "rehearsal"]),
 }
 DEPLOYMENTS[EMERGENCY] = (DEPLOYMENTS[EMERGENCY][0], ["liftoff", "cutover", "emergency"])
+RECOVER = "recover"
+RECOVER_NOTE = ("EMERGENCY: press this one when the database must come back from a backup. It shows what will "
+                "be lost and asks before it stops the apps. ")
+DEPLOYMENTS[RECOVER] = (DEPLOYMENTS[RECOVER][0], ["liftoff", "backup", "emergency"])
 
 
 def deployments(runbook: str | None = None, only: list[str] | None = None) -> list:
@@ -75,7 +79,7 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
 def describe(name: str, flow) -> str:
     """The flow's docstring as one paragraph (what a run guarantees when it succeeds)."""
     text = " ".join(inspect.cleandoc(flow.__doc__ or "").split())
-    return (EMERGENCY_NOTE + text) if name == EMERGENCY else text
+    return {EMERGENCY: EMERGENCY_NOTE, RECOVER: RECOVER_NOTE}.get(name, "") + text
 
 
 def rehearsal_schedules(runbook_path: str | None) -> list:

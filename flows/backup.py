@@ -23,6 +23,10 @@ from liftoff.tasks.backup.steps import (
 )
 from liftoff.tasks.notify import notify_on_failure
 
+# A backup reads target.direct and writes only to the backup bucket and the ledger: it takes its own lock, not
+# the runbook's, so the daily backup runs while a migration (or a cutover) holds the runbook's.
+BACKUP_LOCK = "backup"
+
 
 @flow(name="backup", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
 def backup(options: RunOptions) -> dict:
@@ -40,7 +44,7 @@ def backup(options: RunOptions) -> dict:
     if options.dry_run:
         return {"dry_run": True, "key": plan.key, "files_to_copy": sum(len(f.to_copy) for f in plan.files),
                 "would_delete": [b.key for b in plan.would_delete]}
-    with exclusive(runbook.state_dir):
+    with exclusive(runbook.state_dir, lock=BACKUP_LOCK):
         made = make_backup(runbook)
         files = backup_files(runbook)
         report = run_restore_test(runbook, made["key"])  # this run's backup, whatever the clocks say
@@ -72,7 +76,7 @@ def restore_test(options: RunOptions) -> dict:
                          f"bucket {runbook.backups.destination.bucket}, check it, restore it into "
                          f"{runbook.backups.restore_test_database} and drop that database again.")
         return {"dry_run": True}
-    with exclusive(runbook.state_dir):
+    with exclusive(runbook.state_dir, lock=BACKUP_LOCK):
         report = run_restore_test(runbook)
     publish_restore_test(report)
     if not report.ok:

@@ -183,6 +183,11 @@ class EnvValue(_Strict):
 class SshSwitch(_Strict):
     env_file: str = Field(description="the apps' env file on the VPS, rewritten atomically (a backup is kept)")
     restart: str = Field(description="the command that restarts the apps with the new env file")
+    stop: str | None = Field(None, description="the command that stops the apps and returns once they wrote "
+                             "their last row (the recovery stops them before it replaces the database), e.g. "
+                             "'docker compose -f /srv/crm/compose.yaml stop'")
+    start: str | None = Field(None, description="the command that starts the apps again after a recovery "
+                              "(default: restart)")
 
 
 class CoolifySwitch(_Strict):

@@ -47,9 +47,10 @@ _PIECE = 1024 * 1024
 # Names
 
 
-def backup_key(prefix: str, when: float) -> str:
-    """``<prefix>_YYYY-MM-DD_HH-MM-SS.dump``, UTC. Only for people: nothing here reads a date from a name."""
-    return f"{prefix}_{datetime.fromtimestamp(when, UTC):%Y-%m-%d_%H-%M-%S}{DUMP_SUFFIX}"
+def backup_key(prefix: str, when: float, suffix: str = "") -> str:
+    """``<prefix>_YYYY-MM-DD_HH-MM-SS<suffix>.dump``, UTC. Only for people: nothing here reads a date from a
+    name (``suffix``: ``_before-recover`` for the recovery's safety dump)."""
+    return f"{prefix}_{datetime.fromtimestamp(when, UTC):%Y-%m-%d_%H-%M-%S}{suffix}{DUMP_SUFFIX}"
 
 
 def counts_key(key: str) -> str:
@@ -329,6 +330,18 @@ def restore_archive(pg_restore: str, path: Path, env: dict[str, str], jobs: int)
     None when it restored without an error, else its first error line (redacted)."""
     argv = [pg_restore, "--no-owner", "--no-acl", "--no-password", f"--jobs={jobs}", "--dbname", env["PGDATABASE"],
             str(path)]
+    proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True)
+    if proc.returncode == 0:
+        return None
+    return f"pg_restore exit {proc.returncode}: {_first_error(proc.stderr)}"
+
+
+def recreate_from_archive(pg_restore: str, path: Path, env: dict[str, str], jobs: int) -> str | None:
+    """``pg_restore --create --no-owner --exit-on-error -j jobs`` of the archive, connected to the maintenance
+    database ``env`` names: the archive's database is created (with its encoding, collation, settings and
+    grants) and filled. Returns None when it restored without an error, else its first error line (redacted)."""
+    argv = [pg_restore, "--create", "--no-owner", "--exit-on-error", "--no-password", f"--jobs={jobs}",
+            "--dbname", env["PGDATABASE"], str(path)]
     proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True)
     if proc.returncode == 0:
         return None

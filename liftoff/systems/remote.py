@@ -28,7 +28,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from liftoff.errors import ConnectionRefused, StepFailed
+from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
 from liftoff.runbooks.model import SshAccess, SshSwitch
@@ -469,6 +469,18 @@ class EnvFileSwitch(SwitchDriver):
     def redeploy(self) -> None:
         self.remote.run(self.settings.restart, timeout=self.restart_timeout)
         log.info("apps restarted", where=self.where, command=command_head(self.settings.restart))
+
+    def stop_apps(self) -> None:
+        if not self.settings.stop:
+            raise RunbookInvalid("cutover.switch.ssh.stop: the recovery stops the apps before it replaces their "
+                                 "database: give the command that stops them (e.g. 'docker compose stop')")
+        self.remote.run(self.settings.stop, timeout=self.restart_timeout)
+        log.info("apps stopped", where=self.where, command=command_head(self.settings.stop))
+
+    def start_apps(self) -> None:
+        command = self.settings.start or self.settings.restart
+        self.remote.run(command, timeout=self.restart_timeout)
+        log.info("apps started", where=self.where, command=command_head(command))
 
     def close(self) -> None:
         self.remote.close()

@@ -177,6 +177,13 @@ def plan_backup(rb: Runbook, now: float | None = None) -> BackupPlan:
 def make_backup(rb: Runbook) -> dict:
     """pg_dump -Fc of target.direct streamed to the backup bucket, with every table counted in the dump's own
     snapshot; succeeds when the object is stored with its size and SHA-256 metadata and its counts beside it."""
+    return dump_database(rb)
+
+
+def dump_database(rb: Runbook, suffix: str = "", kind: str = "backup") -> dict:
+    """The dump itself (also the recovery's safety dump, ``suffix`` ``_before-recover``): ``pg_dump -Fc`` of
+    target.direct from an exported snapshot in which every table is counted, to
+    ``<prefix>_<UTC time><suffix>.dump`` with its counts beside it; recorded as a ledger item and event."""
     require_backups(rb)
     ep, dest = rb.target.direct, rb.backups.destination
     client = destination_client(rb)
@@ -188,13 +195,13 @@ def make_backup(rb: Runbook) -> dict:
         snapshot = snap.execute("SELECT pg_export_snapshot()").fetchone()[0]
         taken = time.time()
         counts = count_tables(snap)
-        key = archive.backup_key(dump_prefix(rb), taken)
+        key = archive.backup_key(dump_prefix(rb), taken, suffix)
         argv = [tools.pg_dump, "--format=custom", f"--compress={rb.backups.compression}", "--no-password",
                 f"--snapshot={snapshot}", "--dbname", ep.database]
-        log.info("backup started", key=key, bucket=dest.bucket, tables=len(counts), pg_dump=tools.version)
+        log.info(f"{kind} started", key=key, bucket=dest.bucket, tables=len(counts), pg_dump=tools.version)
         sidecar = {"database": ep.database, "server": f"{ep.host}:{ep.port}", "server_version": server.version,
                    "pg_dump": tools.pg_dump, "pg_dump_version": tools.version, "snapshot_at": taken,
-                   "tables": counts}
+                   "tables": counts, "kind": kind}
         stored = archive.dump_to_bucket(argv, postgres.libpq_env(ep, "target.direct"), client, dest.bucket, key,
                                         rb.backups.part_size_mb * MiB,
                                         {"server-version": server.version, "pg-dump-version": tools.version},
@@ -202,14 +209,14 @@ def make_backup(rb: Runbook) -> dict:
         snap.rollback()
     ledger = Ledger(rb.state_dir)
     ledger.set_items(PHASE, DUMPS, [(key, "made", stored.size, stored.sha256)])
-    ledger.record_event(PHASE, "backup.made", after={"key": key, "bucket": dest.bucket, "bytes": stored.size,
-                                                     "sha256": stored.sha256, "tables": counts})
+    ledger.record_event(PHASE, f"{kind}.made", after={"key": key, "bucket": dest.bucket, "bytes": stored.size,
+                                                      "sha256": stored.sha256, "tables": counts})
     rows = sum(counts.values())
-    log.info("backup stored", key=key, bytes=stored.size, sha256=stored.sha256, seconds=stored.seconds)
+    log.info(f"{kind} stored", key=key, bytes=stored.size, sha256=stored.sha256, seconds=stored.seconds)
     return {"summary": f"{key}: {stored.size:,} bytes, {len(counts)} tables, {rows:,} rows, {stored.seconds} s",
             "key": key, "bucket": dest.bucket, "bytes": stored.size, "sha256": stored.sha256, "tables": len(counts),
             "rows": rows, "seconds": stored.seconds, "pg_dump_version": tools.version,
-            "server_version": server.version, "counts": counts}
+            "server_version": server.version, "counts": counts, "taken_at": taken}
 
 
 # ---------------------------------------------------------------------------------------------------------
