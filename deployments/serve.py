@@ -26,6 +26,7 @@ from liftoff.phases import PHASES, PhaseFlow, all_flows
 MIGRATE = all_flows()["migrate"]
 REHEARSAL = all_flows()["rehearsal"]
 BACKUP = all_flows()["backup"]
+RESTORE_TEST = all_flows()["restore-test"]
 EMERGENCY = "rollback"
 EMERGENCY_NOTE = ("EMERGENCY: press this one when the cutover went wrong. It puts the apps back on the source "
                   "and makes the source writable again, from the ledger's record of what the cutover changed. ")
@@ -71,6 +72,8 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
             schedules = rehearsal_schedules(path)
         elif entry is BACKUP:
             schedules = backup_schedules(path)
+        elif entry is RESTORE_TEST:
+            schedules = restore_test_schedules(path)
         result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
                                          parameters=defaults, schedules=schedules))
     return result
@@ -121,6 +124,9 @@ def backup_schedules(runbook_path: str | None) -> list:
     except (ZoneInfoNotFoundError, ValueError):
         raise RunbookInvalid(f"{runbook_path}: backups.timezone: expected an IANA time zone such as "
                              f"Europe/Berlin, got {backups.timezone!r}") from None
+    if backups.tiers:  # one schedule per tier, which names its tier
+        return [Cron(t.schedule, timezone=backups.timezone, slug=f"tier-{t.name}",
+                     parameters={"options": {"runbook": runbook_path, "tier": t.name}}) for t in backups.tiers]
     schedules = []
     for i, line in enumerate(backups.schedules):
         try:
@@ -129,6 +135,21 @@ def backup_schedules(runbook_path: str | None) -> list:
             raise RunbookInvalid(f"{runbook_path}: backups.schedules[{i}]: expected a cron expression such as "
                                  f"'0 3 * * *' (daily 03:00), got {line!r}") from None
     return schedules
+
+
+def restore_test_schedules(runbook_path: str | None) -> list:
+    """With backups.tiers the restore test has its own schedule (``backups.restore_test_schedule``, daily by
+    default); without tiers every backup run restore-tests its backup and this deployment runs on demand."""
+    from prefect.schedules import Cron
+
+    from liftoff.runbooks.model import load_runbook
+
+    if runbook_path is None:
+        return []
+    backups = load_runbook(runbook_path).backups
+    if backups is None or not backups.tiers:
+        return []
+    return [Cron(backups.restore_test_schedule, timezone=backups.timezone)]
 
 
 def warn(line: str) -> None:

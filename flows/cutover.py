@@ -18,6 +18,7 @@ from liftoff.ledger import Ledger, current_run_id, exclusive
 from liftoff.redaction import first_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook
+from liftoff.tasks.backup.steps import restore_test_newest_if_untested
 from liftoff.tasks.cutover.checklist import ChecklistReport
 from liftoff.tasks.cutover import approval
 from liftoff.tasks.cutover.catch_up import CatchUpReport, catch_up, record_baseline
@@ -44,6 +45,8 @@ def cutover(options: RunOptions) -> dict:
     runbook = open_runbook(options, PHASE)
     require_switch(runbook)
     refuse_while_changes_stranded(runbook)  # the final sync reloads the target: nothing of the apps' may be there
+    if not options.dry_run:  # the checklist reads the backup gate: of the newest backup, whichever tier made it
+        restore_test_newest_if_untested(runbook)
     checklist = check_before_cutover(runbook)
     publish_checklist(checklist)
     if not checklist.ok:

@@ -100,7 +100,8 @@ PHASES: tuple[Phase, ...] = (
         name="backup",
         title="Backup: pg_dump to the S3 bucket, files too, retention, every backup proven by a restore; "
               "and the recovery from a chosen backup",
-        steps=("backup.dump", "backup.files", "backup.restore-test", "backup.retention", "recover.fetch",
+        steps=("backup.dump", "backup.files", "backup.restore-test", "backup.retention", "backup.tier-database",
+               "backup.tier-redis", "backup.tier-retention", "recover.fetch",
                "recover.stop-apps", "recover.safety-dump", "recover.restore", "recover.compare", "recover.put-back",
                "recover.start-apps"),
         flows=(

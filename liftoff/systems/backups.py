@@ -346,3 +346,31 @@ def recreate_from_archive(pg_restore: str, path: Path, env: dict[str, str], jobs
     if proc.returncode == 0:
         return None
     return f"pg_restore exit {proc.returncode}: {_first_error(proc.stderr)}"
+
+
+def dump_to_sink(argv: list[str], env: dict[str, str], sink) -> tuple[int, str, float]:
+    """Runs ``argv`` (a ``pg_dump -Fc`` writing to stdout) and hands its output, in pieces, to
+    ``sink(chunks) -> (size, sha256)``; returns (size, sha256, seconds). A pg_dump that fails or writes
+    nothing is StepFailed with its own first error line (what the sink wrote is then the caller's to drop)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr: list[bytes] = []
+    drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    drain.start()
+
+    def chunks():
+        while piece := proc.stdout.read(_PIECE):
+            yield piece
+
+    try:
+        size, sha256 = sink(chunks())
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise
+    proc.wait()
+    drain.join(30)
+    if proc.returncode != 0 or size == 0:
+        raise StepFailed(f"pg_dump failed (exit {proc.returncode}): {_first_error(stderr[0] if stderr else b'')}")
+    return size, sha256, round(time.monotonic() - started, 2)

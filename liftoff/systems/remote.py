@@ -247,6 +247,49 @@ class Remote:
     def list_dir(self, path: str) -> list[str]:
         return self._sftp_client().listdir(path)
 
+    def write_stream(self, path: str, chunks, *, mode: int = 0o600) -> tuple[int, str]:
+        """Writes the byte chunks to ``path`` through a temporary name renamed at the end (a reader never sees a
+        part); the folder is created. Returns (size, SHA-256 hex) of what was written."""
+        sftp = self._sftp_client()
+        directory, name = posixpath.split(path)
+        self.run(f"mkdir -p -- {shlex.quote(directory)}", timeout=60)
+        tmp = posixpath.join(directory, f".{name}.liftoff-tmp-{secrets.token_hex(4)}")
+        sha, size = hashlib.sha256(), 0
+        try:
+            with sftp.open(tmp, "wb") as out:
+                out.set_pipelined(True)
+                for chunk in chunks:
+                    sha.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            sftp.chmod(tmp, mode)
+            self.run(f"sync -- {shlex.quote(tmp)}", check=False, timeout=600)
+            sftp.posix_rename(tmp, path)
+        except OSError as exc:
+            try:
+                sftp.remove(tmp)
+            except OSError:
+                pass
+            raise StepFailed(f"ssh {self._hostport}: cannot write {path} ({exc.strerror or exc}); check the "
+                             "folder's permissions and free space") from None
+        return size, sha.hexdigest()
+
+    def files(self, directory: str) -> list[paramiko.SFTPAttributes]:
+        """The entries of ``directory`` with their size and mtime; empty when it does not exist."""
+        try:
+            return self._sftp_client().listdir_attr(directory)
+        except FileNotFoundError:
+            return []
+
+    def rename(self, path: str, to: str) -> None:
+        self._sftp_client().posix_rename(path, to)
+
+    def remove(self, path: str) -> None:
+        try:
+            self._sftp_client().remove(path)
+        except FileNotFoundError:
+            pass
+
     def write_file_atomic(self, path: str, content: str | bytes, *, mode: int = 0o600,
                           backup: bool = True) -> str | None:
         """Replaces ``path`` with ``content`` in one rename: a reader sees the old file or the new one, never a
