@@ -27,6 +27,7 @@ MIGRATE = all_flows()["migrate"]
 REHEARSAL = all_flows()["rehearsal"]
 BACKUP = all_flows()["backup"]
 RESTORE_TEST = all_flows()["restore-test"]
+PITR = all_flows()["pitr"]
 EMERGENCY = "rollback"
 EMERGENCY_NOTE = ("EMERGENCY: press this one when the cutover went wrong. It puts the apps back on the source "
                   "and makes the source writable again, from the ledger's record of what the cutover changed. ")
@@ -74,6 +75,8 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
             schedules = backup_schedules(path)
         elif entry is RESTORE_TEST:
             schedules = restore_test_schedules(path)
+        elif entry is PITR:
+            schedules = pitr_schedules(path)
         result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
                                          parameters=defaults, schedules=schedules))
     return result
@@ -150,6 +153,22 @@ def restore_test_schedules(runbook_path: str | None) -> list:
     if backups is None or not backups.tiers:
         return []
     return [Cron(backups.restore_test_schedule, timezone=backups.timezone)]
+
+
+def pitr_schedules(runbook_path: str | None) -> list:
+    """pgBackRest's full and differential backups on ``backups.pitr``'s crons (the backup type a parameter)."""
+    from prefect.schedules import Cron
+
+    from liftoff.runbooks.model import load_runbook
+
+    if runbook_path is None:
+        return []
+    backups = load_runbook(runbook_path).backups
+    if backups is None or backups.pitr is None:
+        return []
+    return [Cron(cron, timezone=backups.timezone, slug=f"pitr-{kind}",
+                 parameters={"options": {"runbook": runbook_path, "backup_type": kind}})
+            for kind, cron in (("full", backups.pitr.full_schedule), ("diff", backups.pitr.diff_schedule))]
 
 
 def warn(line: str) -> None:

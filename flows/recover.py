@@ -7,6 +7,7 @@ start the apps. A failure after the stop puts the safety dump back and starts th
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 from prefect import flow
 from prefect.exceptions import FlowPauseTimeout
@@ -14,7 +15,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from liftoff.errors import NotApproved
+from liftoff.errors import NotApproved, RunbookInvalid
 from liftoff.flows.backup import BACKUP_LOCK
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import Ledger, current_run_id, exclusive
@@ -34,6 +35,7 @@ from liftoff.tasks.backup.recover import (
     start_apps,
     stop_apps,
 )
+from liftoff.tasks.backup.pitr import pitr_info, restore_to_time
 from liftoff.tasks.cutover.approval import safe_text
 from liftoff.tasks.notify import notify_on_failure
 
@@ -44,6 +46,10 @@ class RecoverOptions(RunOptions):
     backup: str | None = Field(None, description="The backup to restore: its object name in the backup bucket "
                                "(a dry run lists them, newest first). Default: the newest backup whose restore "
                                "test did not fail.", examples=["tour_crm_2026-12-07_03-00-00.dump"])
+    target_time: datetime | None = Field(None, description="Point-in-time recovery (backups.pitr): the moment the "
+                                         "database goes back to, with its time zone; pgBackRest restores the newest "
+                                         "backup before it and replays the WAL up to it. Empty: restore a dump.",
+                                         examples=["2026-12-07T10:15:00+01:00"])
 
 
 class RecoveryApproval(RunInput):
@@ -63,6 +69,8 @@ def recover(options: RecoverOptions) -> dict:
     and the smoke queries answered. A failure after the stop puts the safety dump back and starts the apps.
     The downtime (the RTO) is published."""
     runbook = open_runbook(options, PHASE)
+    if options.target_time is not None:
+        return _recover_to_time(runbook, options)
     plan = plan_recovery(runbook, options.backup)
     if options.dry_run:
         publish_recovery_plan(plan, None, dry_run=True)
@@ -77,7 +85,7 @@ def recover(options: RecoverOptions) -> dict:
         clean_downloads(runbook)
 
 
-def _recover(runbook: Runbook, plan: RecoveryPlan, fetched: dict, answer: RecoveryApproval) -> dict:
+def _recover(runbook: Runbook, plan: RecoveryPlan, fetched: dict, answer: RecoveryApproval, restore=None) -> dict:
     timings: dict[str, float] = {}
     started = time.monotonic()
 
@@ -92,8 +100,12 @@ def _recover(runbook: Runbook, plan: RecoveryPlan, fetched: dict, answer: Recove
     safety = None
     try:
         safety = timed("safety dump", safety_dump)
-        timed("restore", restore_backup, fetched)
-        compared = timed("compare", compare_with_backup, fetched)
+        if restore is None:
+            timed("restore", restore_backup, fetched)
+            compared = timed("compare", compare_with_backup, fetched)
+        else:  # to a point in time: nothing was counted then
+            timed("restore", restore)
+            compared = {"tables": []}
     except Exception as exc:
         reason = one_line(str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__)
         if safety is not None:
@@ -112,7 +124,34 @@ def _recover(runbook: Runbook, plan: RecoveryPlan, fetched: dict, answer: Recove
         "timings": timings, "lost": plan.lost}, flow_run_id=current_run_id())
     publish_rto(plan, fetched, timings, downtime)
     return {"backup": plan.key, "safety_dump": safety["key"], "downtime_s": downtime, "timings": timings,
-            "download_s": fetched["download_s"], "tables": compared["tables"], "lost_at_plan": plan.lost}
+            "download_s": fetched["download_s"], "tables": compared["tables"], "lost_at_plan": plan.lost,
+            "rows_before": {t["table"]: t["rows now"] for t in plan.tables}}
+
+
+def _recover_to_time(runbook: Runbook, options: RecoverOptions) -> dict:
+    """The same recovery, the database back to ``target_time`` by pgBackRest: no counts were taken at that
+    moment, so what will be lost is shown as every table's rows now, and nothing is compared after."""
+    target = options.target_time
+    if target.tzinfo is None:
+        raise RunbookInvalid("target_time: give the time zone too (e.g. 2026-12-07T10:15:00+01:00): the VPS and "
+                             "the operator may not share one")
+    plan = plan_recovery(runbook, options.backup, counts_only=True)
+    info = pitr_info(runbook)
+    earliest = info.earliest_s
+    if earliest is None or target.timestamp() < earliest or target.timestamp() > time.time():
+        reach = (f"between {datetime.fromtimestamp(earliest, timezone.utc).isoformat()} and now" if earliest
+                 else "nowhere: no pgBackRest backup yet (liftoff run pitr)")
+        raise RunbookInvalid(f"target_time: {target.isoformat()} is out of reach; a point-in-time recovery reaches "
+                             f"{reach}")
+    plan.key = f"point in time {target.isoformat()} (pgBackRest stanza {runbook.backups.pitr.stanza})"
+    fetched = {"summary": f"pgBackRest: {len(info.backups)} backup(s), WAL {info.archive_min} .. {info.archive_max}",
+               "download_s": 0.0, "key": plan.key}
+    text = publish_recovery_plan(plan, fetched, dry_run=options.dry_run)
+    if options.dry_run:
+        return {"dry_run": True, "target_time": target.isoformat()}
+    answer = _approve(runbook, plan, text)
+    with exclusive(runbook.state_dir), exclusive(runbook.state_dir, lock=BACKUP_LOCK):
+        return _recover(runbook, plan, fetched, answer, restore=lambda rb: restore_to_time(rb, target))
 
 
 def _approve(runbook: Runbook, plan: RecoveryPlan, text: str) -> RecoveryApproval:
@@ -144,11 +183,16 @@ def publish_recovery_plan(plan: RecoveryPlan, fetched: dict | None, dry_run: boo
           f"- **apps**: {', '.join(plan.apps) or '(none listed in cutover.apps)'}, stopped with {plan.stop_with}",
           "- **first**: a safety dump of the database as it is goes to the backup bucket; any failure after the "
           "stop puts it back and starts the apps", "",
-          f"## What will be lost: {plan.lost:,} row(s) written after the backup",
-          "Counted on the live database now, per table (rows now minus rows at backup time: rows deleted since "
-          "the backup come back). The apps still write until they are stopped: the safety dump keeps those rows.",
-          "", markdown_table([t for t in plan.tables if t["written after the backup"]] or
-                             [{"table": "(none)", "written after the backup": 0}]),
+          *(["## What will be lost: every change made after that point in time",
+             "No counts were taken at that moment: here is every table's rows now, for the comparison afterwards. "
+             "The safety dump keeps the database as it is when the apps are stopped.", "",
+             markdown_table([{"table": t["table"], "rows now": t["rows now"]} for t in plan.tables])]
+            if plan.key.startswith("point in time") else
+            [f"## What will be lost: {plan.lost:,} row(s) written after the backup",
+             "Counted on the live database now, per table (rows now minus rows at backup time: rows deleted since "
+             "the backup come back). The apps still write until they are stopped: the safety dump keeps those rows.",
+             "", markdown_table([t for t in plan.tables if t["written after the backup"]] or
+                                [{"table": "(none)", "written after the backup": 0}])]),
           "", "## Backups in the bucket (newest first)", markdown_table([b.row for b in plan.backups]),
           "", f"To go on, type **{plan.database}** and tick approve."]
     text = "\n".join(md)

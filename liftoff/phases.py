@@ -103,11 +103,12 @@ PHASES: tuple[Phase, ...] = (
         steps=("backup.dump", "backup.files", "backup.restore-test", "backup.retention", "backup.tier-database",
                "backup.tier-redis", "backup.tier-retention", "recover.fetch",
                "recover.stop-apps", "recover.safety-dump", "recover.restore", "recover.compare", "recover.put-back",
-               "recover.start-apps"),
+               "recover.start-apps", "pitr.configure", "pitr.backup", "pitr.check", "recover.pitr-restore"),
         flows=(
             PhaseFlow("backup", "liftoff.flows.backup:backup", ("backup-plan", "restore-test-summary", "backup-summary")),
             PhaseFlow("restore-test", "liftoff.flows.backup:restore_test", ("restore-test-summary",)),
             PhaseFlow("recover", "liftoff.flows.recover:recover", ("recover-plan", "recover-summary")),
+            PhaseFlow("pitr", "liftoff.flows.pitr:pitr", ("pitr-summary",)),
         ),
         gate="backup",
     ),

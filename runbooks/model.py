@@ -551,6 +551,47 @@ class BackupTier(_Strict):
         return self.where[len("ssh:"):].rstrip("/") or "/" if self.where.startswith("ssh:") else None
 
 
+class Pitr(_Strict):
+    """Point-in-time recovery with pgBackRest on the VPS: the target cluster's WAL archived into the backup
+    bucket (backups.destination, over HTTPS: pgBackRest speaks S3 only over TLS), full and differential
+    backups on their schedules, ``pgbackrest check`` as the gate. pgBackRest runs on the VPS (the runbook's
+    ssh) as ``os_user``, which must reach the cluster over its socket without a password (Debian's peer)."""
+
+    stanza: str = Field(description="pgBackRest's name for the cluster, e.g. tour-crm")
+    pg_path: str = Field(description="the target cluster's data directory on the VPS, e.g. /var/lib/postgresql/16/main")
+    pg_port: int = Field(5432, ge=1, le=65535)
+    pg_socket_path: str | None = Field(None, description="the cluster's unix socket folder (default: pgBackRest's)")
+    os_user: str = Field("postgres", description="the operating system user the cluster runs as")
+    config: str = Field("/etc/pgbackrest/liftoff.conf", description="pgbackrest.conf Liftoff writes on the VPS "
+                        "(mode 0600, owned by os_user: it holds the bucket's key)")
+    work_dir: str = Field("/var/lib/pgbackrest", description="pgBackRest's log, lock and spool folder on the VPS")
+    repo_path: str = Field("/pgbackrest", description="key prefix of the repository in the bucket")
+    ca_file: str | None = Field(None, description="CA certificate file on the VPS the bucket's TLS certificate is "
+                                "checked against (default: the system's)")
+    retention_days: int = Field(30, ge=1, description="full backups (and the WAL they need) are kept this many days")
+    full_schedule: str = Field("0 1 * * 0", description="cron (in backups.timezone) of the full backups")
+    diff_schedule: str = Field("0 1 * * 1-6", description="cron of the differential backups")
+    restart_command: str = Field(description="restarts the cluster (archive_mode takes effect only then), e.g. "
+                                 "'systemctl restart postgresql@16-main'")
+    stop_command: str = Field(description="stops the cluster (a point-in-time restore replaces its files)")
+    start_command: str = Field(description="starts the cluster")
+    timeout_s: int = Field(600, ge=10, description="how long a pgBackRest command or the cluster's recovery may take")
+
+    @field_validator("full_schedule", "diff_schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not _CRON.match(v.strip()):
+            raise ValueError(f"'{v}' is not a cron line of five fields, e.g. '0 1 * * 0'")
+        return v
+
+    @field_validator("stanza")
+    @classmethod
+    def _stanza(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v):
+            raise ValueError("expected letters, digits, _ . -")
+        return v
+
+
 class Backups(_Strict):
     """Backups of the migrated database (pg_dump of target.direct) and of the target S3 server's buckets to an
     S3-compatible bucket (Backblaze B2), each database backup proven by restoring it (the backup phase)."""
@@ -580,6 +621,8 @@ class Backups(_Strict):
         None, description="the plan's backup table, one line per tier (what, schedule, where, keep); each runs "
         "on its own schedule and keeps its own backups. Without it, every run of `schedules` backs up the "
         "database and the files to the destination, restore-tests it and keeps retention_days (as before tiers)")
+    pitr: Pitr | None = Field(None, description="point-in-time recovery with pgBackRest (WAL archiving into "
+                              "the destination bucket); liftoff run pitr")
     restore_test_schedule: str = Field("30 4 * * *", description="cron (in timezone) of the restore-test "
                                        "deployment when tiers are given: the newest backup proven by a restore "
                                        "(daily by default)")

@@ -84,9 +84,9 @@ def test_each_deployment_form_is_runoptions_with_descriptions_prefilled_with_the
         schema = deployment.parameter_openapi_schema
         # RunOptions, or (backup: the tier; recover: the backup) a form that adds one field to it
         form = schema["properties"]["options"]["$ref"].removeprefix("#/definitions/")
-        assert form in ("RunOptions", "BackupOptions", "RecoverOptions"), full
+        assert form in ("RunOptions", "BackupOptions", "RecoverOptions", "PitrOptions"), full
         fields = schema["definitions"][form]["properties"]
-        assert {"runbook", "dry_run"} <= set(fields) and len(fields) <= 3, full
+        assert {"runbook", "dry_run"} <= set(fields) and len(fields) <= 4, full
         assert fields["runbook"]["description"].startswith("Path of the runbook file"), full
         assert fields["dry_run"]["default"] is False and "write nothing" in fields["dry_run"]["description"], full
         assert deployment.parameters["options"] == {"runbook": str(served["runbook"])}, full
@@ -112,7 +112,7 @@ def test_rollback_and_recover_alone_are_marked_as_the_emergency_deployments(serv
         ["recover/recover", "rollback/rollback"]
     # the recovery's form has the backup to restore as a typed field, next to the runbook
     assert set(recover.parameter_openapi_schema["definitions"]["RecoverOptions"]["properties"]) == \
-        {"runbook", "dry_run", "backup"}
+        {"runbook", "dry_run", "backup", "target_time"}
 
 
 def test_a_bad_rehearsal_schedule_is_one_line_naming_the_field(stack):

@@ -114,12 +114,19 @@ def list_recoverable(rb: Runbook, now: float | None = None) -> list[BackupListed
             for b in archive.list_backups(destination_client(rb), rb.backups.destination.bucket, dump_prefix(rb))]
 
 
-def plan_recovery(rb: Runbook, key: str | None = None) -> RecoveryPlan:
+def plan_recovery(rb: Runbook, key: str | None = None, counts_only: bool = False) -> RecoveryPlan:
     """The backups there are, the one to restore (``key``, or the newest backup whose restore test did not
     fail) and, per table, the rows the live database holds now against those counted when it was taken:
-    what the recovery loses. Reads only."""
+    what the recovery loses. ``counts_only`` (a point-in-time recovery): every table's rows now. Reads only."""
     require_recovery(rb)
     listed = list_recoverable(rb)
+    if counts_only:
+        with postgres.session(rb.target.direct, "target.direct") as conn:
+            now = count_tables(conn)
+        ep = rb.target.direct
+        return RecoveryPlan(ep.database, f"target.direct ({ep.host}:{ep.port})", [a.name for a in rb.cutover.apps],
+                            _stop_with(rb), listed, "", None,
+                            [{"table": t, "rows now": n, "written after the backup": 0} for t, n in sorted(now.items())])
     if key is None:
         usable = [b for b in listed if b.kind == "backup" and b.restore_test != "FAILED"]
         if not usable:
@@ -139,11 +146,14 @@ def plan_recovery(rb: Runbook, key: str | None = None) -> RecoveryPlan:
     at = sidecar["tables"]
     tables = [{"table": t, "rows at backup": at.get(t, 0), "rows now": now.get(t, 0),
                "written after the backup": now.get(t, 0) - at.get(t, 0)} for t in sorted(set(at) | set(now))]
-    switch = rb.cutover.switch
-    stop_with = (f"ssh {rb.ssh.host}: {switch.ssh.stop}" if switch.driver == "ssh"
-                 else f"Coolify {switch.coolify.url}: stop {', '.join(switch.coolify.applications)}")
     return RecoveryPlan(ep.database, f"target.direct ({ep.host}:{ep.port})", [a.name for a in rb.cutover.apps],
-                        stop_with, listed, key, sidecar.get("snapshot_at"), tables)
+                        _stop_with(rb), listed, key, sidecar.get("snapshot_at"), tables)
+
+
+def _stop_with(rb: Runbook) -> str:
+    switch = rb.cutover.switch
+    return (f"ssh {rb.ssh.host}: {switch.ssh.stop}" if switch.driver == "ssh"
+            else f"Coolify {switch.coolify.url}: stop {', '.join(switch.coolify.applications)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
