@@ -2,9 +2,9 @@
 # Installs the Debian packages Liftoff's demo and tests run: the PostgreSQL 15 server (a Supabase-shaped
 # source and a target), its client tools, pgcopydb (the benchmark's baseline), OpenSSH's sshd (the VPS the
 # cutover's SSH switch reaches), redis-server (the cutover's checklist, the cache phase), PgBouncer (the
-# pooler phase) and iproute2's `ss` (the health and security checks over SSH); with the argument `bench`,
-# also rclone (the object benchmark's baseline); pgbackrest (point-in-time recovery) and redis-tools (redis-cli
-# --rdb: the Redis backup tier). Idempotent: it only calls apt when something is missing.
+# pooler phase), iproute2's `ss` (the health and security checks over SSH), pgbackrest (point-in-time
+# recovery) and redis-tools (redis-cli --rdb: the Redis backup tier); with the argument `bench`, also rclone
+# (the object benchmark's baseline). Idempotent: it only calls apt when something is missing.
 set -euo pipefail
 missing=()
 if [ "${1:-}" = bench ]; then command -v rclone >/dev/null 2>&1 || missing+=(rclone); fi

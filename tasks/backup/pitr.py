@@ -180,8 +180,13 @@ def restore_to_time(rb: Runbook, target: datetime) -> dict:
     require_pitr(rb)
     p = rb.backups.pitr
     started = time.monotonic()
+    with postgres.session(rb.target.direct, "target.direct", autocommit=False) as conn:
+        # Recovery to a time stops at the first commit after it; with none in the archive (nothing written
+        # since the target time) PostgreSQL ends recovery "before the target was reached" and does not start.
+        conn.execute("SELECT pg_current_xact_id()")
+        conn.commit()
     with Remote(rb.ssh) as remote:
-        run_pgbackrest(rb, remote, "check")  # every write until now is in the archive, should it be needed
+        run_pgbackrest(rb, remote, "check")  # every write until now is in the archive, that commit too
         remote.run(p.stop_command, timeout=p.timeout_s)
         try:
             run_pgbackrest(rb, remote, "restore", "--delta", "--type=time", f"--target={target.isoformat(sep=' ')}",
