@@ -572,9 +572,10 @@ class Pitr(_Strict):
     full_schedule: str = Field("0 1 * * 0", description="cron (in backups.timezone) of the full backups")
     diff_schedule: str = Field("0 1 * * 1-6", description="cron of the differential backups")
     restart_command: str = Field(description="restarts the cluster (archive_mode takes effect only then), e.g. "
-                                 "'systemctl restart postgresql@16-main'")
+                                 "'systemctl restart postgresql@16-main'; it must return once the cluster is up "
+                                 "and leave no process holding its output (pg_ctl: give -l LOGFILE)")
     stop_command: str = Field(description="stops the cluster (a point-in-time restore replaces its files)")
-    start_command: str = Field(description="starts the cluster")
+    start_command: str = Field(description="starts the cluster (as restart_command: pg_ctl with -l LOGFILE)")
     timeout_s: int = Field(600, ge=10, description="how long a pgBackRest command or the cluster's recovery may take")
 
     @field_validator("full_schedule", "diff_schedule")
