@@ -26,6 +26,8 @@ from liftoff.phases import PHASES, PhaseFlow, all_flows
 MIGRATE = all_flows()["migrate"]
 REHEARSAL = all_flows()["rehearsal"]
 BACKUP = all_flows()["backup"]
+RESTORE_TEST = all_flows()["restore-test"]
+PITR = all_flows()["pitr"]
 EMERGENCY = "rollback"
 EMERGENCY_NOTE = ("EMERGENCY: press this one when the cutover went wrong. It puts the apps back on the source "
                   "and makes the source writable again, from the ledger's record of what the cutover changed. ")
@@ -43,7 +45,11 @@ DEPLOYMENTS: dict[str, tuple[PhaseFlow, list[str]]] = {
 DEPLOYMENTS[EMERGENCY] = (DEPLOYMENTS[EMERGENCY][0], ["liftoff", "cutover", "emergency"])
 # Deployments that write nothing; every other one runs once at a time: a second start while one runs is
 # cancelled by Prefect (CANCEL_NEW), not queued behind it, besides the runbook's file lock (liftoff.ledger.exclusive)
-READ_ONLY = {"preflight", "verify", "verify-storage", "health", "security"}
+READ_ONLY = {"preflight", "verify", "verify-storage", "health", "security", "replication-lag"}
+RECOVER = "recover"
+RECOVER_NOTE = ("EMERGENCY: press this one when the database must come back from a backup. It shows what will "
+                "be lost and asks before it stops the apps. ")
+DEPLOYMENTS[RECOVER] = (DEPLOYMENTS[RECOVER][0], ["liftoff", "backup", "emergency"])
 
 
 def deployments(runbook: str | None = None, only: list[str] | None = None) -> list:
@@ -75,6 +81,10 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
             schedules = rehearsal_schedules(path)
         elif entry is BACKUP:
             schedules = backup_schedules(path)
+        elif entry is RESTORE_TEST:
+            schedules = restore_test_schedules(path)
+        elif entry is PITR:
+            schedules = pitr_schedules(path)
         limit = None if name in READ_ONLY else ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW")
         result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
                                          parameters=defaults, schedules=schedules, concurrency_limit=limit))
@@ -102,7 +112,7 @@ def configured_phases(runbook_path: str | None) -> set[str] | None:
 def describe(name: str, flow) -> str:
     """The flow's docstring as one paragraph (what a run guarantees when it succeeds)."""
     text = " ".join(inspect.cleandoc(flow.__doc__ or "").split())
-    return (EMERGENCY_NOTE + text) if name == EMERGENCY else text
+    return {EMERGENCY: EMERGENCY_NOTE, RECOVER: RECOVER_NOTE}.get(name, "") + text
 
 
 def rehearsal_schedules(runbook_path: str | None) -> list:
@@ -144,6 +154,9 @@ def backup_schedules(runbook_path: str | None) -> list:
     except (ZoneInfoNotFoundError, ValueError):
         raise RunbookInvalid(f"{runbook_path}: backups.timezone: expected an IANA time zone such as "
                              f"Europe/Berlin, got {backups.timezone!r}") from None
+    if backups.tiers:  # one schedule per tier, which names its tier
+        return [Cron(t.schedule, timezone=backups.timezone, slug=f"tier-{t.name}",
+                     parameters={"options": {"runbook": runbook_path, "tier": t.name}}) for t in backups.tiers]
     schedules = []
     for i, line in enumerate(backups.schedules):
         try:
@@ -152,6 +165,37 @@ def backup_schedules(runbook_path: str | None) -> list:
             raise RunbookInvalid(f"{runbook_path}: backups.schedules[{i}]: expected a cron expression such as "
                                  f"'0 3 * * *' (daily 03:00), got {line!r}") from None
     return schedules
+
+
+def restore_test_schedules(runbook_path: str | None) -> list:
+    """With backups.tiers the restore test has its own schedule (``backups.restore_test_schedule``, daily by
+    default); without tiers every backup run restore-tests its backup and this deployment runs on demand."""
+    from prefect.schedules import Cron
+
+    from liftoff.runbooks.model import load_runbook
+
+    if runbook_path is None:
+        return []
+    backups = load_runbook(runbook_path).backups
+    if backups is None or not backups.tiers:
+        return []
+    return [Cron(backups.restore_test_schedule, timezone=backups.timezone)]
+
+
+def pitr_schedules(runbook_path: str | None) -> list:
+    """pgBackRest's full and differential backups on ``backups.pitr``'s crons (the backup type a parameter)."""
+    from prefect.schedules import Cron
+
+    from liftoff.runbooks.model import load_runbook
+
+    if runbook_path is None:
+        return []
+    backups = load_runbook(runbook_path).backups
+    if backups is None or backups.pitr is None:
+        return []
+    return [Cron(cron, timezone=backups.timezone, slug=f"pitr-{kind}",
+                 parameters={"options": {"runbook": runbook_path, "backup_type": kind}})
+            for kind, cron in (("full", backups.pitr.full_schedule), ("diff", backups.pitr.diff_schedule))]
 
 
 def warn(line: str) -> None:

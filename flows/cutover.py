@@ -13,11 +13,12 @@ from prefect.flow_runs import pause_flow_run
 from liftoff.flows.final_sync import STRATEGIES
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.flows.rollback import automatic_rollback
-from liftoff.errors import GateFailed, NotApproved, StepFailed
+from liftoff.errors import GateFailed, LiftoffError, NotApproved, StepFailed
 from liftoff.ledger import Ledger, current_run_id, exclusive
 from liftoff.redaction import first_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook, load_runbook, resolve_runbook_path
+from liftoff.tasks.backup.steps import restore_test_newest_if_untested
 from liftoff.tasks.cutover import approval
 from liftoff.tasks.cutover.catch_up import catch_up, record_baseline
 from liftoff.tasks.cutover.common import COMPLETED, PHASE, STARTED, require_switch
@@ -45,9 +46,11 @@ def cutover(options: RunOptions) -> dict:
     runbook = open_runbook(options, PHASE)
     require_switch(runbook)
     refuse_while_changes_stranded(runbook)  # the final sync reloads the target: nothing of the apps' may be there
+    if not options.dry_run:  # the checklist reads the backup gate: of the newest backup, whichever tier made it
+        restore_test_newest_if_untested(runbook)
     try:
         checklist = check_before_cutover(runbook)  # a failed checklist raises (and is published) there
-    except GateFailed:
+    except LiftoffError:  # a difference (3) or a check that could not run (2): replication is dropped either way
         _stop_replication(runbook, options, "the checklist failed")
         raise
     form_text, shown = approval.evidence(runbook, checklist.rows(), Ledger(runbook.state_dir))

@@ -5,7 +5,7 @@ Prefect renders this model as the form an operator fills in when starting a run 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from liftoff.ledger import Ledger, setup_of
 from liftoff.logs import bind_run, get_logger
@@ -20,6 +20,15 @@ class RunOptions(BaseModel):
         examples=["runbooks/tour-crm.yaml"],
     )
     dry_run: bool = Field(False, description="Plan and report only: write nothing anywhere.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_plain_options(cls, value: object) -> object:
+        """A caller holding plain RunOptions (migrate, the rehearsal, a test) may start a flow whose form adds
+        fields with defaults (backup's tier, recover's backup): its runbook and dry_run are taken as given."""
+        if isinstance(value, RunOptions) and not isinstance(value, cls):
+            return value.model_dump()
+        return value
 
 
 def open_runbook(options: RunOptions, phase: str) -> Runbook:

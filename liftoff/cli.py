@@ -98,8 +98,11 @@ def run_flow(name: FlowName, runbook: Path, dry_run: bool) -> dict:
     load_runbook(runbook)  # bad input fails here, before any run starts
     flow = _flow(name)
     _quiet_prefect_console()
+    from typing import get_type_hints
+
+    options = get_type_hints(flow.fn).get("options", RunOptions)  # a flow with more parameters (recover) takes its own
     with _progress_display():
-        return flow(RunOptions(runbook=str(runbook.resolve()), dry_run=dry_run))
+        return flow(options(runbook=str(runbook.resolve()), dry_run=dry_run))
 
 
 def print_summaries(keys=("preflight-summary", "export-plan", "restore-plan", "verify-summary")) -> None:

@@ -577,12 +577,14 @@ _held_lock = threading.Lock()
 
 
 @contextmanager
-def exclusive(state_dir: Path, flow_run_id: str | None = None):
+def exclusive(state_dir: Path, flow_run_id: str | None = None, *, lock: str = "liftoff"):
     """Holds the runbook's write lock (a file lock in state_dir) so two runs of one runbook, say one from
     the UI and one from the CLI, never write at once. Re-entrant within a process, so a composed run (say
     migrate-database) holds it across its steps; released when the process dies. The lock file names its
-    holder (pid, flow run, since when), and a refused run says who holds it."""
-    path = Path(state_dir) / "liftoff.lock"
+    holder (pid, flow run, since when), and a refused run says who holds it. ``lock``: another lock of the
+    same runbook, for work that only reads what the migration writes (``backup``: two backups never run at
+    once, but one runs during a migration)."""
+    path = Path(state_dir) / f"{lock}.lock"
     key = str(path.resolve())
     with _held_lock:
         if _held.get(key):
@@ -603,7 +605,8 @@ def exclusive(state_dir: Path, flow_run_id: str | None = None):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StepFailed(f"another run of this runbook is writing now ({_holder(path)}; lock {path}); wait "
+            what = "writing now" if lock == "liftoff" else f"holding its {lock} lock"
+            raise StepFailed(f"another run of this runbook is {what} ({_holder(path)}; lock {path}); wait "
                              "for it to finish or stop it, then re-run") from None
         try:
             os.ftruncate(fd, 0)

@@ -116,11 +116,17 @@ PHASES: tuple[Phase, ...] = (
     ),
     Phase(
         name="backup",
-        title="Backup: pg_dump to the S3 bucket, files too, retention, and every backup proven by a restore",
-        steps=("backup.dump", "backup.files", "backup.restore-test", "backup.retention"),
+        title="Backup: pg_dump to the S3 bucket, files too, retention, every backup proven by a restore; "
+              "and the recovery from a chosen backup",
+        steps=("backup.dump", "backup.files", "backup.restore-test", "backup.retention", "backup.tier-database",
+               "backup.tier-redis", "backup.tier-retention", "recover.fetch",
+               "recover.stop-apps", "recover.safety-dump", "recover.restore", "recover.compare", "recover.put-back",
+               "recover.start-apps", "pitr.configure", "pitr.backup", "pitr.check", "recover.pitr-restore"),
         flows=(
             PhaseFlow("backup", "liftoff.flows.backup:backup", ("backup-plan", "restore-test-summary", "backup-summary")),
             PhaseFlow("restore-test", "liftoff.flows.backup:restore_test", ("restore-test-summary",)),
+            PhaseFlow("recover", "liftoff.flows.recover:recover", ("recover-plan", "recover-summary")),
+            PhaseFlow("pitr", "liftoff.flows.pitr:pitr", ("pitr-summary",)),
         ),
         gate="backup",
     ),

@@ -183,6 +183,11 @@ class EnvValue(_Strict):
 class SshSwitch(_Strict):
     env_file: str = Field(description="the apps' env file on the VPS, rewritten atomically (a backup is kept)")
     restart: str = Field(description="the command that restarts the apps with the new env file")
+    stop: str | None = Field(None, description="the command that stops the apps and returns once they wrote "
+                             "their last row (the recovery stops them before it replaces the database), e.g. "
+                             "'docker compose -f /srv/crm/compose.yaml stop'")
+    start: str | None = Field(None, description="the command that starts the apps again after a recovery "
+                              "(default: restart)")
 
 
 class CoolifySwitch(_Strict):
@@ -543,6 +548,107 @@ class S3Target(_Strict):
 
 
 _CRON = re.compile(r"^\S+(\s+\S+){4}$")
+_KEEP = re.compile(r"^(\d+)([hd])$")
+
+
+class BackupTier(_Strict):
+    """One line of the plan's backup table: what is backed up, when, where to, and how long it is kept."""
+
+    name: str = Field(description="the tier's name: in its objects' names and the schedule's parameters")
+    what: list[Literal["database", "files", "redis"]] = Field(
+        min_length=1, description="database: pg_dump of target.direct; files: the storage.target buckets "
+        "(backups.files), new or changed objects; redis: an RDB snapshot of target.redis")
+    schedule: str = Field(description="cron, in backups.timezone")
+    where: str = Field("destination", description="destination: backups.destination (B2); or ssh:/ABSOLUTE/PATH, "
+                       "a folder on the VPS (the runbook's ssh)")
+    keep: str = Field(description="how long each backup of this tier is kept: Nd (days) or Nh (hours); the "
+                      "newest backups.keep_newest are always kept")
+
+    @field_validator("name")
+    @classmethod
+    def _tier_name(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9-]*$", v):
+            raise ValueError("expected lower-case letters, digits and -, e.g. daily")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not _CRON.match(v.strip()):
+            raise ValueError(f"'{v}' is not a cron line of five fields, e.g. '0 3 * * *'")
+        return v
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, v: str) -> str:
+        if v != "destination" and not re.match(r"^ssh:/[^\s]*$", v):
+            raise ValueError("expected destination, or ssh:/absolute/path (a folder on the VPS)")
+        return v
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v: str) -> str:
+        m = _KEEP.match(v)
+        if not m or int(m.group(1)) < 1:
+            raise ValueError("expected a number of days or hours, e.g. 30d or 24h")
+        return v
+
+    @model_validator(mode="after")
+    def _files_to_bucket(self) -> "BackupTier":
+        if "files" in self.what and self.where != "destination":
+            raise ValueError("files are backed up to backups.destination only (where: destination)")
+        return self
+
+    @property
+    def keep_s(self) -> int:
+        n, unit = _KEEP.match(self.keep).groups()
+        return int(n) * (86400 if unit == "d" else 3600)
+
+    @property
+    def ssh_path(self) -> str | None:
+        return self.where[len("ssh:"):].rstrip("/") or "/" if self.where.startswith("ssh:") else None
+
+
+class Pitr(_Strict):
+    """Point-in-time recovery with pgBackRest on the VPS: the target cluster's WAL archived into the backup
+    bucket (backups.destination, over HTTPS: pgBackRest speaks S3 only over TLS), full and differential
+    backups on their schedules, ``pgbackrest check`` as the gate. pgBackRest runs on the VPS (the runbook's
+    ssh) as ``os_user``, which must reach the cluster over its socket without a password (Debian's peer)."""
+
+    stanza: str = Field(description="pgBackRest's name for the cluster, e.g. tour-crm")
+    pg_path: str = Field(description="the target cluster's data directory on the VPS, e.g. /var/lib/postgresql/16/main")
+    pg_port: int = Field(5432, ge=1, le=65535)
+    pg_socket_path: str | None = Field(None, description="the cluster's unix socket folder (default: pgBackRest's)")
+    os_user: str = Field("postgres", description="the operating system user the cluster runs as")
+    config: str = Field("/etc/pgbackrest/liftoff.conf", description="pgbackrest.conf Liftoff writes on the VPS "
+                        "(mode 0600, owned by os_user: it holds the bucket's key)")
+    work_dir: str = Field("/var/lib/pgbackrest", description="pgBackRest's log, lock and spool folder on the VPS")
+    repo_path: str = Field("/pgbackrest", description="key prefix of the repository in the bucket")
+    ca_file: str | None = Field(None, description="CA certificate file on the VPS the bucket's TLS certificate is "
+                                "checked against (default: the system's)")
+    retention_days: int = Field(30, ge=1, description="full backups (and the WAL they need) are kept this many days")
+    full_schedule: str = Field("0 1 * * 0", description="cron (in backups.timezone) of the full backups")
+    diff_schedule: str = Field("0 1 * * 1-6", description="cron of the differential backups")
+    restart_command: str = Field(description="restarts the cluster (archive_mode takes effect only then), e.g. "
+                                 "'systemctl restart postgresql@16-main'; it must return once the cluster is up "
+                                 "and leave no process holding its output (pg_ctl: give -l LOGFILE)")
+    stop_command: str = Field(description="stops the cluster (a point-in-time restore replaces its files)")
+    start_command: str = Field(description="starts the cluster (as restart_command: pg_ctl with -l LOGFILE)")
+    timeout_s: int = Field(600, ge=10, description="how long a pgBackRest command or the cluster's recovery may take")
+
+    @field_validator("full_schedule", "diff_schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not _CRON.match(v.strip()):
+            raise ValueError(f"'{v}' is not a cron line of five fields, e.g. '0 1 * * 0'")
+        return v
+
+    @field_validator("stanza")
+    @classmethod
+    def _stanza(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v):
+            raise ValueError("expected letters, digits, _ . -")
+        return v
 
 
 class Backups(_Strict):
@@ -570,6 +676,39 @@ class Backups(_Strict):
                               "<files_prefix><bucket>/<key>")
     restore_test_database: str = Field("liftoff_restore_test", description="scratch database on the target "
                                        "server each backup is restored into, then dropped (also on failure)")
+    tiers: list[BackupTier] | None = Field(
+        None, description="the plan's backup table, one line per tier (what, schedule, where, keep); each runs "
+        "on its own schedule and keeps its own backups. Without it, every run of `schedules` backs up the "
+        "database and the files to the destination, restore-tests it and keeps retention_days (as before tiers)")
+    pitr: Pitr | None = Field(None, description="point-in-time recovery with pgBackRest (WAL archiving into "
+                              "the destination bucket); liftoff run pitr")
+    restore_test_schedule: str = Field("30 4 * * *", description="cron (in timezone) of the restore-test "
+                                       "deployment when tiers are given: the newest backup proven by a restore "
+                                       "(daily by default)")
+
+    @field_validator("restore_test_schedule")
+    @classmethod
+    def _restore_cron(cls, v: str) -> str:
+        if not _CRON.match(v.strip()):
+            raise ValueError(f"'{v}' is not a cron line of five fields, e.g. '30 4 * * *'")
+        return v
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_tiers(cls, v: list[BackupTier] | None) -> list[BackupTier] | None:
+        names = [t.name for t in v or []]
+        if len(names) != len(set(names)):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if v is not None and not any("database" in t.what and t.where == "destination" for t in v):
+            raise ValueError("at least one tier must back up the database to the destination (restore tests and "
+                             "recover read it there)")
+        return v
+
+    def tier(self, name: str) -> BackupTier:
+        for t in self.tiers or []:
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
     @field_validator("schedules")
     @classmethod

@@ -136,8 +136,39 @@ def _exit_on_term(signum, frame):
     raise SystemExit(0)
 
 
+WRITE_INTERVAL_S = 0.05
+
+
+def write_while_running(env: dict[str, str]) -> None:
+    """With ``WRITE_TABLE`` in the env file, the app writes as a booking app does while it runs: one row
+    (``INSERT ... DEFAULT VALUES``) every 50 ms into that table, each in its own transaction, reconnecting
+    after an error. A recovery's tests count these rows: they stop when the app is stopped."""
+    import psycopg
+
+    table = env["WRITE_TABLE"]
+    conn = None
+    while True:
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(env["DATABASE_URL"], connect_timeout=CHECK_TIMEOUT_S, autocommit=True)
+            conn.execute(f"INSERT INTO {table} DEFAULT VALUES")
+        except Exception as exc:  # noqa: BLE001 - a database away (being recovered): try again next tick
+            print(f"write failed: {_one_line(exc)}", file=sys.stderr, flush=True)
+            try:
+                if conn is not None:
+                    conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            conn = None
+        time.sleep(WRITE_INTERVAL_S)
+
+
 def serve(env_file: Path, port: int, pid_file: Path) -> None:
     HealthHandler.env = read_env_file(env_file)
+    if HealthHandler.env.get("WRITE_TABLE") and HealthHandler.env.get("DATABASE_URL"):
+        import threading
+
+        threading.Thread(target=write_while_running, args=(HealthHandler.env,), daemon=True).start()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), HealthHandler)
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, _exit_on_term)
@@ -204,17 +235,19 @@ class CrmApp:
     """One instance of the stand-in app as the tests and the demo run it: its env file (pointing at
     ``database_url``), the restart command the SSH switch runs, and its health URL, on a free port."""
 
-    def __init__(self, workdir: Path, database_url: str):
+    def __init__(self, workdir: Path, database_url: str, write_table: str | None = None):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.env_file = Path(workdir) / f"crm-app-{self.port}.env"
-        self.env_file.write_text(f"# the CRM's environment\nDATABASE_URL={database_url}\nAPP_NAME=crm\n")
+        writes = f"WRITE_TABLE={write_table}\n" if write_table else ""  # see write_while_running
+        self.env_file.write_text(f"# the CRM's environment\nDATABASE_URL={database_url}\nAPP_NAME=crm\n{writes}")
         os.chmod(self.env_file, 0o600)
         self.pid_file = Path(workdir) / f"crm-app-{self.port}.pid"
         self.log_file = Path(workdir) / f"crm-app-{self.port}.log"
         self.restart_command = (f"{sys.executable} -m liftoff_sandbox.crm_app restart --env-file {self.env_file} "
                                 f"--port {self.port} --pid-file {self.pid_file} --log-file {self.log_file}")
+        self.stop_command = f"{sys.executable} -m liftoff_sandbox.crm_app stop --pid-file {self.pid_file}"
         self.health_url = f"http://127.0.0.1:{self.port}/api/health"
 
     def start(self) -> "CrmApp":

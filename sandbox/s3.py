@@ -102,6 +102,7 @@ class S3Server:
     access_key: str = field(default_factory=lambda: "LIFTOFF" + secrets.token_hex(8).upper())
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
     host: str = "127.0.0.1"
+    tls: bool = False  # also an HTTPS listener (``https_endpoint``, self-signed ``ca_file``): pgBackRest speaks S3 only over TLS
 
     def __post_init__(self):
         if self.root is None:
@@ -120,11 +121,46 @@ class S3Server:
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def https_port(self) -> int:
+        return self.ports["s3.port.https"]
+
+    @property
+    def ca_file(self) -> Path:
+        """The self-signed certificate of the HTTPS listener (for 127.0.0.1 and localhost): the CA to trust."""
+        return self.root / "tls-cert.pem"
+
+    def _write_certificate(self) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.host)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=7))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(self.host)),
+                                                            x509.DNSName("localhost")]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        self.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        keyfile = self.root / "tls-key.pem"
+        keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        keyfile.chmod(0o600)
+        self.ca_file.chmod(0o644)
+
     def _allocate_ports(self) -> None:
         names = [
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
             "filer.port.grpc", "s3.port", "s3.port.grpc", "webdav.port",
-        ]
+        ] + (["s3.port.https"] if self.tls else [])
         self.ports = dict(zip(names, _free_ports(len(names))))
         admin = _free_port_pair(_GRPC_OFFSET, set(self.ports.values()))
         self.ports["admin.port"] = admin
@@ -153,6 +189,10 @@ class S3Server:
             f"-admin.dataDir={self.root / 'admin'}",
         ]
         argv += [f"-{name}={port}" for name, port in self.ports.items()]
+        if self.tls:
+            if not self.ca_file.exists():
+                self._write_certificate()
+            argv += [f"-s3.cert.file={self.ca_file}", f"-s3.key.file={self.root / 'tls-key.pem'}"]
         return argv
 
     def _grpc_sockets(self) -> list[Path]:

@@ -2,8 +2,9 @@
 # Installs the Debian packages Liftoff's demo and tests run: the PostgreSQL 15 server (a Supabase-shaped
 # source and a target), its client tools, pgcopydb (the benchmark's baseline), OpenSSH's sshd (the VPS the
 # cutover's SSH switch reaches), redis-server (the cutover's checklist, the cache phase), PgBouncer (the
-# pooler phase) and iproute2's `ss` (the health and security checks over SSH); with the argument `bench`,
-# also rclone (the object benchmark's baseline). Idempotent: it only calls apt when something is missing.
+# pooler phase), iproute2's `ss` (the health and security checks over SSH), pgbackrest (point-in-time
+# recovery) and redis-tools (redis-cli --rdb: the Redis backup tier); with the argument `bench`, also rclone
+# (the object benchmark's baseline). Idempotent: it only calls apt when something is missing.
 set -euo pipefail
 missing=()
 if [ "${1:-}" = bench ]; then command -v rclone >/dev/null 2>&1 || missing+=(rclone); fi
@@ -13,6 +14,8 @@ command -v pgcopydb >/dev/null 2>&1 || missing+=(pgcopydb)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v pgbackrest >/dev/null 2>&1 || missing+=(pgbackrest)
 [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the pooler phase's tests run the real one
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the health and security checks read `ss` over SSH
 [ -x /usr/sbin/ufw ] || missing+=(ufw)  # the security tests run the real ufw in a network namespace of their own

@@ -285,3 +285,41 @@ def test_the_restore_test_runs_from_the_cli_and_prints_its_rto(stack, backed_up)
     assert "Restore test PASSED" in out and "RTO" in out and backed_up["result"]["backup"]["key"] in out
     tested = [e.after for e in Ledger(backed_up["rb"].state_dir).events("backup") if e.what == "backup.restore-tested"]
     assert len(tested) == 2 and all(t["passed"] and t["rto_s"] > 0 for t in tested)
+
+
+def _held_by_another_process(lock: Path) -> bool:
+    import fcntl
+
+    if not lock.exists():
+        return False
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_backup_runs_while_a_database_migration_holds_the_runbooks_lock(stack, s3_servers, migrated):
+    """The backup reads the target only: it takes its own lock, so the daily backup is not refused while a
+    migration (or a cutover) of the same runbook writes."""
+    database = stack.new_target_database(f"during{os.getpid()}")
+    runbook = backup_runbook(stack, s3_servers, database=database)
+    rb = load_runbook(runbook)
+    migration = subprocess.Popen([str(Path(sys.executable).parent / "liftoff"), "run", "database", "--runbook",
+                                  str(runbook)], env=os.environ.copy(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _held_by_another_process(rb.state_dir / "liftoff.lock"):
+            assert migration.poll() is None, f"the migration ended before it took its lock: {migration.stdout.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the migration never took the runbook's lock"
+            time.sleep(0.05)
+        result = backup(RunOptions(runbook=str(runbook)))  # during the migration: not refused
+        assert result["restore_test"]["rto_s"] > 0
+        out, _ = migration.communicate(timeout=300)
+    finally:
+        stop_process_group(migration)
+    assert migration.returncode == 0, out[-2000:]
+    assert Ledger(rb.state_dir).latest_gate("backup").passed and Ledger(rb.state_dir).latest_gate("database").passed

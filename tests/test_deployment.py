@@ -112,8 +112,11 @@ def test_served_with_a_runbook_only_the_phases_it_configures_are_deployments(sta
 def test_each_deployment_form_is_runoptions_with_descriptions_prefilled_with_the_runbook(served):
     for full, deployment in served["deployments"].items():
         schema = deployment.parameter_openapi_schema
-        assert schema["properties"]["options"]["$ref"] == "#/definitions/RunOptions", full
-        fields = schema["definitions"]["RunOptions"]["properties"]
+        # RunOptions, or (backup: the tier; recover: the backup) a form that adds one field to it
+        form = schema["properties"]["options"]["$ref"].removeprefix("#/definitions/")
+        assert form in ("RunOptions", "BackupOptions", "RecoverOptions", "PitrOptions"), full
+        fields = schema["definitions"][form]["properties"]
+        assert {"runbook", "dry_run"} <= set(fields) and len(fields) <= 4, full
         assert fields["runbook"]["description"].startswith("Path of the runbook file"), full
         assert fields["dry_run"]["default"] is False and "write nothing" in fields["dry_run"]["description"], full
         assert deployment.parameters["options"] == {"runbook": str(served["runbook"])}, full
@@ -130,11 +133,16 @@ def test_rehearsal_is_scheduled_on_the_runbooks_cron_in_its_time_zone(served):
     assert all(not d.schedules for full, d in served["deployments"].items() if not full.endswith("/rehearsal"))
 
 
-def test_rollback_alone_is_marked_as_the_emergency_deployment(served):
-    rollback = _by_name(served, "rollback")
-    assert rollback.description.startswith("EMERGENCY: press this one")
-    assert "emergency" in rollback.tags
-    assert [full for full, d in served["deployments"].items() if "emergency" in d.tags] == ["rollback/rollback"]
+def test_rollback_and_recover_alone_are_marked_as_the_emergency_deployments(served):
+    rollback, recover = _by_name(served, "rollback"), _by_name(served, "recover")
+    assert rollback.description.startswith("EMERGENCY: press this one when the cutover went wrong")
+    assert recover.description.startswith("EMERGENCY: press this one when the database must come back")
+    assert "emergency" in rollback.tags and "emergency" in recover.tags
+    assert sorted(full for full, d in served["deployments"].items() if "emergency" in d.tags) == \
+        ["recover/recover", "rollback/rollback"]
+    # the recovery's form has the backup to restore as a typed field, next to the runbook
+    assert set(recover.parameter_openapi_schema["definitions"]["RecoverOptions"]["properties"]) == \
+        {"runbook", "dry_run", "backup", "target_time"}
 
 
 def test_a_bad_rehearsal_schedule_is_one_line_naming_the_field(stack):

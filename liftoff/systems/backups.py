@@ -47,9 +47,10 @@ _PIECE = 1024 * 1024
 # Names
 
 
-def backup_key(prefix: str, when: float) -> str:
-    """``<prefix>_YYYY-MM-DD_HH-MM-SS.dump``, UTC. Only for people: nothing here reads a date from a name."""
-    return f"{prefix}_{datetime.fromtimestamp(when, UTC):%Y-%m-%d_%H-%M-%S}{DUMP_SUFFIX}"
+def backup_key(prefix: str, when: float, suffix: str = "") -> str:
+    """``<prefix>_YYYY-MM-DD_HH-MM-SS<suffix>.dump``, UTC. Only for people: nothing here reads a date from a
+    name (``suffix``: ``_before-recover`` for the recovery's safety dump)."""
+    return f"{prefix}_{datetime.fromtimestamp(when, UTC):%Y-%m-%d_%H-%M-%S}{suffix}{DUMP_SUFFIX}"
 
 
 def counts_key(key: str) -> str:
@@ -333,3 +334,43 @@ def restore_archive(pg_restore: str, path: Path, env: dict[str, str], jobs: int)
     if proc.returncode == 0:
         return None
     return f"pg_restore exit {proc.returncode}: {_first_error(proc.stderr)}"
+
+
+def recreate_from_archive(pg_restore: str, path: Path, env: dict[str, str], jobs: int) -> str | None:
+    """``pg_restore --create --no-owner --exit-on-error -j jobs`` of the archive, connected to the maintenance
+    database ``env`` names: the archive's database is created (with its encoding, collation, settings and
+    grants) and filled. Returns None when it restored without an error, else its first error line (redacted)."""
+    argv = [pg_restore, "--create", "--no-owner", "--exit-on-error", "--no-password", f"--jobs={jobs}",
+            "--dbname", env["PGDATABASE"], str(path)]
+    proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True)
+    if proc.returncode == 0:
+        return None
+    return f"pg_restore exit {proc.returncode}: {_first_error(proc.stderr)}"
+
+
+def dump_to_sink(argv: list[str], env: dict[str, str], sink) -> tuple[int, str, float]:
+    """Runs ``argv`` (a ``pg_dump -Fc`` writing to stdout) and hands its output, in pieces, to
+    ``sink(chunks) -> (size, sha256)``; returns (size, sha256, seconds). A pg_dump that fails or writes
+    nothing is StepFailed with its own first error line (what the sink wrote is then the caller's to drop)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr: list[bytes] = []
+    drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    drain.start()
+
+    def chunks():
+        while piece := proc.stdout.read(_PIECE):
+            yield piece
+
+    try:
+        size, sha256 = sink(chunks())
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise
+    proc.wait()
+    drain.join(30)
+    if proc.returncode != 0 or size == 0:
+        raise StepFailed(f"pg_dump failed (exit {proc.returncode}): {_first_error(stderr[0] if stderr else b'')}")
+    return size, sha256, round(time.monotonic() - started, 2)

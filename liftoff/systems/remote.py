@@ -28,7 +28,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from liftoff.errors import ConnectionRefused, StepFailed
+from liftoff.errors import ConnectionRefused, RunbookInvalid, StepFailed
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
 from liftoff.runbooks.model import SshAccess, SshSwitch
@@ -246,6 +246,49 @@ class Remote:
 
     def list_dir(self, path: str) -> list[str]:
         return self._sftp_client().listdir(path)
+
+    def write_stream(self, path: str, chunks, *, mode: int = 0o600) -> tuple[int, str]:
+        """Writes the byte chunks to ``path`` through a temporary name renamed at the end (a reader never sees a
+        part); the folder is created. Returns (size, SHA-256 hex) of what was written."""
+        sftp = self._sftp_client()
+        directory, name = posixpath.split(path)
+        self.run(f"mkdir -p -- {shlex.quote(directory)}", timeout=60)
+        tmp = posixpath.join(directory, f".{name}.liftoff-tmp-{secrets.token_hex(4)}")
+        sha, size = hashlib.sha256(), 0
+        try:
+            with sftp.open(tmp, "wb") as out:
+                out.set_pipelined(True)
+                for chunk in chunks:
+                    sha.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            sftp.chmod(tmp, mode)
+            self.run(f"sync -- {shlex.quote(tmp)}", check=False, timeout=600)
+            sftp.posix_rename(tmp, path)
+        except OSError as exc:
+            try:
+                sftp.remove(tmp)
+            except OSError:
+                pass
+            raise StepFailed(f"ssh {self._hostport}: cannot write {path} ({exc.strerror or exc}); check the "
+                             "folder's permissions and free space") from None
+        return size, sha.hexdigest()
+
+    def files(self, directory: str) -> list[paramiko.SFTPAttributes]:
+        """The entries of ``directory`` with their size and mtime; empty when it does not exist."""
+        try:
+            return self._sftp_client().listdir_attr(directory)
+        except FileNotFoundError:
+            return []
+
+    def rename(self, path: str, to: str) -> None:
+        self._sftp_client().posix_rename(path, to)
+
+    def remove(self, path: str) -> None:
+        try:
+            self._sftp_client().remove(path)
+        except FileNotFoundError:
+            pass
 
     def write_file_atomic(self, path: str, content: str | bytes, *, mode: int = 0o600,
                           backup: bool = True) -> str | None:
@@ -485,6 +528,18 @@ class EnvFileSwitch(SwitchDriver):
     def redeploy(self) -> None:
         self.remote.run(self.settings.restart, timeout=self.restart_timeout)
         log.info("apps restarted", where=self.where, command=command_head(self.settings.restart))
+
+    def stop_apps(self) -> None:
+        if not self.settings.stop:
+            raise RunbookInvalid("cutover.switch.ssh.stop: the recovery stops the apps before it replaces their "
+                                 "database: give the command that stops them (e.g. 'docker compose stop')")
+        self.remote.run(self.settings.stop, timeout=self.restart_timeout)
+        log.info("apps stopped", where=self.where, command=command_head(self.settings.stop))
+
+    def start_apps(self) -> None:
+        command = self.settings.start or self.settings.restart
+        self.remote.run(command, timeout=self.restart_timeout)
+        log.info("apps started", where=self.where, command=command_head(command))
 
     def close(self) -> None:
         self.remote.close()

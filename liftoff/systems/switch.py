@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from liftoff.errors import StepFailed
+
 
 class SwitchDriver(ABC):
     #: where the driver acts, for messages and the audit trail (never a secret)
@@ -35,6 +37,16 @@ class SwitchDriver(ABC):
     def redeploy(self) -> None:
         """Restarts or redeploys the apps with their current environment and returns once the restart or
         deployment finished (not once the apps are healthy: the caller polls their health)."""
+
+    def stop_apps(self) -> None:
+        """Stops the apps and returns once they stopped (the recovery replaces their database meanwhile)."""
+        raise StepFailed(f"the switch driver at {self.where} cannot stop the apps yet (only the ssh driver's "
+                         "cutover.switch.ssh.stop does): stop them by hand before a recovery")
+
+    def start_apps(self) -> None:
+        """Starts the apps ``stop_apps`` stopped, with their current environment; returns once started (not
+        once healthy: the caller polls their health)."""
+        raise StepFailed(f"the switch driver at {self.where} cannot start the apps yet: start them by hand")
 
     def close(self) -> None:
         """Releases connections."""

@@ -24,7 +24,7 @@ from psycopg import sql
 from liftoff.errors import LiftoffError, RunbookInvalid, StepFailed
 from liftoff.ledger import Ledger
 from liftoff.logs import get_logger
-from liftoff.redaction import redact
+from liftoff.redaction import one_line, redact
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Endpoint, Runbook
@@ -177,9 +177,23 @@ def plan_backup(rb: Runbook, now: float | None = None) -> BackupPlan:
 def make_backup(rb: Runbook) -> dict:
     """pg_dump -Fc of target.direct streamed to the backup bucket, with every table counted in the dump's own
     snapshot; succeeds when the object is stored with its size and SHA-256 metadata and its counts beside it."""
+    return dump_database(rb)
+
+
+def dump_database(rb: Runbook, suffix: str = "", kind: str = "backup", store=None, where: str | None = None) -> dict:
+    """The dump itself (also the recovery's safety dump, ``suffix`` ``_before-recover``): ``pg_dump -Fc`` of
+    target.direct from an exported snapshot in which every table is counted, to
+    ``<prefix>_<UTC time><suffix>.dump`` with its counts beside it; recorded as a ledger item and event.
+    ``store(argv, env, key, metadata, sidecar) -> StoredDump``: where it goes (default: the backup bucket,
+    ``archive.dump_to_bucket``); ``where``: how the result names that place."""
     require_backups(rb)
     ep, dest = rb.target.direct, rb.backups.destination
     client = destination_client(rb)
+    if store is None:
+        def store(argv, env, key, metadata, sidecar):
+            return archive.dump_to_bucket(argv, env, client, dest.bucket, key, rb.backups.part_size_mb * MiB,
+                                          metadata, sidecar)
+    where = where or f"bucket {dest.bucket}"
     with postgres.session(ep, "target.direct", autocommit=False) as snap:
         snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap.read_only = True
@@ -188,28 +202,27 @@ def make_backup(rb: Runbook) -> dict:
         snapshot = snap.execute("SELECT pg_export_snapshot()").fetchone()[0]
         taken = time.time()
         counts = count_tables(snap)
-        key = archive.backup_key(dump_prefix(rb), taken)
+        key = archive.backup_key(dump_prefix(rb), taken, suffix)
         argv = [tools.pg_dump, "--format=custom", f"--compress={rb.backups.compression}", "--no-password",
                 f"--snapshot={snapshot}", "--dbname", ep.database]
-        log.info("backup started", key=key, bucket=dest.bucket, tables=len(counts), pg_dump=tools.version)
+        log.info(f"{kind} started", key=key, where=where, tables=len(counts), pg_dump=tools.version)
         sidecar = {"database": ep.database, "server": f"{ep.host}:{ep.port}", "server_version": server.version,
                    "pg_dump": tools.pg_dump, "pg_dump_version": tools.version, "snapshot_at": taken,
-                   "tables": counts}
-        stored = archive.dump_to_bucket(argv, postgres.libpq_env(ep, "target.direct"), client, dest.bucket, key,
-                                        rb.backups.part_size_mb * MiB,
-                                        {"server-version": server.version, "pg-dump-version": tools.version},
-                                        sidecar)
+                   "tables": counts, "kind": kind}
+        stored = store(argv, postgres.libpq_env(ep, "target.direct"), key,
+                       {"server-version": server.version, "pg-dump-version": tools.version}, sidecar)
         snap.rollback()
     ledger = Ledger(rb.state_dir)
-    ledger.set_items(PHASE, DUMPS, [(key, "made", stored.size, stored.sha256)])
-    ledger.record_event(PHASE, "backup.made", after={"key": key, "bucket": dest.bucket, "bytes": stored.size,
-                                                     "sha256": stored.sha256, "tables": counts})
+    if where.startswith("bucket "):  # the restore test and the recovery read the bucket's dumps
+        ledger.set_items(PHASE, DUMPS, [(key, "made", stored.size, stored.sha256)])
+    ledger.record_event(PHASE, f"{kind}.made", after={"key": key, "where": where, "bytes": stored.size,
+                                                      "sha256": stored.sha256, "tables": counts})
     rows = sum(counts.values())
-    log.info("backup stored", key=key, bytes=stored.size, sha256=stored.sha256, seconds=stored.seconds)
+    log.info(f"{kind} stored", key=key, bytes=stored.size, sha256=stored.sha256, seconds=stored.seconds)
     return {"summary": f"{key}: {stored.size:,} bytes, {len(counts)} tables, {rows:,} rows, {stored.seconds} s",
-            "key": key, "bucket": dest.bucket, "bytes": stored.size, "sha256": stored.sha256, "tables": len(counts),
+            "key": key, "bucket": dest.bucket, "where": where, "bytes": stored.size, "sha256": stored.sha256, "tables": len(counts),
             "rows": rows, "seconds": stored.seconds, "pg_dump_version": tools.version,
-            "server_version": server.version, "counts": counts}
+            "server_version": server.version, "counts": counts, "taken_at": taken}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -489,3 +502,23 @@ def apply_retention(rb: Runbook, now: float | None = None) -> dict:
     kept = len(backups) - len(doomed)
     return {"summary": f"{len(doomed)} backups deleted (older than {rb.backups.retention_days} days), {kept} kept",
             "deleted": [b.key for b in doomed], "kept": kept, "partials_deleted": [p.key for p in partials]}
+
+
+def restore_test_newest_if_untested(rb: Runbook) -> RestoreTestReport | None:
+    """The cutover's checklist reads the backup gate: before it does, the newest backup in the bucket is
+    restore-tested unless the ledger has its result already (a tier's run does not test what it made).
+    Returns the new report, or None when there was nothing to test (or the test failed: the gate it recorded
+    is what the checklist's line reads and shows)."""
+    if rb.backups is None:
+        return None
+    found = archive.list_backups(destination_client(rb), rb.backups.destination.bucket, dump_prefix(rb))
+    if not found:
+        return None
+    status = {key: s for key, s, _, _ in Ledger(rb.state_dir).items(PHASE, DUMPS)}.get(found[0].key)
+    if status in ("restore-tested", "restore-failed"):
+        return None
+    try:
+        return run_restore_test(rb, found[0].key)
+    except LiftoffError as exc:
+        log.warning("restore test before the checklist failed", key=found[0].key, reason=one_line(exc))
+        return None

@@ -33,6 +33,12 @@ def wait_apps_healthy(rb: Runbook) -> dict[str, float]:
 @recorded("cutover.smoke")
 def smoke_test(rb: Runbook) -> dict:
     waited = wait_apps_healthy(rb)
+    return {"healthy_after_s": waited, "smoke_queries": run_smoke_queries(rb)}
+
+
+def run_smoke_queries(rb: Runbook) -> int:
+    """Runs each of ``cutover.smoke_queries`` read-only through target.pooled (target.direct without one);
+    returns how many answered. StepFailed naming the first that failed."""
     answered = 0
     if rb.cutover.smoke_queries:
         endpoint, field = (rb.target.pooled, "target.pooled") if rb.target.pooled else (rb.target.direct,
@@ -49,4 +55,4 @@ def smoke_test(rb: Runbook) -> dict:
                     raise StepFailed(f"smoke query {i} (cutover.smoke_queries[{i - 1}]) failed through "
                                      f"{endpoint.host}:{endpoint.port}: {first}") from None
                 answered += 1
-    return {"healthy_after_s": waited, "smoke_queries": answered}
+    return answered

@@ -109,7 +109,7 @@ class HealthReport(GateReport):
 
 
 
-def _checked(service: str, fix: str, check: Callable[[], HealthLine | list[HealthLine]]) -> list[HealthLine]:
+def checked_health(service: str, fix: str, check: Callable[[], HealthLine | list[HealthLine]]) -> list[HealthLine]:
     """Runs one check; whatever it raises becomes its critical line (one line, no secret)."""
     try:
         result = check()
@@ -125,17 +125,17 @@ def check_platform_health(rb: Runbook) -> HealthReport:
     """Checks every service, app and VPS threshold the runbook names. Reads only."""
     target = rb.target
     lines: list[HealthLine] = []
-    lines += _checked("PostgreSQL", "start PostgreSQL on the target, or correct target.direct (host, port, user, "
+    lines += checked_health("PostgreSQL", "start PostgreSQL on the target, or correct target.direct (host, port, user, "
                       "password)", lambda: _postgres("PostgreSQL", target.direct, "target.direct", pooled=False))
-    lines += _checked("PgBouncer", "start PgBouncer on the target, or correct target.pooled; liftoff run pooler "
+    lines += checked_health("PgBouncer", "start PgBouncer on the target, or correct target.pooled; liftoff run pooler "
                       "checks its config", lambda: _postgres("PgBouncer", target.pooled, "target.pooled", pooled=True))
-    lines += _checked("Redis", "start Redis on the target (docker compose up -d redis), or correct target.redis",
+    lines += checked_health("Redis", "start Redis on the target (docker compose up -d redis), or correct target.redis",
                       lambda: _redis(rb))
-    lines += _checked("MinIO", "start MinIO on the target, or correct storage.target.endpoint_url",
+    lines += checked_health("MinIO", "start MinIO on the target, or correct storage.target.endpoint_url",
                       lambda: _minio(rb))
     if rb.cutover.apps:
         for app in rb.cutover.apps:
-            lines += _checked(f"app {app.name}", f"make {app.name} healthy, or correct its cutover.apps health_url",
+            lines += checked_health(f"app {app.name}", f"make {app.name} healthy, or correct its cutover.apps health_url",
                               lambda app=app: _app(app))
     else:
         lines.append(HealthLine("apps", NOT_CONFIGURED, "the runbook lists no apps (cutover.apps)",
@@ -243,8 +243,8 @@ def _vps_lines(rb: Runbook) -> list[HealthLine]:
                     for name in [*disk_names, "PostgreSQL connections"]]
         lines: list[HealthLine] = []
         for path in settings.disk_paths:
-            lines += _checked(f"disk {path}", "check health.disk_paths", lambda path=path: _disk(remote, rb, path))
-        lines += _checked("PostgreSQL connections", "install iproute2 (ss) on the VPS",
+            lines += checked_health(f"disk {path}", "check health.disk_paths", lambda path=path: _disk(remote, rb, path))
+        lines += checked_health("PostgreSQL connections", "install iproute2 (ss) on the VPS",
                           lambda: _connections(remote, rb))
     return lines
 

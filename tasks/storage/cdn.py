@@ -17,7 +17,7 @@ from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, CheckReport
 from liftoff.logs import get_logger
 from liftoff.redaction import one_line
 from liftoff.runbooks.model import Runbook
-from liftoff.systems import dns, s3
+from liftoff.systems import dns
 from liftoff.systems.cdn import fetch_through, through_cdn
 from liftoff.tasks.prepare.access import PROBE_PREFIX
 from liftoff.tasks.storage.common import target_bucket, target_client

@@ -36,7 +36,7 @@ from liftoff.tasks.health.monitoring import (
     WARN,
     HealthLine,
     HealthReport,
-    _checked,
+    checked_health,
     check_platform_health,
 )
 
@@ -140,7 +140,7 @@ def _vps_lines(rb: Runbook, ledger: Ledger) -> list[HealthLine]:
             counters, memory = vps.cpu_and_memory(remote)
         return [_cpu_line(rb, ledger, counters), _ram_line(rb, memory)]
 
-    return _checked("CPU and RAM", "check ssh (host, user, private_key, known_hosts)", read)
+    return checked_health("CPU and RAM", "check ssh (host, user, private_key, known_hosts)", read)
 
 
 def _app_lines(rb: Runbook, app: App) -> list[HealthLine]:
@@ -175,7 +175,7 @@ def check_round(rb: Runbook, ledger: Ledger) -> HealthReport:
     lines = list(check_platform_health(rb).lines)
     lines += _vps_lines(rb, ledger)
     for app in rb.cutover.apps:
-        lines += _checked(f"app {app.name} response time", f"check {app.name}'s health_url",
+        lines += checked_health(f"app {app.name} response time", f"check {app.name}'s health_url",
                           lambda app=app: _app_lines(rb, app))
     return HealthReport([HealthLine(x.service, x.status, redact(x.detail), redact(x.fix)) for x in lines])
 
