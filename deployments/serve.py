@@ -95,7 +95,8 @@ def configured_phases(runbook_path: str | None) -> set[str] | None:
     """The phases ``runbook_path`` configures (None without a runbook: every phase is deployed): the database,
     health, prepare and migration phases always; storage with ``storage.source``/``target``; the cutover (and its
     rollback) with ``cutover.switch``; the pooler with ``pooler``; the cache with ``cache`` or ``target.redis``;
-    backups with ``backups``; security with ``ssh``."""
+    backups with ``backups``; security with ``ssh``; the tuning gate with ``tuning``; the watch with
+    ``cutover.switch`` (it watches a kept cutover)."""
     if runbook_path is None:
         return None
     from liftoff.runbooks.model import load_runbook
@@ -105,7 +106,9 @@ def configured_phases(runbook_path: str | None) -> set[str] | None:
     phases |= {name for name, on in (("storage", rb.storage.wanted), ("cutover", rb.cutover.switch is not None),
                                      ("pooler", rb.pooler is not None),
                                      ("cache", rb.cache is not None or rb.target.redis is not None),
-                                     ("backup", rb.backups is not None), ("security", rb.ssh is not None)) if on}
+                                     ("backup", rb.backups is not None), ("security", rb.ssh is not None),
+                                     ("tuning", rb.tuning is not None),
+                                     ("watch", rb.cutover.switch is not None)) if on}
     return phases
 
 
