@@ -102,6 +102,17 @@ def migrated(stack):
     return {"runbook": runbook, "result": result, "counts": counts}
 
 
+@pytest.fixture(autouse=True)
+def fresh_secrets():
+    """Each test resolves its secrets anew (a test that changes a password's variable is read again), and
+    leaves none resolved behind it."""
+    from liftoff.runbooks.model import forget_resolved_secrets
+
+    forget_resolved_secrets()
+    yield
+    forget_resolved_secrets()
+
+
 @pytest.fixture(scope="module")
 def module_env():
     """Environment a module's fixtures set (its servers' secrets, read by the runbooks it writes), put back when

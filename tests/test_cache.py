@@ -14,19 +14,12 @@ from liftoff.flows.options import RunOptions
 from liftoff.errors import ConnectionRefused, GateFailed
 from liftoff.ledger import Ledger
 from liftoff_sandbox.redis import RedisServer
-from liftoff.runbooks.model import Cache, Runbook, forget_resolved_secrets, redis_memory_bytes
+from liftoff.runbooks.model import Cache, Runbook, redis_memory_bytes
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED
 from liftoff.systems.redis_cache import ROUND_TRIP_PREFIX, check_cache, read_cache_settings
 
 PASSWORD_ENV = "LIFTOFF_TEST_CACHE_REDIS_PASSWORD"
 PLAN = {"appendonly": "yes", "maxmemory": str(512 * 1024 * 1024), "maxmemory-policy": "allkeys-lru"}
-
-
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()
-    yield
-    forget_resolved_secrets()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import hashlib
 import pytest
 
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED
-from liftoff.runbooks.model import Runbook, forget_resolved_secrets
+from liftoff.runbooks.model import Runbook
 from liftoff.systems import s3
 from liftoff.tasks.cutover.checklist import cdn_line
 from liftoff.tasks.storage.cdn import BYTES_LINE, DNS_LINE, HEADERS_LINE, check_cdn
@@ -22,13 +22,6 @@ FILES = "files.crm.test"
 EDGE = "crm.cdn.example.net"
 KEY = "tours/lisbon.jpg"
 IMAGE = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40
-
-
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()
-    yield
-    forget_resolved_secrets()
 
 
 @pytest.fixture(scope="module")

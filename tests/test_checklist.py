@@ -70,13 +70,6 @@ def record():
         yield server
 
 
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()  # each test resolves its own (a changed password is read again)
-    yield
-    forget_resolved_secrets()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ from liftoff.flows.options import RunOptions
 from liftoff.flows.pooler import setup_pooler
 from liftoff.flows.security import check_security
 from liftoff.ledger import Ledger
-from liftoff.runbooks.model import forget_resolved_secrets, load_runbook
+from liftoff.runbooks.model import load_runbook
 from liftoff_sandbox.pgbouncer import PgBouncerServer, scram_userlist
 from liftoff_sandbox.postgres import free_port
 from liftoff_sandbox.redis import RedisServer
@@ -37,13 +37,6 @@ KEY_ENV, WRONG_ENV, UNSET_ENV = "LIFTOFF_EXIT_SSH_KEY", "LIFTOFF_EXIT_WRONG", "L
 REDIS_ENV, B2_KEY, B2_SECRET = "LIFTOFF_EXIT_REDIS", "LIFTOFF_EXIT_B2_KEY", "LIFTOFF_EXIT_B2_SECRET"
 DATABASE = "exitcodes"
 _n = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()
-    yield
-    forget_resolved_secrets()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from liftoff_sandbox.postgres import free_port
 from liftoff_sandbox.redis import RedisServer
 from liftoff_sandbox.s3 import S3Server
 from liftoff_sandbox.ssh import SshServer
-from liftoff.runbooks.model import Runbook, forget_resolved_secrets
+from liftoff.runbooks.model import Runbook
 from liftoff.tasks.health.monitoring import CRITICAL, NOT_CONFIGURED, OK, WARN, check_platform_health
 from liftoff.systems.vps import parse_df
 from liftoff.systems.ss import parse_ss
@@ -33,13 +33,6 @@ UNHEALTHY = {"status": "unhealthy", "timestamp": "2026-11-27T10:00:05Z",
              "checks": {"database": {"status": "up"},
                         "redis": {"status": "down", "error": "connect ECONNREFUSED 127.0.0.1:6379"}}}
 DISK_BYTES = 4 * 1024 * 1024
-
-
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()
-    yield
-    forget_resolved_secrets()
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,6 @@ def world(stack, module_env, tmp_path_factory):
         yield {"data": data, "target_s3": target_s3, "vps": vps, "env_file": env_file, "record": record}
 
 
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()  # a test that changes a secret's value is read again
-    yield
-    forget_resolved_secrets()
-
-
 def runbook(world, tmp_path, **changes) -> Runbook:
     data = copy.deepcopy(world["data"])
     data["state_dir"] = str(tmp_path / "state")

@@ -16,20 +16,13 @@ from liftoff.flows.options import RunOptions
 from liftoff.flows.tune import tune_postgres
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
-from liftoff.runbooks.model import Tuning, forget_resolved_secrets, load_runbook, pg_memory_bytes
+from liftoff.runbooks.model import Tuning, load_runbook, pg_memory_bytes
 from liftoff.systems.pg_tuning import RESTART_LINE, check_tuning, readable, unit_bytes
 from liftoff_sandbox.postgres import PostgresServer, pg16_bin_dir
 
 PASSWORD_ENV = "LIFTOFF_TEST_TUNING_PG_PASSWORD"
 PLAN = Tuning().wanted()
 RESTART_NEEDED = ["max_connections", "shared_buffers", "wal_buffers"]  # postmaster context
-
-
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()
-    yield
-    forget_resolved_secrets()
 
 
 @pytest.fixture(scope="module")

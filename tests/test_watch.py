@@ -21,7 +21,6 @@ from liftoff.flows.options import RunOptions
 from liftoff.flows.watch import watch
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
-from liftoff.runbooks.model import forget_resolved_secrets
 from liftoff.tasks.health.monitoring import CRITICAL, OK, WARN
 from liftoff.tasks.watch.steps import NOT_CHECKED, PHASE
 from liftoff_sandbox.health_endpoint import HEALTHY, HealthEndpoint
@@ -31,13 +30,6 @@ from liftoff_sandbox.webhook import WebhookReceiver
 
 KEY_ENV, PG_ENV, HOOK_ENV = "LIFTOFF_TEST_WATCH_SSH_KEY", "LIFTOFF_TEST_WATCH_PG", "LIFTOFF_TEST_WATCH_HOOK"
 DISK_BYTES = 4 * 1024 * 1024
-
-
-@pytest.fixture(autouse=True)
-def fresh_secrets():
-    forget_resolved_secrets()
-    yield
-    forget_resolved_secrets()
 
 
 @pytest.fixture(scope="module")
