@@ -68,6 +68,8 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
             continue
         if wanted is not None and name in FLOWS and FLOWS[name][1] not in wanted:
             continue  # a phase this runbook does not configure: no deployment to press by mistake
+        if wanted is not None and entry is PITR and not _pitr_configured(path):
+            continue  # the backup phase without backups.pitr: no point-in-time recovery to set up
         try:
             flow = entry.load()
         except ImportError as exc:
@@ -89,6 +91,13 @@ def deployments(runbook: str | None = None, only: list[str] | None = None) -> li
         result.append(flow.to_deployment(name=name, description=describe(name, flow), tags=tags,
                                          parameters=defaults, schedules=schedules, concurrency_limit=limit))
     return result
+
+
+def _pitr_configured(runbook_path: str) -> bool:
+    from liftoff.runbooks.model import load_runbook
+
+    rb = load_runbook(runbook_path)
+    return rb.backups is not None and rb.backups.pitr is not None
 
 
 def configured_phases(runbook_path: str | None) -> set[str] | None:

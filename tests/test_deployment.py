@@ -26,8 +26,11 @@ EVERY_PHASE = {
             "known_hosts": "/nonexistent/known_hosts"},
     "pooler": {"config_dir": "/nonexistent/pgbouncer"},
     "cache": {},
+    "tuning": {},
     "backups": {"destination": {"endpoint_url": "http://127.0.0.1:9", "bucket": "backups", "access_key_id": _KEY,
-                                "secret_access_key": _KEY}, "schedules": []},
+                                "secret_access_key": _KEY}, "schedules": [],
+                "pitr": {"stanza": "crm", "pg_path": "/var/lib/postgresql/16/main", "restart_command": "true",
+                         "stop_command": "true", "start_command": "true"}},
     "cutover": {"switch": {"driver": "ssh", "ssh": {"env_file": "/nonexistent/.env", "restart": "true"},
                            "env": {"APP_MODE": "live"}}},
 }
@@ -105,8 +108,11 @@ def test_served_with_a_runbook_only_the_phases_it_configures_are_deployments(sta
     plain = {d.name for d in deployments(str(_runbook(stack, "deployed_plain")))}
     assert {"prepare", "migrate-database", "verify", "health", "migrate", "rehearsal"} <= plain
     assert not plain & {"backup", "restore-test", "pooler", "cache", "security", "cutover", "rollback", "storage"}
-    with_backups = _runbook(stack, "deployed_backups", backups=EVERY_PHASE["backups"])
-    assert {d.name for d in deployments(str(with_backups))} - plain == {"backup", "restore-test"}
+    no_pitr = {k: v for k, v in EVERY_PHASE["backups"].items() if k != "pitr"}
+    with_backups = _runbook(stack, "deployed_backups", backups=no_pitr)
+    assert {d.name for d in deployments(str(with_backups))} - plain == {"backup", "restore-test", "recover"}
+    with_pitr = _runbook(stack, "deployed_pitr", backups=EVERY_PHASE["backups"])
+    assert {d.name for d in deployments(str(with_pitr))} - plain == {"backup", "restore-test", "recover", "pitr"}
 
 
 def test_each_deployment_form_is_runoptions_with_descriptions_prefilled_with_the_runbook(served):
@@ -130,7 +136,10 @@ def test_rehearsal_is_scheduled_on_the_runbooks_cron_in_its_time_zone(served):
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in rehearsal.schedules] == \
         [("30 4 * * 1", "Europe/Berlin", True)]
     assert "rehearsal" in rehearsal.tags
-    assert all(not d.schedules for full, d in served["deployments"].items() if not full.endswith("/rehearsal"))
+    # pitr runs its full and differential backups on backups.pitr's crons; nothing else has a schedule here
+    assert sorted(s.schedule.cron for s in _by_name(served, "pitr").schedules) == ["0 1 * * 0", "0 1 * * 1-6"]
+    assert all(not d.schedules for full, d in served["deployments"].items()
+               if not full.endswith(("/rehearsal", "/pitr")))
 
 
 def test_rollback_and_recover_alone_are_marked_as_the_emergency_deployments(served):
