@@ -236,7 +236,12 @@ def lag(conn: psycopg.Connection, names: Names) -> Lag:
 
 
 def flushed_lsn(conn: psycopg.Connection) -> str:
-    return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    """The WAL position every commit acknowledged so far is at or before: the *insert* position. With
+    ``synchronous_commit = off`` (an app may set it per transaction) a commit returns once its record is
+    inserted, before it is written or flushed, so ``pg_current_wal_lsn()`` (the write position) can be short
+    of it: waiting for the target to apply up to that would let an acknowledged write miss the switch. The
+    walsender sends only flushed WAL, so waiting for this position also waits for the WAL writer."""
+    return conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
 
 
 def wait_applied(conn: psycopg.Connection, names: Names, lsn: str, timeout_s: float, where: str) -> float:
