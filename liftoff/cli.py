@@ -89,19 +89,35 @@ def fail(exc: BaseException) -> "typer.Exit":
     return typer.Exit(errors.EXIT_UNEXPECTED)
 
 
+def results_dir(state_dir: Path) -> Path:
+    """Where Prefect keeps the results it persists for this runbook's runs: ``STATE_DIR/prefect-results``,
+    mode 0700. Prefect writes a failed flow run's exception (pickled; it names tables, keys, hosts) to its
+    local result storage whatever the persistence settings, by default into ``~/.prefect/storage`` with mode
+    0644, outside the runbook's state dir. Liftoff persists nothing else: its tasks use no cache."""
+    return _private(state_dir / "prefect-results")
+
+
+def _private(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def run_flow(name: FlowName, runbook: Path, dry_run: bool) -> dict:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
     from liftoff.flows.options import RunOptions
     from liftoff.logs import configure
     from liftoff.runbooks.model import load_runbook
 
     configure()
-    load_runbook(runbook)  # bad input fails here, before any run starts
+    rb = load_runbook(runbook)  # bad input fails here, before any run starts
     flow = _flow(name)
     _quiet_prefect_console()
     from typing import get_type_hints
 
     options = get_type_hints(flow.fn).get("options", RunOptions)  # a flow with more parameters (recover) takes its own
-    with _progress_display():
+    with _progress_display(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results_dir(rb.state_dir)}):
         return flow(options(runbook=str(runbook.resolve()), dry_run=dry_run))
 
 
@@ -260,10 +276,13 @@ def serve(
     server = None
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
+        results = Path.home() / ".liftoff"  # forms may name any runbook: one private place for all
         if runbook is not None:
             from liftoff.runbooks.model import load_runbook
 
-            load_runbook(runbook)  # a bad runbook fails here, before a server starts
+            results = load_runbook(runbook).state_dir  # a bad runbook fails here, before a server starts
+        # the runs start in processes of their own, which read it from the environment
+        os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(results_dir(results))
         if not os.environ.get("PREFECT_API_URL"):
             home = Path.home() / ".liftoff" / "prefect"
             err.print(f"starting a local Prefect server on 127.0.0.1:{port} (data in {home}) ...")

@@ -6,9 +6,11 @@ are tests/test_errors.py's; the differences (exit 3) are each phase's own tests.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import logging
+import stat
 
 import pytest
 import yaml
@@ -177,13 +179,21 @@ def test_an_unset_password_in_the_cutover_checklist_is_exit_2_one_line_per_check
     assert not gate.passed and "database gate passed" in gate.summary and UNSET_ENV not in gate.summary
 
 
-def test_the_cli_prints_the_summary_then_a_line_per_check_and_exits_2(stack, servers):
+def test_the_cli_prints_the_summary_then_a_line_per_check_and_exits_2(stack, servers, tmp_path):
+    """...and the exception Prefect persists for the failed run lands in the runbook's state dir, owner only,
+    not in $PREFECT_HOME/storage (mode 0644 there)."""
     path = runbook(stack, servers, ssh_port_closed)
-    done = run_cli("run", "security", "--runbook", path, timeout=180)
+    home = tmp_path / "prefect-home"
+    done = run_cli("run", "security", "--runbook", path, timeout=180, env={"PREFECT_HOME": str(home)})
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert lines[0].startswith("error: security: ") and "could not run" in lines[0], lines
     assert len(lines) >= 3 and "Traceback" not in done.stderr + done.stdout
+    results = load_runbook(path).state_dir / "prefect-results"
+    assert stat.S_IMODE(results.stat().st_mode) == 0o700
+    kept = [f for f in results.iterdir() if b"ChecksBlocked" in base64.b64decode(f.read_bytes())]  # a pickle
+    assert kept, f"no persisted exception of the failed run in {results}: {list(results.iterdir())}"
+    assert not list((home / "storage").glob("*")), "Prefect kept a result outside the runbook's state dir"
 
 
 def test_a_ledger_belongs_to_one_runbook_and_is_handed_over_only_by_adopt(stack, servers):
