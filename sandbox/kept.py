@@ -101,6 +101,16 @@ def _alive(k: Kept) -> bool:
     return bool(k.cmdline) and cmdline(k.pid) == k.cmdline
 
 
+def _exiting(k: Kept) -> bool:
+    """Signalled and on its way out: its command line is already gone (the kernel released its memory) but
+    its pid is not yet (not a zombie waiting to be reaped either): --stop waits for that too."""
+    try:
+        state = Path(f"/proc/{k.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and cmdline(k.pid) == ""
+
+
 def stop(workdir: Path, timeout: float = 30) -> list[str]:
     """Stops each recorded process still running as recorded (same pid, same command line): its signal, then
     SIGKILL after ``timeout``. Returns a line per process; removes the record and the env file."""
@@ -121,7 +131,7 @@ def stop(workdir: Path, timeout: float = 30) -> list[str]:
     for k in kept:
         if not k.cmdline:
             continue
-        while _alive(k) and time.monotonic() < deadline:
+        while (_alive(k) or _exiting(k)) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _alive(k):
             (os.killpg if k.group else os.kill)(k.pid, signal.SIGKILL)
