@@ -8,8 +8,9 @@ from pydantic import BaseModel
 
 from liftoff.errors import LiftoffError
 from liftoff.redaction import redact, register_secret
-from liftoff.runbooks.model import SecretRef
-from liftoff.systems.webhook import _NOT_SENSITIVE, _log, notify
+from liftoff.logs import get_logger
+from liftoff.runbooks.model import IDENTIFIER_FIELDS, SecretRef
+from liftoff.systems.webhook import notify
 
 _EXCEPTION_PREFIX = "Flow run encountered an exception: "
 # A failure of these is critical (notifications.urls with severity critical, SMS in the plan): the apps may be
@@ -47,7 +48,7 @@ def _register_runbook_secrets(value: Any, field: str | None = None) -> None:
     import os
 
     if isinstance(value, SecretRef):
-        if value.env and field not in _NOT_SENSITIVE:
+        if value.env and field not in IDENTIFIER_FIELDS:
             register_secret(os.environ.get(value.env))
     elif isinstance(value, BaseModel):
         for name in type(value).model_fields:
@@ -75,16 +76,16 @@ def notify_on_failure(flow, flow_run, state) -> None:
 
     try:
         if getattr(flow_run, "parent_task_run_id", None) is not None:
-            _log().debug("subflow failed; its parent run notifies", flow=flow.name)
+            get_logger(system="notify").debug("subflow failed; its parent run notifies", flow=flow.name)
             return
         path = _runbook_path(dict(getattr(flow_run, "parameters", None) or {}))
         if path is None:
-            _log().debug("no runbook in the flow run's parameters; notification not sent", flow=flow.name)
+            get_logger(system="notify").debug("no runbook in the flow run's parameters; notification not sent", flow=flow.name)
             return
         try:
             rb = load_runbook(resolve_runbook_path(path))
         except LiftoffError:
-            _log().debug("runbook not readable; notification not sent", flow=flow.name)
+            get_logger(system="notify").debug("runbook not readable; notification not sent", flow=flow.name)
             return
         if rb.notifications.webhook is None and not rb.notifications.urls:
             return
@@ -94,5 +95,5 @@ def notify_on_failure(flow, flow_run, state) -> None:
         notify(rb, text, flow_run_url=ui_link(getattr(flow_run, "id", None)),
                severity="critical" if flow.name in CRITICAL_FLOWS else "error")
     except Exception as exc:  # noqa: BLE001 - a hook must not add a failure to the one it reports
-        _log().warning("notification hook failed", flow=getattr(flow, "name", "?"),
+        get_logger(system="notify").warning("notification hook failed", flow=getattr(flow, "name", "?"),
                     reason=redact(f"{type(exc).__name__}: {exc}")[:300])

@@ -27,6 +27,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Secret references that hold identifiers, resolved with ``sensitive=False``: errors name them, nothing masks them.
+IDENTIFIER_FIELDS = frozenset({"access_key_id"})
+
+
 class SecretRef(_Strict):
     """Where a secret lives: exactly one of ``env`` or ``prefect_secret``."""
 

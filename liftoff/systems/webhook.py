@@ -35,8 +35,6 @@ _ATTEMPTS = 4
 _GIVE_UP_AFTER_S = 6.0  # a notification must not hold up the end of a failed run for long
 _TIMEOUT = httpx.Timeout(4.0, connect=2.0)
 _EXCEPTION_PREFIX = "Flow run encountered an exception: "
-# Resolved only as identifiers, never masked: errors elsewhere name them (liftoff.runbooks.model SecretRef.resolve).
-_NOT_SENSITIVE = frozenset({"access_key_id"})
 
 
 def _log():

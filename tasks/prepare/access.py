@@ -255,23 +255,24 @@ def dns_record_exists(rb: Runbook) -> CheckLine:
     return CheckLine(name, PASSED, f"{check.name}: {', '.join(found.answers)} (TTL {found.ttl} s, from {found.resolver})")
 
 
-ACCESS_CHECKS: tuple[tuple[str, Callable[[Runbook], CheckLine]], ...] = (
-    ("source PostgreSQL answers", source_postgres_answers),
-    ("source Storage answers", source_storage_answers),
-    ("target PostgreSQL answers", target_postgres_answers),
-    ("PgBouncer answers", pgbouncer_answers),
-    ("Redis answers", lambda rb: redis_answers(rb.target.redis)),
-    ("target S3 server answers", target_s3_answers),
-    ("backup destination writable", backup_destination_writable),  # takes write_probe
-    ("SSH to the VPS", ssh_answers),
-    ("Coolify API", coolify_answers),
-    ("DNS record", dns_record_exists),
-)
+def access_checks(write_probe: bool = True) -> tuple[tuple[str, Callable[[Runbook], CheckLine]], ...]:
+    """Every access of the runbook, in the order a migration needs them; ``write_probe`` False (a dry run):
+    the backup destination is listed, not written to."""
+    return (
+        ("source PostgreSQL answers", source_postgres_answers),
+        ("source Storage answers", source_storage_answers),
+        ("target PostgreSQL answers", target_postgres_answers),
+        ("PgBouncer answers", pgbouncer_answers),
+        ("Redis answers", lambda rb: redis_answers(rb.target.redis)),
+        ("target S3 server answers", target_s3_answers),
+        ("backup destination writable", lambda rb: backup_destination_writable(rb, write_probe)),
+        ("SSH to the VPS", ssh_answers),
+        ("Coolify API", coolify_answers),
+        ("DNS record", dns_record_exists),
+    )
 
 
 def check_access(rb: Runbook, *, write_probe: bool = True) -> list[CheckLine]:
-    """Every access of the runbook, one line each, in the order a migration needs them."""
-    def run(check: Callable[[Runbook], CheckLine]) -> CheckLine:
-        return check(rb, write_probe) if check is backup_destination_writable else check(rb)
-
-    return [checked(name, lambda check=check: run(check), FIXES.get(name, "")) for name, check in ACCESS_CHECKS]
+    """Every access of the runbook, one line each."""
+    return [checked(name, lambda check=check: check(rb), FIXES.get(name, ""))
+            for name, check in access_checks(write_probe)]
