@@ -197,3 +197,22 @@ def test_after_a_passing_watch_the_gate_catches_a_damaged_archive(stack, tmp_pat
     with pytest.raises(GateFailed, match="dump: SHA-256 as stored"):
         verify_archive(rb)
     assert Ledger(tmp_path / "state").latest_gate("decommission").passed is False
+
+
+def test_an_approval_with_the_wrong_host_drops_nothing(stack, tmp_path):
+    runbook = write_runbook(stack, tmp_path)
+    names = leave_replication_behind(stack, runbook)
+    Ledger(tmp_path / "state").record_gate("watch", True, "safe to decommission: 289 rounds over 24 h")
+    resumer = answer_when_paused("decommission", {"approver": "Bob", "source_host": "db.other.supabase.co",
+                                                  "approve": True}, under=tmp_path)
+    try:
+        with pytest.raises(NotApproved, match="the host typed \\(db.other.supabase.co\\) is not '127.0.0.1'"):
+            decommission(DecommissionOptions(runbook=runbook))
+        resumer.join(timeout=30)
+        slots, publications = liftoff_on_source(stack)
+        assert {names.slot, names.tracker} <= {s.slot for s in slots} and names.publication in publications
+        assert Ledger(tmp_path / "state").latest_gate("decommission").passed  # the archive was made and proven
+        assert Ledger(tmp_path / "state").step_status("decommission.source-cleanup") is None
+    finally:
+        with source(stack) as conn:
+            repl.drop_liftoff_objects(conn)

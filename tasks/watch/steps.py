@@ -358,7 +358,10 @@ def watch_report(rb: Runbook) -> WatchReport:
 
 def publish_watch_report(report: WatchReport, rb: Runbook) -> None:
     publish_table("watch-rounds", [{"round": n, "level": level, "critical": "; ".join(d.get("critical", [])),
-                                    "warn": "; ".join(d.get("warn", []))} for n, level, d in report.rounds],
+                                    "warn": "; ".join(d.get("warn", [])),
+                                    "rows changed on the target": d.get("changes", {}).get("rows"),
+                                    "rollback possible": d.get("changes", {}).get("possible")}
+                                   for n, level, d in report.rounds],
                   "Watch: one row per round of checks")
     publish_markdown("watch-report", report.markdown())
 
