@@ -55,7 +55,7 @@ def write_runbook(stack, tmp_path) -> str:
                                        "secret_access_key": {"env": f"{PREFIX}_TARGET_S3_SECRET"}},
                        "files": []}
     data["decommission"] = {"restore_test_database": f"archive_test_{hashlib.md5(name.encode()).hexdigest()[:6]}"}
-    data["cutover"] = {"approval_timeout_s": 60}
+    data["cutover"] = {"approval_timeout_s": 120}  # a loaded machine resumes a paused run slowly
     path = tmp_path / "runbook.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)

@@ -37,14 +37,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import psycopg
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from psycopg import sql
 
 from liftoff.checks import FAILED, NOT_CHECKED, PASSED, CheckLine, GateReport, blocker_line, failed_line
-from liftoff.errors import LiftoffError, PreflightFailed, StepFailed
+from liftoff.errors import LiftoffError, PreflightFailed, RunbookInvalid, StepFailed
 from liftoff.ledger import Ledger, current_run_id
 from liftoff.logs import get_logger
 from liftoff.redaction import redact
@@ -55,14 +55,7 @@ from liftoff.systems import backups as archive
 from liftoff.systems import pg_replication as repl
 from liftoff.systems import postgres, s3
 from liftoff.systems.supabase_storage import inventory, read_buckets
-from liftoff.tasks.backup.steps import (
-    _create_scratch,
-    _drop_scratch,
-    compare_counts,
-    count_tables,
-    destination_client,
-    require_backups,
-)
+from liftoff.tasks.backup.steps import compare_counts, count_tables, destination_client, require_backups
 from liftoff.tasks.cutover.common import FROZEN, since_last_rollback
 from liftoff.tasks.cutover.replication import stop_replication
 from liftoff.tasks.storage.common import storage_source
@@ -295,6 +288,24 @@ class ArchiveReport(GateReport):
         return self.files
 
 
+def _scratch_database(rb: Runbook, create: bool) -> None:
+    """Drops ``decommission.restore_test_database`` on the target server (a leftover of a killed run too) and,
+    with ``create``, makes it afresh."""
+    name, ep = rb.decommission.restore_test_database, rb.target.direct
+    if name == ep.database:
+        raise RunbookInvalid(f"runbook {rb.name}: decommission.restore_test_database '{name}' is target.direct.database; "
+                             "the restore test drops it: choose another name")
+    with postgres.session(postgres.maintenance_endpoint(ep), "target.direct", text_settings=False) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if create:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+            except psycopg.errors.InsufficientPrivilege:
+                raise StepFailed(f"target.direct ({ep.host}:{ep.port}): user '{ep.user}' may not create the scratch "
+                                 f"database '{name}'; grant it CREATEDB or set decommission.restore_test_database "
+                                 "to one it may create") from None
+
+
 def _restore_test(rb: Runbook, report: ArchiveReport, client, dumped: dict) -> None:
     """The dump downloaded (SHA-256 as recorded), restored into the scratch database without the policies,
     every table's rows as counted at the dump, the policies counted in its table of contents."""
@@ -302,8 +313,6 @@ def _restore_test(rb: Runbook, report: ArchiveReport, client, dumped: dict) -> N
     workdir = rb.state_dir / "decommission-test"
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / DUMP_NAME
-    scratch_rb = rb.model_copy(update={"backups": rb.backups.model_copy(
-        update={"restore_test_database": rb.decommission.restore_test_database})})
     try:
         got = archive.download(client, bucket, key, path)
         if not report.check("dump: SHA-256 as stored", PASSED if got["sha256"] == dumped["sha256"] else FAILED,
@@ -323,7 +332,7 @@ def _restore_test(rb: Runbook, report: ArchiveReport, client, dumped: dict) -> N
         tools = archive.choose_pg_dump(max(server.major, int(sidecar.get("server_major") or 0)), server.version,
                                        f"target.direct ({rb.target.direct.host}:{rb.target.direct.port})",
                                        rb.database.pg_bin_dirs)
-        _create_scratch(scratch_rb)
+        _scratch_database(rb, create=True)
         try:
             scratch = rb.target.direct.model_copy(update={"database": rb.decommission.restore_test_database})
             started = time.monotonic()
@@ -351,7 +360,7 @@ def _restore_test(rb: Runbook, report: ArchiveReport, client, dumped: dict) -> N
                          f"{len(left_out)} in its table of contents, {policies} on the source (not restored here: "
                          "they name Supabase's roles)", "make a new archive: the dump lacks policies")
         finally:
-            _drop_scratch(scratch_rb)
+            _scratch_database(rb, create=False)
     finally:
         path.unlink(missing_ok=True)
 
