@@ -50,6 +50,9 @@ RECOVER = "recover"
 RECOVER_NOTE = ("EMERGENCY: press this one when the database must come back from a backup. It shows what will "
                 "be lost and asks before it stops the apps. ")
 DEPLOYMENTS[RECOVER] = (DEPLOYMENTS[RECOVER][0], ["liftoff", "backup", "emergency"])
+DECOMMISSION = "decommission"
+DECOMMISSION_NOTE = ("AFTER THE WATCH: archives Supabase into the backup bucket, proves it, then asks you to type "
+                     "the source's host before it drops Liftoff's slots and publications there. ")
 
 
 def deployments(runbook: str | None = None, only: list[str] | None = None) -> list:
@@ -105,7 +108,8 @@ def configured_phases(runbook_path: str | None) -> set[str] | None:
     health, prepare and migration phases always; storage with ``storage.source``/``target``; the cutover (and its
     rollback) with ``cutover.switch``; the pooler with ``pooler``; the cache with ``cache`` or ``target.redis``;
     backups with ``backups``; security with ``ssh``; the tuning gate with ``tuning``; the watch with
-    ``cutover.switch`` (it watches a kept cutover)."""
+    ``cutover.switch`` (it watches a kept cutover); the decommission with ``cutover.switch`` and ``backups`` (the
+    archive goes to backups.destination)."""
     if runbook_path is None:
         return None
     from liftoff.runbooks.model import load_runbook
@@ -117,14 +121,16 @@ def configured_phases(runbook_path: str | None) -> set[str] | None:
                                      ("cache", rb.cache is not None or rb.target.redis is not None),
                                      ("backup", rb.backups is not None), ("security", rb.ssh is not None),
                                      ("tuning", rb.tuning is not None),
-                                     ("watch", rb.cutover.switch is not None)) if on}
+                                     ("watch", rb.cutover.switch is not None),
+                                     ("decommission", rb.cutover.switch is not None and rb.backups is not None))
+                  if on}
     return phases
 
 
 def describe(name: str, flow) -> str:
     """The flow's docstring as one paragraph (what a run guarantees when it succeeds)."""
     text = " ".join(inspect.cleandoc(flow.__doc__ or "").split())
-    return {EMERGENCY: EMERGENCY_NOTE, RECOVER: RECOVER_NOTE}.get(name, "") + text
+    return {EMERGENCY: EMERGENCY_NOTE, RECOVER: RECOVER_NOTE, DECOMMISSION: DECOMMISSION_NOTE}.get(name, "") + text
 
 
 def rehearsal_schedules(runbook_path: str | None) -> list:

@@ -145,6 +145,17 @@ PHASES: tuple[Phase, ...] = (
         gate="watch",
     ),
     Phase(
+        name="decommission",
+        title="Decommission: after the watch, Supabase archived (pg_dump and every bucket) and proven, Liftoff's "
+              "slots and publications on it dropped, the project left for the operator to pause",
+        steps=("decommission.start", "decommission.dump", "decommission.files", "decommission.verify",
+               "decommission.manifest", "decommission.source-cleanup"),
+        flows=(PhaseFlow("decommission", "liftoff.flows.decommission:decommission",
+                         ("decommission-plan", "decommission-proof", "decommission-manifest",
+                          "decommission-next-steps")),),
+        gate="decommission",
+    ),
+    Phase(
         name="migration",
         title="The whole migration in order (migrate), and its scheduled dry run on scratch resources (rehearsal)",
         steps=(),  # each run's steps are its phases' (the rehearsal's in a scratch ledger of its own)

@@ -996,6 +996,30 @@ class Cdn(_Strict):
         return self
 
 
+class Decommission(_Strict):
+    """The final archive of the Supabase project and the clean-up of what Liftoff left on it (liftoff run
+    decommission, after a passing watch). The archive goes to backups.destination."""
+
+    archive_prefix: str = Field("supabase-archive/", description="key prefix of the archives in the backup bucket: "
+                                "<archive_prefix><UTC time>/database.dump, .../files/<bucket>/<key>, .../manifest.json")
+    restore_test_database: str = Field("liftoff_archive_test", description="scratch database on the target server "
+                                       "the archived dump is restored into, then dropped (also on failure)")
+
+    @field_validator("restore_test_database")
+    @classmethod
+    def _scratch(cls, v: str) -> str:
+        if not re.match(r"^[a-z_][a-z0-9_]*$", v) or v in ("postgres", "template0", "template1"):
+            raise ValueError("expected a plain lower-case database name of its own (not postgres or a template)")
+        return v
+
+    @field_validator("archive_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or v.startswith("/") or not v.endswith("/"):
+            raise ValueError("expected a key prefix ending in / (e.g. supabase-archive/)")
+        return v
+
+
 class Soak(_Strict):
     """The plan's watch after the switch ("monitor for 24 hours"): every service and app checked every few
     minutes against the plan's thresholds (``liftoff run watch``). Disk and PostgreSQL connections use the
@@ -1146,6 +1170,8 @@ class Runbook(_Strict):
     pooler: Pooler | None = Field(None, description="PgBouncer in front of the target (liftoff run pooler)")
     cache: Cache | None = Field(None, description="Redis settings the plan wants (liftoff run cache)")
     soak: Soak = Field(default_factory=Soak, description="the watch after the switch (liftoff run watch)")
+    decommission: Decommission = Field(default_factory=Decommission, description="the final archive of the "
+                                       "Supabase project (liftoff run decommission)")
     cdn: Cdn | None = Field(None, description="the CDN in front of storage.target.public_url (checked by the "
                             "cutover's checklist)")
     tuning: Tuning | None = Field(None, description="PostgreSQL settings the plan wants on the target "

@@ -113,14 +113,19 @@ def test_served_with_a_runbook_only_the_phases_it_configures_are_deployments(sta
     assert {d.name for d in deployments(str(with_backups))} - plain == {"backup", "restore-test", "recover"}
     with_pitr = _runbook(stack, "deployed_pitr", backups=EVERY_PHASE["backups"])
     assert {d.name for d in deployments(str(with_pitr))} - plain == {"backup", "restore-test", "recover", "pitr"}
+    # the decommission archives into backups.destination after a kept cutover: it needs both
+    assert "decommission" not in {d.name for d in deployments(str(with_backups))}
+    both = _runbook(stack, "deployed_decommission", backups=no_pitr, cutover=EVERY_PHASE["cutover"])
+    assert {"decommission", "watch", "rollback"} <= {d.name for d in deployments(str(both))}
 
 
 def test_each_deployment_form_is_runoptions_with_descriptions_prefilled_with_the_runbook(served):
     for full, deployment in served["deployments"].items():
         schema = deployment.parameter_openapi_schema
-        # RunOptions, or (backup: the tier; recover: the backup) a form that adds one field to it
+        # RunOptions, or (backup: the tier; recover: the backup; decommission: the force's reason) a form that adds
+        # one field to it
         form = schema["properties"]["options"]["$ref"].removeprefix("#/definitions/")
-        assert form in ("RunOptions", "BackupOptions", "RecoverOptions", "PitrOptions"), full
+        assert form in ("RunOptions", "BackupOptions", "RecoverOptions", "PitrOptions", "DecommissionOptions"), full
         fields = schema["definitions"][form]["properties"]
         assert {"runbook", "dry_run"} <= set(fields) and len(fields) <= 4, full
         assert fields["runbook"]["description"].startswith("Path of the runbook file"), full
@@ -147,6 +152,7 @@ def test_rollback_and_recover_alone_are_marked_as_the_emergency_deployments(serv
     assert rollback.description.startswith("EMERGENCY: press this one when the cutover went wrong")
     assert recover.description.startswith("EMERGENCY: press this one when the database must come back")
     assert "emergency" in rollback.tags and "emergency" in recover.tags
+    assert _by_name(served, "decommission").description.startswith("AFTER THE WATCH: archives Supabase")
     assert sorted(full for full, d in served["deployments"].items() if "emergency" in d.tags) == \
         ["recover/recover", "rollback/rollback"]
     # the recovery's form has the backup to restore as a typed field, next to the runbook

@@ -7,9 +7,11 @@ plan's are minutes apart (soak.interval_s)."""
 from __future__ import annotations
 
 import os
+import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,12 +56,14 @@ def app():
 
 
 def write_runbook(tmp_path, servers, app, *, seconds: float, switched: bool = True, vps: bool = True,
-                  **soak) -> str:
+                  databases: tuple[str, str] = ("postgres", "postgres"), **soak) -> str:
     """``vps``: CPU, RAM, disk and connections read over ssh. This machine is shared with other test runs that
-    keep its CPU busy (100 % is common): a watch that must end quiet leaves the VPS out."""
+    keep its CPU busy (100 % is common): a watch that must end quiet leaves the VPS out. ``databases``: the
+    source's and the target's (by default one database: the target never differs from the source)."""
     sshd, pg = servers["vps"], servers["pg"]
     direct = {"host": pg.host, "port": pg.port, "user": "postgres", "password": {"env": PG_ENV}, "sslmode": "disable"}
-    data = {"name": "watch-test", "state_dir": str(tmp_path / "state"), "source": direct, "target": {"direct": direct},
+    data = {"name": "watch-test", "state_dir": str(tmp_path / "state"), "source": {**direct, "database": databases[0]},
+            "target": {"direct": {**direct, "database": databases[1]}},
             "cutover": {"apps": [{"name": "crm", "health_url": app.health_url}]},
             "health": {"disk_paths": [str(servers["disk"])]},
             "notifications": {"webhook": {"env": HOOK_ENV}},
@@ -69,9 +73,12 @@ def write_runbook(tmp_path, servers, app, *, seconds: float, switched: bool = Tr
                        "known_hosts": str(sshd.known_hosts_path)}
     path = tmp_path / "runbook.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    if switched:  # what the cutover's switch step leaves in the ledger
+    if switched:  # what the cutover's freeze and switch steps leave in the ledger: their steps and events
         ledger = Ledger(tmp_path / "state")
+        ledger.record_event("cutover", "cutover.freeze", before={"freezes": []},
+                            after={"frozen_at": time.time(), "methods": ["revoke"]})
         ledger.start_step("cutover.switch", "cutover-run")
+        ledger.record_event("cutover", "cutover.switch", before={}, after={"where": "the app's env file"})
         ledger.finish_step("cutover.switch", {"driver": "ssh"})
     return str(path)
 
@@ -172,3 +179,46 @@ def test_a_killed_watch_resumes_keeping_its_start_and_its_rounds(tmp_path, serve
     assert after[-1] == started["rounds"] - 1 == 8
     assert result["summary"].startswith(f"safe to decommission: {len(after)} rounds over")
     assert ledger.latest_gate("watch").passed
+
+
+def test_each_round_says_how_much_the_target_changed_and_whether_the_rollback_is_still_possible(tmp_path, servers,
+                                                                                                 app):
+    """Source and target equal at the switch; the apps then write on the target between rounds (3 inserts, an
+    update, a delete): the rounds after say so per table. A table the target no longer has makes the rollback
+    impossible (it could not be compared): a warning, alerted."""
+    pg, hook = servers["pg"], servers["hook"]
+    hook.received.clear()
+    for db in ("watch_src", "watch_tgt"):
+        pg.execute(f"DROP DATABASE IF EXISTS {db}")
+        pg.execute(f"CREATE DATABASE {db}")
+        pg.execute("CREATE TABLE public.bookings (id int PRIMARY KEY, seats int NOT NULL); "
+                   "INSERT INTO public.bookings SELECT g, g % 5 FROM generate_series(1, 50) g", dbname=db)
+    runbook = write_runbook(tmp_path, servers, app, seconds=6, vps=False, databases=("watch_src", "watch_tgt"))
+
+    def apps_write_then_a_table_goes() -> None:
+        while 0 not in rounds(tmp_path):
+            time.sleep(0.05)
+        pg.execute("INSERT INTO public.bookings VALUES (51, 1), (52, 2), (53, 3); "
+                   "UPDATE public.bookings SET seats = 9 WHERE id = 7; DELETE FROM public.bookings WHERE id = 8",
+                   dbname="watch_tgt")
+        while not any(r >= 3 for r in rounds(tmp_path)):
+            time.sleep(0.05)
+        pg.execute("ALTER TABLE public.bookings RENAME TO bookings_gone", dbname="watch_tgt")
+
+    writer = threading.Thread(target=apps_write_then_a_table_goes, daemon=True)
+    writer.start()
+    result = watch(RunOptions(runbook=runbook))
+    writer.join(timeout=10)
+
+    recorded = {int(key): json.loads(detail)["changes"]
+                for key, _, _, detail in Ledger(tmp_path / "state").items(PHASE, "round")}
+    assert recorded[0] == {"possible": True, "why": None, "rows": 0, "objects": 0, "tables": {}}
+    changed = [n for n, c in recorded.items() if c.get("rows")]
+    assert changed, recorded
+    assert recorded[changed[0]] == {"possible": True, "why": None, "rows": 5, "objects": 0,
+                                    "tables": {"public.bookings": {"inserts": 3, "updates": 1, "deletes": 1}}}
+    last = recorded[max(recorded)]
+    assert last["possible"] is False and last["why"].startswith("tables not compared: public.bookings: ")
+    assert result["summary"].startswith("safe to decommission") and "rollback possible" in result["summary"]
+    warned = [body["text"] for body in hook.received if ": warning: " in body["text"]]
+    assert any("rollback possible: no: tables not compared: public.bookings" in t for t in warned)

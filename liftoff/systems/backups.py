@@ -336,6 +336,29 @@ def restore_archive(pg_restore: str, path: Path, env: dict[str, str], jobs: int)
     return f"pg_restore exit {proc.returncode}: {_first_error(proc.stderr)}"
 
 
+def restore_archive_leaving_out(pg_restore: str, path: Path, env: dict[str, str], jobs: int,
+                                leave_out: set[str], list_dir: Path) -> tuple[str | None, list[str]]:
+    """``restore_archive`` of every entry of the archive except those whose kind (``pg_restore -l``'s
+    description: ``POLICY``, ...) is in ``leave_out``, through a ``-L`` list written to ``list_dir``. Returns
+    (None, or pg_restore's first error line; the TOC lines left out)."""
+    listed = subprocess.run([pg_restore, "-l", str(path)], capture_output=True)
+    if listed.returncode != 0:
+        raise StepFailed(f"pg_restore -l cannot read the archive: {_first_error(listed.stderr)}")
+    listing = pg_tools.parse_toc(listed.stdout.decode())
+    left_out = [e.line for e in listing if e.desc in leave_out]
+    chosen = list_dir / (path.name + ".list")
+    chosen.write_text("".join(("; " if e.desc in leave_out else "") + e.line + "\n" for e in listing))
+    argv = [pg_restore, "--no-owner", "--no-acl", "--no-password", f"--jobs={jobs}", "--use-list", str(chosen),
+            "--dbname", env["PGDATABASE"], str(path)]
+    try:
+        proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True)
+    finally:
+        chosen.unlink(missing_ok=True)
+    if proc.returncode == 0:
+        return None, left_out
+    return f"pg_restore exit {proc.returncode}: {_first_error(proc.stderr)}", left_out
+
+
 def recreate_from_archive(pg_restore: str, path: Path, env: dict[str, str], jobs: int) -> str | None:
     """``pg_restore --create --no-owner --exit-on-error -j jobs`` of the archive, connected to the maintenance
     database ``env`` names: the archive's database is created (with its encoding, collation, settings and

@@ -394,6 +394,35 @@ def drop_source_side(conn: psycopg.Connection, names: Names, timeout_s: float = 
     return dropped
 
 
+def drop_liftoff_objects(conn: psycopg.Connection, timeout_s: float = 15) -> list[str]:
+    """Drops every slot and publication named as Liftoff names them (``liftoff_``), whichever runbook made
+    them (the decommission: nothing Liftoff made may keep WAL on the old database). A slot a WAL sender still
+    holds is waited for, then its sender ended. Returns what it dropped, in the order dropped."""
+    slots, publications = liftoff_objects(conn)
+    dropped = []
+    for info in slots:
+        deadline = time.monotonic() + timeout_s
+        while slot_exists(conn, info.slot):
+            pid = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                               (info.slot,)).fetchone()
+            if pid and pid[0] is not None:
+                if time.monotonic() > deadline:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid[0],))
+                time.sleep(0.1)
+                continue
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (info.slot,))
+                dropped.append(f"slot {info.slot}")
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.1)
+            except psycopg.errors.UndefinedObject:
+                break
+    for name in publications:
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+        dropped.append(f"publication {name}")
+    return dropped
+
+
 def _first(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -108,6 +108,11 @@ class ChangeSet:
 @task(name="find the changes made on the target since the switch", cache_policy=NO_CACHE)
 @recorded("rollback.changes")
 def changes_on_target(rb: Runbook, frozen: bool = True) -> ChangeSet:
+    """The rollback's step: ``count_changes_on_target``, recorded."""
+    return count_changes_on_target(rb, frozen)
+
+
+def count_changes_on_target(rb: Runbook, frozen: bool = True) -> ChangeSet:
     """Compares every migrated table of the target with the frozen source, row by row: the final sync's gate
     proved them equal at the switch and the source took no app writes since, so every difference is a
     change the apps made on the target (``liftoff.systems.pg_changes``). The storage URL rewrite counts only where a row

@@ -169,6 +169,49 @@ def _app_lines(rb: Runbook, app: App) -> list[HealthLine]:
     return lines
 
 
+def target_changes(rb: Runbook, ledger: Ledger) -> tuple[list[HealthLine], dict]:
+    """How much the target changed since the switch, per table (the rollback's own change capture, counted
+    while the apps write: ``count_changes_on_target``), and whether the rollback is still possible: the ledger
+    holds the switch and the source's freeze since the last rollback, both databases answer, every table was
+    compared and no row changed on both sides. Returns the two lines and, for the round's record, the counts."""
+    from liftoff.tasks.cutover.common import FROZEN, SWITCHED, since_last_rollback
+    from liftoff.tasks.cutover.rollback import count_changes_on_target
+
+    events = since_last_rollback(ledger)
+    switch = next((e for e in events if e.what == SWITCHED), None)
+    freeze = next((e for e in events if e.what == FROZEN), None)
+    try:
+        found = count_changes_on_target(rb, frozen=False)
+    except Exception as exc:  # noqa: BLE001 - an unreachable side is what the line says
+        why = one_line(str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return [HealthLine("target changes since the switch", NOT_CHECKED, f"not counted: {why}",
+                           "check source and target.direct"),
+                HealthLine("rollback possible", WARN, f"unknown: the changes could not be counted ({why})",
+                           "make the source and the target reachable again: the rollback reads both")], \
+            {"possible": False, "why": why}
+    counts = found.counts()
+    total = sum(sum(c.values()) for c in counts.values())
+    tables = "; ".join(f"{t}: {c['inserts']} inserted, {c['updates']} updated, {c['deletes']} deleted"
+                       for t, c in sorted(counts.items()))
+    objects = len(found.objects)
+    detail = (f"{total} rows in {len(counts)} tables" + (f" ({tables})" if tables else "")
+              + (f"; {objects} objects in the buckets" if objects else ""))
+    why_not = ("the ledger holds no switch since the last rollback: the apps' environment could not be put back"
+               if switch is None else
+               "the ledger holds no write freeze of the source: its own writes cannot be told from the target's"
+               if freeze is None else found.unknown if found.unknown else
+               f"{len(found.both)} rows changed on both sides (e.g. {found.both[0][0]}): the rollback would not carry "
+               "them" if found.both else None)
+    frozen_at = time.strftime("%H:%M UTC", time.gmtime((freeze.after or {}).get("frozen_at") or freeze.at)) \
+        if freeze else ""
+    possible = HealthLine("rollback possible", WARN, f"no: {why_not}", "read the rollback's plan: liftoff run "
+                          "rollback --dry-run") if why_not else HealthLine(
+        "rollback possible", OK, f"yes: the source is frozen since {frozen_at} and answers; a rollback would carry "
+                                 f"{found.total} changes back")
+    return [HealthLine("target changes since the switch", OK, detail), possible], \
+        {"possible": why_not is None, "why": why_not, "rows": total, "objects": objects, "tables": counts}
+
+
 def check_round(rb: Runbook, ledger: Ledger) -> HealthReport:
     """Every check of one round: the health phase's (services, apps, disk, connections), then CPU, RAM and each
     app's response time and error rate."""
@@ -213,14 +256,17 @@ def watch_round(rb: Runbook, n: int) -> dict:
     """One round: every check, alerts for what got worse, the round recorded in the ledger."""
     ledger = Ledger(rb.state_dir)
     report = check_round(rb, ledger)
+    lines, changes = target_changes(rb, ledger)
+    report = HealthReport(report.lines + [HealthLine(x.service, x.status, redact(x.detail), redact(x.fix)) for x in lines])
     level = worst(report.lines)
     problems = [f"{line.service}: {line.detail}" for line in report.lines if line.status in (WARN, CRITICAL)]
     detail = json.dumps({"at": time.time(), "critical": [p for line, p in _with_status(report, CRITICAL)],
-                         "warn": [p for line, p in _with_status(report, WARN)]})
+                         "warn": [p for line, p in _with_status(report, WARN)], "changes": changes})
     alerts = _alerts(rb, ledger, n, report)
     ledger.set_items(PHASE, "round", [(f"{n:06d}", level, int(time.time()), redact(detail))])
     log.info("watch round", round=n, level=level, problems=len(problems), alerts=len(alerts))
-    return {"round": n, "level": level, "problems": problems, "alerts": alerts, "rows": report.rows()}
+    return {"round": n, "level": level, "problems": problems, "alerts": alerts, "rows": report.rows(),
+            "changes": changes}
 
 
 def _with_status(report: HealthReport, status: str):
@@ -289,6 +335,17 @@ class WatchReport(GateReport):
             md += ["## Warnings", *[f"- {w}" for w in self.warnings()], ""]
         if self.missed():
             md += [f"Rounds missed (the watch was not running): {', '.join(map(str, self.missed()))}.", ""]
+        last = next(((n, d["changes"]) for n, _, d in reversed(self.rounds) if "changes" in d), None)
+        if last:
+            n, changes = last
+            md += [f"## The target since the switch (round {n})", "",
+                   f"Rollback possible: {'yes' if changes.get('possible') else 'no: ' + str(changes.get('why'))}.", ""]
+            if changes.get("tables"):
+                md += ["| table | inserted | updated | deleted |", "|---|---|---|---|",
+                       *[f"| {t} | {c['inserts']} | {c['updates']} | {c['deletes']} |"
+                         for t, c in sorted(changes["tables"].items())], ""]
+            elif "rows" in changes:
+                md += ["No row changed on the target since the switch.", ""]
         return "\n".join(md)
 
 
@@ -301,7 +358,10 @@ def watch_report(rb: Runbook) -> WatchReport:
 
 def publish_watch_report(report: WatchReport, rb: Runbook) -> None:
     publish_table("watch-rounds", [{"round": n, "level": level, "critical": "; ".join(d.get("critical", [])),
-                                    "warn": "; ".join(d.get("warn", []))} for n, level, d in report.rounds],
+                                    "warn": "; ".join(d.get("warn", [])),
+                                    "rows changed on the target": d.get("changes", {}).get("rows"),
+                                    "rollback possible": d.get("changes", {}).get("possible")}
+                                   for n, level, d in report.rounds],
                   "Watch: one row per round of checks")
     publish_markdown("watch-report", report.markdown())
 
