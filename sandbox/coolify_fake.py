@@ -10,6 +10,9 @@ seeds the application's preview-deployment variables. A deploy creates a deploym
 raises; it stays ``in_progress`` for one in ``stuck_deploys``), one at a time per application; while in
 progress it calls ``on_deploy(app_uuid, envs)`` in a background thread with the application's (non-preview)
 variables as they were when the deployment started, as Coolify's deployment job reads them then.
+``stop`` (``POST .../stop``) is a queued job: after ``queue_s`` it calls ``on_stop(app_uuid)`` (the container
+stopped: the app no longer answers) and sets the application's ``status`` to ``exited``; ``start`` queues a
+deployment as ``/deploy`` does, and a finished deployment sets ``status`` to ``running:healthy``.
 ``requests`` counts the requests served per route (``"PATCH /api/v1/applications/{uuid}/envs/bulk"``);
 ``inject(route, 503, ...)`` makes the next requests to a route answer those statuses (Laravel's
 ``{"message": "Server Error"}``), for retry tests.
@@ -66,6 +69,16 @@ Where each shape comes from (github:coollabsio/coolify at commit 379abb252621f34
   message is ``Deployment already queued for this commit.`` with a fresh ``deployment_uuid`` that names no
   deployment (``deploy_resource`` returns the UUID it generated, not the existing one's). Deployment UUIDs are
   ``new_public_id()``: 24 lowercase alphanumerics.
+- Start, stop (``routes/api.php``; ``ApplicationsController::action_deploy, action_stop``;
+  ``app/Actions/Application/StopApplication.php``; ``openapi.yaml`` ``start-application-by-uuid``,
+  ``stop-application-by-uuid``): ``POST /api/v1/applications/{uuid}/start`` (``force``, ``instant_deploy``)
+  queues a deployment and answers 200 ``{"message": "Deployment request queued.", "deployment_uuid"}``, or, when
+  one of the application is queued or in progress and neither flag is set, 200 ``{"message": "Deployment
+  already queued for this commit."}`` without a UUID. ``POST /api/v1/applications/{uuid}/stop`` dispatches
+  ``StopApplication`` and answers 200 ``{"message": "Application stopping request queued."}`` at once; the job
+  stops and removes the containers, then sets the application's ``status`` to ``exited``. Both need the
+  ``deploy`` ability; an unknown UUID is 404 ``{"message": "Application not found."}``; a GET on either (or on
+  ``restart``) is the 405 of ``post_required``.
 - Deployment (``DeployController::deployment_by_uuid``, ``app/Models/ApplicationDeploymentQueue.php``,
   ``app/Enums/ApplicationDeploymentStatus.php``): the queue row with ``status`` one of ``queued``,
   ``in_progress``, ``finished``, ``failed``, ``cancelled-by-user``; ``logs`` only for a sensitive-reading
@@ -95,6 +108,7 @@ _TRUE = {"1", "true", "on", "yes"}
 DEPLOY_QUEUED = "Deployment already queued for this commit."
 
 OnDeploy = Callable[[str, dict[str, str]], None]
+OnStop = Callable[[str], None]
 
 
 def public_id(length: int = 24) -> str:
@@ -145,12 +159,13 @@ class CoolifyFake(LoopbackHTTPService):
     thread_name = "coolify-fake"
 
     def __init__(self, token: str, applications: dict[str, dict], on_deploy: OnDeploy | None = None, *,
-                 abilities: tuple[str, ...] = ("root",), queue_s: float = 0.05, build_s: float = 0.2,
-                 host: str = "127.0.0.1"):
+                 on_stop: OnStop | None = None, abilities: tuple[str, ...] = ("root",), queue_s: float = 0.05,
+                 build_s: float = 0.2, host: str = "127.0.0.1"):
         super().__init__(host)
         self.token = token
         self.abilities = set(abilities)
         self.on_deploy = on_deploy
+        self.on_stop = on_stop
         self.queue_s, self.build_s = queue_s, build_s
         self.requests: Counter[str] = Counter()
         self.fail_deploys: set[str] = set()  # application UUIDs whose next deployments fail
@@ -320,6 +335,21 @@ class CoolifyFake(LoopbackHTTPService):
                 self._set_status(deployment_uuid, "failed", "Oops something is not okay, are you okay? 😢")
             else:
                 self._set_status(deployment_uuid, "finished", "New container started.")
+                self._set_app_status(app_uuid, "running:healthy")
+
+    def _set_app_status(self, app_uuid: str, status: str) -> None:
+        with self._state:
+            app = self.applications[app_uuid]
+            app["status"], app["updated_at"] = status, _now()
+
+    def _run_stop(self, app_uuid: str) -> None:
+        """``StopApplication``: the containers stopped and removed, then the status ``exited``."""
+        if self._stopping.wait(self.queue_s):
+            return
+        with self._app_locks[app_uuid]:
+            if self.on_stop is not None:
+                self.on_stop(app_uuid)
+            self._set_app_status(app_uuid, "exited")
 
     # ---- HTTP ------------------------------------------------------------------------------------------------
 
@@ -348,6 +378,11 @@ class CoolifyFake(LoopbackHTTPService):
         ("PATCH", "/applications/{uuid}/envs/bulk", "write", "_update_envs_bulk"),
         ("PATCH", "/applications/{uuid}/envs", "write", "_update_env_route"),
         ("DELETE", "/applications/{uuid}/envs/{env_uuid}", "write", "_delete_env"),
+        ("GET", "/applications/{uuid}/start", "deploy", "_deploy_needs_post"),
+        ("GET", "/applications/{uuid}/restart", "deploy", "_deploy_needs_post"),
+        ("GET", "/applications/{uuid}/stop", "deploy", "_deploy_needs_post"),
+        ("POST", "/applications/{uuid}/start", "deploy", "_start_application"),
+        ("POST", "/applications/{uuid}/stop", "deploy", "_stop_application"),
         ("GET", "/deploy", "deploy", "_deploy_needs_post"),
         ("POST", "/deploy", "deploy", "_deploy"),
         ("GET", "/deployments/{uuid}", "read", "_get_deployment"),
@@ -495,6 +530,21 @@ class CoolifyFake(LoopbackHTTPService):
         if not deployments:
             raise CoolifyReply(404, {"message": "No resources found."})
         return 200, {"deployments": deployments}
+
+    def _start_application(self, params, query, headers, body):
+        app = self._app(params["uuid"], "Application not found.")
+        flags = {k: str(v[-1]).lower() in _TRUE for k, v in query.items() if k in ("force", "instant_deploy")}
+        message, deployment_uuid = self._queue_deployment(app, flags.get("force", False) or
+                                                          flags.get("instant_deploy", False))
+        if message == DEPLOY_QUEUED:
+            return 200, {"message": message}
+        return 200, {"message": "Deployment request queued.", "deployment_uuid": deployment_uuid}
+
+    def _stop_application(self, params, query, headers, body):
+        app = self._app(params["uuid"], "Application not found.")
+        threading.Thread(target=self._run_stop, args=(app["uuid"],), daemon=True,
+                         name=f"coolify-stop-{app['uuid'][:6]}").start()
+        return 200, {"message": "Application stopping request queued."}
 
     def _get_deployment(self, params, query, headers, body):
         d = self.deployments.get(params["uuid"])

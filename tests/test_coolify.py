@@ -163,6 +163,58 @@ def test_redeploy_waits_for_each_deployment_and_the_app_restarts_with_the_new_en
                 proc.wait(5)
 
 
+def test_stop_apps_returns_once_every_app_exited_and_start_apps_once_each_started(token):
+    """Coolify's stop is a queued job (its answer comes first): stop_apps returns only after the container
+    is gone (the app's health port refuses), start_apps after the start's deployment brought it back."""
+    running: dict[str, tuple[subprocess.Popen, int]] = {}
+    ports: dict[str, int] = {}
+
+    def start(app_uuid: str, envs: dict[str, str]) -> None:
+        proc = subprocess.Popen([sys.executable, "-c", APP], env=envs, stdout=subprocess.PIPE, text=True)
+        running[app_uuid] = proc, int(proc.stdout.readline())
+        ports[app_uuid] = running[app_uuid][1]
+
+    def stop(app_uuid: str) -> None:
+        time.sleep(0.3)  # docker stop's grace period: the status must not be read before it ended
+        proc, _ = running.pop(app_uuid)
+        proc.terminate()
+        proc.wait(5)
+
+    def answers(app_uuid: str) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{ports[app_uuid]}/api/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    with CoolifyFake(TOKEN, applications(), start, on_stop=stop) as fake:
+        try:
+            for app in (CRM, WORKER):
+                start(app, {})
+            with driver(fake) as switch:
+                switch.stop_apps()
+                assert not any(answers(app) for app in (CRM, WORKER))
+                assert {fake.applications[app]["status"] for app in (CRM, WORKER)} == {"exited"}
+                switch.start_apps()
+            assert all(answers(app) for app in (CRM, WORKER))
+            assert fake.requests["POST /api/v1/applications/{uuid}/stop"] == 2
+            assert [d["status"] for d in fake.deployments.values()] == ["finished", "finished"]
+            assert {fake.applications[app]["status"] for app in (CRM, WORKER)} == {"running:healthy"}
+        finally:
+            for proc, _ in running.values():
+                proc.terminate()
+                proc.wait(5)
+
+
+def test_an_app_that_does_not_stop_is_named_at_the_deploy_timeout(fake):
+    fake.on_stop = lambda app_uuid: time.sleep(30)  # a container that ignores SIGTERM
+    quick = settings(fake, apps=[CRM]).model_copy(update={"deploy_timeout_s": 0.3})  # below the field's minimum
+    with CoolifySwitch(quick, poll_interval_s=0.05, retry_wait_max_s=0.05) as switch:
+        with pytest.raises(StepFailed) as caught:
+            switch.stop_apps()
+    assert f"booking-crm ({CRM}) is still 'running:healthy'" in str(caught.value)
+    assert "cutover.switch.coolify.deploy_timeout_s" in str(caught.value)
+
+
 def test_redeploy_forces_a_new_deployment_when_one_is_already_queued(fake, deployed):
     """Coolify queues nothing while an application's deployment is running, and that one may have read
     the old environment: the driver asks again with force, and waits for the new one."""
@@ -255,6 +307,11 @@ def test_fake_answers_errors_as_coolify_does(fake):
     assert api.get("/applications/nope/envs").json() == {"message": "Application not found"}
     assert api.post("/deploy", params={"uuid": "nope"}).json() == {"message": "No resources found."}
     assert api.get("/deployments/nope").json() == {"message": "Deployment not found."}
+    assert api.get(f"/applications/{CRM}/stop").status_code == 405
+    assert api.post("/applications/nope/start").json() == {"message": "Application not found."}
+    started = api.post(f"/applications/{CRM}/start").json()
+    assert started["message"] == "Deployment request queued." and len(started["deployment_uuid"]) == 24
+    assert api.post(f"/applications/{CRM}/start").json() == {"message": "Deployment already queued for this commit."}
     assert api.put(f"/applications/{CRM}/envs").json() == {"message": "Not found.", "docs": "https://coolify.io/docs"}
     bad_key = api.patch(f"/applications/{CRM}/envs/bulk", json={"data": [{"key": "1BAD", "value": "x"}]})
     assert bad_key.status_code == 422 and bad_key.json()["errors"] == {"key": ["The key field format is invalid."]}

@@ -2,7 +2,8 @@
 the backup bucket (Backblaze B2's stand-in), a real sshd as the VPS on which the stand-in app runs and writes a
 row every 50 ms until it is stopped (its stop, start and restart are commands over SSH, as the switch driver
 runs them), and the suite's Prefect server through which the test approves the paused run as an operator
-does in the UI. Faults are real: a backup object in the S3 server whose bytes end early."""
+does in the UI. Faults are real: a backup object in the S3 server whose bytes end early. The same app is also
+run by the Coolify fake (its stop stops the process, its start's deployment starts it again)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
 from liftoff.runbooks.model import load_runbook
 from liftoff.systems import backups as archive
+from liftoff_sandbox.coolify_fake import CoolifyFake
 from liftoff_sandbox.crm_app import CrmApp
 from liftoff_sandbox.operator import answer_when_paused
 from liftoff_sandbox.s3 import S3Server
@@ -190,3 +192,45 @@ def test_a_recovery_typed_for_another_database_changes_nothing(stack, setup):
     assert f"is not '{name}'" in str(caught.value) and "nothing was changed" in str(caught.value)
     assert _wait_rows(stack, name, before) > before  # the app was never stopped
     assert stops() == stopped
+
+
+def test_recover_through_coolify_stops_the_app_during_the_restore_and_starts_it_healthy(stack, setup):
+    """tour-crm.yaml's driver: Coolify stops the app (its stop job ends the process) before the database is
+    touched, and starts it (a deployment) after the restore; the app is healthy and writing again."""
+    runbook, name, app = setup["runbook"], setup["name"], setup["app"]
+    uuid = "crm0app0uuid0000000000a1"
+    seen: list[tuple[str, float]] = []
+
+    def stopped(app_uuid: str) -> None:
+        app.stop()
+        seen.append(("stopped", time.time()))
+
+    def deployed(app_uuid: str, envs: dict) -> None:
+        seen.append(("starting", time.time()))
+        app.start()
+
+    made = backup(RunOptions(runbook=str(runbook)))["backup"]
+    with CoolifyFake("coolify-rec-token", {uuid: {"name": "booking-crm", "envs": {}}}, deployed,
+                     on_stop=stopped) as fake:
+        os.environ["LIFTOFF_REC_COOLIFY_TOKEN"] = "coolify-rec-token"
+        data = yaml.safe_load(runbook.read_text())
+        data["cutover"]["switch"] = {"driver": "coolify", "env": {}, "coolify": {
+            "url": fake.url, "token": {"env": "LIFTOFF_REC_COOLIFY_TOKEN"}, "applications": [uuid],
+            "deploy_timeout_s": 30}}
+        through_coolify = runbook.with_name(f"{name}-coolify.yaml")
+        through_coolify.write_text(yaml.safe_dump(data, sort_keys=False))
+        _wait_rows(stack, name, made["counts"][WRITES] + 5)
+        resumer = _approve(name, stack.workdir)
+        result = recover(RecoverOptions(runbook=str(through_coolify), backup=made["key"]))
+        resumer.join(5)
+        statuses = fake.applications[uuid]["status"], fake.requests["POST /api/v1/applications/{uuid}/stop"]
+
+    assert statuses == ("running:healthy", 1)
+    assert [what for what, _ in seen] == ["stopped", "starting"]
+    restore = Ledger(setup["rb"].state_dir).steps()["recover.restore"]
+    # The process was gone before the database was dropped, and started only once the restore was over.
+    assert seen[0][1] <= restore.started_at and restore.finished_at <= seen[1][1]
+    assert all(t["status"] == "match" for t in result["tables"])
+    assert _rows(stack, name, f"WHERE at < to_timestamp({seen[1][1]})") == made["counts"][WRITES]
+    assert app.database() == name
+    _wait_rows(stack, name, made["counts"][WRITES])  # writing again

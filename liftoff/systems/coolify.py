@@ -1,8 +1,10 @@
-"""Coolify's REST API: change applications' environment variables, redeploy them, and undo the change.
+"""Coolify's REST API: change applications' environment variables, redeploy them, undo the change, and stop
+and start the applications (the recovery replaces their database while they are stopped).
 
 ``CoolifySwitch`` is the cutover's switch driver for apps deployed by Coolify (``liftoff.systems.switch.SwitchDriver``);
 ``CoolifyClient`` is the few API calls it needs (``/api/v1``, bearer token): an application's variables,
-the bulk update, deleting one variable, a deploy and a deployment's status. Shapes and messages are
+the bulk update, deleting one variable, a deploy, an application's start and stop, and a deployment's
+status. Shapes and messages are
 Coolify 4.3's (``sandbox/coolify_fake.py`` names the files they come from).
 
 What Coolify does that shapes the driver:
@@ -17,7 +19,10 @@ What Coolify does that shapes the driver:
   those copies (``preview_copies``) so the restore removes them too.
 - A deploy while one of the same application is queued or in progress queues nothing ("Deployment already
   queued for this commit.") and answers a deployment UUID that names no deployment; that deployment may have
-  read the old variables, so the driver asks again with ``force`` (a rebuild without cache).
+  read the old variables, so the driver asks again with ``force`` (a rebuild without cache). ``start`` is
+  such a deployment too.
+- ``stop`` answers as soon as the stop job is queued; the application's ``status`` turns ``exited`` once its
+  containers are gone, so the driver polls it before the database is touched.
 
 The previous values go to the undo record (the ledger, a local file) and are registered for redaction; they
 are never logged.
@@ -165,6 +170,20 @@ class CoolifyClient:
         raise StepFailed(f"Coolify at {self.url} answered the deploy of application {uuid} without it: "
                          f"{_message(response)}")
 
+    def start(self, uuid: str, *, force: bool = False) -> dict:
+        """Starts an application (``POST /applications/{uuid}/start``: a deployment with its current
+        environment): ``{"message", "deployment_uuid"}``, no ``deployment_uuid`` when one is already queued."""
+        response = self._request("POST", f"/applications/{uuid}/start", params={"force": str(force).lower()},
+                                 replayable=False)
+        self._expect(response, 200, f"starting application {uuid}")
+        return response.json()
+
+    def stop(self, uuid: str) -> None:
+        """Asks Coolify to stop an application (``POST /applications/{uuid}/stop``); the stop is a queued job:
+        the application's ``status`` is ``exited`` once it ran. Stopping twice is harmless, so it is retried."""
+        response = self._request("POST", f"/applications/{uuid}/stop")
+        self._expect(response, 200, f"stopping application {uuid}")
+
     def deployment(self, deployment_uuid: str) -> dict | None:
         response = self._request("GET", f"/deployments/{deployment_uuid}")
         if response.status_code == 404:
@@ -307,23 +326,67 @@ class CoolifySwitch(SwitchDriver):
                                 f"{TOKEN_FIELD}; the switch needs them to undo itself: use a token with the "
                                 "root or read:sensitive permission, of a team admin")
 
-    # ---- deployments -----------------------------------------------------------------------------------------
+    # ---- redeploy -------------------------------------------------------------------------------------------
 
     def redeploy(self) -> None:
         """Deploys every application, then waits for each deployment to finish. A failed, cancelled or
         unfinished deployment (after ``deploy_timeout_s``) is ``StepFailed`` naming the application and the
         deployment."""
+        self._wait_for_deployments(self._queue(self.client.deploy))
+
+    # ---- stop and start (the recovery) ----------------------------------------------------------------------
+
+    def stop_apps(self) -> None:
+        """Asks Coolify to stop every application, then waits until each one's status is ``exited`` (the stop
+        is a queued job in Coolify: its answer comes before the containers are gone). StepFailed naming the
+        application when one still runs after ``deploy_timeout_s``."""
+        asked = time.monotonic()
+        for uuid in self.settings.applications:
+            self.client.stop(uuid)
+            log.info("coolify stop queued", application=uuid)
+        pending = list(enumerate(self.settings.applications))
+        while pending:
+            for index, uuid in list(pending):
+                app = self.client.application(uuid)
+                if app is None:
+                    raise StepFailed(f"Coolify at {self.client.url} has no application {uuid} "
+                                     f"(cutover.switch.coolify.applications[{index}]) for this token's team")
+                status = str(app.get("status") or "")
+                if status.startswith("exited"):
+                    log.info("coolify application stopped", application=uuid,
+                             seconds=round(time.monotonic() - asked, 1))
+                    pending.remove((index, uuid))
+                elif time.monotonic() - asked > self.settings.deploy_timeout_s:
+                    raise StepFailed(f"Coolify application {self._name(index, uuid)} is still '{status}' "
+                                     f"{self.settings.deploy_timeout_s} s after it was asked to stop "
+                                     "(cutover.switch.coolify.deploy_timeout_s); stop it in Coolify, then re-run")
+            if pending:
+                time.sleep(self.poll_interval_s)
+
+    def start_apps(self) -> None:
+        """Starts every application (a Coolify deployment with its current environment) and waits for each
+        deployment to finish, as ``redeploy`` does."""
+        self._wait_for_deployments(self._queue(self.client.start))
+
+    # ---- deployments ------------------------------------------------------------------------------------------
+
+    def _queue(self, deploy) -> dict[str, tuple[str, float]]:
+        """Queues a deployment of every application through ``deploy(uuid, force=...)``; {uuid: (deployment,
+        queued at)}."""
         started: dict[str, tuple[str, float]] = {}
         for index, uuid in enumerate(self.settings.applications):
-            item = self.client.deploy(uuid)
+            item = deploy(uuid)
             if item.get("message") == DEPLOY_ALREADY_QUEUED:
                 # The running deployment may have read the old variables: a forced one reads the new ones.
-                item = self.client.deploy(uuid, force=True)
+                item = deploy(uuid, force=True)
             if not item.get("deployment_uuid") or item.get("message") == DEPLOY_ALREADY_QUEUED:
                 raise StepFailed(f"Coolify at {self.client.url} queued no deployment of application "
                                  f"{self._name(index, uuid)}: {redact(str(item.get('message')))}")
             started[uuid] = (item["deployment_uuid"], time.monotonic())
             log.info("coolify deployment queued", application=uuid, deployment=item["deployment_uuid"])
+        return started
+
+    def _wait_for_deployments(self, started: dict[str, tuple[str, float]]) -> None:
         pending = dict(started)
         while pending:
             for uuid, (deployment_uuid, at) in list(pending.items()):

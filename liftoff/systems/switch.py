@@ -3,7 +3,8 @@
 The cutover changes the apps' environment (``DATABASE_URL`` through PgBouncer, ``DIRECT_URL``, ``REDIS_URL``,
 ``S3_ENDPOINT``, ``S3_PUBLIC_URL`` ...) through one driver; the rollback undoes it through the same one, from
 the undo record the driver returned, which the ledger's event log keeps. Two drivers: an env file on the VPS
-over SSH (``liftoff.systems.remote.EnvFileSwitch``) and Coolify's API (``liftoff.systems.coolify.CoolifySwitch``).
+over SSH (``liftoff.systems.remote.EnvFileSwitch``) and Coolify's API (``liftoff.systems.coolify.CoolifySwitch``);
+both also stop and start the apps for the recovery.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ class SwitchDriver(ABC):
 
     def stop_apps(self) -> None:
         """Stops the apps and returns once they stopped (the recovery replaces their database meanwhile)."""
-        raise StepFailed(f"the switch driver at {self.where} cannot stop the apps yet (only the ssh driver's "
-                         "cutover.switch.ssh.stop does): stop them by hand before a recovery")
+        raise StepFailed(f"the switch driver at {self.where} cannot stop the apps: stop them by hand before a "
+                         "recovery")
 
     def start_apps(self) -> None:
         """Starts the apps ``stop_apps`` stopped, with their current environment; returns once started (not
         once healthy: the caller polls their health)."""
-        raise StepFailed(f"the switch driver at {self.where} cannot start the apps yet: start them by hand")
+        raise StepFailed(f"the switch driver at {self.where} cannot start the apps: start them by hand")
 
     def close(self) -> None:
         """Releases connections."""
