@@ -103,22 +103,51 @@ def _private(path: Path) -> Path:
     return path
 
 
-def run_flow(name: FlowName, runbook: Path, dry_run: bool) -> dict:
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+# `liftoff run`'s options that fill in a field of one flow's form (``--backup`` -> RecoverOptions.backup)
+FORM_FLAGS = {"backup": "--backup", "target_time": "--target-time", "tier": "--tier", "backup_type": "--backup-type"}
+
+
+def flow_options(name: str, options_type, runbook: Path, dry_run: bool, fields: dict):
+    """The flow's own options (a form with more fields than RunOptions: recover, backup, pitr) from the
+    command line; a flag the flow's form lacks, or a value its field refuses, is one line naming the flag."""
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in fields.items() if v is not None}
+    for key in given:
+        if key not in options_type.model_fields:
+            takers = sorted(f.name for f in all_flows().values() if key in _options_type(f.load()).model_fields)
+            raise errors.LiftoffError(f"{FORM_FLAGS[key]} does not apply to {name}; it is for: {', '.join(takers)}")
+    try:
+        return options_type(runbook=str(runbook.resolve()), dry_run=dry_run, **given)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        flag = FORM_FLAGS.get(str(problem["loc"][0]), str(problem["loc"][0])) if problem["loc"] else name
+        raise errors.LiftoffError(f"{flag} {given.get(problem['loc'][0], '')!s}: {problem['msg']}"
+                                  + (" (ISO 8601 with the time zone, e.g. 2026-12-07T10:15:00+01:00)"
+                                     if flag == "--target-time" else "")) from None
+
+
+def _options_type(flow):
+    from typing import get_type_hints
 
     from liftoff.flows.options import RunOptions
+
+    return get_type_hints(flow.fn).get("options", RunOptions)  # a flow with more parameters (recover) takes its own
+
+
+def run_flow(name: FlowName, runbook: Path, dry_run: bool, **fields) -> dict:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
     from liftoff.logs import configure
     from liftoff.runbooks.model import load_runbook
 
     configure()
     rb = load_runbook(runbook)  # bad input fails here, before any run starts
     flow = _flow(name)
+    options = flow_options(name.value, _options_type(flow), runbook, dry_run, fields)
     _quiet_prefect_console()
-    from typing import get_type_hints
-
-    options = get_type_hints(flow.fn).get("options", RunOptions)  # a flow with more parameters (recover) takes its own
     with _progress_display(), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results_dir(rb.state_dir)}):
-        return flow(options(runbook=str(runbook.resolve()), dry_run=dry_run))
+        return flow(options)
 
 
 def print_summaries(keys=("preflight-summary", "export-plan", "restore-plan", "verify-summary")) -> None:
@@ -138,16 +167,23 @@ def run(
     flow: FlowName = typer.Argument(..., help="a flow of a phase: " + ", ".join(all_flows())),
     runbook: Path = typer.Option(..., "--runbook", "-r", help="the runbook file (YAML)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan and report; write nothing"),
+    backup: str = typer.Option(None, "--backup", help="recover: the backup to restore, its object name in the "
+                               "bucket (a dry run lists them); default the newest whose restore test did not fail"),
+    target_time: str = typer.Option(None, "--target-time", help="recover: point-in-time recovery (backups.pitr) "
+                                    "to this moment, ISO 8601 with its time zone, e.g. 2026-12-07T10:15:00+01:00"),
+    tier: str = typer.Option(None, "--tier", help="backup: back up one tier of backups.tiers only"),
+    backup_type: str = typer.Option(None, "--backup-type", help="pitr: full, diff or none"),
 ):
     """Run one flow of a phase under Prefect, against the runbook's servers (`liftoff status` shows where
-    each phase stands).
+    each phase stands). The form fields of the UI are options here: `--backup`, `--target-time` (recover),
+    `--tier` (backup), `--backup-type` (pitr).
 
     Exit 0 on success, 3 when a verification gate finds a difference, 2 for bad input (runbook,
     environment, a server that refused), 4 when an approval was rejected, left unconfirmed or not given in
     time (nothing changed), 1 for anything unexpected."""
     keys = all_flows()[flow.value].summaries
     try:
-        run_flow(flow, runbook, dry_run)
+        run_flow(flow, runbook, dry_run, backup=backup, target_time=target_time, tier=tier, backup_type=backup_type)
     except Exception as exc:  # every error ends as one line and an exit code
         print_summaries(keys)
         raise fail(exc) from None
@@ -212,15 +248,14 @@ def status(runbook: Path = typer.Option(..., "--runbook", "-r", help="the runboo
                           r.flow_run_id or "", redact(str(detail))[:80])
         if phase.steps:
             out.print(table)
-        if phase.gate is None:
-            continue
-        gate = ledger.latest_gate(phase.gate)
-        if gate is None:
-            out.print(f"latest {phase.gate} gate: never run")
-        else:
-            verdict = "[green]passed[/green]" if gate.passed else "[red]FAILED[/red]"
-            out.print(f"latest {phase.gate} gate: {verdict} {_age(gate.age_seconds)} (flow run "
-                      f"{gate.flow_run_id or 'local'}): {redact(gate.summary)}")
+        for name in (phase.gate, *phase.other_gates) if phase.gate else ():
+            gate = ledger.latest_gate(name)
+            if gate is None:
+                out.print(f"latest {name} gate: never run")
+            else:
+                verdict = "[green]passed[/green]" if gate.passed else "[red]FAILED[/red]"
+                out.print(f"latest {name} gate: {verdict} {_age(gate.age_seconds)} (flow run "
+                          f"{gate.flow_run_id or 'local'}): {redact(gate.summary)}")
     if rb.cutover.final_sync == "replicate":  # a slot left on the source keeps WAL until its disk is full
         from liftoff.flows.replication import list_on_source
 

@@ -29,6 +29,7 @@ class Phase:
     steps: tuple[str, ...]  # ledger step names, in the order they run
     flows: tuple[PhaseFlow, ...]
     gate: str | None  # the phase name its gate results are recorded under (None: runs that span phases)
+    other_gates: tuple[str, ...] = ()  # gates of the phase's other flows, recorded under their own names
 
 
 PHASES: tuple[Phase, ...] = (
@@ -129,6 +130,7 @@ PHASES: tuple[Phase, ...] = (
             PhaseFlow("pitr", "liftoff.flows.pitr:pitr", ("pitr-summary",)),
         ),
         gate="backup",
+        other_gates=("pitr",),  # pgbackrest check: recorded by the pitr flow
     ),
     Phase(
         name="security",

@@ -24,6 +24,7 @@ from liftoff_sandbox.crm_app import CrmApp
 from liftoff_sandbox.operator import answer_when_paused
 from liftoff_sandbox.postgres import PostgresServer, pg15_bin_dir
 from liftoff_sandbox.s3 import S3Server
+from helpers import run_cli
 
 
 def _pg_ctl(pg: PostgresServer, *args: str) -> str:
@@ -107,6 +108,9 @@ def test_pgbackrest_archives_into_the_s3_bucket_and_its_check_is_the_gate(pitr_s
     assert any(k.startswith("pgbackrest/backup/crm/") and "F/" in k for k in keys)  # the full backup's files
     gate = Ledger(pitr_setup["rb"].state_dir).latest_gate("pitr")
     assert gate.passed and "WAL archiving into the bucket works" in gate.summary
+    shown = run_cli("status", "--runbook", str(pitr_setup["runbook"]))  # beside the backup phase's own gate
+    assert shown.returncode == 0 and "latest pitr gate: passed" in shown.stdout, shown.stdout + shown.stderr
+    assert "latest backup gate: never run" in shown.stdout
     assert "ready" in last_markdown("pitr-summary")
 
 

@@ -28,6 +28,8 @@ from liftoff_sandbox.crm_app import CrmApp
 from liftoff_sandbox.operator import answer_when_paused
 from liftoff_sandbox.s3 import S3Server
 
+from helpers import run_cli
+
 WRITES = "public.app_writes"
 
 
@@ -221,16 +223,28 @@ def test_recover_through_coolify_stops_the_app_during_the_restore_and_starts_it_
         through_coolify.write_text(yaml.safe_dump(data, sort_keys=False))
         _wait_rows(stack, name, made["counts"][WRITES] + 5)
         resumer = _approve(name, stack.workdir)
-        result = recover(RecoverOptions(runbook=str(through_coolify), backup=made["key"]))
+        # As the operator types it (the newest backup by default would be the truncated one of the test above)
+        ran = run_cli("run", "recover", "--runbook", str(through_coolify), "--backup", made["key"])
         resumer.join(5)
         statuses = fake.applications[uuid]["status"], fake.requests["POST /api/v1/applications/{uuid}/stop"]
 
+    assert ran.returncode == 0, ran.stdout + ran.stderr
     assert statuses == ("running:healthy", 1)
     assert [what for what, _ in seen] == ["stopped", "starting"]
-    restore = Ledger(setup["rb"].state_dir).steps()["recover.restore"]
+    ledger = Ledger(setup["rb"].state_dir)
+    restore = ledger.steps()["recover.restore"]
+    assert made["key"] in restore.detail["summary"]
     # The process was gone before the database was dropped, and started only once the restore was over.
     assert seen[0][1] <= restore.started_at and restore.finished_at <= seen[1][1]
-    assert all(t["status"] == "match" for t in result["tables"])
+    assert all(t["status"] == "match" for t in ledger.step_detail("recover.compare")["tables"])
     assert _rows(stack, name, f"WHERE at < to_timestamp({seen[1][1]})") == made["counts"][WRITES]
     assert app.database() == name
     _wait_rows(stack, name, made["counts"][WRITES])  # writing again
+
+
+def test_the_cli_passes_the_target_time_to_recover_and_names_the_flag_a_flow_lacks(setup):
+    naive = run_cli("run", "recover", "--runbook", str(setup["runbook"]), "--dry-run",
+                    "--target-time", "2026-12-07T10:15:00")
+    assert naive.returncode == 2 and "target_time: give the time zone too" in naive.stderr, naive.stderr
+    wrong = run_cli("run", "recover", "--runbook", str(setup["runbook"]), "--tier", "daily")
+    assert wrong.returncode == 2 and "--tier does not apply to recover; it is for: backup" in wrong.stderr
