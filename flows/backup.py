@@ -103,7 +103,7 @@ def back_up_tier(runbook, name: str, dry_run: bool) -> dict:
         if "database" in tier.what:
             done["database"] = tier_database(runbook, tier.name)
         if "files" in tier.what:
-            done["files"] = backup_files(runbook)
+            done["files"] = backup_files(runbook, keep_replaced=True)
         if "redis" in tier.what:
             done["redis"] = tier_redis(runbook, tier.name)
         done["retention"] = tier_retention(runbook, tier.name)

@@ -25,6 +25,7 @@ from liftoff_sandbox.s3 import S3Server
 from liftoff.runbooks.model import load_runbook
 from liftoff.systems import backups as archive
 from liftoff.tasks.backup.steps import apply_retention, backup_files, plan_backup
+from liftoff.tasks.backup.tiers import tier_retention
 
 _n = itertools.count()
 SERVE_TIMEOUT_S = 60
@@ -243,6 +244,41 @@ def test_the_incremental_file_backup_copies_only_new_or_changed_objects(stack, s
     read = lambda k: dest.get_object(Bucket=rb.backups.destination.bucket, Key=f"files/docs/{k}")["Body"].read()
     assert read("a/1.pdf") == b"v2-1" * 100 and read("a/new.pdf") == b"new"
     assert read("a/3.pdf") == b"v1-3" * 100  # deleted on the source, kept in the backup
+
+
+def test_a_files_tier_keeps_what_the_mirror_replaces_for_its_keep_then_purges_it(stack, s3_servers):
+    """The mirror holds each object's newest version; the files tier keeps the versions it replaces (an
+    overwrite, a deletion on the source) under a dated prefix, and its retention purges them after keep (30d)."""
+    b2, minio = s3_servers
+    tiers = [{"name": "daily", "what": ["database"], "schedule": "0 3 * * *", "keep": "30d"},
+             {"name": "files", "what": ["files"], "schedule": "0 4 * * *", "keep": "30d"}]
+    runbook = backup_runbook(stack, s3_servers, files=["docs"], tiers=tiers)
+    rb = load_runbook(runbook)
+    source, client, dest = f"{runbook.stem}-docs", minio.client(), b2.client()
+    client.create_bucket(Bucket=source)
+    for i in range(3):
+        client.put_object(Bucket=source, Key=f"a/{i}.pdf", Body=b"v1-%d" % i * 100)
+    assert backup_files(rb, keep_replaced=True)["replaced"] == {"overwritten": 0, "deleted": 0}
+    client.put_object(Bucket=source, Key="a/1.pdf", Body=b"v2-1" * 100)
+    client.delete_object(Bucket=source, Key="a/2.pdf")
+    done = backup_files(rb, keep_replaced=True)
+    assert done["replaced"] == {"overwritten": 1, "deleted": 1}
+    bucket = rb.backups.destination.bucket
+    listed = lambda prefix: {o["Key"]: o for o in dest.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+    read = lambda key: dest.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert set(listed("files/docs/")) == {"files/docs/a/0.pdf", "files/docs/a/1.pdf"}  # the source as it is
+    assert read("files/docs/a/1.pdf") == b"v2-1" * 100
+    under = done["replaced_under"]
+    assert set(listed("files/_replaced/")) == {f"{under}docs/a/1.pdf", f"{under}docs/a/2.pdf"}
+    assert read(f"{under}docs/a/1.pdf") == b"v1-1" * 100 and read(f"{under}docs/a/2.pdf") == b"v1-2" * 100
+    assert backup_files(rb, keep_replaced=True)["replaced"] == {"overwritten": 0, "deleted": 0}  # nothing twice
+
+    day = 86400
+    assert tier_retention(rb, "files", now=time.time() + 29 * day)["purged_files"] == []
+    assert len(listed("files/_replaced/")) == 2
+    purged = tier_retention(rb, "files", now=time.time() + 31 * day)["purged_files"]
+    assert sorted(purged) == [f"{under}docs/a/1.pdf", f"{under}docs/a/2.pdf"]
+    assert listed("files/_replaced/") == {} and set(listed("files/docs/")) == {"files/docs/a/0.pdf", "files/docs/a/1.pdf"}
 
 
 def test_the_served_backup_deployment_runs_on_the_daily_and_hourly_schedules(stack, s3_servers, tmp_path):

@@ -141,6 +141,23 @@ def upload_stream(client, bucket: str, key: str, stream, part_size: int, *,
     return size, sha.hexdigest(), len(done)
 
 
+def copy_as_is(client, bucket: str, source_key: str, key: str, size: int, *,
+               retry: s3.RetryPolicy = s3.RetryPolicy()) -> None:
+    """A server-side copy of ``source_key`` to ``key`` keeping its metadata (above CopyObject's 5 GiB limit,
+    a multipart copy carrying the user metadata; the content type becomes application/octet-stream)."""
+    if size <= COPY_OBJECT_LIMIT:
+        s3.call(retry, "copy", lambda: client.copy_object(
+            Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source_key}, MetadataDirective="COPY"),
+            client, bucket, key)
+        return
+    head = s3.call(retry, "head", lambda: client.head_object(Bucket=bucket, Key=source_key), client, bucket, source_key)
+    copy_with_metadata(client, bucket, source_key, key, size, head.get("Metadata", {}), retry=retry)
+
+
+def delete_object(client, bucket: str, key: str, *, retry: s3.RetryPolicy = s3.RetryPolicy()) -> None:
+    s3.call(retry, "delete", lambda: client.delete_object(Bucket=bucket, Key=key), client, bucket, key)
+
+
 def copy_with_metadata(client, bucket: str, source_key: str, key: str, size: int, metadata: dict[str, str], *,
                        retry: s3.RetryPolicy = s3.RetryPolicy()) -> None:
     """A server-side copy of ``source_key`` to ``key`` carrying ``metadata`` (replacing the source's)."""

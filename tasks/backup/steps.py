@@ -8,6 +8,9 @@ the dump (a JSON object next to it, and the step's record in the ledger) so the 
 restored copy against them. The files are the target S3 server's buckets (what the storage phase filled),
 copied to ``<files_prefix><bucket>/`` in the backup bucket by the storage phase's streaming copy
 (``liftoff.systems.s3.copy_batch_from``: MD5 proven per object), only what is new or changed since the last run.
+A tier that backs up the files keeps what the mirror replaces: before an object is overwritten by a newer
+version, or once it is deleted from the source, its backed-up copy goes to
+``<files_prefix>_replaced/<UTC time>/<bucket>/<key>``, which the tier's retention purges after ``keep``.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class FilesPlan:
     source: dict[str, tuple[int, str]] = field(default_factory=dict)  # key -> (size, ETag)
     to_copy: list[str] = field(default_factory=list)
     to_copy_bytes: int = 0
+    backed_up: dict[str, int] = field(default_factory=dict)  # key -> size, in the backup before this run
 
     @property
     def row(self) -> dict:
@@ -129,6 +133,7 @@ def plan_files(rb: Runbook) -> list[FilesPlan]:
         plan = FilesPlan(name, target_bucket(rb, name), f"{rb.backups.files_prefix}{name}/")
         backed_up = {o.key[len(plan.prefix):]: (o.size, o.etag)
                      for o in s3.list_objects(dst, rb.backups.destination.bucket, plan.prefix)}
+        plan.backed_up = {k: size for k, (size, _) in backed_up.items()}
         recorded_etag = {key: etag for key, _, _, etag in ledger.items(PHASE, f"file:{name}", status="copied")}
         for o in s3.list_objects(src, plan.source_bucket):
             plan.objects += 1
@@ -229,12 +234,37 @@ def dump_database(rb: Runbook, suffix: str = "", kind: str = "backup", store=Non
 # The files
 
 
+REPLACED_DIR = "_replaced"  # S3 bucket names never start with "_": no bucket's mirror is under it
+
+
+def replaced_prefix(rb: Runbook) -> str:
+    """Where a tier keeps the versions the file mirror replaced: ``<files_prefix>_replaced/<UTC time>/``."""
+    return f"{rb.backups.files_prefix}{REPLACED_DIR}/"
+
+
+def set_aside_replaced(client, bucket: str, plan: FilesPlan, under: str) -> dict[str, int]:
+    """Before the copy: each backed-up object the source has overwritten (about to be replaced in the mirror)
+    or deleted is copied, server-side, to ``under<bucket>/<key>``; the deleted ones then leave the mirror."""
+    overwritten = [k for k in plan.to_copy if k in plan.backed_up]
+    deleted = [k for k in plan.backed_up if k not in plan.source]
+    for key in overwritten + deleted:
+        archive.copy_as_is(client, bucket, plan.prefix + key, f"{under}{plan.bucket}/{key}", plan.backed_up[key])
+    for key in deleted:
+        archive.delete_object(client, bucket, plan.prefix + key)
+    if overwritten or deleted:
+        log.info("replaced files kept aside", bucket=plan.bucket, under=under, overwritten=len(overwritten),
+                 deleted=len(deleted))
+    return {"overwritten": len(overwritten), "deleted": len(deleted)}
+
+
 @task(name="back up the files", cache_policy=NO_CACHE)
 @recorded("backup.files")
-def backup_files(rb: Runbook) -> dict:
+def backup_files(rb: Runbook, keep_replaced: bool = False) -> dict:
     """Copies each backed-up bucket's new and changed objects from storage.target to the backup bucket (the
     storage phase's streaming copy, MD5 proven per object); then every object of the source bucket is in
-    the backup with its size. Objects deleted from the source stay in the backup."""
+    the backup with its size. Objects deleted from the source stay in the backup, unless ``keep_replaced``
+    (a tier with a ``keep``): then the versions the mirror replaces, overwritten or deleted on the source,
+    go under ``replaced_prefix`` with the time, for the tier's retention to purge."""
     require_backups(rb)
     plans = plan_files(rb)
     if not plans:
@@ -243,7 +273,12 @@ def backup_files(rb: Runbook) -> dict:
     dest = rb.backups.destination.bucket
     copied = copied_bytes = 0
     failed: list[str] = []
+    aside = {"overwritten": 0, "deleted": 0}
+    under = replaced_prefix(rb) + time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime()) + "/"
     for plan in plans:
+        if keep_replaced:
+            for what, n in set_aside_replaced(dst, dest, plan, under).items():
+                aside[what] += n
         def record(outcome, plan=plan) -> None:
             key = outcome.key[len(plan.prefix):]
             if isinstance(outcome, s3.CopiedObject):
@@ -263,8 +298,11 @@ def backup_files(rb: Runbook) -> dict:
         raise StepFailed(f"file backup: {len(failed)} objects failed ({'; '.join(failed[:3])}); re-run: only "
                          "what is missing or changed is copied")
     total = sum(p.objects for p in plans)
+    kept = (f"; the backed-up versions of {aside['overwritten']} overwritten and {aside['deleted']} deleted "
+            f"objects kept under {under}" if keep_replaced else "")
     return {"summary": f"{copied} of {total} objects copied ({copied_bytes:,} bytes), the rest unchanged since "
-                       f"the last backup", "copied": copied, "bytes": copied_bytes, "objects": total,
+                       f"the last backup{kept}", "copied": copied, "bytes": copied_bytes, "objects": total,
+            **({"replaced": aside, "replaced_under": under} if keep_replaced else {}),
             "buckets": {p.bucket: {"objects": p.objects, "copied": len(p.to_copy)} for p in plans}}
 
 

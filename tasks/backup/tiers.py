@@ -5,11 +5,14 @@ each backup is kept. A tier's run backs up what it names and then deletes its ow
 run: the restore-test deployment runs on ``backups.restore_test_schedule``.
 
 Names: ``<prefix>_<UTC time>_<tier>.dump`` (with ``.json`` counts beside it) and ``<prefix>_<UTC time>_<tier>.rdb``,
-so every tier keeps, and deletes, only its own.
+so every tier keeps, and deletes, only its own. The files are a mirror (``<files_prefix><bucket>/``), not a
+series of backups: a files tier keeps the versions the mirror replaces (overwritten or deleted on the source)
+under ``<files_prefix>_replaced/<UTC time>/`` and purges them ``keep`` after that time.
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import posixpath
@@ -33,6 +36,7 @@ from liftoff.tasks.backup.steps import (
     destination_client,
     dump_database,
     dump_prefix,
+    replaced_prefix,
     require_backups,
 )
 
@@ -205,5 +209,27 @@ def tier_retention(rb: Runbook, name: str, now: float | None = None) -> dict:
             remote.close()
     for key in deleted:
         log.info("backup deleted by the tier's retention", tier=tier.name, key=key)
+    purged = purge_replaced_files(rb, tier, now) if "files" in tier.what else []
     return {"summary": f"tier {tier.name}: {len(deleted)} backups deleted (older than {tier.keep}), {kept} kept in "
-                       f"{where_label(rb, tier)}", "deleted": deleted, "kept": kept}
+                       f"{where_label(rb, tier)}" + (f"; {len(purged)} replaced file versions purged" if purged else ""),
+            "deleted": deleted, "kept": kept, "purged_files": purged}
+
+
+def purge_replaced_files(rb: Runbook, tier: BackupTier, now: float) -> list[str]:
+    """Deletes the file versions the mirror replaced (``<files_prefix>_replaced/<UTC time>/...``) more than the
+    tier's ``keep`` ago, by the time in their key: when they stopped being the source's."""
+    client, bucket, prefix = destination_client(rb), rb.backups.destination.bucket, replaced_prefix(rb)
+    cutoff = now - tier.keep_s
+    doomed = []
+    for o in s3.list_objects(client, bucket, prefix):
+        stamp = o.key[len(prefix):].split("/", 1)[0]
+        try:
+            at = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H-%M-%SZ"))
+        except ValueError:
+            continue  # not ours: left alone
+        if at < cutoff:
+            archive.delete_object(client, bucket, o.key)
+            doomed.append(o.key)
+    if doomed:
+        log.info("replaced file versions purged", tier=tier.name, count=len(doomed), keep=tier.keep)
+    return doomed
