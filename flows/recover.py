@@ -15,7 +15,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from liftoff.errors import NotApproved, RunbookInvalid
+from liftoff.errors import NotApproved, RunbookInvalid, StepFailed
 from liftoff.flows.backup import BACKUP_LOCK
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import Ledger, current_run_id, exclusive
@@ -111,10 +111,14 @@ def _recover(runbook: Runbook, plan: RecoveryPlan, fetched: dict, answer: Recove
         if safety is not None:
             try:
                 timed("put the safety dump back", put_back, safety)
-            finally:
-                timed("start the apps", start_apps)
-        else:  # nothing replaced yet: the database is as it was
-            timed("start the apps", start_apps)
+            except Exception as second:  # the apps stay stopped: the database is not what they knew
+                both = (f"{reason}; putting the safety dump {safety['key']} back failed too: "
+                        f"{one_line(str(second).splitlines()[0] if str(second).strip() else type(second).__name__)}; "
+                        "the apps stay stopped")
+                publish_rto(plan, fetched, timings, time.monotonic() - started, failed=both, put_back=False)
+                raise StepFailed(both) from None
+        # else: nothing replaced yet, the database is as it was
+        timed("start the apps", start_apps)
         publish_rto(plan, fetched, timings, time.monotonic() - started, failed=reason)
         raise
     timed("start the apps", start_apps)
@@ -201,13 +205,14 @@ def publish_recovery_plan(plan: RecoveryPlan, fetched: dict | None, dry_run: boo
 
 
 def publish_rto(plan: RecoveryPlan, fetched: dict, timings: dict[str, float], downtime: float,
-                failed: str | None = None) -> None:
+                failed: str | None = None, put_back: bool = True) -> None:
     rows = [{"step": name, "seconds": s} for name, s in timings.items()]
     rows.append({"step": "downtime (apps stopped to healthy): the RTO", "seconds": round(downtime, 2)})
     publish_table("recover-rto", rows, f"Recovery from {plan.key}: downtime per step "
                   f"(download before the stop: {fetched['download_s']} s)")
-    head = (f"# Recovery FAILED, the database as before it is back: {failed}" if failed
-            else f"# Recovery done: {plan.database} is {plan.key} again")
+    head = (f"# Recovery done: {plan.database} is {plan.key} again" if not failed
+            else f"# Recovery FAILED, the database as before it is back: {failed}" if put_back
+            else f"# Recovery FAILED, and the database as before it is NOT back: {failed}")
     publish_markdown("recover-summary", "\n".join([head, "", f"Downtime (RTO): **{round(downtime, 2)} s**; the "
                                                    f"backup's download before the stop: {fetched['download_s']} s.",
                                                    "", markdown_table(rows)]))

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from liftoff.flows.pitr import PitrOptions, pitr
+from liftoff.errors import StepFailed
 from liftoff.flows.recover import RecoverOptions, recover
 from liftoff.ledger import Ledger
 from liftoff.reports import last_markdown
@@ -133,3 +134,38 @@ def test_recover_to_a_time_between_two_writes_brings_back_exactly_the_first(pitr
     assert pitr_setup["app"].database() == "crm" and result["downtime_s"] > 0
     assert pg.execute("SELECT pg_is_in_recovery()")[0][0] is False  # promoted: takes writes again
     pg.execute("INSERT INTO visits (id) VALUES (100)", dbname="crm")
+
+
+
+def test_a_restore_to_a_time_failing_part_way_brings_the_cluster_and_the_safety_dump_back(pitr_setup):
+    """A backup set missing one of its files in the bucket: pgBackRest has already removed pg_control and
+    overwritten files when it fails, so PostgreSQL cannot start on the data directory. The cluster comes back
+    to the end of its WAL archive from an intact set, the safety dump goes back in, the apps start."""
+    pg, runbook, rb = pitr_setup["pg"], pitr_setup["runbook"], pitr_setup["rb"]
+    pg.execute("INSERT INTO visits (id) SELECT generate_series(1000, 1010)", dbname="crm")
+    label = pitr(PitrOptions(runbook=str(runbook), backup_type="full"))["backup"]["label"]
+    pg.execute("INSERT INTO visits (id) SELECT generate_series(2000, 2010)", dbname="crm")  # the file differs now
+    time.sleep(1.1)
+    target = pg.execute("SELECT now()", dbname="crm")[0][0]
+    relation = pg.execute("SELECT pg_relation_filepath('visits')", dbname="crm")[0][0]
+    client = pitr_setup["b2"].client()
+    client.delete_object(Bucket="pitr-backups", Key=f"pgbackrest/backup/crm/{label}/pg_data/{relation}.gz")
+    rows_before = pg.execute("SELECT array_agg(id ORDER BY id) FROM visits", dbname="crm")[0][0]
+
+    resumer = answer_when_paused("recover", {"approver": "Ada (ops)", "database": "crm", "approve": True},
+                                 under=runbook.parent)
+    with pytest.raises(StepFailed) as caught:
+        recover(RecoverOptions(runbook=str(runbook), target_time=target))
+    resumer.join(5)
+    message = str(caught.value)
+    assert "pgbackrest restore" in message and relation in message, message  # pgBackRest's own error line
+    assert "brought back to the end of its WAL archive" in message and "backup set" in message
+    steps = Ledger(rb.state_dir).steps()
+    assert steps["recover.pitr-restore"].status == "failed"
+    assert steps["recover.put-back"].status == "done" and steps["recover.start-apps"].status == "done"
+    assert pg.execute("SELECT array_agg(id ORDER BY id) FROM visits", dbname="crm")[0][0] == rows_before
+    safety = Ledger(rb.state_dir).step_detail("recover.safety-dump")
+    assert safety["counts"]["public.visits"] == len(rows_before)
+    assert pg.execute("SELECT pg_is_in_recovery()")[0][0] is False
+    assert pitr_setup["app"].database() == "crm"
+    assert "Recovery FAILED, the database as before it is back" in last_markdown("recover-summary")

@@ -13,9 +13,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from liftoff.checks import GateReport
-from liftoff.errors import RunbookInvalid, StepFailed
+from liftoff.errors import LiftoffError, RunbookInvalid, StepFailed
 from liftoff.ledger import Ledger, current_run_id
 from liftoff.logs import get_logger
+from liftoff.redaction import one_line
 from liftoff.reports import markdown_table, publish_markdown
 from liftoff.runbooks.model import Runbook
 from liftoff.steps import recorded
@@ -187,6 +188,32 @@ def pitr_info(rb: Runbook) -> pgbackrest.Info:
         return pgbackrest.parse_info(run_pgbackrest(rb, remote, "info", "--output=json"), rb.backups.pitr.stanza)
 
 
+def _back_to_the_stop(rb: Runbook, remote: Remote, failure: str) -> str:
+    """The restore failed part-way: pgBackRest removes global/pg_control first, so the cluster cannot start on
+    the half-restored files. Brings it back to the end of its WAL archive (everything written until the
+    stop: ``check`` archived it) from the newest backup set that restores, started and promoted, so the
+    safety dump can go back in; says what it did, or why the cluster stays down. A set the failure names (a
+    file of it missing or damaged in the repository) is not tried again."""
+    p = rb.backups.pitr
+    found = pgbackrest.parse_info(run_pgbackrest(rb, remote, "info", "--output=json"), p.stanza).backups
+    sets = sorted((b for b in found if f"/{b.label}/" not in failure), key=lambda b: b.stopped, reverse=True)
+    tried = [f"{b.label}: named by the failure" for b in found if f"/{b.label}/" in failure]
+    for backup_set in sets:
+        try:
+            run_pgbackrest(rb, remote, "restore", "--delta", "--type=default", f"--set={backup_set.label}")
+            remote.run(p.start_command, timeout=p.timeout_s)
+            _wait_up(rb, recovered=True)
+        except LiftoffError as exc:
+            tried.append(f"{backup_set.label}: {one_line(str(exc))[:200]}")
+            continue
+        log.warning("cluster brought back to the end of its archive after a failed restore", set=backup_set.label)
+        return (f"the cluster was brought back to the end of its WAL archive (the moment the apps stopped) from "
+                f"backup set {backup_set.label}")
+    return (f"bringing the cluster back to the end of its WAL archive failed too ({'; '.join(tried) or 'no backup set'}"
+            f"): {p.pg_path} holds a partial restore and PostgreSQL cannot start on it; restore it with pgbackrest "
+            "by hand (pgbackrest --stanza=... --delta restore), then put the safety dump back")
+
+
 @task(name="restore the cluster to a point in time", cache_policy=NO_CACHE)
 @recorded("recover.pitr-restore")
 def restore_to_time(rb: Runbook, target: datetime) -> dict:
@@ -207,8 +234,9 @@ def restore_to_time(rb: Runbook, target: datetime) -> dict:
         try:
             run_pgbackrest(rb, remote, "restore", "--delta", "--type=time", f"--target={target.isoformat(sep=' ')}",
                            "--target-action=promote")
-        finally:
-            remote.run(p.start_command, timeout=p.timeout_s)
+        except LiftoffError as exc:
+            raise StepFailed(f"{one_line(str(exc))}; {_back_to_the_stop(rb, remote, str(exc))}") from None
+        remote.run(p.start_command, timeout=p.timeout_s)
     waited = _wait_up(rb, recovered=True)
     Ledger(rb.state_dir).record_event(PHASE, "recover.pitr-restored", after={"target": target.isoformat()},
                                       flow_run_id=current_run_id())
