@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from liftoff.errors import NotApproved, StepFailed
-from liftoff.flows.backup import backup
+from liftoff.flows.backup import BackupOptions, backup
 from liftoff.flows.options import RunOptions
 from liftoff.flows.recover import RecoverOptions, recover
 from liftoff.ledger import Ledger
@@ -248,3 +248,33 @@ def test_the_cli_passes_the_target_time_to_recover_and_names_the_flag_a_flow_lac
     assert naive.returncode == 2 and "target_time: give the time zone too" in naive.stderr, naive.stderr
     wrong = run_cli("run", "recover", "--runbook", str(setup["runbook"]), "--tier", "daily")
     assert wrong.returncode == 2 and "--tier does not apply to recover; it is for: backup" in wrong.stderr
+
+
+def test_recover_from_a_dump_of_the_local_tier_on_the_vps(stack, setup):
+    """The plan's hourly dumps kept on the VPS: listed beside the bucket's (named ssh:<folder>/<file>),
+    downloaded over SFTP with the SHA-256 their counts file records, and restored like any other."""
+    runbook, name = setup["runbook"], setup["name"]
+    folder = stack.workdir / f"{name}-local-backups"
+    data = yaml.safe_load(runbook.read_text())
+    data["backups"]["tiers"] = [
+        {"name": "daily", "what": ["database"], "schedule": "0 3 * * *", "keep": "30d"},
+        {"name": "hourly", "what": ["database"], "schedule": "0 9-18 * * 1-5", "where": f"ssh:{folder}", "keep": "24h"}]
+    tiered = runbook.with_name(f"{name}-tiers.yaml")
+    tiered.write_text(yaml.safe_dump(data, sort_keys=False))
+    made = backup(BackupOptions(runbook=str(tiered), tier="hourly"))["database"]
+    key = f"ssh:{folder}/{made['key']}"
+    at_backup = made["counts"][WRITES]
+    _wait_rows(stack, name, at_backup + 5)
+
+    planned = recover(RecoverOptions(runbook=str(tiered), dry_run=True, backup=key))
+    assert key in planned["backups"] and planned["backup"] == key
+    resumer = _approve(name, stack.workdir)
+    result = recover(RecoverOptions(runbook=str(tiered), backup=key))
+    resumer.join(5)
+    assert {t["table"]: t["rows restored"] for t in result["tables"]} == made["counts"]
+    assert all(t["status"] == "match" for t in result["tables"])
+    fetched = Ledger(setup["rb"].state_dir).step_detail("recover.fetch")
+    assert fetched["key"] == key and fetched["sha256"] == made["sha256"]
+    restarted = Ledger(setup["rb"].state_dir).steps()["recover.start-apps"].started_at
+    assert _rows(stack, name, f"WHERE at < to_timestamp({restarted})") == at_backup
+    assert setup["app"].database() == name

@@ -274,6 +274,22 @@ class Remote:
                              "folder's permissions and free space") from None
         return size, sha.hexdigest()
 
+    def download(self, path: str, local, *, chunk_size: int = 1 << 20) -> tuple[int, str]:
+        """Streams ``path`` into the local file ``local``; (size, SHA-256 hex) of what was read."""
+        sha, size = hashlib.sha256(), 0
+        try:
+            with self._sftp_client().open(path, "rb") as src, open(local, "wb") as out:
+                src.prefetch()
+                while chunk := src.read(chunk_size):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+        except FileNotFoundError:
+            raise StepFailed(f"ssh {self._hostport}: {path} does not exist") from None
+        except OSError as exc:
+            raise StepFailed(f"ssh {self._hostport}: cannot read {path} ({exc.strerror or exc})") from None
+        return size, sha.hexdigest()
+
     def files(self, directory: str) -> list[paramiko.SFTPAttributes]:
         """The entries of ``directory`` with their size and mtime; empty when it does not exist."""
         try:

@@ -41,6 +41,7 @@ from liftoff.tasks.backup.steps import (
     dump_tools,
     require_backups,
 )
+from liftoff.tasks.backup.tiers import LOCAL, download_local, local_counts, local_dumps
 from liftoff.tasks.cutover.smoke import run_smoke_queries, wait_apps_healthy
 from liftoff.tasks.cutover.switch import switch_driver
 
@@ -108,9 +109,12 @@ def list_recoverable(rb: Runbook, now: float | None = None) -> list[BackupListed
     now = time.time() if now is None else now
     tested = {key: status for key, status, _, _ in Ledger(rb.state_dir).items(PHASE, DUMPS)}
     shown = {"restore-tested": "passed", "restore-failed": "FAILED"}
-    return [BackupListed(b.key, b.size, max(now - b.last_modified, 0), shown.get(tested.get(b.key), "not tested"),
-                         "safety dump" if b.key.endswith(SAFETY_SUFFIX + archive.DUMP_SUFFIX) else "backup")
-            for b in archive.list_backups(destination_client(rb), rb.backups.destination.bucket, dump_prefix(rb))]
+    in_bucket = [BackupListed(b.key, b.size, max(now - b.last_modified, 0), shown.get(tested.get(b.key), "not tested"),
+                              "safety dump" if b.key.endswith(SAFETY_SUFFIX + archive.DUMP_SUFFIX) else "backup")
+                 for b in archive.list_backups(destination_client(rb), rb.backups.destination.bucket, dump_prefix(rb))]
+    on_vps = [BackupListed(b.key, b.size, max(now - b.last_modified, 0), "not tested", "on the VPS")
+              for b in local_dumps(rb)]
+    return sorted(in_bucket + on_vps, key=lambda b: b.age_s)
 
 
 def plan_recovery(rb: Runbook, key: str | None = None, counts_only: bool = False) -> RecoveryPlan:
@@ -133,9 +137,9 @@ def plan_recovery(rb: Runbook, key: str | None = None, counts_only: bool = False
                              f"{dump_prefix(rb)}_*.dump, restore test not failed); run liftoff run backup")
         key = usable[0].key
     elif key not in {b.key for b in listed}:
-        raise RunbookInvalid(f"backup: {key!r} is not in bucket {rb.backups.destination.bucket}; a dry run of "
-                             "recover lists the backups there")
-    sidecar = archive.get_json(destination_client(rb), rb.backups.destination.bucket, archive.counts_key(key))
+        raise RunbookInvalid(f"backup: {key!r} is not in bucket {rb.backups.destination.bucket} nor in a tier's "
+                             "folder on the VPS; a dry run of recover lists the backups there")
+    sidecar = _counts_of(rb, key)
     if not sidecar or "tables" not in sidecar:
         raise StepFailed(f"backup {key} has no row counts beside it ({archive.counts_key(key)}); the recovery "
                          "holds the restored rows against them: choose another backup")
@@ -168,20 +172,28 @@ def fetch_backup(rb: Runbook, key: str) -> dict:
     return _fetch(rb, key)
 
 
+def _counts_of(rb: Runbook, key: str) -> dict | None:
+    if key.startswith(LOCAL):
+        return local_counts(rb, key)
+    return archive.get_json(destination_client(rb), rb.backups.destination.bucket, archive.counts_key(key))
+
+
 def _fetch(rb: Runbook, key: str) -> dict:
     client, bucket = destination_client(rb), rb.backups.destination.bucket
     workdir = rb.state_dir / RECOVER_DIR
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / Path(key).name
     started = time.monotonic()
-    got = archive.download(client, bucket, key, path)
+    local = key.startswith(LOCAL)
+    got = download_local(rb, key, path) if local else archive.download(client, bucket, key, path)
     seconds = round(time.monotonic() - started, 2)
     claimed = got["metadata"].get("sha256")
     if claimed != got["sha256"]:
         path.unlink(missing_ok=True)
-        raise StepFailed(f"backup {key} in bucket {bucket} is damaged: its metadata says SHA-256 "
-                         f"{claimed or '(none)'}, the bytes read hash to {got['sha256']}; choose another backup")
-    sidecar = archive.get_json(client, bucket, archive.counts_key(key))
+        raise StepFailed(f"backup {key}{'' if local else f' in bucket {bucket}'} is damaged: its "
+                         f"{'counts file' if local else 'metadata'} says SHA-256 {claimed or '(none)'}, the bytes "
+                         f"read hash to {got['sha256']}; choose another backup")
+    sidecar = _counts_of(rb, key)
     if not sidecar or "tables" not in sidecar:
         raise StepFailed(f"backup {key} has no row counts beside it ({archive.counts_key(key)}); choose another")
     with postgres.session(rb.target.direct, "target.direct") as conn:

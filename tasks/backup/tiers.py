@@ -70,6 +70,42 @@ def _remote(rb: Runbook):
     return Remote(rb.ssh)
 
 
+LOCAL = "ssh:"  # a local tier's dump is named ssh:<folder>/<file> where a bucket's is named by its key
+
+
+def local_dumps(rb: Runbook) -> list[archive.Backup]:
+    """The dumps of the tiers kept on the VPS (``where: ssh:/path``), named ``ssh:<folder>/<file>``, with their
+    size and mtime; a partial one (pg_dump still running) is not listed."""
+    tiers = [t for t in rb.backups.tiers or [] if t.ssh_path and "database" in t.what]
+    if not tiers:
+        return []
+    found = []
+    with _remote(rb) as remote:
+        for tier in tiers:
+            suffix = f"_{tier.name}{archive.DUMP_SUFFIX}"
+            found += [archive.Backup(f"{LOCAL}{posixpath.join(tier.ssh_path, e.filename)}", e.st_size, e.st_mtime)
+                      for e in remote.files(tier.ssh_path)
+                      if e.filename.startswith(f"{dump_prefix(rb)}_") and e.filename.endswith(suffix)]
+    return found
+
+
+def local_counts(rb: Runbook, key: str) -> dict | None:
+    """The counts (and SHA-256) written beside a local tier's dump, or None."""
+    with _remote(rb) as remote:
+        text = remote.read_file(archive.counts_key(key[len(LOCAL):]))
+    return json.loads(text) if text else None
+
+
+def download_local(rb: Runbook, key: str, path: Path) -> dict:
+    """Streams a local tier's dump from the VPS to ``path``: {"size", "sha256", "metadata": {"sha256"}} as
+    ``archive.download`` answers for the bucket (the claimed SHA-256 is the one its counts file records)."""
+    with _remote(rb) as remote:
+        size, sha256 = remote.download(key[len(LOCAL):], path)
+        text = remote.read_file(archive.counts_key(key[len(LOCAL):]))
+    claimed = json.loads(text).get("sha256") if text else None
+    return {"size": size, "sha256": sha256, "metadata": {"sha256": claimed} if claimed else {}}
+
+
 def where_label(rb: Runbook, tier: BackupTier) -> str:
     return f"ssh {rb.ssh.host}:{tier.ssh_path}" if tier.ssh_path else f"bucket {rb.backups.destination.bucket}"
 
