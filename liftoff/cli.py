@@ -104,7 +104,8 @@ def _private(path: Path) -> Path:
 
 
 # `liftoff run`'s options that fill in a field of one flow's form (``--backup`` -> RecoverOptions.backup)
-FORM_FLAGS = {"backup": "--backup", "target_time": "--target-time", "tier": "--tier", "backup_type": "--backup-type"}
+FORM_FLAGS = {"backup": "--backup", "target_time": "--target-time", "tier": "--tier", "backup_type": "--backup-type",
+              "force_reason": "--force-reason"}
 
 
 def flow_options(name: str, options_type, runbook: Path, dry_run: bool, fields: dict):
@@ -173,17 +174,20 @@ def run(
                                     "to this moment, ISO 8601 with its time zone, e.g. 2026-12-07T10:15:00+01:00"),
     tier: str = typer.Option(None, "--tier", help="backup: back up one tier of backups.tiers only"),
     backup_type: str = typer.Option(None, "--backup-type", help="pitr: full, diff or none"),
+    force_reason: str = typer.Option(None, "--force-reason", help="decommission: run without a passing watch, "
+                                     "for this reason (recorded in the ledger and the manifest)"),
 ):
     """Run one flow of a phase under Prefect, against the runbook's servers (`liftoff status` shows where
     each phase stands). The form fields of the UI are options here: `--backup`, `--target-time` (recover),
-    `--tier` (backup), `--backup-type` (pitr).
+    `--tier` (backup), `--backup-type` (pitr), `--force-reason` (decommission).
 
     Exit 0 on success, 3 when a verification gate finds a difference, 2 for bad input (runbook,
     environment, a server that refused), 4 when an approval was rejected, left unconfirmed or not given in
     time (nothing changed), 1 for anything unexpected."""
     keys = all_flows()[flow.value].summaries
     try:
-        run_flow(flow, runbook, dry_run, backup=backup, target_time=target_time, tier=tier, backup_type=backup_type)
+        run_flow(flow, runbook, dry_run, backup=backup, target_time=target_time, tier=tier, backup_type=backup_type,
+                 force_reason=force_reason)
     except Exception as exc:  # every error ends as one line and an exit code
         print_summaries(keys)
         raise fail(exc) from None

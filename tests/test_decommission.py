@@ -14,6 +14,7 @@ import os
 import psycopg
 import pytest
 import yaml
+from helpers import run_cli
 
 from liftoff.errors import GateFailed, NotApproved, PreflightFailed
 from liftoff.flows.decommission import DecommissionOptions, decommission
@@ -107,6 +108,20 @@ def test_it_refuses_before_a_passing_watch(stack, tmp_path):
     rb = load_runbook(runbook)
     listed = stack.target_s3.client().list_objects_v2(Bucket=rb.backups.destination.bucket)
     assert listed.get("KeyCount", 0) == 0  # nothing archived
+
+
+def test_the_cli_takes_the_reason_to_force_it(stack, tmp_path):
+    """`liftoff run decommission --force-reason`: the plan of a dry run says it would go ahead, and why; the
+    flag on a flow without that field is one exit-2 line naming the flag."""
+    runbook = write_runbook(stack, tmp_path)
+    done = run_cli("run", "decommission", "--runbook", runbook, "--dry-run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "It would refuse: no watch on record" in done.stdout
+    done = run_cli("run", "decommission", "--runbook", runbook, "--dry-run", "--force-reason", "watched by hand")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Forced without a passing watch" in done.stdout and "watched by hand" in done.stdout
+    done = run_cli("run", "backup", "--runbook", runbook, "--force-reason", "x")
+    assert done.returncode == 2 and "--force-reason does not apply to backup; it is for: decommission" in done.stderr
 
 
 def test_forced_with_a_reason_archives_proves_and_drops_only_liftoffs_objects(stack, tmp_path):
