@@ -473,14 +473,18 @@ def sequence_states(conn: psycopg.Connection, schemas: list[str]) -> list[Sequen
     ).fetchall()
     states = []
     for seq_schema, seq, tab_schema, tab, col in owned:
+        # The column's max first, the sequence after: a sequence is read outside any snapshot, so read the other
+        # way round a row an app inserts in between (its id drawn after the sequence was read) would show a
+        # sequence "behind" its column on a target that is being written to. This way every row the max sees
+        # drew its value before the sequence was read.
+        col_max = conn.execute(
+            sql.SQL("SELECT max({})::bigint FROM ONLY {}").format(sql.Identifier(col), sql.Identifier(tab_schema, tab))
+        ).fetchone()[0]
         seq_ident = sql.Identifier(seq_schema, seq)
         last, called, inc = conn.execute(
             sql.SQL("SELECT s.last_value, s.is_called, p.seqincrement FROM {} s, pg_sequence p "
                     "WHERE p.seqrelid = {}::regclass").format(seq_ident, sql.Literal(f'"{seq_schema}"."{seq}"'))
         ).fetchone()
-        col_max = conn.execute(
-            sql.SQL("SELECT max({})::bigint FROM ONLY {}").format(sql.Identifier(col), sql.Identifier(tab_schema, tab))
-        ).fetchone()[0]
         states.append(SequenceState(f"{seq_schema}.{seq}", f"{tab_schema}.{tab}", col,
                                     last + inc if called else last, col_max))
     return states
