@@ -66,9 +66,17 @@ def _peak_rss():
         f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 atexit.register(_peak_rss)
 sys.argv[0] = "liftoff"
+if os.environ.get("BENCH_PROFILE"):  # --profile: where the seconds outside the steps go
+    import cProfile
+    profile = cProfile.Profile()
+    atexit.register(lambda: profile.dump_stats(os.environ["BENCH_PROFILE"]))
+    profile.enable()
 from liftoff.cli import app
 sys.exit(app())
 """
+
+
+PROFILE_DIR: Path | None = None  # --profile: cProfile of each liftoff process, kept in logs/
 
 
 class Interrupted(BaseException):
@@ -313,6 +321,8 @@ def run_liftoff(bench: Bench, flow: str, runbook: Path, env: dict, log: Path) ->
     time_file = bench.workdir / f"liftoff-{flow}.time"
     argv = [GNU_TIME, "-v", "-o", str(time_file), sys.executable, "-c", LIFTOFF_WITH_RSS,
             "run", flow, "--runbook", str(runbook)]
+    if PROFILE_DIR is not None:
+        env = {**env, "BENCH_PROFILE": str(PROFILE_DIR / f"liftoff-{flow}.prof")}
     t = run_timed(argv, log, {**env, "BENCH_RSS_FILE": str(rss_file)}, cwd=REPO)
     if rss_file.exists():
         t.self_peak_kib = int(rss_file.read_text().strip())
@@ -646,6 +656,8 @@ def main() -> int:
                         help="comma-separated contenders to run (default: all seven; `database` is `liftoff run "
                              "database` in one process, the run an operator makes; `pgcopydb-compare` is pgcopydb "
                              "clone followed by pgcopydb's compare data)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each liftoff process under cProfile; the .prof files stay in logs/")
     args = parser.parse_args()
     only = set(args.only.split(","))
 
@@ -678,6 +690,9 @@ def main() -> int:
         print(f"building the source: {args.bookings:,} bookings ...", flush=True)
         stack.start()
         bench = Bench(stack, workdir, args.jobs)
+        if args.profile:
+            global PROFILE_DIR
+            PROFILE_DIR = bench.logs
         bench.settle_source()
         db_bytes, public_bytes = bench.source_size()
         source_rows = bench.row_counts(stack.source.conninfo(SOURCE_DB))
