@@ -8,6 +8,8 @@ fresh, empty database on the target server once per contender:
   pg_dump|restore  ``pg_dump -Fc | pg_restore``: one stream, the baseline every ratio is relative to
   dir -j N         ``pg_dump -Fd -j N`` to a directory, then ``pg_restore -j N``
   pgcopydb         ``pgcopydb clone --table-jobs N --index-jobs N``
+  pgcopydb+compare the same clone, then pgcopydb's ``compare data`` (its query, see ``pgcopydb_compare_data``):
+                   the fair contender for a run that proves its copy
 
 After each contender it counts the rows of every ``public`` table on the target and compares them with the
 source; a contender that lost rows is marked. Liftoff's peak memory is the resident set of the liftoff Python
@@ -64,9 +66,17 @@ def _peak_rss():
         f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 atexit.register(_peak_rss)
 sys.argv[0] = "liftoff"
+if os.environ.get("BENCH_PROFILE"):  # --profile: where the seconds outside the steps go
+    import cProfile
+    profile = cProfile.Profile()
+    atexit.register(lambda: profile.dump_stats(os.environ["BENCH_PROFILE"]))
+    profile.enable()
 from liftoff.cli import app
 sys.exit(app())
 """
+
+
+PROFILE_DIR: Path | None = None  # --profile: cProfile of each liftoff process, kept in logs/
 
 
 class Interrupted(BaseException):
@@ -92,6 +102,8 @@ class Result:
     parts: dict[str, float] = field(default_factory=dict)
     rss: dict[str, Timed] = field(default_factory=dict)
     objects_ok: bool | None = None
+    overhead: float | None = None  # wall time outside the ledger's steps (Liftoff only)
+    steps_seconds: float | None = None  # the union of the ledger's step intervals
 
 
 def run_timed(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Timed:
@@ -309,6 +321,8 @@ def run_liftoff(bench: Bench, flow: str, runbook: Path, env: dict, log: Path) ->
     time_file = bench.workdir / f"liftoff-{flow}.time"
     argv = [GNU_TIME, "-v", "-o", str(time_file), sys.executable, "-c", LIFTOFF_WITH_RSS,
             "run", flow, "--runbook", str(runbook)]
+    if PROFILE_DIR is not None:
+        env = {**env, "BENCH_PROFILE": str(PROFILE_DIR / f"liftoff-{flow}.prof")}
     t = run_timed(argv, log, {**env, "BENCH_RSS_FILE": str(rss_file)}, cwd=REPO)
     if rss_file.exists():
         t.self_peak_kib = int(rss_file.read_text().strip())
@@ -332,13 +346,32 @@ def bench_liftoff_database(bench: Bench, prefect: PrefectServer, db: str, strate
     if t.returncode != 0:
         result.notes.append(f"liftoff run database exited {t.returncode} (see {log})")
     steps = Ledger(Path(data["state_dir"])).steps()
-    for name in ("preflight", "export", "restore.pre-data", "restore.data", "restore.post-data", "restore.grants",
-                 "verify"):
+    for name in ("preflight", "export", "restore.prepare", "restore.pre-data", "restore.data", "restore.post-data",
+                 "restore.grants", "verify"):
         if name in steps and steps[name].seconds is not None:
             result.parts[name] = steps[name].seconds
+    result.steps_seconds = steps_union_seconds(steps.values())
+    if t.returncode == 0:
+        result.overhead = round(t.seconds - result.steps_seconds, 2)
     result.ok = not result.notes
     shutil.rmtree(data["state_dir"], ignore_errors=True)
     return result
+
+
+def steps_union_seconds(steps) -> float:
+    """Seconds covered by the ledger's step intervals (their union: a step inside another, or two steps run
+    side by side, count once). The run's wall time minus this is Liftoff's fixed overhead: interpreter and
+    Prefect start-up, flow and task runs, plans and artifacts, whatever happens between two steps."""
+    spans = sorted((s.started_at, s.finished_at) for s in steps if s.started_at and s.finished_at)
+    total, end = 0.0, None
+    for start, finish in spans:
+        if end is None or start > end:
+            total += finish - start
+            end = finish
+        elif finish > end:
+            total += finish - end
+            end = finish
+    return round(total, 2)
 
 
 def bench_liftoff(bench: Bench, prefect: PrefectServer, db: str, strategy: str) -> Result:
@@ -398,8 +431,8 @@ def bench_directory_jobs(bench: Bench, db: str) -> Result:
     return result
 
 
-def bench_pgcopydb(bench: Bench, db: str) -> Result:
-    result = Result(f"pgcopydb clone (jobs {bench.jobs})")
+def bench_pgcopydb(bench: Bench, db: str, compare: bool = False) -> Result:
+    result = Result(f"pgcopydb clone{' + compare data' if compare else ''} (jobs {bench.jobs})")
     # pgcopydb 0.10 has no [include-only-schema] (later versions do): exclude every other schema instead,
     # except ``extensions``: excluding it drops CREATE EXTENSION but keeps COMMENT ON EXTENSION, which then
     # fails the pre-data restore. Liftoff creates the app's extensions on the target too.
@@ -424,6 +457,13 @@ def bench_pgcopydb(bench: Bench, db: str) -> Result:
             result.seconds = round(shim + t.seconds + fk_seconds, 2)
             result.ok = True
             result.notes.append(f"source user {user}")
+            if compare:
+                seconds, differ = pgcopydb_compare_data(bench, db, user)
+                result.parts["compare data"] = seconds
+                result.seconds = round(result.seconds + seconds, 2)
+                if differ:
+                    result.ok = False
+                    result.notes.append("compare data: DIFFER " + ", ".join(differ))
             break
         first_error = next((line.split("ERROR", 1)[1].strip() for line in log.read_text(errors="replace").splitlines()
                             if " ERROR " in line and "line ignored" not in line), f"exit {t.returncode}")
@@ -433,6 +473,60 @@ def bench_pgcopydb(bench: Bench, db: str) -> Result:
     if ignored:
         result.notes.append(f"{ignored} pg_restore errors logged")
     return result
+
+
+def pgcopydb_compare_data(bench: Bench, db: str, user: str) -> tuple[float, list[str]]:
+    """What ``pgcopydb compare data`` does, run here because Debian 12's pgcopydb 0.10 has no ``compare``
+    command (it came in 0.14). The query is pgcopydb's own (``schema_send_table_checksum`` in its
+    src/bin/pgcopydb/schema.c): per table ``count(1)`` and the SHA-256 of ``sum(hashtext(row::text))`` and the
+    count, over ``ONLY`` the table, with the source's column list; run on both sides, the source side as the
+    user the clone read with. pgcopydb's ``--table-jobs`` workers each send a table's query to the source and
+    the target at once and then wait for both: here 2 x jobs connections, every table's two queries in
+    flight side by side, tables shared out largest first. Returns (seconds, tables that differ). Not
+    counted: pgcopydb's catalog read and its process start-up (it would add to its time, not ours)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import Queue
+
+    started = time.monotonic()
+    src_conninfo = bench.src.conninfo(SOURCE_DB) if user == bench.src.superuser \
+        else bench.src.conninfo(SOURCE_DB, user=user, password=bench.src_pw)
+    with psycopg.connect(src_conninfo) as conn:
+        tables = conn.execute("""
+            SELECT format('%I.%I', n.nspname, c.relname),
+                   (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')
+             ORDER BY pg_relation_size(c.oid) DESC""").fetchall()
+
+    def checksum_sql(table: str, columns: str | None) -> str:
+        if not columns:
+            return f"select count(1) as cnt, '0' as chksum from only {table}"
+        return (f"select count(1) as cnt, encode(sha256(format('%s-%s', sum(hashtext(({columns})::text)::bigint), "
+                f"count(1))::bytea), 'hex') as chksum from only {table}")
+
+    # One connection per worker and side, as pgcopydb's workers hold theirs.
+    pools = {side: Queue() for side in ("source", "target")}
+    for _ in range(bench.jobs):
+        pools["source"].put(psycopg.connect(src_conninfo, autocommit=True))
+        pools["target"].put(psycopg.connect(bench.tgt.conninfo(db), autocommit=True))
+
+    def one(side: str, table: str, columns: str | None):
+        conn = pools[side].get()
+        try:
+            return conn.execute(checksum_sql(table, columns)).fetchone()
+        finally:
+            pools[side].put(conn)
+
+    try:
+        with ThreadPoolExecutor(max_workers=2 * bench.jobs) as pool:
+            futures = [(t, pool.submit(one, "source", t, c), pool.submit(one, "target", t, c)) for t, c in tables]
+            differ = [t for t, s, d in futures if s.result() != d.result()]
+    finally:
+        for q in pools.values():
+            while not q.empty():
+                q.get().close()
+    return round(time.monotonic() - started, 2), differ
 
 
 def _tool_outcome(result: Result, t: Timed, log: Path) -> None:
@@ -472,19 +566,23 @@ def print_report(results: list[Result], db_bytes: int, public_bytes: int, source
         print(f"{r.name:<34} {secs} {rate} {ratio} {booked if booked is not None else '-':>9}  "
               f"{'ok' if rows_ok else 'LOST':<4}  {'ok' if r.objects_ok else 'DIFFER':<7}  {notes}")
 
-    pgc = next((r for r in results if r.name.startswith("pgcopydb")), None)
+    pgc = next((r for r in results if r.name.startswith("pgcopydb clone (")), None)
+    pgc_compare = next((r for r in results if r.name.startswith("pgcopydb clone + compare")), None)
     for lift in (r for r in results if r.name.startswith("liftoff run database")):
-        _print_composed(lift, pgc, db_bytes)
+        _print_composed(lift, pgc, db_bytes, pgc_compare)
     for lift in (r for r in results if r.name.startswith("liftoff") and not r.name.startswith("liftoff run")):
         _print_liftoff(lift, pgc)
 
 
-def _print_composed(lift: Result, pgc: Result | None, db_bytes: int) -> None:
+def _print_composed(lift: Result, pgc: Result | None, db_bytes: int, pgc_compare: Result | None = None) -> None:
     """The issue's targets for the run an operator makes: the whole run against pgcopydb clone alone, the
     gate's wall time after the copy against a quarter of the copy, the process' peak RSS, seconds per GB."""
     print()
     print(lift.name)
     print("  phases (ledger): " + ", ".join(f"{k} {v:.1f} s" for k, v in lift.parts.items()))
+    if lift.overhead is not None:
+        print(f"  fixed overhead (run's wall time {lift.seconds:.1f} s - its ledger steps {lift.steps_seconds:.1f} s): "
+              f"{lift.overhead:.1f} s; at most 3 s: {'HOLDS' if lift.overhead <= 3 else 'FAILS'}")
     gate = lift.parts.get("verify")
     copy = lift.seconds - gate if lift.seconds and gate is not None else None
     t = lift.rss.get("database")
@@ -492,8 +590,12 @@ def _print_composed(lift: Result, pgc: Result | None, db_bytes: int) -> None:
     verdict = lambda ok: "HOLDS" if ok else "FAILS"  # noqa: E731
     if lift.seconds:
         print(f"  {lift.seconds / (db_bytes / 2**30):.1f} s per GiB of source database")
+    if lift.seconds and pgc_compare and pgc_compare.seconds:
+        print(f"  whole run at most 1.0x pgcopydb clone + compare data: "
+              f"{verdict(lift.seconds <= pgc_compare.seconds)} ({lift.seconds:.1f} s vs {pgc_compare.seconds:.1f} s, "
+              f"{lift.seconds / pgc_compare.seconds:.2f}x)")
     if lift.seconds and pgc and pgc.seconds:
-        print(f"  whole run no slower than pgcopydb clone alone: {verdict(lift.seconds <= pgc.seconds)} "
+        print(f"  whole run at most 1.25x pgcopydb clone alone: {verdict(lift.seconds <= 1.25 * pgc.seconds)} "
               f"({lift.seconds:.1f} s vs {pgc.seconds:.1f} s, {lift.seconds / pgc.seconds:.2f}x)")
     if copy:
         print(f"  gate's wall time after the copy at most a quarter of the copy: {verdict(gate <= copy / 4)} "
@@ -541,13 +643,21 @@ def _print_liftoff(lift: Result, pgc: Result | None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _load() -> str:
+    """uptime's three load averages: the machine is shared, every figure is printed beside them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bookings", type=int, default=620_000, help="scale of the source (620000 is about 1 GB)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs for every parallel contender")
-    parser.add_argument("--only", default="database,liftoff,liftoff-stream,single,directory,pgcopydb",
-                        help="comma-separated contenders to run (default: all six; `database` is `liftoff run "
-                             "database` in one process, the run an operator makes)")
+    parser.add_argument("--only", default="database,liftoff,liftoff-stream,single,directory,pgcopydb,pgcopydb-compare",
+                        help="comma-separated contenders to run (default: all seven; `database` is `liftoff run "
+                             "database` in one process, the run an operator makes; `pgcopydb-compare` is pgcopydb "
+                             "clone followed by pgcopydb's compare data)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each liftoff process under cProfile; the .prof files stay in logs/")
     args = parser.parse_args()
     only = set(args.only.split(","))
 
@@ -580,6 +690,9 @@ def main() -> int:
         print(f"building the source: {args.bookings:,} bookings ...", flush=True)
         stack.start()
         bench = Bench(stack, workdir, args.jobs)
+        if args.profile:
+            global PROFILE_DIR
+            PROFILE_DIR = bench.logs
         bench.settle_source()
         db_bytes, public_bytes = bench.source_size()
         source_rows = bench.row_counts(stack.source.conninfo(SOURCE_DB))
@@ -594,19 +707,21 @@ def main() -> int:
             ("single", "bench_single", lambda db: bench_single_stream(bench, db)),
             ("directory", "bench_dir", lambda db: bench_directory_jobs(bench, db)),
             ("pgcopydb", "bench_pgcopydb", lambda db: bench_pgcopydb(bench, db)),
+            ("pgcopydb-compare", "bench_pgcopydb_compare", lambda db: bench_pgcopydb(bench, db, compare=True)),
         ]
         for key, db, run in contenders:
             if key not in only:
                 continue
             bench.fresh_target_db(db)
-            print(f"[{key}] copying into {db} (load average {os.getloadavg()[0]:.2f}) ...", flush=True)
+            print(f"[{key}] copying into {db} (load average {_load()}) ...", flush=True)
             result = run(db)
             check_copy(bench, result, db, source_rows, source_objects)
             results.append(result)
             print(f"[{key}] {result.seconds} s, bookings {result.rows.get('bookings')}, "
-                  f"{'; '.join(result.notes) or 'ok'} (load average {os.getloadavg()[0]:.2f})", flush=True)
+                  f"{'; '.join(result.notes) or 'ok'} (load average {_load()})", flush=True)
             bench.drop_target_db(db)
         print_report(results, db_bytes, public_bytes, source_rows)
+        print(f"\nload average at the end: {_load()} (2 cores; contenders compare only within this invocation)")
         print(f"\nlogs: {bench.logs}")
         return 0 if results and all(r.ok for r in results) else 1
     except (KeyboardInterrupt, Interrupted):

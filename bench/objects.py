@@ -6,10 +6,12 @@ N objects with deterministic content to the source (default 10,000: sizes 10 KiB
 Storage gives for large files; about 4 GB), then runs each contender at the same concurrency:
 
   liftoff copy         ``liftoff.systems.s3.copy_batch`` over the streamed source listing, batches of ``--batch`` keys,
-                       the outcome written to a SQLite ledger every 50 objects (as ``tasks/storage/copy.py``)
-  liftoff verify       the storage gate's ``compare_bucket``: per object one HEAD of the target (size, MD5 from
-                       our ``md5chksum`` metadata, Content-Type; no download; the ledger's MD5 where the source
-                       claims none), then a target listing to count objects and bytes
+                       the outcome (with the target's answer to each write) written to a SQLite ledger every 50
+                       objects, a batch of only small objects with 4x concurrency in flight (as
+                       ``tasks/storage/copy.py``)
+  liftoff verify       the storage gate's ``compare_bucket``: the target's listing merged with the ledger's record
+                       of each write (same ETag, not modified since: size, MD5 and Content-Type proven without a
+                       request), a HEAD for the rest and for a sample (the first 100 and 1% of the others)
   liftoff deep verify  the same, but the target's MD5 comes from re-reading and hashing every object
   rclone copy          ``rclone copy --checksum -M`` into a fresh target bucket: ``--transfers``/``--checkers``
                        = concurrency, one part at a time per object, chunk size and cutoff = our part size
@@ -65,7 +67,7 @@ from liftoff.ledger import Ledger
 from liftoff_sandbox.s3 import S3Server, weed_binary
 from liftoff.systems import s3
 from liftoff.tasks.storage.common import PHASE, item_kind
-from liftoff.tasks.storage.copy import LEDGER_EVERY, ledger_row
+from liftoff.tasks.storage.copy import LEDGER_EVERY, in_flight, ledger_row
 from liftoff.tasks.storage.gate import compare_bucket
 from liftoff.systems.supabase_storage import SourceObject
 
@@ -346,10 +348,12 @@ def liftoff_copy(result: Result, src, dst, ledger: Ledger, concurrency: int, bat
             ledger.set_items(PHASE, kind, buffer)
             buffer.clear()
 
-    keys = (obj.key for obj in s3.list_objects(src, BUCKET))
-    while names := list(itertools.islice(keys, batch)):
-        done = s3.copy_batch(names, src, BUCKET, dst, LIFTOFF_BUCKET, part_size=part_size,
-                             concurrency=concurrency, on_done=record)
+    listed = ((obj.key, obj.size) for obj in s3.list_objects(src, BUCKET))
+    while names := list(itertools.islice(listed, batch)):
+        # as tasks/storage/copy.py: a batch of only small objects keeps more in flight (the sizes there come
+        # from storage.objects, here from the listing)
+        done = s3.copy_batch([key for key, _ in names], src, BUCKET, dst, LIFTOFF_BUCKET, part_size=part_size,
+                             concurrency=in_flight(concurrency, [size for _, size in names]), on_done=record)
         result.objects += len(done.copied)
         result.bytes += done.bytes
     if buffer:
@@ -357,10 +361,9 @@ def liftoff_copy(result: Result, src, dst, ledger: Ledger, concurrency: int, bat
 
 
 def liftoff_verify(result: Result, src, dst, ledger: Ledger, concurrency: int, deep: bool) -> None:
-    """The storage gate's own per-bucket comparison (``liftoff.tasks.storage.gate.compare_bucket``): per object one
-    HEAD of the target (size, MD5 from our md5chksum metadata, Content-Type), with ``deep`` the target
-    re-read and hashed; the ledger's MD5 where the source claims none; then the target listed to count
-    objects and bytes and find extras. The gate reads the source's side from ``storage.objects``; here it
+    """The storage gate's own per-bucket comparison (``liftoff.tasks.storage.gate.compare_bucket``): the target's
+    listing merged with the ledger's record of each write, a HEAD only for what they cannot prove and for
+    the sample; with ``deep`` one HEAD per object and the target re-read and hashed. The gate reads the source's side from ``storage.objects``; here it
     is the source's listing (size, ETag) with the Content-Type the objects were written with (by extension),
     which is what a ``storage.objects`` row holds."""
     types = {ext: content_type for ext, content_type, _ in KINDS} | {".zip": "application/zip"}
@@ -370,8 +373,10 @@ def liftoff_verify(result: Result, src, dst, ledger: Ledger, concurrency: int, d
             yield SourceObject(BUCKET, obj.key, obj.size, types[os.path.splitext(obj.key)[1]], obj.etag,
                                "max-age=3600", None)
 
-    copied = ((key, md5) for key, _, _, md5 in ledger.items(PHASE, item_kind(BUCKET), status="copied"))
+    copied = ledger.item_details(PHASE, item_kind(BUCKET), "copied")
     check = compare_bucket(dst, BUCKET, LIFTOFF_BUCKET, inventory, copied, deep=deep, concurrency=concurrency)
+    if not deep:
+        result.notes.append(f"{check.by_listing:,} proven by listing + copy record, {check.by_head:,} by HEAD")
     result.objects, result.bytes = check.source_objects, check.source_bytes
     result.problems = check.problem_count + (0 if (check.source_objects, check.source_bytes) ==
                                              (check.target_objects, check.target_bytes) else 1)
@@ -533,7 +538,7 @@ def main() -> int:
         source.start()
         target.start()
         servers = Servers(source, target)
-        pool = args.concurrency + 2
+        pool = min(64, args.concurrency * 4) + 2  # as tasks/storage/common.py::pool_size
         src = s3.client(s3.S3Endpoint(source.endpoint_url, source.region, source.access_key, source.secret_key),
                         max_pool_connections=pool)
         dst = s3.client(s3.S3Endpoint(target.endpoint_url, target.region, target.access_key, target.secret_key),

@@ -25,6 +25,8 @@ def verify_storage(options: RunOptions, deep: bool = False) -> dict:
         return {"dry_run": True}
     report = run_storage_gate(runbook, deep or None)
     return {"buckets": len(report.buckets), "objects": sum(b.target_objects for b in report.buckets),
-            "bytes": sum(b.target_bytes for b in report.buckets), "not_migrated": report.not_migrated}
+            "bytes": sum(b.target_bytes for b in report.buckets), "not_migrated": report.not_migrated,
+            "proven_by_listing": sum(b.by_listing for b in report.buckets),
+            "proven_by_head": sum(b.by_head for b in report.buckets)}
 
 

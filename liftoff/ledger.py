@@ -185,7 +185,9 @@ CREATE TABLE IF NOT EXISTS export_auth_functions (
 );
 """
 # Columns added since the first ledgers; an older ledger gains them when opened.
-_ADDED_COLUMNS = {"steps": {"flow_run_id": "TEXT", "seconds": "REAL"}}
+_ADDED_COLUMNS = {"steps": {"flow_run_id": "TEXT", "seconds": "REAL"},
+                  # per item, what its copy's write said (JSON; the storage copy's PUT and the target's answer)
+                  "items": {"detail": "TEXT"}}
 
 
 @dataclass(frozen=True)
@@ -386,15 +388,23 @@ class Ledger:
 
     # per-item records (a table, a storage object) ----------------------------------------------------
     def set_items(self, phase: str, kind: str, rows: Iterable[tuple]) -> int:
-        """Writes (key, status, size, checksum) rows in one transaction; returns how many."""
+        """Writes (key, status, size, checksum[, detail]) rows in one transaction; returns how many. ``detail``, a
+        dict stored as JSON, is what the item's write said (``item_details``); a row without one clears it."""
         now = time.time()
+
+        def values(row: tuple) -> tuple:
+            key, status, size, checksum, *rest = row
+            detail = json.dumps(rest[0], separators=(",", ":")) if rest and rest[0] is not None else None
+            return phase, kind, key, status, size, checksum, now, detail
+
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             cur = db.executemany(
-                "INSERT INTO items (phase, kind, key, status, size, checksum, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO items (phase, kind, key, status, size, checksum, updated_at, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (phase, kind, key) DO UPDATE SET status=excluded.status, size=excluded.size, "
-                "checksum=excluded.checksum, updated_at=excluded.updated_at",
-                ((phase, kind, key, status, size, checksum, now) for key, status, size, checksum in rows))
+                "checksum=excluded.checksum, updated_at=excluded.updated_at, detail=excluded.detail",
+                (values(row) for row in rows))
             db.execute("COMMIT")
             return cur.rowcount
 
@@ -410,6 +420,14 @@ class Ledger:
                 ((phase, kind, key, status, size, checksum, now) for key, status, size, checksum in rows))
             db.execute("COMMIT")
             return cur.rowcount
+
+    def item_details(self, phase: str, kind: str, status: str) -> Iterator[tuple[str, str | None, dict | None]]:
+        """(key, checksum, detail) of the items with ``status``, in key order (byte order), streamed."""
+        with self._db() as db:
+            for key, checksum, detail in db.execute(
+                    "SELECT key, checksum, detail FROM items WHERE phase = ? AND kind = ? AND status = ? ORDER BY key",
+                    (phase, kind, status)):
+                yield key, checksum, json.loads(detail) if detail else None
 
     def items(self, phase: str, kind: str, status: str | None = None) -> Iterator[tuple]:
         """(key, status, size, checksum) in key order, streamed (never the whole table in a list)."""

@@ -511,6 +511,10 @@ class Storage(_Strict):
     concurrency: int = Field(8, ge=1, le=64, description="objects in flight at once")
     batch_size: int = Field(500, ge=1, le=10000, description="objects per Prefect task (one ledger write each)")
     deep_verify: bool = Field(False, description="the gate re-reads and hashes every target object")
+    sampled_heads: int = Field(100, ge=0, description="objects per bucket the gate HEADs although the target's "
+                               "listing and the copy's record of its write prove them (the first this many)")
+    sampled_fraction: float = Field(0.01, ge=0, le=1, description="share of the other such objects the gate "
+                                    "HEADs, picked at random: checks the server keeps the Content-Type it was sent")
     rewrite: list[UrlColumn] = Field(default_factory=list, description="app columns whose storage URLs move")
     missing_source_bytes: Literal["fail", "skip"] = Field(
         "fail", description="storage.objects rows whose bytes are gone on the source (a download answers not "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -155,6 +156,44 @@ def test_gate_catches_a_wrong_content_type(stack, servers, migrated_files):
                        MetadataDirective="REPLACE",
                        Metadata=client.head_object(Bucket=bucket, Key=key)["Metadata"])
     assert f"{key}: Content-Type differs (source image/jpeg, target text/plain)" in _gate(runbook)
+
+
+def test_the_gate_proves_unchanged_objects_by_listing_and_heads_each_one_changed_since_the_copy(stack, servers):
+    """No sampled HEADs: a clean copy passes with no HEAD at all (the target's listing shows every object with
+    the ETag our write was answered and no later LastModified). A HEAD sample of one per bucket is exactly two
+    HEADs. Then, a second after the copy, a Content-Type changed alone (same bytes, same ETag), a truncated
+    object, a deleted one and one only on the target: each is named."""
+    runbook = storage_runbook(stack, servers, sampled_heads=0, sampled_fraction=0)
+    total = sum(_objects(stack).values())
+    verified = migrate_storage(RunOptions(runbook=str(runbook)))["verify"]
+    assert (verified["proven_by_listing"], verified["proven_by_head"]) == (total, 0)
+
+    data = yaml.safe_load(runbook.read_text())
+    data["storage"]["sampled_heads"] = 1
+    runbook.write_text(yaml.safe_dump(data, sort_keys=False))
+    verified = verify_storage(RunOptions(runbook=str(runbook)))
+    assert (verified["proven_by_listing"], verified["proven_by_head"]) == (total - 2, 2)
+
+    time.sleep(1.1)  # LastModified counts seconds: a change within our write's own second is the blind spot
+    prefix = load_runbook(runbook).storage.bucket_prefix
+    images, waivers = f"{prefix}tour-images", f"{prefix}waivers"
+    client = servers[1].client()
+    retyped, truncated = stack.source.execute(
+        "SELECT name FROM storage.objects WHERE bucket_id = 'tour-images' ORDER BY name LIMIT 2")
+    retyped, truncated = retyped[0], truncated[0]
+    client.copy_object(Bucket=images, Key=retyped, CopySource={"Bucket": images, "Key": retyped},
+                       ContentType="text/plain", MetadataDirective="REPLACE",
+                       Metadata=client.head_object(Bucket=images, Key=retyped)["Metadata"])
+    body = client.get_object(Bucket=images, Key=truncated)["Body"].read()
+    client.put_object(Bucket=images, Key=truncated, Body=body[:-10], ContentType="image/jpeg")
+    deleted = _one_key(stack, "waivers")
+    client.delete_object(Bucket=waivers, Key=deleted)
+    client.put_object(Bucket=waivers, Key="zz-only-on-target.pdf", Body=b"%PDF-1.4", ContentType="application/pdf")
+    message = _gate(runbook)
+    assert f"{retyped}: Content-Type differs (source image/jpeg, target text/plain)" in message
+    assert f"{truncated}: size differs (source {len(body)}, target {len(body) - 10})" in message
+    assert f"{deleted}: missing on target" in message
+    assert "zz-only-on-target.pdf: on the target only" in message
 
 
 def test_gate_catches_a_storage_row_whose_object_is_not_on_the_target(stack, servers, migrated_files):

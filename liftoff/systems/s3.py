@@ -36,6 +36,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import email.utils
 import functools
 import hashlib
 import hmac
@@ -51,6 +52,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, unquote_plus, urlsplit
 from xml.etree import ElementTree
@@ -308,7 +310,7 @@ _PIECE = 256 * 1024  # what one read of a body, or one send, moves
 _IDLE_SECONDS = 10.0  # a keep-alive connection idle longer is not reused (the server may have closed it)
 _ANSWER_HEADERS = {"content-type": "ContentType", "cache-control": "CacheControl",
                    "content-disposition": "ContentDisposition", "content-encoding": "ContentEncoding",
-                   "content-language": "ContentLanguage", "etag": "ETag"}
+                   "content-language": "ContentLanguage", "etag": "ETag", "date": "Date"}
 _META_PREFIX = "x-amz-meta-"
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
@@ -616,6 +618,27 @@ class ListedObject:
     key: str
     size: int
     etag: str
+    last_modified: float | None = None  # seconds since the epoch; S3 lists it to the second
+
+
+def _epoch(iso: str | None) -> float | None:
+    """A listing's LastModified (ISO 8601, ``Z`` or an offset) as seconds since the epoch; None if absent."""
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def http_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` header (RFC 7231) as seconds since the epoch; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def list_objects(s3, bucket: str, prefix: str = "", *, page_size: int = 1000,
@@ -646,7 +669,8 @@ def _listed_page(response: _Response) -> tuple[list[ListedObject], str | None]:
     ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     encoded = root.findtext(f"{ns}EncodingType") == "url"  # keys percent-encoded, as asked (XML cannot hold every byte)
     listed = [ListedObject(key=unquote_plus(key) if encoded else key, size=int(item.findtext(f"{ns}Size")),
-                           etag=(item.findtext(f"{ns}ETag") or "").strip('"'))
+                           etag=(item.findtext(f"{ns}ETag") or "").strip('"'),
+                           last_modified=_epoch(item.findtext(f"{ns}LastModified")))
               for item in root.iter(f"{ns}Contents") for key in [item.findtext(f"{ns}Key") or ""]]
     token = root.findtext(f"{ns}NextContinuationToken")
     return listed, token if root.findtext(f"{ns}IsTruncated") == "true" and token else None
@@ -845,6 +869,11 @@ class CopiedObject:
     content_type: str | None
     etag: str | None = None  # the target's ETag (``...-N`` when multipart)
     dry_run: bool = False
+    # What the copy's write told the target and what the target answered, for the gate to prove the object
+    # unchanged since from a listing (tasks/storage/gate.py): the Content-Type sent, and the server's own
+    # clock (its Date header) when it answered the PUT or the multipart completion.
+    sent_type: str | None = None
+    written_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -949,11 +978,11 @@ def copy_object(src_client, src_bucket: str, key: str, dst_client, dst_bucket: s
                     src_client, src_bucket, key, info.etag), _is_transient, bucket=src_bucket, key=key)
             headers = _target_headers({**answer, **(stored or {})}, md5_hex)
             if info.size <= part_size:
-                etag = _single_put(src_client, src_bucket, key, dst_client, dst_bucket, info, md5_hex, headers,
-                                   source)
+                etag, written_at = _single_put(src_client, src_bucket, key, dst_client, dst_bucket, info, md5_hex,
+                                               headers, source)
             else:
-                etag = _multipart_put(src_client, src_bucket, key, dst_client, dst_bucket, info, md5_hex,
-                                      headers, _part_size_for(info.size, part_size), retry)
+                etag, written_at = _multipart_put(src_client, src_bucket, key, dst_client, dst_bucket, info,
+                                                  md5_hex, headers, _part_size_for(info.size, part_size), retry)
         except (_Mismatch, ClientError) as exc:
             if isinstance(exc, _Mismatch) or error_code(exc) == "BadDigest":
                 state["trust_claim"] = False  # the source's claim was false: the next attempt hashes first
@@ -961,7 +990,8 @@ def copy_object(src_client, src_bucket: str, key: str, dst_client, dst_bucket: s
         finally:
             if source is not None:
                 source.close()
-        return CopiedObject(key, info.size, md5_hex, info.content_type, etag=etag)
+        return CopiedObject(key, info.size, md5_hex, info.content_type, etag=etag,
+                            sent_type=headers.get("ContentType"), written_at=written_at)
 
     return call(retry, "copy", attempt, dst_client, dst_bucket, key, retry_on=_restarts_object)
 
@@ -993,7 +1023,7 @@ def _source_body(src_client, src_bucket: str, key: str, etag: str, first: int | 
 
 
 def _single_put(src_client, src_bucket, key, dst_client, dst_bucket, info: ObjectInfo, md5_hex: str,
-                headers: dict, source=None) -> str:
+                headers: dict, source=None) -> tuple[str, float | None]:
     """One PUT streamed from ``source`` (an open GET body of the object; opened here when None)."""
     if source is None and info.size:
         source = _source_body(src_client, src_bucket, key, info.etag)
@@ -1004,7 +1034,8 @@ def _single_put(src_client, src_bucket, key, dst_client, dst_bucket, info: Objec
             source.close()
 
 
-def _put(dst_client, dst_bucket: str, key: str, source, size: int, md5_hex: str, headers: dict) -> str:
+def _put(dst_client, dst_bucket: str, key: str, source, size: int, md5_hex: str,
+         headers: dict) -> tuple[str, float | None]:
     """PUTs ``size`` bytes read from ``source`` (anything with ``read(n)``; bytes when already in memory)
     as they come, with Content-MD5 from ``md5_hex``: the server itself refuses (BadDigest) a body that is
     not what the source claimed. Then the stored object is proven to hash to ``md5_hex``, or deleted:
@@ -1015,7 +1046,8 @@ def _put(dst_client, dst_bucket: str, key: str, source, size: int, md5_hex: str,
     - else by hashing the bytes as they stream (a target whose ETags are no MD5s, e.g. encrypted objects).
 
     An ETag that is not ``md5_hex`` on a target not hashed for is no proof either way: the object is deleted,
-    the target is hashed for from then on, and the copy is tried again (``_Mismatch``). Returns the ETag."""
+    the target is hashed for from then on, and the copy is tried again (``_Mismatch``). Returns the ETag and
+    the server's Date of its answer."""
     wire = _wire(dst_client)
     digest = None if wire.etag_is_md5 else hashlib.md5()
     if isinstance(source, bytes):
@@ -1030,12 +1062,13 @@ def _put(dst_client, dst_bucket: str, key: str, source, size: int, md5_hex: str,
     with _sending(reader), tagged_with(dst_client, dst_bucket):
         answer = _answer(_send(dst_client, "PUT", dst_bucket, key, "PutObject", headers=headers, body=body))
     etag = answer.get("ETag", "").strip('"')
+    written = etag, http_date(answer.get("Date"))
     if digest is not None and digest.hexdigest() == md5_hex:
         if wire.etag_is_md5 is None and etag.lower() == md5_hex:
             wire.etag_is_md5 = True  # this server's ETag is the MD5 of what it stored: proof enough from now on
-        return etag
+        return written
     if digest is None and etag.lower() == md5_hex:
-        return etag
+        return written
     if digest is None:
         wire.etag_is_md5 = False
         why = f"the target answered ETag {etag}, not the MD5 {md5_hex}: it is hashed for from now on"
@@ -1047,7 +1080,7 @@ def _put(dst_client, dst_bucket: str, key: str, source, size: int, md5_hex: str,
 
 
 def _multipart_put(src_client, src_bucket, key, dst_client, dst_bucket, info: ObjectInfo, md5_hex: str,
-                   headers: dict, part_size: int, retry: RetryPolicy) -> str:
+                   headers: dict, part_size: int, retry: RetryPolicy) -> tuple[str, float | None]:
     """A multipart upload, each part read from the source by range (pinned to its ETag) and streamed."""
 
     def parts(upload_id: str) -> Iterator[tuple[int, str]]:
@@ -1077,10 +1110,10 @@ def _part_retried(exc: BaseException) -> bool:
 
 
 def _multipart(dst_client, dst_bucket: str, key: str, headers: dict,
-               parts: Callable[[str], Iterator[tuple[int, str]]], retry: RetryPolicy) -> str:
+               parts: Callable[[str], Iterator[tuple[int, str]]], retry: RetryPolicy) -> tuple[str, float | None]:
     """Creates an upload (after aborting any this key left behind), uploads what ``parts(upload_id)``
     yields ((number, ETag) as each part is stored), completes it; aborts it on any failure. Returns the
-    target's ETag."""
+    target's ETag and the server's Date of the completion's answer."""
     _abort_leftovers(dst_client, dst_bucket, key, retry)
     try:
         with tagged_with(dst_client, dst_bucket):
@@ -1097,7 +1130,8 @@ def _multipart(dst_client, dst_bucket: str, key: str, headers: dict,
     except BaseException:
         _abort(dst_client, dst_bucket, key, upload_id, retry)
         raise
-    return answer.get("ETag", "").strip('"')
+    date = ((answer.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}).get("date")
+    return answer.get("ETag", "").strip('"'), http_date(date)
 
 
 def _put_part(dst_client, dst_bucket: str, key: str, upload_id: str, number: int, body, length: int,
@@ -1161,7 +1195,8 @@ def copy_object_from(open_source: Callable[[str], Any], key: str, dst_client, ds
                 if md5_hex is None:  # one part's worth at most: read it, hash it, then send it
                     body = b"".join(_HashingReader(stream, size).chunks())
                     md5_hex = hashlib.md5(body).hexdigest()
-                etag = _put(dst_client, dst_bucket, key, body, size, md5_hex, _target_headers(kept, md5_hex))
+                etag, written_at = _put(dst_client, dst_bucket, key, body, size, md5_hex,
+                                        _target_headers(kept, md5_hex))
             else:
                 if md5_hex is None:
                     stream.close()
@@ -1170,21 +1205,23 @@ def copy_object_from(open_source: Callable[[str], Any], key: str, dst_client, ds
                     stream = open_source(key)
                     if stream.size != size or (state["hashed"][0] and stream.etag != state["hashed"][0]):
                         raise _Mismatch("the source changed while it was read")
-                etag = _multipart_from_stream(stream, key, dst_client, dst_bucket, md5_hex,
-                                              _target_headers(kept, md5_hex), _part_size_for(size, part_size), retry)
+                etag, written_at = _multipart_from_stream(stream, key, dst_client, dst_bucket, md5_hex,
+                                                          _target_headers(kept, md5_hex),
+                                                          _part_size_for(size, part_size), retry)
         except (_Mismatch, ClientError) as exc:
             if isinstance(exc, _Mismatch) or error_code(exc) == "BadDigest":
                 state["trust_claim"], state["hashed"] = False, None  # the next attempt hashes what it reads
             raise
         finally:
             stream.close()
-        return CopiedObject(key, size, md5_hex, stream.content_type, etag=etag)
+        return CopiedObject(key, size, md5_hex, stream.content_type, etag=etag,
+                            sent_type=kept.get("ContentType") or None, written_at=written_at)
 
     return call(retry, "copy", attempt, dst_client, dst_bucket, key, retry_on=_restarts_object)
 
 
 def _multipart_from_stream(stream, key: str, dst_client, dst_bucket: str, md5_hex: str, headers: dict,
-                           part_size: int, retry: RetryPolicy) -> str:
+                           part_size: int, retry: RetryPolicy) -> tuple[str, float | None]:
     def parts(upload_id: str) -> Iterator[tuple[int, str]]:
         whole = hashlib.md5()
         for number, first in enumerate(range(0, stream.size, part_size), start=1):

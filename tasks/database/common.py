@@ -3,12 +3,13 @@ need from it), the runbook's Supabase decisions, and the pg_dump/pg_restore pair
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import psycopg
 
 from liftoff.errors import StepFailed
-from liftoff.ledger import ExportFacts, ExportRecord, Ledger
+from liftoff.ledger import ExportFacts, ExportRecord, Ledger, current_run_id
 from liftoff.logs import get_logger
 from liftoff.runbooks.model import Runbook
 from liftoff.systems import pg_tools, pg_privileges as privileges, supabase
@@ -22,11 +23,25 @@ def pg_tools_for(rb: Runbook, min_major: int) -> pg_tools.PgTools:
     return pg_tools.find_pg_tools(min_major, rb.database.pg_bin_dirs)
 
 
-def assess_source(rb: Runbook, conn: psycopg.Connection) -> supabase.Assessment:
-    """What the migrated schemas need from Supabase, and the runbook's decision for each (reads only)."""
-    return supabase.assess(conn, rb.database.schemas, leftovers=rb.database.supabase_leftovers,
-                           auth_triggers=rb.database.auth_triggers, roles=dict(rb.database.roles),
-                           source_user=rb.source.user, target_user=rb.target.direct.user)
+def assess_source(rb: Runbook, conn: psycopg.Connection, *, once_per_run: bool = False) -> supabase.Assessment:
+    """What the migrated schemas need from Supabase, and the runbook's decision for each (reads only).
+
+    ``once_per_run``: the preflight and the export's plan of one flow run (``migrate-database`` runs both
+    in its own run) share one read of the source's catalog; each run alone reads its own. The export's
+    snapshot reads it again regardless: what it records, and the restore applies, is the snapshot's."""
+    key = (current_run_id(), rb.source.where, json.dumps(export_settings(rb), sort_keys=True)) if once_per_run else None
+    if key is not None and key[0] is not None and key in _ASSESSED:
+        return _ASSESSED[key]
+    assessment = supabase.assess(conn, rb.database.schemas, leftovers=rb.database.supabase_leftovers,
+                                 auth_triggers=rb.database.auth_triggers, roles=dict(rb.database.roles),
+                                 source_user=rb.source.user, target_user=rb.target.direct.user)
+    if key is not None and key[0] is not None:
+        _ASSESSED.clear()  # one run's at a time
+        _ASSESSED[key] = assessment
+    return assessment
+
+
+_ASSESSED: dict[tuple, supabase.Assessment] = {}
 
 
 def rls_hidden_message(rb: Runbook, table: str, policies: list[str]) -> str:

@@ -57,7 +57,7 @@ def plan_export(rb: Runbook) -> ExportPlan:
     with postgres.session(rb.source, "source") as src:
         info = postgres.server_info(src, rb.source)
         tables = postgres.list_tables(src, rb.database.schemas)
-        assessment = assess_source(rb, src)
+        assessment = assess_source(rb, src, once_per_run=True)  # the preflight's, in a migrate-database run
     tools = pg_tools_for(rb, info.major)
     argv = _pg_dump_argv(rb, tools, rb.state_dir / DUMP_DIR, "<snapshot>")
     return ExportPlan([t.qualified for t in tables], info.database_bytes, f"{tools.bin_dir} ({tools.major})",

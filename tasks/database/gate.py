@@ -11,10 +11,8 @@ from liftoff.reports import Progress, markdown_table, publish_markdown, publish_
 from liftoff.steps import recorded
 from liftoff.runbooks.model import Runbook
 from liftoff.systems import postgres, supabase
-from liftoff.tasks.cutover.catch_up import catch_up_pending, unfrozen_tables
 from liftoff.tasks.cutover.freeze import grants_withheld
 from liftoff.tasks.database.common import assess_source, export_done, exported_catalog, read_shim
-from liftoff.tasks.storage.urls import rewritten_url_columns
 from liftoff.systems.pg_compare import DatabaseReport, compare_databases
 
 
@@ -43,6 +41,10 @@ def publish_gate(report: DatabaseReport, rb: Runbook) -> None:
 @task(name="verify database (gate)", cache_policy=NO_CACHE)
 @recorded("verify", gate="database", publish=publish_gate)
 def run_gate(rb: Runbook) -> DatabaseReport:
+    # Only a cutover's final sync has a catch-up pending; imported here, not by every database run (it
+    # brings the storage modules and boto3 along).
+    from liftoff.tasks.cutover.catch_up import catch_up_pending, unfrozen_tables
+
     with postgres.session(rb.source, "source") as src:
         tables = postgres.list_tables(src, rb.database.schemas)
         assessment = restored_assessment(rb, src)
@@ -71,6 +73,9 @@ def compare_as_restored(rb: Runbook, tables: list, assessment, on_table_done=Non
     """The gate's comparison of the runbook's two databases under the restore's decisions: ``tables`` row by
     row, and every definition, sequence and mapped role's access (the source's grants as before a freeze in
     force)."""
+    # The storage modules (and boto3) only when the runbook rewrites storage URLs in app columns
+    from liftoff.tasks.storage.urls import rewritten_url_columns
+
     return compare_databases(
         lambda: postgres.connect(rb.source, "source"),
         lambda: postgres.connect(rb.target.direct, "target.direct"),

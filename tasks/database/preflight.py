@@ -98,7 +98,7 @@ def run_preflight(rb: Runbook) -> PreflightReport:
     try:
         with postgres.session(rb.source, "source") as src:
             src_info = postgres.server_info(src, rb.source)
-            assessment = assess_source(rb, src)
+            assessment = assess_source(rb, src, once_per_run=True)
             hidden = postgres.rls_hidden_tables(src, rb.database.schemas)
         report.source_major = src_info.major
         report.add("source reachable", True, f"source {rb.source.where}: PostgreSQL {src_info.version}")

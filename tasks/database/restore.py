@@ -5,6 +5,7 @@ last run stopped."""
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -231,15 +232,24 @@ def restore_data(rb: Runbook, plan: RestorePlan) -> dict:
                     with postgres.session(rb.target.direct, "target.direct", autocommit=False) as tgt:
                         return postgres.stream_table(tgt, schema, table, rows_from)
 
-                with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
-                    _run_all(pool, loaded_with(streamed), todo)
                 shim = catalog.shim
-                if shim:  # the users the loaded rows reference, from the same snapshot
+
+                def auth_users() -> None:  # the users the loaded rows reference, from the same snapshot
                     with postgres.session(rb.source, "source", autocommit=False) as src, \
                             postgres.session(rb.target.direct, "target.direct") as tgt:
                         postgres.join_snapshot(src, snapshot_id)
                         users = supabase.stream_auth_users(src, tgt, shim)
                     log.info("auth users loaded into the shim", rows=users)
+
+                # auth.users loads with the tables, second in line: beside the long pole, not after every
+                # table (the foreign keys to it come with the post-data step, after all of them).
+                load = loaded_with(streamed)
+                work = [functools.partial(load, name) for name in todo]
+                if shim:
+                    work.insert(min(1, len(work)), auth_users)
+                with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
+                    for future in [pool.submit(contextvars.copy_context().run, w) for w in work]:
+                        future.result()
                 with postgres.session(rb.target.direct, "target.direct") as tgt:
                     set_sequences = postgres.copy_sequence_values(snap, tgt, rb.database.schemas)
         for future in pending:

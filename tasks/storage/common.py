@@ -28,8 +28,7 @@ def endpoint(access: S3Access, field: str) -> s3.S3Endpoint:
 
 def source_client(rb: Runbook):
     """The S3 client of Supabase Storage's S3 endpoint (protocol s3 only)."""
-    return s3.client(endpoint(rb.storage.source.s3, "storage.source.s3"),
-                     max_pool_connections=rb.storage.concurrency + 2)
+    return s3.client(endpoint(rb.storage.source.s3, "storage.source.s3"), max_pool_connections=pool_size(rb))
 
 
 def storage_source(rb: Runbook) -> supabase_storage.StorageSource:
@@ -44,7 +43,13 @@ def storage_source(rb: Runbook) -> supabase_storage.StorageSource:
 
 
 def target_client(rb: Runbook):
-    return s3.client(endpoint(rb.storage.target, "storage.target"), max_pool_connections=rb.storage.concurrency + 2)
+    return s3.client(endpoint(rb.storage.target, "storage.target"), max_pool_connections=pool_size(rb))
+
+
+def pool_size(rb: Runbook) -> int:
+    """Keep-alive connections per client: enough for a batch of small objects (``copy.in_flight``: up to four
+    times storage.concurrency, at most 64) and two more."""
+    return min(64, rb.storage.concurrency * 4) + 2
 
 
 def target_bucket(rb: Runbook, bucket: str) -> str:

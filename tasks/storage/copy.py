@@ -27,6 +27,19 @@ from liftoff.tasks.storage.common import (
 from liftoff.tasks.storage.plan import StoragePlan, pending, record_gone
 
 LEDGER_EVERY = 50  # objects between two ledger writes: what a kill can make us copy twice
+# A batch of only small objects is bound by round trips and per-request work, not bytes: it keeps this many
+# times storage.concurrency in flight on the same pooled keep-alive connections (the clients' pools are
+# sized for it, common.py).
+SMALL_OBJECT = 256 * 2**10
+SMALL_IN_FLIGHT = 4
+
+
+def in_flight(concurrency: int, sizes: list[int | None]) -> int:
+    """Objects in flight for a batch of objects of these sizes: ``concurrency``, or ``SMALL_IN_FLIGHT`` times
+    it (at most 64) when every one is known to be at most ``SMALL_OBJECT`` bytes."""
+    if sizes and all(size is not None and size <= SMALL_OBJECT for size in sizes):
+        return min(64, concurrency * SMALL_IN_FLIGHT)
+    return concurrency
 
 
 @task(name="prepare buckets", cache_policy=NO_CACHE)
@@ -43,15 +56,20 @@ def prepare_buckets(rb: Runbook, plan: StoragePlan) -> dict:
 
 
 def ledger_row(outcome: s3.CopiedObject | s3.ObjectFailure) -> tuple:
-    """The ledger item an object's copy leaves: (key, status, size, MD5)."""
+    """The ledger item an object's copy leaves: (key, status, size, MD5, what its write said). The last is
+    the target's ETag answer, the Content-Type sent and the server's Date of its answer: with them the gate
+    proves from a listing that the object is still the one this write stored (``tasks/storage/gate.py``)."""
     if isinstance(outcome, s3.CopiedObject):
-        return outcome.key, "copied", outcome.size, outcome.md5
-    return outcome.key, "failed", None, None
+        written = ({"etag": outcome.etag, "type": outcome.sent_type, "at": outcome.written_at}
+                   if outcome.etag and outcome.written_at is not None else None)
+        return outcome.key, "copied", outcome.size, outcome.md5, written
+    return outcome.key, "failed", None, None, None
 
 
 @task(name="copy objects (one batch)", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def copy_object_batch(rb: Runbook, bucket: str, objects: list[list]) -> dict:
-    """``objects``: [key, Content-Type, Cache-Control] as the source's row stores them (either may be None)."""
+def copy_object_batch(rb: Runbook, bucket: str, objects: list[list], concurrency: int | None = None) -> dict:
+    """``objects``: [key, Content-Type, Cache-Control] as the source's row stores them (either may be None);
+    ``concurrency``: objects in flight (``in_flight``; storage.concurrency when None)."""
     ledger = Ledger(rb.state_dir)
     names = [key for key, _, _ in objects]
     # The row's metadata is how Supabase stored each object; the download's headers are not (Storage's REST
@@ -67,7 +85,8 @@ def copy_object_batch(rb: Runbook, bucket: str, objects: list[list]) -> dict:
             ledger.set_items(PHASE, item_kind(bucket), buffer)
             buffer.clear()
 
-    options = {"part_size": rb.storage.part_size_mb * 2**20, "concurrency": rb.storage.concurrency, "on_done": record}
+    options = {"part_size": rb.storage.part_size_mb * 2**20, "concurrency": concurrency or rb.storage.concurrency,
+               "on_done": record}
     try:
         if rb.storage.source.protocol == "rest":  # downloads streamed into single PUTs or sequential parts
             with storage_source(rb) as src:
@@ -106,10 +125,11 @@ def copy_objects(rb: Runbook, plan: StoragePlan) -> dict:
     with postgres.session(rb.source, "source") as conn:
         for b in plan.buckets:
             gone = b.gone_keys
-            objects = ([obj.key, obj.mimetype, obj.cache_control] for obj in pending(rb, conn, ledger, b.name)
-                       if obj.key not in gone)
+            objects = ((obj.key, obj.mimetype, obj.cache_control, obj.size)
+                       for obj in pending(rb, conn, ledger, b.name) if obj.key not in gone)
             while batch := list(itertools.islice(objects, rb.storage.batch_size)):
-                done = copy_object_batch(rb, b.name, batch)
+                done = copy_object_batch(rb, b.name, [[key, ctype, cache] for key, ctype, cache, _ in batch],
+                                         in_flight(rb.storage.concurrency, [size for *_, size in batch]))
                 copied += done["copied"]
                 copied_bytes += done["bytes"]
                 failed += done["failed"]

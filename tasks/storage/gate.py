@@ -9,6 +9,27 @@ computed from the source's bytes), same Content-Type; objects on the target the 
 named; with ``deep`` every target object is read back and hashed. Access: an anonymous GET works in a
 public bucket and is refused in a private one, and anonymous listing is refused.
 
+How the target side is read (``compare_bucket``), and what each read proves:
+
+- **The target's listing** (one ListObjectsV2 page per 1,000 objects) gives every object's key, size, ETag and
+  LastModified, never its Content-Type (SeaweedFS 4.48 lists no metadata, with or without MinIO's
+  ``metadata=true`` extension: checked here; MinIO's extension could not be tried, its server is not on these
+  registries). It proves the key is there, its size, and, for a single-PUT object, its MD5 (that ETag is the
+  MD5 the server computed of what it stores).
+- **The copy's own write, recorded in the ledger** (``tasks/storage/copy.py::ledger_row``): the ETag the target
+  answered to our PUT (or multipart completion), the Content-Type we sent, and the server's Date of that answer.
+  When the listing shows the same ETag and a LastModified no later than that Date, the object is the one our
+  write stored (a later PUT, copy or metadata change gets a later LastModified): its bytes are what the copy
+  proved by MD5 (Content-MD5, the ETag or the stream hashed), its Content-Type what we sent, compared with the
+  source row's. What this cannot see: a change of metadata alone (same bytes, so same ETag) within the same
+  second as our write, and a server that stores another Content-Type than it was sent; the sampled HEADs
+  are there for the second.
+- **A HEAD** of every object the listing cannot prove so (no record of its write, a different ETag, modified
+  since, missing from the listing), of the first ``SAMPLED_HEADS`` objects of each bucket and of a random
+  ``SAMPLED_FRACTION`` of the others: the Content-Type the server actually returns, size and MD5 (our
+  md5chksum metadata). Without ``deep``, the listing + record replace one HEAD per object; with ``deep``
+  every object is HEADed and re-read as before.
+
 An object missing on the target has the source's first byte read: a row whose bytes are gone on the source
 too is said to be so ("no bytes on the source"), never blamed on the target; under
 ``storage.missing_source_bytes: skip`` such rows are listed as not migrated and do not fail the gate.
@@ -16,6 +37,10 @@ too is said to be so ("no bytes on the source"), never blamed on the target; und
 
 from __future__ import annotations
 
+import contextlib
+import random
+import sqlite3
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +60,8 @@ from liftoff.systems import postgres, s3, supabase_storage
 from liftoff.tasks.storage.common import PHASE, item_kind, require_storage, storage_source, target_bucket, target_client
 
 MAX_NAMED = 5
+SAMPLED_HEADS = 100  # of each bucket's objects the listing proves, the first this many are HEADed all the same
+SAMPLED_FRACTION = 0.01  # and this share of the others, picked at random
 
 
 @dataclass
@@ -58,6 +85,9 @@ class BucketCheck:
     # "key (N bytes; why)", and their rows' bytes
     not_migrated: list[str] = field(default_factory=list)
     not_migrated_bytes: int = 0
+    # How each object was proven: by the listing and the record of the copy's write, or by a HEAD
+    by_listing: int = 0
+    by_head: int = 0
 
     @property
     def expected(self) -> tuple[int, int]:
@@ -127,6 +157,7 @@ class StorageReport(GateReport):
         return [{"bucket": b.bucket, "target bucket": b.target, "source objects": b.source_objects,
                  "target objects": b.target_objects, "source bytes": b.source_bytes, "target bytes": b.target_bytes,
                  "differences": b.problem_count, "no bytes on the source, not migrated": len(b.not_migrated),
+                 "proven by listing + copy record": b.by_listing, "proven by HEAD": b.by_head,
                  "access": b.access or "as the runbook says",
                  "status": "match" if b.ok else "DIFFERS"} for b in self.buckets]
 
@@ -138,7 +169,8 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
                     include: Callable[[str, Any], bool] | None = None, extra_allowed: bool = False,
                     tolerate: Callable[[str], set[str]] | None = None,
                     probe_source: Callable[[str, str, int | None], Any] | None = None,
-                    skip_gone: bool = False) -> StorageReport:
+                    skip_gone: bool = False, sampled_heads: int = SAMPLED_HEADS,
+                    sampled_fraction: float = SAMPLED_FRACTION) -> StorageReport:
     """Compares each (source bucket, target bucket, public) of the inventory in ``conn`` with the target S3
     server (``target``, a boto3 client; ``endpoint_url`` for the anonymous access proof). ``copied_md5(bucket)``
     streams (key, MD5 the copy computed) in key order: the reference where the source's eTag is no MD5.
@@ -165,7 +197,8 @@ def compare_storage(conn, target, buckets: list[tuple[str, str, bool]],
         probe = None if probe_source is None else (lambda key, size, bucket=bucket: probe_source(bucket, key, size))
         check = compare_bucket(target, bucket, tbucket, inventory, copied_md5(bucket), deep=deep,
                                concurrency=concurrency, extra_allowed=extra_allowed, tolerated=late,
-                               probe_source=probe, skip_gone=skip_gone)
+                               probe_source=probe, skip_gone=skip_gone, sampled_heads=sampled_heads,
+                               sampled_fraction=sampled_fraction)
         if check.first_key is not None:
             proof = s3.prove_bucket_access(endpoint_url, tbucket, check.first_key, public)
             check.access = "; ".join(proof.problems)
@@ -180,12 +213,33 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
                    concurrency: int = 8, extra_allowed: bool = False,
                    tolerated: set[str] = frozenset(),
                    probe_source: Callable[[str, int | None], Any] | None = None,
-                   skip_gone: bool = False) -> BucketCheck:
+                   skip_gone: bool = False, sampled_heads: int = SAMPLED_HEADS,
+                   sampled_fraction: float = SAMPLED_FRACTION) -> BucketCheck:
     """One bucket's objects: ``inventory()`` streams the source's objects in byte order of the key (each with
     ``key``, ``size``, ``md5``, ``mimetype``, as ``supabase_storage.SourceObject``; called twice), ``copied_md5``
-    the MD5s the copy computed, in the same order.
+    (key, MD5 the copy computed[, what its write said: ``{"etag", "type", "at"}`` or None]) in the same order.
 
-    Per object, one HEAD of the target, ``concurrency`` in flight: it is the one read that gives the
+    Without ``deep``: the target's listing merged with the inventory and the records of the copy's writes,
+    a HEAD only where they prove nothing and for a sample (``_compare_by_listing``; the module's docstring
+    says what each proves). With ``deep``: per object, one HEAD of the target and a full read.
+    ``tolerated``, ``probe_source`` and ``skip_gone``: as ``compare_storage``'s."""
+    if not deep:
+        return _compare_by_listing(target, bucket, tbucket, inventory, copied_md5, concurrency=concurrency,
+                                   extra_allowed=extra_allowed, tolerated=tolerated, probe_source=probe_source,
+                                   skip_gone=skip_gone, sampled_heads=sampled_heads,
+                                   sampled_fraction=sampled_fraction)
+    return _compare_by_head(target, bucket, tbucket, inventory, copied_md5, deep=deep, concurrency=concurrency,
+                            extra_allowed=extra_allowed, tolerated=tolerated, probe_source=probe_source,
+                            skip_gone=skip_gone)
+
+
+def _compare_by_head(target, bucket: str, tbucket: str, inventory: Callable[[], Iterator[Any]],
+                     copied_md5: Iterator[tuple], *, deep: bool = False,
+                     concurrency: int = 8, extra_allowed: bool = False,
+                     tolerated: set[str] = frozenset(),
+                     probe_source: Callable[[str, int | None], Any] | None = None,
+                     skip_gone: bool = False) -> BucketCheck:
+    """Per object, one HEAD of the target, ``concurrency`` in flight: it is the one read that gives the
     Content-Type (a listing does not), and it gives the size and the MD5 (our md5chksum metadata, else a
     plain-MD5 ETag) too. Each HEAD is a plain signed request (``liftoff.systems.s3.head``), not a boto3 call: the CPU
     per object, not the server, bounds a verification of many small objects. Then the target is listed to
@@ -195,8 +249,40 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
     ``probe_source(key, size)`` and ``skip_gone``: as ``compare_storage``'s."""
     check = BucketCheck(bucket, tbucket, extra_allowed=extra_allowed)
     missing: list[str] = []  # appended to from the pool's threads; only whether it is empty is read
+    one = _head_check(target, tbucket, deep=deep, probe_source=probe_source, skip_gone=skip_gone, missing=missing)
+
+    def counted():
+        for obj, copied, _ in _with_copied_md5(inventory(), copied_md5):
+            check.source_objects += 1
+            check.source_bytes += obj.size or 0
+            if check.first_key is None:
+                check.first_key = obj.key
+            yield obj, copied
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="storage-gate") as pool:
+        for problems, gone in _windowed(pool, one, counted(), 2 * concurrency):
+            check.by_head += 1
+            _settle(check, problems, gone)
+    _count_target(target, tbucket, lambda: (o.key for o in inventory()), check, all_found=not missing,
+                  tolerated=tolerated)
+    return check
+
+
+def _settle(check: BucketCheck, problems: list[str], gone: tuple[str, int] | None) -> None:
+    if gone is not None:
+        check.not_migrated.append(gone[0])
+        check.not_migrated_bytes += gone[1]
+    for p in problems:
+        check.problem_count += 1
+        if len(check.problems) < MAX_NAMED:
+            check.problems.append(p)
+
+
+def _head_check(target, tbucket: str, *, deep: bool, probe_source, skip_gone: bool, missing: list[str]):
+    """The check of one object by a HEAD of the target (and with ``deep`` a full read): a function of
+    (source object, MD5 its copy computed) returning (what differs, (the line, the row's bytes) of an object
+    not migrated for want of source bytes). Thread-safe: run ``concurrency`` at a time."""
     def one(obj, copied: str | None) -> tuple[list[str], tuple[str, int] | None]:
-        """(what differs, (the line, the row's bytes) of an object not migrated for want of source bytes)."""
         info = s3.head(target, tbucket, obj.key)
         if info is None:
             why = _source_gone(probe_source, obj)
@@ -219,26 +305,118 @@ def compare_bucket(target, bucket: str, tbucket: str, inventory: Callable[[], It
             problems.append(f"{obj.key}: Content-Type differs (source {obj.mimetype}, target {info.content_type})")
         return problems, None
 
-    def counted():
-        for obj, copied in _with_copied_md5(inventory(), copied_md5):
-            check.source_objects += 1
-            check.source_bytes += obj.size or 0
-            if check.first_key is None:
-                check.first_key = obj.key
-            yield obj, copied
+    return one
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="storage-gate") as pool:
-        for problems, gone in _windowed(pool, one, counted(), 2 * concurrency):
-            if gone is not None:
-                check.not_migrated.append(gone[0])
-                check.not_migrated_bytes += gone[1]
-            for p in problems:
-                check.problem_count += 1
-                if len(check.problems) < MAX_NAMED:
-                    check.problems.append(p)
-    _count_target(target, tbucket, lambda: (o.key for o in inventory()), check, all_found=not missing,
-                  tolerated=tolerated)
+
+def _compare_by_listing(target, bucket: str, tbucket: str, inventory: Callable[[], Iterator[Any]],
+                        copied_md5: Iterator[tuple], *, concurrency: int, extra_allowed: bool,
+                        tolerated: set[str], probe_source, skip_gone: bool, sampled_heads: int,
+                        sampled_fraction: float) -> BucketCheck:
+    """The inventory, the records of the copy's writes and the target's listing (put in byte order of the
+    key) merged in one pass. An object the listing shows unchanged since our write (``_proof_from_listing``)
+    is compared there, without a request; every other one, and the sample, gets ``_head_check``'s HEAD,
+    ``concurrency`` in flight. The listing also gives the target's counts and what only the target holds."""
+    check = BucketCheck(bucket, tbucket, extra_allowed=extra_allowed)
+    one = _head_check(target, tbucket, deep=False, probe_source=probe_source, skip_gone=skip_gone, missing=[])
+    pick = random.Random()
+    sampled = 0
+
+    with _listing_in_key_order(target, tbucket) as (listed, count, size):
+        check.target_objects, check.target_bytes = count, size
+        current = next(listed, None)
+
+        def only_on_target(entry: s3.ListedObject) -> None:
+            if check.extra_allowed or entry.key in tolerated:
+                check.target_only_count += 1
+                check.target_only_bytes += entry.size
+                if len(check.target_only) < MAX_NAMED:
+                    check.target_only.append(entry.key)
+            else:
+                _settle(check, [f"{entry.key}: on the target only, not in the source's storage.objects"], None)
+
+        def to_head():
+            nonlocal current, sampled
+            for obj, copied, written in _with_copied_md5(inventory(), copied_md5):
+                check.source_objects += 1
+                check.source_bytes += obj.size or 0
+                if check.first_key is None:
+                    check.first_key = obj.key
+                key = obj.key.encode()
+                while current is not None and current.key.encode() < key:
+                    only_on_target(current)
+                    current = next(listed, None)
+                entry = None
+                if current is not None and current.key == obj.key:
+                    entry, current = current, next(listed, None)
+                problems = _proof_from_listing(obj, copied, written, entry)
+                if problems is not None and sampled >= sampled_heads and pick.random() >= sampled_fraction:
+                    check.by_listing += 1
+                    _settle(check, problems, None)
+                    continue
+                if problems is not None:
+                    sampled += 1
+                yield obj, copied
+            while current is not None:
+                only_on_target(current)
+                current = next(listed, None)
+
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="storage-gate") as pool:
+            for problems, gone in _windowed(pool, one, to_head(), 2 * concurrency):
+                check.by_head += 1
+                _settle(check, problems, gone)
     return check
+
+
+def _proof_from_listing(obj, copied: str | None, written: dict | None,
+                        entry: s3.ListedObject | None) -> list[str] | None:
+    """What differs between the source's row and the target's object when the listing proves the object is
+    the one the copy's write stored (``written``: the ETag the target answered, the Content-Type sent, the
+    server's Date of the answer): the listed ETag is that ETag and its LastModified no later than that
+    Date. None when it proves nothing (no record, no such object listed, another ETag, modified since):
+    then the object needs a HEAD."""
+    if entry is None or not written or not written.get("etag") or written.get("at") is None:
+        return None
+    if entry.etag != written["etag"] or entry.last_modified is None or entry.last_modified > written["at"]:
+        return None
+    if obj.mimetype and not written.get("type"):
+        return None  # we sent none: the server chose one, which only a HEAD shows
+    problems = []
+    if obj.size is not None and entry.size != obj.size:
+        problems.append(f"{obj.key}: size differs (source {obj.size}, target {entry.size})")
+    want = obj.md5 or copied
+    got = s3.md5_of(entry.etag, {}) or copied  # a single PUT's ETag is the MD5 the server computed
+    if want and got != want:
+        problems.append(f"{obj.key}: MD5 differs (source {want}, target {got})")
+    if obj.mimetype and written["type"] != obj.mimetype:
+        problems.append(f"{obj.key}: Content-Type differs (source {obj.mimetype}, target {written['type']})")
+    return problems
+
+
+@contextlib.contextmanager
+def _listing_in_key_order(target, tbucket: str):
+    """The target's flat listing, spooled to a temporary SQLite file and read back in byte order of the key
+    (SQLite compares TEXT bytewise): any S3 server's order will do (SeaweedFS's is folder by folder), and
+    memory stays flat whatever the bucket's size. Yields (entries in key order, object count, total bytes)."""
+    with tempfile.TemporaryDirectory(prefix="liftoff-gate-") as tmp:
+        db = sqlite3.connect(f"{tmp}/listing.db")
+        try:
+            db.execute("PRAGMA journal_mode = OFF")
+            db.execute("PRAGMA synchronous = OFF")
+            db.execute("CREATE TABLE listed (key TEXT PRIMARY KEY, size INTEGER, etag TEXT, at REAL) WITHOUT ROWID")
+            count = size = 0
+            page: list[tuple] = []
+            for item in s3.list_objects(target, tbucket):
+                count += 1
+                size += item.size
+                page.append((item.key, item.size, item.etag, item.last_modified))
+                if len(page) >= 1000:
+                    db.executemany("INSERT INTO listed VALUES (?, ?, ?, ?)", page)
+                    page.clear()
+            db.executemany("INSERT INTO listed VALUES (?, ?, ?, ?)", page)
+            rows = (s3.ListedObject(*row) for row in db.execute("SELECT key, size, etag, at FROM listed ORDER BY key"))
+            yield rows, count, size
+        finally:
+            db.close()
 
 
 def _source_gone(probe_source: Callable[[str, int | None], Any] | None, obj) -> str | None:
@@ -253,13 +431,17 @@ def _source_gone(probe_source: Callable[[str, int | None], Any] | None, obj) -> 
     return found.error
 
 
-def _with_copied_md5(inventory, copied: Iterator[tuple[str, str]]):
-    """(object, MD5 its copy recorded or None): the inventory and the ledger merged, both in byte order."""
+def _with_copied_md5(inventory, copied: Iterator[tuple]):
+    """(object, MD5 its copy recorded or None, what its write said or None): the inventory and the ledger
+    merged, both in byte order. ``copied`` gives (key, MD5) or (key, MD5, write record)."""
     current = next(copied, None)
     for obj in inventory:
         while current is not None and current[0].encode() < obj.key.encode():
             current = next(copied, None)
-        yield obj, (current[1] if current is not None and current[0] == obj.key else None)
+        if current is not None and current[0] == obj.key:
+            yield obj, current[1], (current[2] if len(current) > 2 else None)
+        else:
+            yield obj, None, None
 
 
 def _windowed(pool: ThreadPoolExecutor, fn: Callable, items, window: int):
@@ -326,8 +508,8 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
     ledger = Ledger(rb.state_dir)
     frozen_at = frozen_at_datetime(catch_up_pending(rb))
 
-    def copied_md5(bucket: str) -> Iterator[tuple[str, str]]:
-        return ((key, md5) for key, _, _, md5 in ledger.items(PHASE, item_kind(bucket), status="copied"))
+    def copied_md5(bucket: str) -> Iterator[tuple[str, str | None, dict | None]]:
+        return ledger.item_details(PHASE, item_kind(bucket), "copied")
 
     progress = Progress("storage gate: comparing buckets", len(rb.storage.buckets))
     with postgres.session(rb.source, "source") as conn, storage_source(rb) as src:
@@ -341,4 +523,5 @@ def run_storage_gate(rb: Runbook, deep: bool | None = None) -> StorageReport:
                 lambda bucket, obj: obj.updated_at is None or obj.updated_at <= frozen_at),
             tolerate=None if frozen_at is None else (
                 lambda bucket: {key for key, *_ in ledger.items(PHASE, item_kind(bucket), status="copied")}),
-            probe_source=src.probe, skip_gone=rb.storage.missing_source_bytes == "skip")
+            probe_source=src.probe, skip_gone=rb.storage.missing_source_bytes == "skip",
+            sampled_heads=rb.storage.sampled_heads, sampled_fraction=rb.storage.sampled_fraction)
