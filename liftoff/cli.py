@@ -93,8 +93,12 @@ def results_dir(state_dir: Path) -> Path:
     """Where Prefect keeps the results it persists for this runbook's runs: ``STATE_DIR/prefect-results``,
     mode 0700. Prefect writes a failed flow run's exception (pickled; it names tables, keys, hosts) to its
     local result storage whatever the persistence settings, by default into ``~/.prefect/storage`` with mode
-    0644, outside the runbook's state dir. Liftoff persists nothing else: its tasks use no cache."""
-    return _private(state_dir / "prefect-results")
+    0644, outside the runbook's state dir. Liftoff persists nothing else: its tasks use no cache. A state dir
+    that cannot be created: ``~/.liftoff/prefect-results`` (0700), and the flow says what is wrong with it."""
+    try:
+        return _private(state_dir / "prefect-results")
+    except OSError:  # the flow's own checks name an unusable state_dir, in one line (exit 2)
+        return _private(Path.home() / ".liftoff" / "prefect-results")
 
 
 def _private(path: Path) -> Path:
