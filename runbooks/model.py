@@ -31,6 +31,13 @@ class _Strict(BaseModel):
 IDENTIFIER_FIELDS = frozenset({"access_key_id"})
 
 
+def scratch_database_name(v: str) -> str:
+    """A scratch database Liftoff creates and drops: a plain name of its own, never one the server needs."""
+    if not re.match(r"^[a-z_][a-z0-9_]*$", v) or v in ("postgres", "template0", "template1"):
+        raise ValueError("expected a plain lower-case database name of its own (not postgres or a template)")
+    return v
+
+
 class SecretRef(_Strict):
     """Where a secret lives: exactly one of ``env`` or ``prefect_secret``."""
 
@@ -743,9 +750,7 @@ class Backups(_Strict):
     @field_validator("restore_test_database")
     @classmethod
     def _scratch(cls, v: str) -> str:
-        if not re.match(r"^[a-z_][a-z0-9_]*$", v) or v in ("postgres", "template0", "template1"):
-            raise ValueError("expected a plain lower-case database name of its own (not postgres or a template)")
-        return v
+        return scratch_database_name(v)
 
 
 class Rehearsal(_Strict):
@@ -1012,9 +1017,7 @@ class Decommission(_Strict):
     @field_validator("restore_test_database")
     @classmethod
     def _scratch(cls, v: str) -> str:
-        if not re.match(r"^[a-z_][a-z0-9_]*$", v) or v in ("postgres", "template0", "template1"):
-            raise ValueError("expected a plain lower-case database name of its own (not postgres or a template)")
-        return v
+        return scratch_database_name(v)
 
     @field_validator("archive_prefix")
     @classmethod

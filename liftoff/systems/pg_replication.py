@@ -368,26 +368,31 @@ def drop_subscription(target: psycopg.Connection, names: Names) -> bool:
     return True
 
 
+def _drop_slot(conn: psycopg.Connection, slot: str, timeout_s: float) -> bool:
+    """Drops a replication slot; one a WAL sender still holds (a subscription disabled a moment ago) is waited
+    for, then its sender ended. Whether it dropped the slot (False: there was none)."""
+    deadline = time.monotonic() + timeout_s
+    while slot_exists(conn, slot):
+        pid = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+        if pid and pid[0] is not None:
+            if time.monotonic() > deadline:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid[0],))
+            time.sleep(0.1)
+            continue
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            return True
+        except psycopg.errors.ObjectInUse:
+            time.sleep(0.1)
+        except psycopg.errors.UndefinedObject:
+            return False
+    return False
+
+
 def drop_source_side(conn: psycopg.Connection, names: Names, timeout_s: float = 15) -> list[str]:
     """Drops both slots and the publication; a slot still held by a WAL sender (a subscription disabled a
     moment ago) is waited for, then its sender ended. Returns what it dropped."""
-    dropped = []
-    for slot in (names.slot, names.tracker):
-        deadline = time.monotonic() + timeout_s
-        while slot_exists(conn, slot):
-            pid = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
-            if pid and pid[0] is not None:
-                if time.monotonic() > deadline:
-                    conn.execute("SELECT pg_terminate_backend(%s)", (pid[0],))
-                time.sleep(0.1)
-                continue
-            try:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                dropped.append(f"slot {slot}")
-            except psycopg.errors.ObjectInUse:
-                time.sleep(0.1)
-            except psycopg.errors.UndefinedObject:
-                break
+    dropped = [f"slot {slot}" for slot in (names.slot, names.tracker) if _drop_slot(conn, slot, timeout_s)]
     if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (names.publication,)).fetchone():
         conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(names.publication)))
         dropped.append(f"publication {names.publication}")
@@ -399,24 +404,7 @@ def drop_liftoff_objects(conn: psycopg.Connection, timeout_s: float = 15) -> lis
     them (the decommission: nothing Liftoff made may keep WAL on the old database). A slot a WAL sender still
     holds is waited for, then its sender ended. Returns what it dropped, in the order dropped."""
     slots, publications = liftoff_objects(conn)
-    dropped = []
-    for info in slots:
-        deadline = time.monotonic() + timeout_s
-        while slot_exists(conn, info.slot):
-            pid = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
-                               (info.slot,)).fetchone()
-            if pid and pid[0] is not None:
-                if time.monotonic() > deadline:
-                    conn.execute("SELECT pg_terminate_backend(%s)", (pid[0],))
-                time.sleep(0.1)
-                continue
-            try:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (info.slot,))
-                dropped.append(f"slot {info.slot}")
-            except psycopg.errors.ObjectInUse:
-                time.sleep(0.1)
-            except psycopg.errors.UndefinedObject:
-                break
+    dropped = [f"slot {info.slot}" for info in slots if _drop_slot(conn, info.slot, timeout_s)]
     for name in publications:
         conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
         dropped.append(f"publication {name}")
