@@ -105,11 +105,27 @@ def served(command: list[str], flow_name: str, cwd: Path, log: Path):
             stop_process_group(proc)
 
 
+def click_to(page, locator, url: str, attempts: int = 3) -> None:
+    """Clicks ``locator`` and waits for the page at ``url``. A list that re-renders (the deployments list as a
+    search applies, a run list refreshing on its timer) can replace the row under the click, which then goes
+    nowhere (seen in CI): the same click is made again once the page's requests have settled."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        page.wait_for_load_state("networkidle")
+        locator.click()
+        try:
+            page.wait_for_url(url, timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+
+
 def open_deployment(page, name: str) -> None:
     page.goto("/deployments")
     page.get_by_placeholder("Search deployments").fill(name)
-    page.get_by_role("link", name=name, exact=True).first.click()
-    page.wait_for_url("**/deployments/deployment/**")
+    click_to(page, page.get_by_role("link", name=name, exact=True).first, "**/deployments/deployment/**")
     page.get_by_role("button", name="Run", exact=True).wait_for()
 
 
@@ -222,20 +238,18 @@ def test_operator_runs_the_database_deployment_from_the_ui_form_and_reads_the_ga
         # Runs, the verify-database run and its Artifacts tab on the way).
         clicks = 0
 
-        def click(locator) -> None:
+        def click(locator, url: str) -> None:
             nonlocal clicks
-            locator.click()
+            click_to(page, locator, url)  # one click, made again only if it landed on a row being replaced
             clicks += 1
 
         page.goto("/deployments")
         page.get_by_placeholder("Search deployments").fill(name)  # typing, not a click
-        click(page.get_by_role("link", name=name, exact=True).first)
-        page.wait_for_url("**/deployments/deployment/**")
-        click(page.get_by_role("link", name="ui-walkthrough", exact=True).first)
-        page.wait_for_url(f"**/runs/flow-run/{run_id}**")
-        click(page.locator("li.p-tab", has_text="Artifacts"))
-        click(page.locator(".artifact-card").filter(has=page.get_by_text(key, exact=True)))
-        page.wait_for_url("**/artifacts/artifact/**")
+        click(page.get_by_role("link", name=name, exact=True).first, "**/deployments/deployment/**")
+        click(page.get_by_role("link", name="ui-walkthrough", exact=True).first, f"**/runs/flow-run/{run_id}**")
+        page.locator("li.p-tab", has_text="Artifacts").click()
+        clicks += 1
+        click(page.locator(".artifact-card").filter(has=page.get_by_text(key, exact=True)), "**/artifacts/artifact/**")
         table = page.locator("table").first
         table.locator("tbody tr").first.wait_for()
         shot("verify-table")
