@@ -137,32 +137,30 @@ def form_field(page, label: str):
         has=page.locator(".schema-form-property__label", has_text=title)).last
 
 
-def flow_run_ids(flow_name: str) -> set[str]:
-    """The ids of every flow run of flow ``flow_name`` the server has."""
+def flow_run_ids(flow_name: str, run_name: str | None = None) -> set[str]:
+    """The ids of every flow run of flow ``flow_name`` (called ``run_name``, if given) the server has."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterName
 
+    runs_named = FlowRunFilter(name=FlowRunFilterName(any_=[run_name])) if run_name is not None else None
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                     flow_run_filter=runs_named)
     return {str(run.id) for run in runs}
 
 
 def new_flow_run(page, flow_name: str, before: set[str], run_name: str | None = None, timeout_s: float = 90) -> str:
     """The id of the one flow run of ``flow_name`` (called ``run_name``, if given) that the server has now and
     did not have in ``before``: the run a click in the UI just created. The server's record is the proof, not
-    the UI's toast, which on a loaded CI machine once did not show within 30 s."""
-    from prefect.client.orchestration import get_client
-
+    the UI's toast, which on a loaded CI machine once did not show within 30 s. The suite's other worker
+    shares the server and runs the same flows (CI once saw its migrate-database run start in the same
+    second), so a run is told apart by the name typed into the form; two under that name is a double submit."""
     deadline = time.monotonic() + timeout_s
     while True:
-        new = flow_run_ids(flow_name) - before
+        new = flow_run_ids(flow_name, run_name) - before
         if new:
-            assert len(new) == 1, f"{len(new)} new runs of {flow_name}: {sorted(new)}"
-            run_id = new.pop()
-            if run_name is not None:
-                with get_client(sync_client=True) as client:
-                    assert client.read_flow_run(run_id).name == run_name
-            return run_id
+            assert len(new) == 1, f"{len(new)} new runs of {flow_name} named {run_name!r}: {sorted(new)}"
+            return new.pop()
         if time.monotonic() > deadline:
             raise AssertionError(f"the server has no new run of {flow_name} {timeout_s:.0f}s after the click; "
                                  f"the page said: {page.inner_text('body')[:2000]!r}")
