@@ -270,6 +270,35 @@ def list_archive(tools: PgTools, dump_dir: Path) -> str:
     return out.stdout
 
 
+def entry_statements(tools: PgTools, dump_dir: Path, entries: list[TocEntry], workdir: Path) -> list[str]:
+    """The SQL each of ``entries`` runs, in order, as ``pg_restore --no-owner --no-acl`` would send it,
+    without the script's SET lines, comment lines and psql meta-commands (``\\restrict`` since 15.14): for
+    entries of one statement without multi-line literals (constraints, indexes). pg_restore writes an entry's
+    SQL under a ``-- Name: ...`` header in list order; headers that do not match the entries raise rather
+    than pair statements wrongly."""
+    if not entries:
+        return []
+    listing, script = workdir / ".statements.list", workdir / ".statements.sql"
+    listing.write_text("".join(e.line + "\n" for e in entries))
+    try:
+        out = subprocess.run([tools.pg_restore, "--no-owner", "--no-acl", f"--use-list={listing}",
+                              f"--file={script}", str(dump_dir)], capture_output=True, text=True)
+        if out.returncode != 0:
+            first = (out.stderr.strip().splitlines() or ["no output"])[0]
+            raise StepFailed(f"pg_restore --file of {len(entries)} entries of {dump_dir} failed: {redact(first)}")
+        text = script.read_text()
+    finally:
+        listing.unlink(missing_ok=True)
+        script.unlink(missing_ok=True)
+    parts = re.split(r"^--\n-- Name: ([^\n]*)\n--\n", text, flags=re.MULTILINE)[1:]
+    headers, blocks = parts[0::2], parts[1::2]
+    expected = [f"{e.tag}; Type: {e.desc}; Schema: {e.schema};" for e in entries]
+    if len(headers) != len(entries) or any(not h.startswith(x) for h, x in zip(headers, expected)):
+        raise StepFailed(f"pg_restore wrote {len(headers)} entries of {dump_dir} in another order than the "
+                         f"{len(entries)} listed")
+    return ["\n".join(l for l in b.splitlines() if l.strip() and not l.startswith(("--", "\\"))) for b in blocks]
+
+
 def read_toc(tools: PgTools, dump_dir: Path, identities: dict[int, Identity] | None = None) -> list[TocEntry]:
     """The archive's entries, each named by its identity recorded at export (the ledger's
     ``archive_entries``); without identities, names come from the tags."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -394,16 +395,71 @@ def restore_post_data(rb: Runbook, plan: RestorePlan) -> dict:
     tools = pg_tools_for(rb, catalog.export.source_major)
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         entries = [e for e in plan.keep if e.section != "data" and not _already_there(tgt, e)]
-    if any(e.section == "post-data" for e in entries):
-        _pg_restore(rb, tools, entries, f"restore post-data into target {rb.target.direct.host}:{rb.target.direct.port}",
+    rest = [e for e in entries if e.desc != "FK CONSTRAINT"]
+    if any(e.section == "post-data" for e in rest):
+        _pg_restore(rb, tools, rest, f"restore post-data into target {rb.target.direct.host}:{rb.target.direct.port}",
                     "--section=post-data", f"--jobs={rb.database.jobs}")
+    foreign_keys = _foreign_keys(rb, tools, [e for e in plan.keep if e.desc == "FK CONSTRAINT"],
+                                 {e.dump_id for e in entries if e.desc == "FK CONSTRAINT"})
     with postgres.session(rb.target.direct, "target.direct") as tgt:
         refreshed = postgres.refresh_unpopulated_matviews(tgt, rb.database.schemas)
         policies = supabase.create_rewritten_policies(tgt, catalog.assessment.policies_rewritten)
         triggers = supabase.recreate_auth_triggers(tgt, catalog.assessment.auth_triggers) if catalog.shim else []
-    done = {"entries": len(entries), "refreshed": refreshed, "policies_with_mapped_roles": policies,
-            "auth_triggers": triggers}
+    done = {"entries": len(entries), **foreign_keys, "refreshed": refreshed,
+            "policies_with_mapped_roles": policies, "auth_triggers": triggers}
     return done
+
+
+_NOT_VALID = re.compile(r"\s+NOT VALID;\s*$")
+
+
+def _foreign_keys(rb: Runbook, tools: pg_tools.PgTools, archived: list[pg_tools.TocEntry], missing: set[int]) -> dict:
+    """The archive's foreign keys, as pgcopydb and pg_restore do not make them: each added ``NOT VALID``
+    (no scan, a moment's lock), then validated, ``jobs`` tables at a time. Adding one validated key locks both
+    of its tables against every other key's creation, so pg_restore's parallel jobs queue behind the one
+    checking the big table; a validation locks only its own table against another validation. A key the
+    source holds NOT VALID stays so; a key a run that died left unvalidated is validated by the next
+    (``missing`` are the dump ids of keys the target lacks). A key on a partitioned table (NOT VALID is refused
+    there before PostgreSQL 18) is created validated, as the archive says."""
+    statements = dict(zip([e.dump_id for e in archived],
+                          pg_tools.entry_statements(tools, rb.state_dir / DUMP_DIR, archived, rb.state_dir)))
+    validated = {}  # (schema, table, name) -> statement, of the keys the archive creates validated
+    for e in archived:
+        if not _NOT_VALID.search(statements[e.dump_id]) and statements[e.dump_id].startswith("ALTER TABLE ONLY "):
+            validated[(e.identity.schema, e.identity.table, e.identity.name)] = statements[e.dump_id]
+    target = f"target {rb.target.direct.host}:{rb.target.direct.port}"
+    added = [e for e in archived if e.dump_id in missing]
+    if added:
+        with postgres.session(rb.target.direct, "target.direct", autocommit=False) as tgt:
+            tgt.execute("SET LOCAL search_path = ''")
+            for e in added:
+                statement = statements[e.dump_id]
+                key = (e.identity.schema, e.identity.table, e.identity.name)
+                if key in validated:
+                    statement = statement.rstrip().removesuffix(";") + " NOT VALID;"
+                postgres.execute(tgt, statement, what=f"add foreign key {_entry_label(e)} on {target}")
+            tgt.commit()
+    with postgres.session(rb.target.direct, "target.direct") as tgt:
+        unvalidated = tgt.execute(
+            "SELECT n.nspname, c.relname, k.conname FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype = 'f' AND NOT k.convalidated "
+            "AND n.nspname = ANY(%s)", [rb.database.schemas]).fetchall()
+    by_table: dict[tuple[str, str], list[str]] = {}
+    for schema, table, name in unvalidated:
+        if (schema, table, name) in validated:
+            by_table.setdefault((schema, table), []).append(name)
+
+    def validate(table: tuple[str, str]) -> None:  # one table's keys, one after the other: they lock it alike
+        with postgres.session(rb.target.direct, "target.direct") as tgt:
+            for name in by_table[table]:
+                postgres.execute(tgt, sql.SQL("ALTER TABLE ONLY {} VALIDATE CONSTRAINT {}").format(
+                    sql.Identifier(*table), sql.Identifier(name)),
+                    what=f"validate foreign key {'.'.join(table)}.{name} on {target}")
+
+    biggest_first = sorted(by_table, key=lambda t: -len(by_table[t]))
+    with ThreadPoolExecutor(max_workers=rb.database.jobs) as pool:
+        _run_all(pool, validate, biggest_first)
+    return {"foreign_keys_added": len(added), "foreign_keys_validated": sum(map(len, by_table.values()))}
 
 
 @task(name="restore grants", cache_policy=NO_CACHE)
