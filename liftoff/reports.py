@@ -7,13 +7,13 @@ skipped; local listeners (the CLI's progress display) are told either way.
 from __future__ import annotations
 
 import contextvars
+import json
 import re
 from typing import Callable
 
 from liftoff.redaction import redact, redact_value
 
 _listeners: list[Callable[[str, float, str], None]] = []
-_last_table: dict[str, tuple[list[dict], str]] = {}
 _last_markdown: dict[str, str] = {}
 
 
@@ -49,41 +49,34 @@ def artifact_key(runbook: str, key: str) -> str:
 
 
 def publish_table(key: str, rows: list[dict], description: str) -> None:
-    _last_table[key] = (rows, description)
     if _in_run():
-        from prefect.artifacts import create_table_artifact
-
-        create_table_artifact(key=_key(key), table=redact_value(rows), description=redact(description))
+        _on_the_flow_run("table", key, json.dumps(redact_value(rows)), redact(description))
 
 
 def publish_markdown(key: str, markdown: str, description: str = "") -> None:
     markdown = redact(markdown)
     _last_markdown[key] = markdown
     if _in_run():
-        from prefect.artifacts import create_markdown_artifact
+        _on_the_flow_run("markdown", key, markdown, redact(description) or None)
 
-        create_markdown_artifact(key=_key(key), markdown=markdown, description=redact(description) or None)
+
+def _on_the_flow_run(kind: str, key: str, data: str, description: str | None) -> None:
+    """Creates the artifact on the flow run, also when a task (a gate's) publishes it: Prefect's own
+    ``create_*_artifact`` would tie it to the task run, which the run's Artifacts tab lists below the flow
+    run's, under a graph that keeps re-rendering. A phase's reports and its gate's table are the run's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    flow_run = FlowRunContext.get()
+    flow_run_id = flow_run.flow_run.id if flow_run is not None else TaskRunContext.get().task_run.flow_run_id
+    with get_client(sync_client=True) as client:
+        client.create_artifact(artifact=ArtifactCreate(type=kind, key=_key(key), description=description, data=data,
+                                                       flow_run_id=flow_run_id))
 
 
 def last_markdown(key: str) -> str | None:
     return _last_markdown.get(key)
-
-
-def forget(*keys: str) -> None:
-    """Drops what was last published under ``keys`` here (before a sub-run that will publish them again)."""
-    for key in keys:
-        _last_table.pop(key, None)
-        _last_markdown.pop(key, None)
-
-
-def republish(*keys: str) -> None:
-    """Publishes again, on the current run, the last table or markdown a sub-run published under each key: a
-    composed run (``migrate-database``) shows its gate's table on its own page, one click from the run list."""
-    for key in keys:
-        if key in _last_table:
-            publish_table(key, *_last_table[key])
-        elif key in _last_markdown:
-            publish_markdown(key, _last_markdown[key])
 
 
 class Progress:

@@ -224,7 +224,7 @@ def test_operator_runs_the_database_deployment_from_the_ui_form_and_reads_the_ga
         shot("run-finished")
         assert state == "Completed", f"run ended {state}; see {tmp_path / 'serve.log'}"
 
-        # 5. The run's own page carries the gate's table too (republished from the verify-database subflow).
+        # 5. The run's own page carries the gate's table (the gate runs inside migrate-database's run).
         key = artifact_key(load_runbook(runbook).name, "verify-tables")
         page.locator("li.p-tab", has_text="Artifacts").click()
         page.locator(".artifact-card").filter(has=page.get_by_text(key, exact=True)).wait_for()
