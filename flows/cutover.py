@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 
 from prefect import flow
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 
 from liftoff.flows.final_sync import STRATEGIES
 from liftoff.flows.options import RunOptions, open_runbook
@@ -31,8 +29,6 @@ from liftoff.tasks.cutover.sync import refuse_while_changes_stranded
 from liftoff.tasks.cutover.switch import switch_apps
 from liftoff.flows.hooks import notify_on_failure
 from liftoff.tasks.storage.plan import not_migrated
-
-APPROVAL_POLL_S = 2
 
 
 @flow(name="cutover", on_failure=[notify_on_failure], on_crashed=[notify_on_failure])
@@ -74,14 +70,10 @@ def _stop_replication(runbook: Runbook, options: RunOptions, why: str) -> None:
 
 
 def ask_for_approval(runbook: Runbook, form_text: str, shown: dict):
-    form = approval.approval_form(runbook)
-    try:
-        answer = pause_flow_run(wait_for_input=form.with_initial_data(description=form_text),
-                                timeout=runbook.cutover.approval_timeout_s, poll_interval=APPROVAL_POLL_S)
-    except FlowPauseTimeout:
-        approval.record_decision(runbook, shown, None, "timed out")
-        raise NotApproved(f"no approval within {runbook.cutover.approval_timeout_s} s (cutover.approval_timeout_s); "
-                          "nothing changed, the source is writable: start the cutover again") from None
+    answer = approval.wait_for_answer(
+        runbook, approval.approval_form(runbook), form_text, "",
+        "nothing changed, the source is writable: start the cutover again",
+        before_raising=lambda: approval.record_decision(runbook, shown, None, "timed out"))
     missing = approval.unconfirmed(runbook, answer) if answer.approve else []
     outcome = "approved" if answer.approve and not missing else "rejected"
     approval.record_decision(runbook, shown, answer, outcome)

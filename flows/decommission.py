@@ -4,8 +4,6 @@ what Liftoff left on it dropped, then the steps only the operator can take in Su
 from __future__ import annotations
 
 from prefect import flow
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
@@ -14,7 +12,7 @@ from liftoff.flows.hooks import notify_on_failure
 from liftoff.flows.options import RunOptions, open_runbook
 from liftoff.ledger import Ledger, current_run_id, exclusive
 from liftoff.reports import markdown_table, publish_markdown
-from liftoff.tasks.cutover.approval import safe_text
+from liftoff.tasks.cutover.approval import safe_text, wait_for_answer
 from liftoff.tasks.decommission.steps import (
     PHASE,
     archive_database,
@@ -27,8 +25,6 @@ from liftoff.tasks.decommission.steps import (
     watch_not_passed,
     write_manifest,
 )
-
-APPROVAL_POLL_S = 2
 
 
 class DecommissionOptions(RunOptions):
@@ -98,13 +94,8 @@ def _approve(runbook, plan: dict) -> DecommissionApproval:
         f"The archive is proven. Type **{runbook.source.host}** to confirm dropping, on the source: "
         f"{', '.join(plan['liftoff_on_source']) or 'nothing (none left)'}; and this runbook's subscription on "
         "the target. Supabase's data, buckets and files are not touched; the write freeze stays."])
-    timeout = runbook.cutover.approval_timeout_s
-    try:
-        answer = pause_flow_run(wait_for_input=DecommissionApproval.with_initial_data(description=text),
-                                timeout=timeout, poll_interval=APPROVAL_POLL_S)
-    except FlowPauseTimeout:
-        raise NotApproved(f"no approval within {timeout} s (cutover.approval_timeout_s) to drop Liftoff's objects "
-                          "on the source; the archive is made and proven, nothing was dropped") from None
+    answer = wait_for_answer(runbook, DecommissionApproval, text, " to drop Liftoff's objects on the source",
+                             "the archive is made and proven, nothing was dropped")
     Ledger(runbook.state_dir).record_event(PHASE, "decommission.approval", before={"would_drop": plan["liftoff_on_source"]},
                                            after={"input": answer.model_dump(include={"approver", "source_host",
                                                                                       "approve", "reason"})},

@@ -10,8 +10,6 @@ import time
 from datetime import datetime, timezone
 
 from prefect import flow
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
@@ -36,10 +34,8 @@ from liftoff.tasks.backup.recover import (
     stop_apps,
 )
 from liftoff.tasks.backup.pitr import pitr_info, restore_to_time
-from liftoff.tasks.cutover.approval import safe_text
+from liftoff.tasks.cutover.approval import safe_text, wait_for_answer
 from liftoff.flows.hooks import notify_on_failure
-
-APPROVAL_POLL_S = 2
 
 
 class RecoverOptions(RunOptions):
@@ -159,13 +155,8 @@ def _recover_to_time(runbook: Runbook, options: RecoverOptions) -> dict:
 
 
 def _approve(runbook: Runbook, plan: RecoveryPlan, text: str) -> RecoveryApproval:
-    timeout = runbook.cutover.approval_timeout_s
-    try:
-        answer = pause_flow_run(wait_for_input=RecoveryApproval.with_initial_data(description=text),
-                                timeout=timeout, poll_interval=APPROVAL_POLL_S)
-    except FlowPauseTimeout:
-        raise NotApproved(f"no approval within {timeout} s (cutover.approval_timeout_s) for the recovery from "
-                          f"{plan.key}; nothing was changed") from None
+    answer = wait_for_answer(runbook, RecoveryApproval, text, f" for the recovery from {plan.key}",
+                             "nothing was changed")
     Ledger(runbook.state_dir).record_event(PHASE, "recover.approval", before={"backup": plan.key, "lost": plan.lost},
                                            after={"input": answer.model_dump(include={"approver", "database",
                                                                                       "approve", "reason"})},

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
@@ -17,7 +15,7 @@ from liftoff.redaction import one_line
 from liftoff.reports import markdown_table, publish_markdown, publish_table
 from liftoff.runbooks.model import Runbook
 from liftoff.systems.pg_changes import key_label
-from liftoff.tasks.cutover.approval import safe_text
+from liftoff.tasks.cutover.approval import safe_text, wait_for_answer
 from liftoff.tasks.cutover.replication import stop_replication
 from liftoff.tasks.cutover.freeze import freeze_target, lift_target_freeze
 from liftoff.tasks.cutover.rollback import (
@@ -33,8 +31,6 @@ from liftoff.tasks.cutover.rollback import (
     wait_healthy_again,
 )
 from liftoff.flows.hooks import notify_on_failure
-
-APPROVAL_POLL_S = 2
 
 
 class ChangesApproval(RunInput):
@@ -113,14 +109,10 @@ def _roll_back(options: RunOptions, ask: bool) -> dict:
 
 
 def _approve_changes(runbook: Runbook, text: str, found: ChangeSet) -> ChangesApproval:
-    try:
-        answer = pause_flow_run(wait_for_input=ChangesApproval.with_initial_data(description=text),
-                                timeout=runbook.cutover.approval_timeout_s, poll_interval=APPROVAL_POLL_S)
-    except FlowPauseTimeout:
-        lift_target_freeze(runbook)
-        raise NotApproved(f"no approval within {runbook.cutover.approval_timeout_s} s (cutover.approval_timeout_s) "
-                          f"for the rollback over {found.total} change(s) on the target; nothing was rolled back, "
-                          "the target takes the apps' writes again") from None
+    answer = wait_for_answer(runbook, ChangesApproval, text,
+                             f" for the rollback over {found.total} change(s) on the target",
+                             "nothing was rolled back, the target takes the apps' writes again",
+                             before_raising=lambda: lift_target_freeze(runbook))
     if not answer.approve:
         lift_target_freeze(runbook)
         raise NotApproved(f"rollback rejected by {safe_text(answer.approver)}: "

@@ -4,14 +4,20 @@ Prefect RunInput), the evidence it shows, and the audit trail of who decided wha
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field, create_model
 
+from liftoff.errors import NotApproved
 from liftoff.ledger import Ledger, current_run_id
 from liftoff.reports import markdown_table
 from liftoff.runbooks.model import Runbook
 from liftoff.tasks.cutover.common import APPROVAL, PHASE
+
+APPROVAL_POLL_S = 2  # how often a paused run asks the server for the operator's answer
 
 # The steps the final sync and the switch repeat: their last recorded durations estimate the downtime.
 DOWNTIME_STEPS = ("export", "restore.pre-data", "restore.data", "restore.post-data", "restore.grants", "verify",
@@ -79,3 +85,19 @@ def record_decision(rb: Runbook, shown: dict, answer: RunInput | None, outcome: 
 def safe_text(text: str, limit: int = 200) -> str:
     """An operator's free text as one short line (it goes into messages and the run's state)."""
     return re.sub(r"\s+", " ", text).strip()[:limit]
+
+
+def wait_for_answer(rb: Runbook, form: type[RunInput], text: str, waiting_for: str, then: str,
+                    before_raising: Callable[[], None] | None = None) -> RunInput:
+    """Pauses the flow run for the operator's ``form`` (the UI shows ``text`` above it) until the runbook's
+    ``cutover.approval_timeout_s``, and returns the answer. Without one in time: ``before_raising()`` (puts
+    back what the flow changed before asking), then NotApproved "no approval within ... {waiting_for}; {then}".
+    Every approval of every flow (cutover, rollback, recover, decommission) waits through here."""
+    timeout = rb.cutover.approval_timeout_s
+    try:
+        return pause_flow_run(wait_for_input=form.with_initial_data(description=text), timeout=timeout,
+                              poll_interval=APPROVAL_POLL_S)
+    except FlowPauseTimeout:
+        if before_raising is not None:
+            before_raising()
+        raise NotApproved(f"no approval within {timeout} s (cutover.approval_timeout_s){waiting_for}; {then}") from None
